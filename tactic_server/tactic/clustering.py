@@ -1,0 +1,158 @@
+"""Segment-local spherical k-means over the keys of one context: the cluster index Tactic ranks.
+
+Each full segment of `segment_size` positions (aligned to position 0) is clustered on its own, so
+the cost grows linearly with context and a segment's clusters never change once built (they can be
+shared between requests with a common prefix). Positions after the last full segment (the tail)
+stay unclustered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import TacticConfig
+
+_NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class ClusterIndex:
+    """Clusters of one context's keys, per KV head. Cluster c of KV head h holds the positions
+    token_positions[h, cluster_offsets[h, c]:cluster_offsets[h, c + 1]].
+
+    clustered_len: positions [0, clustered_len) are clustered; [clustered_len, seq_len) is the tail.
+    centroids: [H_kv, C, d] float32, the mean key of each cluster (what a query is scored against).
+    spreads: [H_kv, C] float32, the mean per-dimension variance of each cluster's keys.
+    cluster_sizes: [H_kv, C] int64.
+    cluster_offsets: [H_kv, C + 1] int64, CSR offsets into token_positions.
+    token_positions: [H_kv, clustered_len] int64, clustered positions in cluster order.
+    token_cluster: [H_kv, clustered_len] int64, the cluster of each position (inverse map).
+    """
+
+    seq_len: int
+    clustered_len: int
+    centroids: torch.Tensor
+    spreads: torch.Tensor
+    cluster_sizes: torch.Tensor
+    cluster_offsets: torch.Tensor
+    token_positions: torch.Tensor
+    token_cluster: torch.Tensor
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.shape[1]
+
+
+def spherical_kmeans(points: torch.Tensor, num_clusters: int, iterations: int) -> torch.Tensor:
+    """Cluster each batch row of points [B, m, d] by cosine similarity; returns assignments [B, m].
+
+    Deterministic: centroids start at evenly strided points. A cluster that loses all its points
+    keeps its previous centroid, so duplicate and zero keys cannot produce NaNs.
+    """
+    batch, num_points, dim = points.shape
+    unit = F.normalize(points, dim=-1, eps=_NORM_EPS)
+    starts = torch.linspace(0, num_points - 1, num_clusters, device=points.device).round().long()
+    centroids = unit[:, starts]
+    for _ in range(iterations):
+        assignments = torch.bmm(unit, centroids.transpose(1, 2)).argmax(dim=-1)
+        sums = torch.zeros(batch, num_clusters, dim, device=points.device, dtype=unit.dtype)
+        sums.scatter_add_(1, assignments.unsqueeze(-1).expand(-1, -1, dim), unit)
+        norms = sums.norm(dim=-1, keepdim=True)
+        centroids = torch.where(norms > _NORM_EPS, sums / norms.clamp_min(_NORM_EPS), centroids)
+    return torch.bmm(unit, centroids.transpose(1, 2)).argmax(dim=-1)
+
+
+def _cluster_means(points: torch.Tensor, assignments: torch.Tensor, num_clusters: int):
+    """Per-cluster sizes [B, C] and mean points [B, C, d] (zero for empty clusters)."""
+    batch, _, dim = points.shape
+    sizes = torch.zeros(batch, num_clusters, device=points.device, dtype=points.dtype)
+    sizes.scatter_add_(1, assignments, torch.ones_like(assignments, dtype=points.dtype))
+    sums = torch.zeros(batch, num_clusters, dim, device=points.device, dtype=points.dtype)
+    sums.scatter_add_(1, assignments.unsqueeze(-1).expand(-1, -1, dim), points)
+    return sizes, sums / sizes.clamp_min(1.0).unsqueeze(-1)
+
+
+def _cluster_segments(points: torch.Tensor, num_clusters: int, config: TacticConfig):
+    """Cluster each row of points [B, m, d]: assignments [B, m], sizes [B, C], means [B, C, d],
+    spreads [B, C]. The worst-explained tokens become singleton clusters (see outlier_share)."""
+    num_points, dim = points.shape[1], points.shape[2]
+    num_outliers = min(int(num_clusters * config.outlier_share), num_clusters - 1, num_points)
+    kmeans_clusters = num_clusters - num_outliers
+    assignments = spherical_kmeans(points, kmeans_clusters, config.kmeans_iterations)
+    if num_outliers > 0:
+        _, means = _cluster_means(points, assignments, kmeans_clusters)
+        residual = points - torch.gather(means, 1, assignments.unsqueeze(-1).expand(-1, -1, dim))
+        worst = residual.norm(dim=-1).topk(num_outliers, dim=-1).indices
+        singleton_ids = torch.arange(kmeans_clusters, num_clusters, device=points.device)
+        assignments = assignments.scatter(1, worst, singleton_ids.expand_as(worst))
+    sizes, means = _cluster_means(points, assignments, num_clusters)
+    deviation = points - torch.gather(means, 1, assignments.unsqueeze(-1).expand(-1, -1, dim))
+    squared = torch.zeros_like(sizes).scatter_add_(1, assignments, deviation.square().mean(dim=-1))
+    spreads = squared / sizes.clamp_min(1.0)
+    return assignments, sizes, means, spreads
+
+
+def build_cluster_index(keys: torch.Tensor, config: TacticConfig) -> ClusterIndex:
+    """Cluster keys [seq_len, H_kv, d] (any float dtype; computed in float32)."""
+    seq_len, num_kv_heads, dim = keys.shape
+    if config.segment_size is None:
+        segment_len, num_segments = seq_len, 1 if seq_len > 0 else 0
+    else:
+        segment_len, num_segments = config.segment_size, seq_len // config.segment_size
+    clustered_len = segment_len * num_segments
+    clusters_per_segment = math.ceil(segment_len / config.cluster_size) if num_segments else 0
+    device = keys.device
+
+    # [num_segments * H_kv, segment_len, d]: one k-means problem per (segment, KV head)
+    points = (
+        keys[:clustered_len]
+        .float()
+        .reshape(num_segments, segment_len, num_kv_heads, dim)
+        .permute(0, 2, 1, 3)
+        .reshape(num_segments * num_kv_heads, segment_len, dim)
+    )
+    if num_segments:
+        assignments, sizes, means, spreads = _cluster_segments(points, clusters_per_segment, config)
+    else:
+        assignments = torch.zeros(0, segment_len, dtype=torch.long, device=device)
+        sizes = torch.zeros(0, 0, device=device)
+        means = torch.zeros(0, 0, dim, device=device)
+        spreads = torch.zeros(0, 0, device=device)
+
+    local_positions = torch.arange(segment_len, device=device)
+    # cluster order within a segment; ties (same cluster) keep position order
+    order = torch.argsort(assignments * segment_len + local_positions, dim=-1)
+    local_offsets = F.pad(sizes.long().cumsum(dim=-1), (1, 0))
+
+    def per_head(tensor: torch.Tensor) -> torch.Tensor:
+        """[num_segments * H_kv, X, ...] -> [H_kv, num_segments * X, ...]"""
+        shaped = tensor.reshape(num_segments, num_kv_heads, *tensor.shape[1:]).transpose(0, 1)
+        return shaped.reshape(num_kv_heads, num_segments * tensor.shape[1], *tensor.shape[2:])
+
+    segment_starts = (torch.arange(num_segments, device=device) * segment_len).repeat_interleave(
+        num_kv_heads
+    )
+    segment_first_cluster = (
+        torch.arange(num_segments, device=device) * clusters_per_segment
+    ).repeat_interleave(num_kv_heads)
+    token_positions = per_head(order + segment_starts[:, None])
+    token_cluster = per_head(assignments + segment_first_cluster[:, None])
+    offsets = per_head(local_offsets[:, :-1] + segment_starts[:, None])
+    cluster_offsets = torch.cat(
+        [offsets, torch.full((num_kv_heads, 1), clustered_len, device=device, dtype=torch.long)],
+        dim=1,
+    )
+    return ClusterIndex(
+        seq_len=seq_len,
+        clustered_len=clustered_len,
+        centroids=per_head(means),
+        spreads=per_head(spreads),
+        cluster_sizes=per_head(sizes).long(),
+        cluster_offsets=cluster_offsets,
+        token_positions=token_positions,
+        token_cluster=token_cluster,
+    )

@@ -1,0 +1,75 @@
+"""Configuration of the Tactic algorithm: one dataclass, validated once, trusted inside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Estimator = Literal["lognormal", "inverse_fit"]
+TailPolicy = Literal["score", "attend"]
+
+
+@dataclass(frozen=True)
+class TacticConfig:
+    """How keys are clustered and how a query's selection is estimated.
+
+    segment_size: positions per clustering segment, aligned to position 0; None clusters the
+        whole context at once (the paper's variant, quadratic in context length).
+    cluster_size: average tokens per cluster, so a segment of S tokens has ceil(S / cluster_size)
+        clusters (singleton outlier clusters included).
+    kmeans_iterations: Lloyd iterations of spherical k-means (deterministic strided start).
+    outlier_share: share of a segment's clusters given to the tokens their k-means centroid
+        explains worst (largest residual norm); each becomes a singleton cluster, so needles and
+        massive-activation keys are scored exactly instead of hiding inside a mean.
+    estimator: "lognormal" estimates a cluster's mass as n * exp(q.mu/sqrt(d) + |q|^2 var/(2d));
+        "inverse_fit" is the paper's y = a/x + b fitted on two sampled stretches of the
+        centroid-ordered token list.
+    exact_fraction: share of the context, taken from the top of the estimated order, whose
+        scores are computed exactly (the paper's top 1-2%).
+    tail_policy: positions after the last full segment are not clustered; "score" scores them
+        exactly and selects them token by token like singleton clusters, "attend" always
+        attends all of them.
+    recent_window: most recent positions that are always attended.
+    sink_tokens: first positions that are always attended (attention sinks).
+    sample_fraction: width of each sampled stretch of the inverse fit, as a share of the list.
+    """
+
+    segment_size: int | None = 1024
+    cluster_size: int = 16
+    kmeans_iterations: int = 10
+    outlier_share: float = 0.25
+    estimator: Estimator = "lognormal"
+    exact_fraction: float = 0.02
+    tail_policy: TailPolicy = "score"
+    recent_window: int = 16
+    sink_tokens: int = 0
+    sample_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.segment_size is not None and self.segment_size < self.cluster_size:
+            raise ValueError(
+                f"segment_size must be None or >= cluster_size ({self.cluster_size}), "
+                f"got {self.segment_size}"
+            )
+        if self.cluster_size < 1:
+            raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
+        if self.kmeans_iterations < 0:
+            raise ValueError(f"kmeans_iterations must be >= 0, got {self.kmeans_iterations}")
+        if not 0.0 <= self.outlier_share < 1.0:
+            raise ValueError(f"outlier_share must be in [0, 1), got {self.outlier_share}")
+        if self.estimator not in ("lognormal", "inverse_fit"):
+            raise ValueError(
+                f"estimator must be 'lognormal' or 'inverse_fit', got {self.estimator!r}"
+            )
+        if not 0.0 <= self.exact_fraction <= 1.0:
+            raise ValueError(f"exact_fraction must be in [0, 1], got {self.exact_fraction}")
+        if self.tail_policy not in ("score", "attend"):
+            raise ValueError(f"tail_policy must be 'score' or 'attend', got {self.tail_policy!r}")
+        if self.recent_window < 0 or self.sink_tokens < 0:
+            raise ValueError("recent_window and sink_tokens must be >= 0")
+        if not 0.0 < self.sample_fraction <= 0.5:
+            raise ValueError(f"sample_fraction must be in (0, 0.5], got {self.sample_fraction}")
+
+
+WHOLE_CONTEXT = TacticConfig(segment_size=None)
+"""The paper's variant: one k-means over the whole context."""

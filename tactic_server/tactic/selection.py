@@ -1,0 +1,195 @@
+"""Planning one Tactic decode step: rank clusters by the query, estimate each cluster's share of the
+attention mass, and select clusters until the estimated share reaches the target P.
+
+A *unit* is what selection takes or leaves whole: a cluster of the index, or a single tail position
+(positions after the last full segment are not clustered and are scored exactly).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention import grouped_scores
+from .clustering import ClusterIndex, build_cluster_index
+from .config import TacticConfig
+from .inputs import check_query_keys, check_target
+from .plan import SelectionPlan, plan_from_mask
+
+
+def _log(tensor: torch.Tensor) -> torch.Tensor:
+    """log that maps 0 to -inf without a warning-prone division."""
+    return torch.where(
+        tensor > 0, tensor.clamp_min(1e-38).log(), torch.full_like(tensor, -math.inf)
+    )
+
+
+def _lognormal_estimate(grouped_query, index: ClusterIndex, centroid_scores):
+    """log of n * exp(q.mu/sqrt(d) + |q|^2 var / (2d)) per cluster, [H_kv, group, C]: the mean of
+    exp(score) when a cluster's scores are normal (exp is convex, so q.mu alone underestimates)."""
+    dim = grouped_query.shape[-1]
+    query_norm_sq = grouped_query.square().sum(dim=-1, keepdim=True)
+    log_density = centroid_scores + query_norm_sq * index.spreads[:, None, :] / (2 * dim)
+    return _log(index.cluster_sizes[:, None, :].float()) + log_density
+
+
+def _inverse_fit_estimate(scores, peak, unit_of_position, list_rank_key, unit_sizes, config):
+    """The paper's estimator: list the tokens in unit order (clusters by centroid score), fit
+    y = a/x + b to the exact exp-scores of two sampled stretches at 10% and 60% down the list,
+    and sum the fit over each unit. Returns log-mass per unit [H_kv, group, U]."""
+    num_kv_heads, group, seq_len = scores.shape
+    order = torch.argsort(list_rank_key, dim=-1, descending=True)
+    sorted_sizes = torch.gather(unit_sizes[:, None, :].expand_as(list_rank_key), 2, order)
+    sorted_starts = sorted_sizes.cumsum(dim=-1) - sorted_sizes
+    unit_start = torch.empty_like(sorted_starts).scatter_(2, order, sorted_starts)
+    # x of a token: 1 + its unit's start in the list + its rank inside the unit
+    expanded_units = unit_of_position[:, None, :].expand(-1, group, -1)
+    within_unit = _rank_within_unit(unit_of_position).float()[:, None, :]
+    x = 1.0 + torch.gather(unit_start, 2, expanded_units) + within_unit
+
+    exp_scores = torch.exp(scores - peak)
+    width = max(1.0, config.sample_fraction * seq_len)
+
+    def stretch_mean(at: float) -> tuple[torch.Tensor, float]:
+        start = 1.0 + at * seq_len
+        inside = (x >= start) & (x < start + width)
+        mean = (exp_scores * inside).sum(-1) / inside.sum(-1).clamp_min(1)
+        return mean, start + (width - 1) / 2
+
+    near, near_x = stretch_mean(0.1)
+    far, far_x = stretch_mean(0.6)
+    slope = (
+        (near - far) / (1.0 / near_x - 1.0 / far_x) if far_x != near_x else torch.zeros_like(near)
+    )
+    intercept = near - slope / near_x
+    fitted = (slope[..., None] / x + intercept[..., None]).clamp_min(0.0)
+    unit_mass = torch.zeros_like(list_rank_key).scatter_add_(2, expanded_units, fitted)
+    return _log(unit_mass) + peak
+
+
+def _rank_within_unit(unit_of_position: torch.Tensor) -> torch.Tensor:
+    """[H_kv, seq_len]: how many earlier positions share each position's unit."""
+    num_units = int(unit_of_position.max().item()) + 1
+    order = torch.argsort(
+        unit_of_position * unit_of_position.shape[1]
+        + torch.arange(unit_of_position.shape[1], device=unit_of_position.device),
+        dim=-1,
+    )
+    sorted_units = torch.gather(unit_of_position, 1, order)
+    counts = torch.zeros(
+        unit_of_position.shape[0], num_units, dtype=torch.long, device=unit_of_position.device
+    )
+    counts.scatter_add_(1, unit_of_position, torch.ones_like(unit_of_position))
+    starts = counts.cumsum(dim=-1) - counts
+    rank_sorted = torch.arange(
+        unit_of_position.shape[1], device=unit_of_position.device
+    ) - torch.gather(starts, 1, sorted_units)
+    return torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
+
+
+def plan_tactic(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    target: float,
+    index: ClusterIndex | None = None,
+    config: TacticConfig | None = None,
+) -> SelectionPlan:
+    """Select, per KV head, the clusters whose estimated mass reaches `target` for each of its
+    query heads (union over the group). query [H_q, d], keys [seq_len, H_kv, d]."""
+    check_query_keys(query, keys)
+    target = check_target(target)
+    config = config or TacticConfig()
+    if index is None:
+        index = build_cluster_index(keys, config)
+    elif index.seq_len != keys.shape[0]:
+        raise ValueError(
+            f"cluster index covers {index.seq_len} positions, keys have {keys.shape[0]}"
+        )
+    seq_len, num_kv_heads, dim = keys.shape
+    device = keys.device
+    scores = grouped_scores(query, keys)  # [H_kv, group, seq_len]
+    group = scores.shape[1]
+    num_clusters, tail_len = index.num_clusters, seq_len - index.clustered_len
+    num_units = num_clusters + tail_len
+
+    tail_units = torch.arange(num_clusters, num_units, device=device).expand(num_kv_heads, tail_len)
+    unit_of_position = torch.cat([index.token_cluster, tail_units], dim=1)  # [H_kv, seq_len]
+    unit_sizes = torch.cat(
+        [index.cluster_sizes, torch.ones(num_kv_heads, tail_len, dtype=torch.long, device=device)],
+        dim=1,
+    ).float()
+    expanded_units = unit_of_position[:, None, :].expand(-1, group, -1)
+
+    # exact log-mass of every unit; only the units chosen below to be scored exactly use it
+    peak = scores.amax(dim=-1, keepdim=True)
+    exact_mass = torch.zeros(num_kv_heads, group, num_units, device=device)
+    exact_mass.scatter_add_(2, expanded_units, torch.exp(scores - peak))
+    exact_log_mass = _log(exact_mass) + peak
+
+    grouped_query = query.float().reshape(num_kv_heads, group, dim)
+    centroid_scores = torch.einsum("hgd,hcd->hgc", grouped_query, index.centroids) / math.sqrt(dim)
+    tail_exact = exact_log_mass[..., num_clusters:]
+    log_sizes = _log(unit_sizes)[:, None, :]
+    if config.estimator == "lognormal":
+        clusters = _lognormal_estimate(grouped_query, index, centroid_scores)
+        estimated = torch.cat([clusters, tail_exact], dim=-1)
+        rank_key = estimated - log_sizes
+    else:
+        rank_key = torch.cat([centroid_scores, tail_exact], dim=-1)
+        estimated = _inverse_fit_estimate(
+            scores, peak, unit_of_position, rank_key, unit_sizes, config
+        )
+        estimated = torch.cat([estimated[..., :num_clusters], tail_exact], dim=-1)
+    rank_key = torch.where(
+        unit_sizes[:, None, :] > 0, rank_key, torch.full_like(rank_key, -math.inf)
+    )
+
+    # score exactly the units at the top of the estimated order, up to exact_fraction of the context
+    by_rank = torch.argsort(rank_key, dim=-1, descending=True)
+    sorted_sizes = torch.gather(unit_sizes[:, None, :].expand_as(rank_key), 2, by_rank)
+    exact_in_rank = (sorted_sizes.cumsum(dim=-1) - sorted_sizes) < config.exact_fraction * seq_len
+    scored_exactly = torch.zeros_like(exact_in_rank).scatter_(2, by_rank, exact_in_rank)
+    log_mass = torch.where(scored_exactly, exact_log_mass, estimated)
+
+    forced = torch.zeros(num_kv_heads, num_units, dtype=torch.bool, device=device)
+    forced_positions = [
+        torch.arange(min(config.sink_tokens, seq_len), device=device),
+        torch.arange(max(0, seq_len - config.recent_window), seq_len, device=device),
+    ]
+    if config.tail_policy == "attend":
+        forced_positions.append(torch.arange(index.clustered_len, seq_len, device=device))
+    for positions in forced_positions:
+        forced.scatter_(1, unit_of_position[:, positions], True)
+    forced = forced[:, None, :].expand(-1, group, -1)
+
+    # walk units in order of (estimated) mass per token, always-attended ones first
+    walk_key = torch.where(unit_sizes[:, None, :] > 0, log_mass - log_sizes, -math.inf)
+    walk_key = torch.where(forced, math.inf, walk_key)
+    walk_order = torch.argsort(walk_key, dim=-1, descending=True)
+    walk_mass = torch.gather(log_mass, 2, walk_order)
+    walk_mass = torch.exp(walk_mass - walk_mass.amax(dim=-1, keepdim=True)).nan_to_num(0.0)
+    cumulative = walk_mass.cumsum(dim=-1)
+    total = cumulative[..., -1:]
+    if target >= 1.0:
+        taken = torch.full((num_kv_heads, group, 1), num_units, dtype=torch.long, device=device)
+    else:
+        taken = (cumulative < target * total).sum(dim=-1, keepdim=True) + 1
+    taken = torch.maximum(taken, forced.sum(dim=-1, keepdim=True)).clamp_max(num_units)
+    in_walk = torch.arange(num_units, device=device) < taken
+    selected_units = torch.zeros_like(in_walk).scatter_(2, walk_order, in_walk)
+    estimated_share = torch.gather(cumulative, 2, taken - 1) / total.clamp_min(1e-38)
+
+    query_head_selected = torch.gather(selected_units, 2, expanded_units)
+    return plan_from_mask(query_head_selected.any(dim=1), query_head_selected, estimated_share)
+
+
+def select_tokens(
+    query: torch.Tensor, keys: torch.Tensor, target: float, config: TacticConfig | None = None
+) -> list[torch.Tensor]:
+    """Tactic selection for one decode query: per KV head, the positions to attend (int64, sorted).
+
+    query [num_q_heads, head_dim], keys [seq_len, num_kv_heads, head_dim], scores scaled by
+    1/sqrt(head_dim); target is the attention mass P in (0, 1] each query head must keep.
+    """
+    return plan_tactic(query, keys, target, config=config).indices

@@ -1,0 +1,131 @@
+"""Segment-local spherical k-means: structure of the index, statistics against a float64
+reference, robustness to degenerate keys, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from tactic_server.tactic import WHOLE_CONTEXT, TacticConfig, build_cluster_index, spherical_kmeans
+
+
+def check_index_structure(index, seq_len, num_kv_heads, segment_size):
+    """CSR offsets, permutation and inverse map agree with each other."""
+    clustered = index.clustered_len
+    assert clustered == (seq_len // segment_size) * segment_size if segment_size else seq_len
+    for head in range(num_kv_heads):
+        offsets = index.cluster_offsets[head]
+        assert offsets[0] == 0 and offsets[-1] == clustered
+        assert torch.equal(offsets[1:] - offsets[:-1], index.cluster_sizes[head])
+        positions = index.token_positions[head]
+        assert torch.equal(positions.sort().values, torch.arange(clustered))
+        for cluster in range(index.num_clusters):
+            members = positions[offsets[cluster] : offsets[cluster + 1]]
+            assert (index.token_cluster[head, members] == cluster).all()
+            if segment_size and members.numel():
+                # a cluster never crosses a segment boundary
+                assert (members // segment_size).unique().numel() == 1
+
+
+@pytest.mark.parametrize(
+    "seq_len,segment_size", [(1000, 256), (1024, 256), (37, 16), (5, 16), (300, None), (7, None)]
+)
+def test_index_structure_and_statistics(seq_len, segment_size):
+    generator = torch.Generator().manual_seed(seq_len)
+    keys = torch.randn(seq_len, 3, 32, generator=generator).to(torch.bfloat16)
+    config = TacticConfig(segment_size=segment_size)
+    index = build_cluster_index(keys, config)
+    check_index_structure(index, seq_len, 3, segment_size)
+    if segment_size:
+        assert index.num_clusters == (seq_len // segment_size) * math.ceil(segment_size / 16)
+    else:
+        assert index.num_clusters == math.ceil(seq_len / 16)
+    # centroids and spreads are the mean and mean per-dimension variance of the members
+    reference_keys = keys.double()
+    for head in range(3):
+        for cluster in range(index.num_clusters):
+            start, end = index.cluster_offsets[head, cluster : cluster + 2].tolist()
+            if start == end:
+                continue
+            members = reference_keys[index.token_positions[head, start:end], head]
+            mean = members.mean(dim=0)
+            variance = (members - mean).square().mean()
+            torch.testing.assert_close(
+                index.centroids[head, cluster].double(), mean, atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(
+                index.spreads[head, cluster].double(), variance, atol=1e-5, rtol=1e-4
+            )
+
+
+def test_short_context_has_only_a_tail():
+    keys = torch.randn(100, 2, 16)
+    index = build_cluster_index(keys, TacticConfig(segment_size=128))
+    assert index.clustered_len == 0 and index.num_clusters == 0
+    assert index.token_positions.shape == (2, 0)
+
+
+def test_kmeans_recovers_documents():
+    """Keys of documents (contiguous runs) about 8 directions: every found cluster is pure."""
+    generator = torch.Generator().manual_seed(1)
+    directions = torch.nn.functional.normalize(torch.randn(8, 64, generator=generator), dim=-1)
+    labels = torch.randperm(8, generator=generator).repeat_interleave(64)
+    scale = torch.rand(512, 1, generator=generator) * 3 + 0.5  # spherical: norm must not matter
+    points = (directions[labels] + 0.05 * torch.randn(512, 64, generator=generator)) * scale
+    assignments = spherical_kmeans(points[None], num_clusters=8, iterations=10)[0]
+    for found in assignments.unique():
+        assert labels[assignments == found].unique().numel() == 1
+    assert assignments.unique().numel() == 8
+
+
+def cosine_dispersion(points, assignments):
+    """Sum over points of 1 - cos(point, its cluster's mean direction)."""
+    unit = torch.nn.functional.normalize(points, dim=-1)
+    total = 0.0
+    for cluster in assignments.unique():
+        members = unit[assignments == cluster]
+        total += (1 - members @ torch.nn.functional.normalize(members.sum(0), dim=0)).sum()
+    return total
+
+
+def test_kmeans_beats_positional_groups_on_shuffled_topics():
+    """The paper's Table 1 claim: similarity clusters are tighter than positional groups."""
+    generator = torch.Generator().manual_seed(2)
+    directions = torch.nn.functional.normalize(torch.randn(16, 64, generator=generator), dim=-1)
+    labels = torch.randint(16, (1024,), generator=generator)
+    points = directions[labels] + 0.3 * torch.randn(1024, 64, generator=generator)
+    kmeans = spherical_kmeans(points[None], num_clusters=64, iterations=10)[0]
+    positional = torch.arange(1024) // 16
+    assert cosine_dispersion(points, kmeans) < 0.7 * cosine_dispersion(points, positional)
+
+
+def test_degenerate_keys_give_finite_metadata():
+    zeros = torch.zeros(512, 2, 32)
+    duplicates = torch.randn(1, 2, 32).expand(512, -1, -1).contiguous()
+    mixed = torch.cat([zeros[:256], duplicates[:256]])
+    for keys in (zeros, duplicates, mixed):
+        for config in (TacticConfig(segment_size=128), WHOLE_CONTEXT):
+            index = build_cluster_index(keys, config)
+            assert torch.isfinite(index.centroids).all() and torch.isfinite(index.spreads).all()
+            check_index_structure(index, 512, 2, config.segment_size)
+
+
+def test_clustering_is_deterministic():
+    keys = torch.randn(2048, 2, 64, generator=torch.Generator().manual_seed(3))
+    first = build_cluster_index(keys, TacticConfig())
+    second = build_cluster_index(keys.clone(), TacticConfig())
+    assert torch.equal(first.token_positions, second.token_positions)
+    assert torch.equal(first.centroids, second.centroids)
+
+
+def test_outliers_become_singletons():
+    """A needle hidden among isotropic keys gets its own cluster, so its centroid is itself."""
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(1024, 1, 64, generator=generator)
+    keys[517, 0] = (
+        6.0 * torch.nn.functional.normalize(torch.randn(64, generator=generator), dim=0) * 8
+    )
+    index = build_cluster_index(keys, TacticConfig(segment_size=1024))
+    cluster = index.token_cluster[0, 517]
+    assert index.cluster_sizes[0, cluster] == 1
+    torch.testing.assert_close(index.centroids[0, cluster], keys[517, 0])
