@@ -9,6 +9,7 @@ stay unclustered.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,13 +77,20 @@ def _cluster_means(points: torch.Tensor, assignments: torch.Tensor, num_clusters
     return sizes, sums / sizes.clamp_min(1.0).unsqueeze(-1)
 
 
-def _cluster_segments(points: torch.Tensor, num_clusters: int, config: TacticConfig):
+KMeans = Callable[[torch.Tensor, int, int], torch.Tensor]
+"""(points [B, m, d], num_clusters, iterations) -> assignments [B, m]: spherical_kmeans or a
+kernel computing the same function (tactic_server.kernels.kmeans.segment_kmeans)."""
+
+
+def _cluster_segments(
+    points: torch.Tensor, num_clusters: int, config: TacticConfig, kmeans: KMeans
+):
     """Cluster each row of points [B, m, d]: assignments [B, m], sizes [B, C], means [B, C, d],
     spreads [B, C]. The worst-explained tokens become singleton clusters (see outlier_share)."""
     num_points, dim = points.shape[1], points.shape[2]
     num_outliers = min(int(num_clusters * config.outlier_share), num_clusters - 1, num_points)
     kmeans_clusters = num_clusters - num_outliers
-    assignments = spherical_kmeans(points, kmeans_clusters, config.kmeans_iterations)
+    assignments = kmeans(points, kmeans_clusters, config.kmeans_iterations)
     if num_outliers > 0:
         _, means = _cluster_means(points, assignments, kmeans_clusters)
         residual = points - torch.gather(means, 1, assignments.unsqueeze(-1).expand(-1, -1, dim))
@@ -96,7 +104,9 @@ def _cluster_segments(points: torch.Tensor, num_clusters: int, config: TacticCon
     return assignments, sizes, means, spreads
 
 
-def build_cluster_index(keys: torch.Tensor, config: TacticConfig) -> ClusterIndex:
+def build_cluster_index(
+    keys: torch.Tensor, config: TacticConfig, kmeans: KMeans = spherical_kmeans
+) -> ClusterIndex:
     """Cluster keys [seq_len, H_kv, d] (any float dtype; computed in float32)."""
     seq_len, num_kv_heads, dim = keys.shape
     if config.segment_size is None:
@@ -116,7 +126,9 @@ def build_cluster_index(keys: torch.Tensor, config: TacticConfig) -> ClusterInde
         .reshape(num_segments * num_kv_heads, segment_len, dim)
     )
     if num_segments:
-        assignments, sizes, means, spreads = _cluster_segments(points, clusters_per_segment, config)
+        assignments, sizes, means, spreads = _cluster_segments(
+            points, clusters_per_segment, config, kmeans
+        )
     else:
         assignments = torch.zeros(0, segment_len, dtype=torch.long, device=device)
         sizes = torch.zeros(0, 0, device=device)
