@@ -1,0 +1,113 @@
+"""Cluster metadata beside the KV cache, per segment: the device layout the selection kernels read.
+
+A segment (segment_size consecutive positions of one request, aligned to position 0) is clustered
+once and never changes, so its metadata lives in a segment slot that requests sharing the prefix
+can share (req_to_segment maps a request's segment index to its slot, as req_to_token maps its
+positions to KV slots). Member lists hold KV slots, so selection needs no position lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tactic_server.tactic.clustering import ClusterIndex
+
+
+@dataclass
+class ClusterPool:
+    """Per segment slot s and KV head h:
+    centroids [S_cap, H_kv, C, d] (kv dtype), spreads [S_cap, H_kv, C] float32,
+    cluster_offsets [S_cap, H_kv, C + 1] int32 (into the segment's member list),
+    member_slots [S_cap, H_kv, segment_size] int32 KV slots in cluster order,
+    token_cluster [S_cap, H_kv, segment_size] int32 cluster of each position of the segment,
+    req_to_segment [max_reqs, max_segments] int32."""
+
+    segment_size: int
+    clusters_per_segment: int
+    centroids: torch.Tensor
+    spreads: torch.Tensor
+    cluster_offsets: torch.Tensor
+    member_slots: torch.Tensor
+    token_cluster: torch.Tensor
+    req_to_segment: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls,
+        num_segment_slots: int,
+        max_reqs: int,
+        max_segments: int,
+        num_kv_heads: int,
+        head_dim: int,
+        segment_size: int,
+        clusters_per_segment: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> ClusterPool:
+        shape = (num_segment_slots, num_kv_heads)
+        return cls(
+            segment_size=segment_size,
+            clusters_per_segment=clusters_per_segment,
+            centroids=torch.zeros(
+                *shape, clusters_per_segment, head_dim, dtype=dtype, device=device
+            ),
+            spreads=torch.zeros(*shape, clusters_per_segment, device=device),
+            cluster_offsets=torch.zeros(
+                *shape, clusters_per_segment + 1, dtype=torch.int32, device=device
+            ),
+            member_slots=torch.zeros(*shape, segment_size, dtype=torch.int32, device=device),
+            token_cluster=torch.zeros(*shape, segment_size, dtype=torch.int32, device=device),
+            req_to_segment=torch.zeros(max_reqs, max_segments, dtype=torch.int32, device=device),
+        )
+
+    @property
+    def bytes_per_segment(self) -> int:
+        """Metadata bytes of one segment slot, all KV heads (for the pool's memory accounting)."""
+        tensors = (
+            self.centroids,
+            self.spreads,
+            self.cluster_offsets,
+            self.member_slots,
+            self.token_cluster,
+        )
+        return sum(t[0].numel() * t.element_size() for t in tensors)
+
+    def write(
+        self,
+        request_slot: int,
+        index: ClusterIndex,
+        token_slots: torch.Tensor,
+        segment_slots: torch.Tensor,
+    ) -> None:
+        """Store the full segments of a request's ClusterIndex (built with this pool's segment
+        size) at segment_slots [num_segments]; token_slots [seq_len] maps positions to KV slots."""
+        size, clusters = self.segment_size, self.clusters_per_segment
+        num_segments = index.clustered_len // size
+        if index.num_clusters != num_segments * clusters or len(segment_slots) != num_segments:
+            raise ValueError("the cluster index does not match this pool's segment layout")
+        if num_segments == 0:
+            return
+        heads = index.centroids.shape[0]
+        slots = segment_slots.to(self.centroids.device).long()
+        segment_starts = torch.arange(num_segments, device=slots.device)
+
+        def per_segment(tensor: torch.Tensor, width: int) -> torch.Tensor:
+            """[H_kv, num_segments * width, ...] -> [num_segments, H_kv, width, ...]"""
+            return tensor.reshape(heads, num_segments, width, *tensor.shape[2:]).transpose(0, 1)
+
+        self.centroids[slots] = per_segment(index.centroids, clusters).to(self.centroids.dtype)
+        self.spreads[slots] = per_segment(index.spreads, clusters)
+        offsets = per_segment(index.cluster_offsets[:, :-1], clusters) - (
+            segment_starts[:, None, None] * size
+        )
+        self.cluster_offsets[slots, :, :clusters] = offsets.int()
+        self.cluster_offsets[slots, :, clusters] = size
+        positions = per_segment(index.token_positions, size)
+        self.member_slots[slots] = token_slots.to(slots.device)[positions].int()
+        local_cluster = (
+            per_segment(index.token_cluster, size) - segment_starts[:, None, None] * clusters
+        )
+        self.token_cluster[slots] = local_cluster.int()
+        self.req_to_segment[request_slot, :num_segments] = slots.int()

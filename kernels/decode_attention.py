@@ -1,0 +1,297 @@
+"""Sparse paged decode attention over per-(request, KV head) index lists, flash-decoding style.
+
+One row of the CSR selection is one (request, KV head) pair; its indices are flat KV rows
+(slot * num_kv_heads + kv_head) of the layer's cache [num_slots, num_kv_heads, head_dim], so a
+row reads each selected K/V row once for all query heads of its GQA group. Long rows are split
+into chunks of `split_tokens` processed by separate programs; a second kernel merges the chunks
+by their log-sum-exp. With every position of every head listed, this is our dense paged decode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Operand type of tl.dot for a cache of this dtype: the cache's own on a GPU (tensor cores,
+    fp32 accumulation); float32 under TRITON_INTERPRET=1, where Triton 3.6 miscomputes tl.dot on
+    bfloat16 operands (values off by 1e10 in a 16x16 product)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or dtype == torch.float32:
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+@triton.jit
+def _partial_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    indptr_ptr,
+    indices_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    scale_log2,
+    stride_q_batch,
+    stride_q_head,
+    num_kv_heads,
+    max_splits,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """Program (row, split): attention of the row's query heads over one chunk of its list.
+    Writes the chunk's normalised output [GROUP, HEAD_DIM] and base-2 log-sum-exp [GROUP]."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    row_start = tl.load(indptr_ptr + row)
+    row_end = tl.load(indptr_ptr + row + 1)
+    chunk_start = row_start + split * SPLIT_TOKENS
+    if chunk_start < row_end:
+        chunk_end = tl.minimum(row_end, chunk_start + SPLIT_TOKENS)
+        request = row // num_kv_heads
+        kv_head = row % num_kv_heads
+        heads = tl.arange(0, BLOCK_H)
+        dims = tl.arange(0, BLOCK_D)
+        head_mask = heads < GROUP
+        dim_mask = dims < HEAD_DIM
+        q_offsets = (
+            request * stride_q_batch
+            + (kv_head * GROUP + heads)[:, None] * stride_q_head
+            + dims[None, :]
+        )
+        q = tl.load(q_ptr + q_offsets, mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+        q = q.to(DOT_DTYPE)
+
+        running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for token_start in range(chunk_start, chunk_end, BLOCK_N):
+            tokens = token_start + tl.arange(0, BLOCK_N)
+            token_mask = tokens < chunk_end
+            kv_rows = tl.load(indices_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+            kv_offsets = kv_rows[:, None] * HEAD_DIM + dims[None, :]
+            kv_mask = token_mask[:, None] & dim_mask[None, :]
+            k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+            scores = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N], base 2
+            scores = tl.where(token_mask[None, :], scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            weights = tl.exp2(scores - new_max[:, None])
+            rescale = tl.exp2(running_max - new_max)
+            running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+            v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+            acc = acc * rescale[:, None] + tl.dot(weights.to(DOT_DTYPE), v)
+            running_max = new_max
+
+        partial_index = row * max_splits + split
+        out_offsets = (partial_index * GROUP + heads)[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(
+            partial_out_ptr + out_offsets,
+            acc / running_sum[:, None],
+            mask=head_mask[:, None] & dim_mask[None, :],
+        )
+        tl.store(
+            partial_lse_ptr + partial_index * GROUP + heads,
+            running_max + tl.log2(running_sum),
+            mask=head_mask,
+        )
+
+
+@triton.jit
+def _merge_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    indptr_ptr,
+    out_ptr,
+    stride_out_batch,
+    stride_out_head,
+    num_kv_heads,
+    max_splits,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
+):
+    """Program (row): merge the row's chunks by log-sum-exp; an empty row gives zeros."""
+    row = tl.program_id(0)
+    row_len = tl.load(indptr_ptr + row + 1) - tl.load(indptr_ptr + row)
+    num_splits = tl.cdiv(row_len, SPLIT_TOKENS)
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    head_mask = heads < GROUP
+    mask = head_mask[:, None] & (dims < HEAD_DIM)[None, :]
+    running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for split in range(0, num_splits):
+        partial_index = row * max_splits + split
+        lse = tl.load(partial_lse_ptr + partial_index * GROUP + heads, mask=head_mask, other=0.0)
+        chunk = tl.load(
+            partial_out_ptr + (partial_index * GROUP + heads)[:, None] * HEAD_DIM + dims[None, :],
+            mask=mask,
+            other=0.0,
+        )
+        new_max = tl.maximum(running_max, lse)
+        rescale = tl.exp2(running_max - new_max)
+        weight = tl.exp2(lse - new_max)
+        running_sum = running_sum * rescale + weight
+        acc = acc * rescale[:, None] + chunk * weight[:, None]
+        running_max = new_max
+    # an empty row has nothing to attend: zeros, without dividing by its zero sum
+    result = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+    request = row // num_kv_heads
+    kv_head = row % num_kv_heads
+    out_offsets = (
+        request * stride_out_batch
+        + (kv_head * GROUP + heads)[:, None] * stride_out_head
+        + dims[None, :]
+    )
+    tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    max_row_len: int,
+    split_tokens: int = 256,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Decode attention of q [batch, num_q_heads, head_dim] over the CSR rows (indptr [batch *
+    num_kv_heads + 1], indices: flat KV rows) of k_cache / v_cache [num_slots, num_kv_heads,
+    head_dim]. max_row_len bounds every row's length (host side, e.g. the longest context): it
+    sizes the grid, so nothing is read back from the device. Returns [batch, num_q_heads,
+    head_dim] in q's dtype, softmax scale 1/sqrt(head_dim), fp32 accumulation."""
+    batch, num_q_heads, head_dim = q.shape
+    num_slots, num_kv_heads, kv_dim = k_cache.shape
+    if kv_dim != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must be [num_slots, num_kv_heads, {head_dim}], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} groups")
+    rows = batch * num_kv_heads
+    if indptr.shape != (rows + 1,):
+        raise ValueError(f"indptr must have batch * num_kv_heads + 1 = {rows + 1} entries")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1):
+        raise ValueError("k_cache and v_cache must be contiguous, q contiguous in head_dim")
+    group = num_q_heads // num_kv_heads
+    max_splits = max(1, math.ceil(max_row_len / split_tokens))
+    partial_out = torch.empty(
+        rows * max_splits * group * head_dim, device=q.device, dtype=torch.float32
+    )
+    partial_lse = torch.empty(rows * max_splits * group, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    block_h = max(16, triton.next_power_of_2(group))
+    block_d = triton.next_power_of_2(head_dim)
+    _partial_kernel[(rows, max_splits)](
+        q,
+        k_cache,
+        v_cache,
+        indptr,
+        indices,
+        partial_out,
+        partial_lse,
+        LOG2_E / math.sqrt(head_dim),
+        q.stride(0),
+        q.stride(1),
+        num_kv_heads,
+        max_splits,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        SPLIT_TOKENS=split_tokens,
+        DOT_DTYPE=dot_dtype(k_cache.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    _merge_kernel[(rows,)](
+        partial_out,
+        partial_lse,
+        indptr,
+        out,
+        out.stride(0),
+        out.stride(1),
+        num_kv_heads,
+        max_splits,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        SPLIT_TOKENS=split_tokens,
+    )
+    return out
+
+
+def sparse_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """Plain-torch float32 version of sparse_decode: the function every executor must match."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_q_heads // num_kv_heads
+    flat_k = k_cache.reshape(-1, head_dim).float()
+    flat_v = v_cache.reshape(-1, head_dim).float()
+    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    bounds = indptr.tolist()
+    for row in range(batch * num_kv_heads):
+        rows = indices[bounds[row] : bounds[row + 1]].long()
+        if rows.numel() == 0:
+            continue
+        request, kv_head = divmod(row, num_kv_heads)
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        scores = q[request, heads].float() @ flat_k[rows].T / math.sqrt(head_dim)
+        out[request, heads] = torch.softmax(scores, dim=-1) @ flat_v[rows]
+    return out
+
+
+def dense_rows(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_kv_heads: int,
+    max_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR rows listing every position of every KV head (our dense baseline), built on the
+    device from SGLang's req_to_token [max_reqs, max_context] without a host sync: indptr
+    [batch * num_kv_heads + 1] int32, indices int32 flat KV rows. max_seq_len (host) bounds
+    seq_lens and sizes the gather."""
+    device = req_to_token.device
+    batch = req_pool_indices.shape[0]
+    positions = torch.arange(max_seq_len, device=device)
+    slots = req_to_token[req_pool_indices.long()][:, :max_seq_len].long()  # [batch, max_seq_len]
+    heads = torch.arange(num_kv_heads, device=device)
+    flat_rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [batch, H_kv, len]
+    lengths = seq_lens.long().repeat_interleave(num_kv_heads)
+    indptr = torch.zeros(batch * num_kv_heads + 1, dtype=torch.int64, device=device)
+    indptr[1:] = lengths.cumsum(0)
+    # scatter each valid position to indptr[row] + position; invalid ones to a spare last entry
+    capacity = batch * num_kv_heads * max_seq_len
+    target = indptr[:-1].reshape(batch, num_kv_heads, 1) + positions
+    valid = positions[None, None, :] < seq_lens.reshape(batch, 1, 1)
+    target = torch.where(valid, target, capacity)
+    indices = torch.empty(capacity + 1, dtype=torch.int32, device=device)
+    indices.scatter_(0, target.flatten(), flat_rows.flatten().to(torch.int32))
+    return indptr.to(torch.int32), indices

@@ -1,0 +1,131 @@
+"""Sparse decode attention kernel against its torch reference and against tactic.sparse_attention,
+under the Triton interpreter on the CPU (and on CUDA where there is one)."""
+
+import math
+
+import pytest
+import torch
+from tactic_server.kernels.decode_attention import (
+    dense_rows,
+    sparse_decode,
+    sparse_decode_reference,
+)
+
+from tactic_server.tactic import plan_tactic, sparse_attention
+from tactic_server.tactic.workloads import generate_workload
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_rows(generator, batch, num_kv_heads, num_slots, lengths):
+    """CSR rows of flat KV rows (slot * H_kv + head) with the given lengths, slots distinct."""
+    rows = []
+    for row, length in enumerate(lengths):
+        slots = torch.randperm(num_slots, generator=generator)[:length]
+        rows.append(slots * num_kv_heads + row % num_kv_heads)
+    indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    indptr[1:] = torch.tensor(lengths).cumsum(0)
+    return indptr, torch.cat(rows).int()
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,head_dim", [(4, 64), (1, 32), (5, 48)])
+def test_sparse_decode_matches_reference(dtype, group, head_dim):
+    generator = torch.Generator().manual_seed(group * 100 + head_dim)
+    batch, num_kv_heads, num_slots = 3, 2, 700
+    # lengths not multiples of the block or split sizes, an empty row and a one-token row
+    lengths = [0, 1, 77, 700, 129, 300]
+    indptr, indices = random_rows(generator, batch, num_kv_heads, num_slots, lengths)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=generator).to(dtype)
+    k = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
+    v = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
+    q, k, v, indptr, indices = (t.to(DEVICE) for t in (q, k, v, indptr, indices))
+    out = sparse_decode(q, k, v, indptr, indices, max_row_len=700, split_tokens=128, block_n=32)
+    ref = sparse_decode_reference(q, k, v, indptr, indices)
+    assert torch.isfinite(out).all()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert relative_error(out, ref) < tolerance
+    # the empty row (request 0, KV head 0) gives zeros
+    assert torch.equal(out[0, :group].float().cpu(), torch.zeros(group, head_dim))
+
+
+def test_every_output_is_written():
+    """The launcher allocates its output uninitialised; poison the memory it will reuse."""
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 8, 32, generator=generator).to(DEVICE)
+    k = torch.randn(50, 2, 32, generator=generator).to(DEVICE)
+    indptr, indices = random_rows(generator, 2, 2, 50, [3, 50, 1, 17])
+    indptr, indices = indptr.to(DEVICE), indices.to(DEVICE)
+    for _ in range(2):
+        torch.full((1 << 16,), math.nan, device=DEVICE)  # leave NaN in the caching allocator
+        out = sparse_decode(q, k, k, indptr, indices, max_row_len=50, split_tokens=16, block_n=16)
+        assert torch.isfinite(out).all()
+
+
+def test_kernel_computes_tactic_sparse_attention():
+    """Rows built from a Tactic plan through req_to_token give tactic.sparse_attention."""
+    workload = generate_workload(
+        "needles", seq_len=1200, num_q_heads=8, num_kv_heads=2, head_dim=64
+    )
+    plan = plan_tactic(workload.query, workload.keys, 0.9)
+    generator = torch.Generator().manual_seed(0)
+    num_slots = 1500
+    req_to_token = torch.randperm(num_slots, generator=generator)[:1200]
+    k_cache = torch.randn(num_slots, 2, 64, generator=generator)
+    v_cache = torch.randn(num_slots, 2, 64, generator=generator)
+    k_cache[req_to_token], v_cache[req_to_token] = workload.keys, workload.values
+    rows = [req_to_token[positions] * 2 + head for head, positions in enumerate(plan.indices)]
+    indptr = torch.tensor([0, len(rows[0]), len(rows[0]) + len(rows[1])], dtype=torch.int32)
+    out = sparse_decode(
+        workload.query[None].to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE),
+        indptr.to(DEVICE), torch.cat(rows).int().to(DEVICE), max_row_len=1200,
+    )  # fmt: skip
+    expected = sparse_attention(workload.query, workload.keys, workload.values, plan)
+    assert relative_error(out[0].cpu(), expected) < 1e-5
+
+
+def test_dense_rows_list_every_position():
+    generator = torch.Generator().manual_seed(3)
+    req_to_token = torch.randperm(400, generator=generator).int().reshape(4, 100)
+    seq_lens = torch.tensor([100, 1, 37], dtype=torch.int32)
+    pool_indices = torch.tensor([2, 0, 3])
+    indptr, indices = dense_rows(
+        req_to_token, pool_indices, seq_lens, num_kv_heads=3, max_seq_len=100
+    )
+    assert indptr.tolist() == [0, 100, 200, 300, 301, 302, 303, 340, 377, 414]
+    for row in range(9):
+        request, head = divmod(row, 3)
+        got = indices[indptr[row] : indptr[row + 1]].long()
+        slots = req_to_token[pool_indices[request], : seq_lens[request]].long()
+        assert torch.equal(got, slots * 3 + head)
+
+
+def test_launcher_rejects_bad_shapes():
+    q = torch.randn(1, 6, 32)
+    k = torch.randn(10, 4, 32)
+    indptr = torch.zeros(5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="do not split"):
+        sparse_decode(q, k, k, indptr, indptr, max_row_len=10)
+    with pytest.raises(ValueError, match="indptr"):
+        sparse_decode(torch.randn(1, 8, 32), k, k, indptr[:3], indptr, max_row_len=10)
+
+
+@pytest.mark.gpu
+def test_llama_shape_on_gpu():
+    """Llama-3.1-8B layer shape, bf16, a long dense row and sparse rows, on CUDA."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    num_slots, num_kv_heads = 40_000, 8
+    q = torch.randn(4, 32, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+    k = torch.randn(num_slots, num_kv_heads, 128, device="cuda", dtype=torch.bfloat16,
+                    generator=generator)  # fmt: skip
+    v = torch.randn_like(k)
+    lengths = [40_000, 1, 0, 1234] * 8
+    indptr, indices = random_rows(torch.Generator().manual_seed(1), 4, 8, num_slots, lengths)
+    indptr, indices = indptr.cuda(), indices.cuda()
+    for split_tokens in (128, 256, 1024):
+        out = sparse_decode(q, k, v, indptr, indices, 40_000, split_tokens=split_tokens)
+        assert relative_error(out, sparse_decode_reference(q, k, v, indptr, indices)) < 1e-2

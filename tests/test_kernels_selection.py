@@ -1,0 +1,117 @@
+"""Device selection (score, exact top, walk, CSR rows) against the torch reference plan_tactic,
+for a batch of requests of different lengths and targets in SGLang's pool layout."""
+
+import pytest
+import torch
+from tactic_server.kernels.cluster_pool import ClusterPool
+from tactic_server.kernels.selection import select_rows
+
+from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic
+from tactic_server.tactic.workloads import generate_workload
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dtype=torch.float32):
+    """Contexts scattered over a shared KV cache, their cluster metadata in a pool, and the
+    reference plans' inputs."""
+    generator = torch.Generator().manual_seed(sum(lengths))
+    num_slots = sum(lengths) + 37
+    slot_order = torch.randperm(num_slots, generator=generator)
+    max_reqs, max_context = len(lengths) + 2, max(lengths) + 5
+    k_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
+    req_to_token = torch.zeros(max_reqs, max_context, dtype=torch.int32)
+    segment_size = config.segment_size
+    pool = ClusterPool.allocate(
+        num_segment_slots=64, max_reqs=max_reqs, max_segments=max_context // segment_size + 1,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, segment_size=segment_size,
+        clusters_per_segment=segment_size // config.cluster_size, dtype=dtype, device="cpu",
+    )  # fmt: skip
+    # requests sit in pool slots in reverse order, segments in shuffled slots
+    pool_indices = torch.arange(len(lengths)).flip(0) + 1
+    segment_slots = torch.randperm(64, generator=generator)
+    queries, references, used_slots, used_segments = [], [], 0, 0
+    for request, (length, kind) in enumerate(zip(lengths, kinds, strict=True)):
+        workload = generate_workload(kind, length, num_kv_heads * group, num_kv_heads, head_dim,
+                                     seed=request)  # fmt: skip
+        slots = slot_order[used_slots : used_slots + length]
+        used_slots += length
+        k_cache[slots] = workload.keys.to(dtype)
+        keys = k_cache[slots]  # what the kernels see, in the cache dtype
+        req_to_token[pool_indices[request], :length] = slots.int()
+        index = build_cluster_index(keys, config)
+        num_segments = length // segment_size
+        pool.write(int(pool_indices[request]), index, slots,
+                   segment_slots[used_segments : used_segments + num_segments])  # fmt: skip
+        used_segments += num_segments
+        # the reference sees the centroids as the pool stores them
+        index = type(index)(**{**index.__dict__, "centroids": index.centroids.to(dtype).float()})
+        query = workload.query.to(dtype)
+        queries.append(query)
+        references.append((query, keys, index, slots))
+    return k_cache, req_to_token, pool, pool_indices, torch.stack(queries), references
+
+
+def to_device(pool):
+    return ClusterPool(**{name: value.to(DEVICE) if torch.is_tensor(value) else value
+                          for name, value in pool.__dict__.items()})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TacticConfig(segment_size=64),
+        TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5),
+        TacticConfig(segment_size=32, exact_fraction=0.1, outlier_share=0.0),
+    ],
+)
+def test_selection_matches_reference(config):
+    # a context shorter than a segment, one of exactly one segment, and ones with tails
+    lengths = [300, 64, 5, 257, 1]
+    kinds = ["topics", "needles", "flat", "recency_sink", "topics"]
+    k_cache, req_to_token, pool, pool_indices, q, references = make_batch(lengths, kinds, config)
+    targets = torch.zeros(len(lengths) + 2)
+    targets[pool_indices] = torch.tensor([0.9, 0.5, 0.99, 0.75, 1.0])
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    selected = select_rows(
+        q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_token.to(DEVICE),
+        pool_indices.to(DEVICE), seq_lens.to(DEVICE), targets.to(DEVICE),
+        max_seq_len=300, config=config, block_units=16,
+    )  # fmt: skip
+    indptr, indices = selected.indptr.cpu(), selected.indices.cpu()
+    for request, (query, keys, index, slots) in enumerate(references):
+        plan = plan_tactic(query, keys, float(targets[pool_indices[request]]), index, config)
+        for head, positions in enumerate(plan.indices):
+            row = request * 2 + head
+            got = indices[indptr[row] : indptr[row + 1]].long()
+            expected = slots[positions].long() * 2 + head
+            assert torch.equal(got.sort().values, expected.sort().values), (request, head)
+        assert torch.equal(selected.query_head_counts[request].cpu(), plan.query_head_counts)
+        torch.testing.assert_close(selected.estimated_mass[request].cpu(), plan.estimated_mass)
+
+
+def test_selection_on_bfloat16_cache():
+    config = TacticConfig(segment_size=64)
+    k_cache, req_to_token, pool, pool_indices, q, references = make_batch(
+        [200, 130], ["needles", "topics"], config, dtype=torch.bfloat16
+    )
+    targets = torch.full((4,), 0.9)
+    selected = select_rows(
+        q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_token.to(DEVICE),
+        pool_indices.to(DEVICE), torch.tensor([200, 130], dtype=torch.int32, device=DEVICE),
+        targets.to(DEVICE), max_seq_len=200, config=config, block_units=16,
+    )  # fmt: skip
+    for request, (query, keys, index, slots) in enumerate(references):
+        plan = plan_tactic(query, keys, 0.9, index, config)
+        for head, positions in enumerate(plan.indices):
+            row = request * 2 + head
+            got = selected.indices[selected.indptr[row] : selected.indptr[row + 1]].cpu().long()
+            assert set(got.tolist()) == set((slots[positions].long() * 2 + head).tolist())
+
+
+def test_segment_size_must_match_pool():
+    config = TacticConfig(segment_size=64)
+    k_cache, req_to_token, pool, pool_indices, q, _ = make_batch([70], ["topics"], config)
+    with pytest.raises(ValueError, match="segment_size"):
+        select_rows(q, k_cache, pool, req_to_token, pool_indices, torch.tensor([70]),
+                    torch.ones(3), 70, TacticConfig(segment_size=128))  # fmt: skip
