@@ -1,0 +1,391 @@
+"""Decode attention on one GPU, side by side in one run, Llama-3.1-8B layer shape (32 query heads,
+8 KV heads, head_dim 128, bf16): torch SDPA, FlashInfer and our Triton kernel dense; Tactic
+selection and attention (ours and FlashInfer's); and the cost of clustering a prefilled context
+against an estimated prefill. Prints a table and writes
+benchmarks/results/decode_attention_<device>.json.
+
+    python benchmarks/decode_attention.py                  # the full sweep
+    python benchmarks/decode_attention.py --contexts 8192 --batches 1 --fractions 0.03  # smoke
+
+Timing: CUDA-event medians from triton.testing.do_bench, which clears a 256 MB buffer before every
+timed call, so no input sits in L2. Bytes are what each method must move at least (K/V rows and
+index lists read, metadata read); bandwidth fractions are against a device-to-device copy measured
+in the same run (bytes read plus written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from tactic_server.kernels.cluster_pool import ClusterPool
+from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
+from tactic_server.kernels.kmeans import segment_kmeans
+from tactic_server.kernels.selection import select_rows
+
+from tactic_server.tactic import TacticConfig, build_cluster_index
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_LAYERS = 32, 8, 128, 32
+DTYPE = torch.bfloat16
+TARGET = 0.9
+KV_ROW_BYTES = HEAD_DIM * 2  # one bf16 K or V row of one head
+INDEX_BYTES = 4
+LLAMA_8B_LINEAR_PARAMS = 7.5e9  # weights touched per token (incl. the LM head), for prefill FLOPs
+LLAMA_8B_HIDDEN = 4096
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench_ms(fn, repeats_ms: int = 200) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=repeats_ms, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read plus written."""
+    source = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
+    target = torch.empty_like(source)
+    seconds = bench_ms(lambda: target.copy_(source)) / 1e3
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def matmul_rate() -> float:
+    """FLOP/s of an 8192^3 bf16 matrix product on random data."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    return 2 * 8192**3 / (bench_ms(lambda: a @ b) / 1e3)
+
+
+def prefill_flops(context: int) -> float:
+    """Llama-3.1-8B prefill of one sequence: weights (2 FLOPs per parameter and token) plus causal
+    attention (QK and PV, 2 FLOPs per multiply-add, half the square)."""
+    attention = 2 * 2 * NUM_LAYERS * LLAMA_8B_HIDDEN * context * context / 2
+    return 2 * LLAMA_8B_LINEAR_PARAMS * context + attention
+
+
+def topic_context(batch: int, context: int, fraction: float, generator: torch.Generator):
+    """Keys [batch * context, H_kv, d] of documents (runs of 16-256 positions) about topics, and
+    queries [batch, H_q, d] that ask about topics covering about `fraction` of the positions, so
+    the oracle needs about that share of tokens for P = 0.9. Values are random."""
+    num_topics, asked = (round(1 / fraction), 1) if fraction <= 0.1 else (10, round(fraction * 10))
+    device = "cuda"
+    topics = torch.randn(NUM_KV_HEADS, num_topics, HEAD_DIM, device=device, generator=generator)
+    topics = torch.nn.functional.normalize(topics, dim=-1) * math.sqrt(HEAD_DIM)
+    total = batch * context
+    lengths = torch.randint(16, 257, (total // 16 + 1,), device=device, generator=generator)
+    document = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)[
+        :total
+    ]
+    document_topic = torch.randint(num_topics, (NUM_KV_HEADS, lengths.numel()), device=device,
+                                   generator=generator)  # fmt: skip
+    position_topic = document_topic[:, document]  # [H_kv, total]
+    keys = torch.empty(total, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
+    for head in range(NUM_KV_HEADS):
+        noise = 0.5 * torch.randn(total, HEAD_DIM, device=device, generator=generator)
+        keys[:, head] = (topics[head, position_topic[head]] + noise).to(DTYPE)
+    values = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, device=device, generator=generator)
+    chosen = torch.stack(
+        [
+            torch.randperm(num_topics, device=device, generator=generator)[:asked]
+            for _ in range(batch)
+        ]
+    )  # [batch, asked]
+    direction = topics[:, chosen].sum(dim=2).transpose(0, 1)  # [batch, H_kv, d]
+    direction = torch.nn.functional.normalize(direction, dim=-1)
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    jitter = 0.05 * torch.randn(batch, NUM_KV_HEADS, group, HEAD_DIM, device=device,
+                                generator=generator)  # fmt: skip
+    sharpness = 14.0 / math.sqrt(asked)
+    queries = torch.nn.functional.normalize(direction[:, :, None, :] + jitter, dim=-1) * sharpness
+    return keys, values.to(DTYPE), queries.reshape(batch, NUM_Q_HEADS, HEAD_DIM).to(DTYPE)
+
+
+def oracle_and_recall(query, keys, rows):
+    """For one request: the oracle's needed share at P = TARGET (mean over KV heads of the union
+    over the group) and the smallest recall over query heads of the selected rows."""
+    grouped_keys = keys.float().repeat_interleave(NUM_Q_HEADS // NUM_KV_HEADS, dim=1)
+    scores = torch.einsum("hd,nhd->hn", query.float(), grouped_keys)
+    probabilities = torch.softmax(scores / math.sqrt(HEAD_DIM), dim=-1)
+    ranked, order = probabilities.sort(dim=-1, descending=True)
+    needed = (ranked.cumsum(-1) < TARGET).sum(-1) + 1
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    needed_union, recalls = [], []
+    for kv_head in range(NUM_KV_HEADS):
+        heads = range(kv_head * group, (kv_head + 1) * group)
+        union = torch.cat([order[h, : needed[h]] for h in heads]).unique()
+        needed_union.append(union.numel() / keys.shape[0])
+        kept = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+        kept[rows[kv_head]] = True
+        recalls.extend(probabilities[h, kept].sum().item() for h in heads)
+    return sum(needed_union) / NUM_KV_HEADS, min(recalls)
+
+
+def build_pool(keys, batch, context, config):
+    """Cluster every request's keys and store them in a ClusterPool; returns the pool and the
+    seconds spent clustering (all requests, one layer)."""
+    size = config.segment_size
+    clusters = size // config.cluster_size
+    segments = context // size
+    pool = ClusterPool.allocate(
+        num_segment_slots=max(1, batch * segments), max_reqs=batch, max_segments=segments + 1,
+        num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, segment_size=size,
+        clusters_per_segment=clusters, dtype=DTYPE, device="cuda",
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for request in range(batch):
+        slots = torch.arange(request * context, (request + 1) * context, device="cuda")
+        index = build_cluster_index(keys[slots], config, kmeans=segment_kmeans)
+        segment_slots = torch.arange(request * segments, (request + 1) * segments, device="cuda")
+        pool.write(request, index, slots, segment_slots)
+    torch.cuda.synchronize()
+    return pool, time.perf_counter() - started
+
+
+def best_split(run, splits):
+    """Time run(split_tokens) for each split; return (best ms, its split)."""
+    timings = {split: bench_ms(lambda split=split: run(split)) for split in splits}
+    split = min(timings, key=timings.get)
+    return timings[split], split
+
+
+def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    keys, values, q = topic_context(batch, context, fraction, generator)
+    rows = batch * NUM_KV_HEADS
+    req_to_token = torch.arange(batch * context, device="cuda", dtype=torch.int32).reshape(
+        batch, context
+    )
+    pool_indices = torch.arange(batch, device="cuda", dtype=torch.int32)
+    seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    targets = torch.full((batch,), TARGET, device="cuda")
+    pool, _ = build_pool(keys, batch, context, config)
+    record = {"context": context, "batch": batch, "target": TARGET}
+
+    # dense: SDPA over contiguous [batch, H_kv, context, d], ours and FlashInfer over full rows
+    sdpa_k = keys.view(batch, context, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    sdpa_v = values.view(batch, context, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    q4 = q[:, :, None, :]
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q4, sdpa_k, sdpa_v, enable_gqa=True)
+
+    record["sdpa_ms"] = bench_ms(sdpa)
+    reference = sdpa()[:, :, 0].float()
+    sdpa_k = sdpa_v = None  # free the contiguous copies before the next allocations
+    dense_indptr, dense_indices = dense_rows(
+        req_to_token, pool_indices, seq_lens, NUM_KV_HEADS, context
+    )
+    record["dense_ms"], record["dense_split_tokens"] = best_split(
+        lambda split: sparse_decode(q, keys, values, dense_indptr, dense_indices, context, split),
+        (256, 1024, 4096),
+    )
+    ours_dense = sparse_decode(q, keys, values, dense_indptr, dense_indices, context,
+                               record["dense_split_tokens"]).float()  # fmt: skip
+    record["dense_vs_sdpa_error"] = ((ours_dense - reference).norm() / reference.norm()).item()
+    if flashinfer is not None:
+        flashinfer.plan(dense_indptr, dense_indices, NUM_KV_HEADS, 4, HEAD_DIM, DTYPE)
+        record["flashinfer_dense_ms"] = bench_ms(lambda: flashinfer.run(q, keys, values))
+        fi_dense = flashinfer.run(q, keys, values).float()
+        record["flashinfer_dense_vs_sdpa_error"] = (
+            (fi_dense - reference).norm() / reference.norm()
+        ).item()
+    dense_indices = None
+
+    # Tactic: device selection, then attention over the selected rows
+    def select():
+        return select_rows(
+            q, keys, pool, req_to_token, pool_indices, seq_lens, targets, context, config
+        )
+
+    record["select_ms"] = bench_ms(select)
+    selected = select()
+    indptr = selected.indptr
+    record["attend_ms"], record["attend_split_tokens"] = best_split(
+        lambda split: sparse_decode(q, keys, values, indptr, selected.indices, context, split),
+        (128, 256, 512),
+    )
+    tactic_out = sparse_decode(q, keys, values, indptr, selected.indices, context,
+                               record["attend_split_tokens"]).float()  # fmt: skip
+    nnz = int(indptr[-1])
+    record["selected_fraction"] = nnz / (rows * context)
+    first_rows = [
+        selected.indices[indptr[h] : indptr[h + 1]].long() // NUM_KV_HEADS
+        for h in range(NUM_KV_HEADS)
+    ]
+    record["needed_fraction"], record["min_recall"] = oracle_and_recall(
+        q[0], keys[:context], first_rows
+    )
+    record["overshoot"] = (
+        sum(r.numel() for r in first_rows) / NUM_KV_HEADS / context / record["needed_fraction"]
+    )
+    record["tactic_vs_dense_error"] = ((tactic_out - reference).norm() / reference.norm()).item()
+    if flashinfer is not None:
+        started = time.perf_counter()
+        flashinfer.plan(indptr, selected.indices, NUM_KV_HEADS, 4, HEAD_DIM, DTYPE)
+        record["flashinfer_plan_host_ms"] = (time.perf_counter() - started) * 1e3
+        record["flashinfer_attend_ms"] = bench_ms(lambda: flashinfer.run(q, keys, values))
+        fi_tactic = flashinfer.run(q, keys, values).float()
+        record["flashinfer_vs_ours_tactic_error"] = (
+            (fi_tactic - tactic_out).norm() / tactic_out.norm()
+        ).item()
+    record["tactic_ms"] = record["select_ms"] + record["attend_ms"]
+    record["speedup_vs_sdpa"] = record["sdpa_ms"] / record["tactic_ms"]
+    record["select_share"] = record["select_ms"] / record["tactic_ms"]
+
+    # bytes each must move at least
+    dense_bytes = rows * context * (2 * KV_ROW_BYTES)
+    clusters = (context // config.segment_size) * (config.segment_size // config.cluster_size)
+    tail = context % config.segment_size
+    select_bytes = (
+        rows
+        * (
+            clusters * (KV_ROW_BYTES + 4 + 4)  # centroid, spread, offset
+            + tail * KV_ROW_BYTES  # tail keys, scored exactly
+            + config.exact_fraction * context * (KV_ROW_BYTES + INDEX_BYTES)  # the exact top
+        )
+        + nnz * 2 * INDEX_BYTES
+    )  # member slots read, indices written
+    attend_bytes = nnz * (2 * KV_ROW_BYTES + INDEX_BYTES)
+    seconds = lambda ms: ms / 1e3  # noqa: E731
+    record.update(
+        dense_bytes=dense_bytes,
+        select_bytes=int(select_bytes),
+        attend_bytes=attend_bytes,
+        dense_bw_fraction=dense_bytes / seconds(record["dense_ms"]) / copy_bytes_per_s,
+        sdpa_bw_fraction=dense_bytes / seconds(record["sdpa_ms"]) / copy_bytes_per_s,
+        tactic_bw_fraction=(select_bytes + attend_bytes)
+        / seconds(record["tactic_ms"])
+        / copy_bytes_per_s,
+        attend_bw_fraction=attend_bytes / seconds(record["attend_ms"]) / copy_bytes_per_s,
+        roofline_speedup=dense_bytes / (select_bytes + attend_bytes),
+        tactic_vs_roofline=record["tactic_ms"]
+        / (1e3 * (select_bytes + attend_bytes) / copy_bytes_per_s),
+        needed_fraction_asked=fraction,
+    )
+    return record
+
+
+def clustering_record(context, config, flops_per_s, generator):
+    """Time to cluster one prefilled context for all layers and KV heads, against the prefill."""
+    keys, _, _ = topic_context(1, context, 0.03, generator)
+    build_cluster_index(keys, config, kmeans=segment_kmeans)  # compile
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(NUM_LAYERS):
+        build_cluster_index(keys, config, kmeans=segment_kmeans)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    prefill_seconds = prefill_flops(context) / flops_per_s
+    return {
+        "kind": "clustering",
+        "context": context,
+        "layers": NUM_LAYERS,
+        "kv_heads": NUM_KV_HEADS,
+        "clustering_s": seconds,
+        "estimated_prefill_s": prefill_seconds,
+        "clustering_share_of_prefill": seconds / prefill_seconds,
+    }
+
+
+COLUMNS = [
+    ("ctx", "context", "{:>7}"), ("B", "batch", "{:>3}"), ("need", "needed_fraction", "{:>6.2%}"),
+    ("sel", "selected_fraction", "{:>6.2%}"), ("rec", "min_recall", "{:>5.3f}"),
+    ("sdpa", "sdpa_ms", "{:>8.3f}"), ("fi-dense", "flashinfer_dense_ms", "{:>8.3f}"),
+    ("dense", "dense_ms", "{:>8.3f}"), ("select", "select_ms", "{:>7.3f}"),
+    ("attend", "attend_ms", "{:>7.3f}"), ("fi-att", "flashinfer_attend_ms", "{:>7.3f}"),
+    ("tactic", "tactic_ms", "{:>7.3f}"), ("x sdpa", "speedup_vs_sdpa", "{:>6.2f}"),
+    ("roof x", "roofline_speedup", "{:>6.1f}"), ("dense bw", "dense_bw_fraction", "{:>6.1%}"),
+    ("tac bw", "tactic_bw_fraction", "{:>6.1%}"),
+]  # fmt: skip
+
+
+def table(records):
+    lines = [" ".join(f"{title:>8}" for title, _, _ in COLUMNS)]
+    for record in records:
+        if record.get("kind") == "clustering":
+            continue
+        cells = []
+        for _, key, fmt in COLUMNS:
+            value = record.get(key)
+            cells.append(f"{'-':>8}" if value is None else f"{fmt.format(value):>8}")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 262144])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
+    parser.add_argument("--clustering-contexts", type=int, nargs="*", default=[32768, 131072])
+    parser.add_argument("--no-flashinfer", action="store_true")
+    parser.add_argument("--output", default=None, help="JSON path (default: by device name)")
+    args = parser.parse_args()
+
+    device_name = torch.cuda.get_device_name()
+    config = TacticConfig()
+    log(f"{device_name}; torch {torch.__version__}, triton {triton.__version__}")
+    copy_bytes_per_s = copy_bandwidth()
+    flops_per_s = matmul_rate()
+    log(f"copy {copy_bytes_per_s / 1e9:.0f} GB/s, bf16 matmul {flops_per_s / 1e12:.0f} TFLOP/s")
+    flashinfer = None
+    if not args.no_flashinfer:
+        try:
+            from tactic_server.kernels.flashinfer_decode import FlashInferSparseDecode
+
+            flashinfer = FlashInferSparseDecode("cuda")
+        except ImportError as error:
+            log(f"FlashInfer not available ({error}); its columns stay empty")
+    records = []
+    total_free = torch.cuda.mem_get_info()[0]
+    for context in args.contexts:
+        for batch in args.batches:
+            # K and V, SDPA's contiguous copies, index lists: about 4.5x the cache
+            needed = 4.5 * batch * context * NUM_KV_HEADS * 2 * KV_ROW_BYTES
+            if needed > 0.85 * total_free:
+                log(f"skip context {context} batch {batch}: needs about {needed / 2**30:.0f} GiB")
+                continue
+            for fraction in args.fractions:
+                started = time.perf_counter()
+                record = measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config,
+                                 seed=len(records))  # fmt: skip
+                records.append(record)
+                log(f"context {context} batch {batch} fraction {fraction}: "
+                    f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+                torch.cuda.empty_cache()
+    generator = torch.Generator(device="cuda").manual_seed(1234)
+    for context in args.clustering_contexts:
+        records.append(clustering_record(context, config, flops_per_s, generator))
+        log(f"clustering {context}: {records[-1]}")
+
+    print(table(records))
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_bandwidth_gb_s": copy_bytes_per_s / 1e9,
+        "bf16_matmul_tflop_s": flops_per_s / 1e12,
+        "command": "python benchmarks/decode_attention.py " + " ".join(sys.argv[1:]),
+        "config": config.__dict__,
+        "records": records,
+    }
+    slug = device_name.lower().replace("nvidia ", "").replace(" ", "_")
+    output = Path(args.output or f"benchmarks/results/decode_attention_{slug}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    log(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
