@@ -34,6 +34,8 @@ def _score_units_kernel(
     seq_lens_ptr,
     log_mass_ptr,
     unit_size_ptr,
+    forced_ptr,
+    token_cluster_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
@@ -41,6 +43,8 @@ def _score_units_kernel(
     num_kv_heads,
     max_units,
     scale,
+    recent_window,
+    sink_tokens,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SEGMENT: tl.constexpr,
@@ -48,10 +52,13 @@ def _score_units_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_U: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    ATTEND_TAIL: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     log-normal estimate n exp(q.mu/sqrt(d) + |q|^2 var/(2d)) for clusters and the exact score
-    for tail positions (-inf for padding), and each unit's size."""
+    for tail positions (-inf for padding); each unit's size; and whether it holds an
+    always-attended position (recent window, sinks, the tail when ATTEND_TAIL)."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
@@ -119,6 +126,145 @@ def _score_units_kernel(
     out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
     tl.store(log_mass_ptr + out, log_mass, mask=head_mask[:, None] & in_range[None, :])
     tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
+
+    # the units of the always-attended positions: the last recent_window, the first sink_tokens
+    slots = tl.arange(0, BLOCK_F)
+    positions = tl.where(
+        slots < recent_window, seq_len - recent_window + slots, slots - recent_window
+    )
+    position_valid = (
+        (slots < recent_window + sink_tokens) & (positions >= 0) & (positions < seq_len)
+    )
+    position_segment = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + positions // SEGMENT,
+        mask=position_valid & (positions < tail_start),
+        other=0,
+    ).to(tl.int64)
+    local_cluster = tl.load(
+        token_cluster_ptr
+        + (position_segment * num_kv_heads + kv_head) * SEGMENT
+        + positions % SEGMENT,
+        mask=position_valid & (positions < tail_start),
+        other=0,
+    )
+    forced_units = tl.where(
+        positions < tail_start,
+        (positions // SEGMENT) * CLUSTERS + local_cluster,
+        num_cluster_units + positions - tail_start,
+    )
+    forced_units = tl.where(position_valid, forced_units, -1)
+    forced = tl.max((units[:, None] == forced_units[None, :]).to(tl.int32), axis=1) > 0
+    if ATTEND_TAIL:
+        forced = forced | is_tail
+    tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=in_range)
+
+
+@triton.jit
+def _order_key(values):
+    """int32 keys that order like the float32 values (flip the magnitude bits of negatives)."""
+    bits = values.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _exact_threshold_kernel(
+    log_mass_ptr,
+    unit_size_ptr,
+    seq_lens_ptr,
+    exact_ptr,
+    num_kv_heads,
+    max_units,
+    exact_fraction,
+    GROUP: tl.constexpr,
+    UNITS_PAD: tl.constexpr,
+):
+    """Program (row, query head): mark the units whose estimated mass per token is so high that
+    fewer than exact_fraction * seq_len tokens lie in denser units; they are scored exactly.
+    Bisection on the order key finds the density threshold without sorting."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    units = tl.arange(0, UNITS_PAD)
+    valid_unit = units < max_units
+    size = tl.load(unit_size_ptr + row * max_units + units, mask=valid_unit, other=0)
+    log_mass = tl.load(
+        log_mass_ptr + (row * GROUP + head) * max_units + units, mask=valid_unit, other=0.0
+    )
+    occupied = size > 0
+    key = _order_key(log_mass - tl.log(tl.maximum(size, 1).to(tl.float32)))
+    budget = exact_fraction * tl.load(seq_lens_ptr + row // num_kv_heads).to(tl.float32)
+    # find the smallest threshold t with sum(size[key > t]) < budget; exact = key >= t
+    low = tl.min(tl.where(occupied, key, 2147483647), axis=0).to(tl.int64) - 1
+    high = tl.max(tl.where(occupied, key, -2147483647), axis=0).to(tl.int64)
+    all_below = tl.sum(tl.where(occupied, size, 0), axis=0) < budget
+    for _ in range(34):
+        middle = low + (high - low) // 2
+        denser = tl.sum(tl.where(occupied & (key > middle), size, 0), axis=0)
+        searching = high - low > 1
+        low = tl.where(searching & (denser >= budget), middle, low)
+        high = tl.where(searching & (denser < budget), middle, high)
+    threshold = tl.where(all_below, low, high)
+    threshold = tl.where(budget > 0, threshold, 1 << 40)  # a zero budget scores nothing exactly
+    exact = occupied & (key >= threshold)
+    tl.store(
+        exact_ptr + (row * GROUP + head) * max_units + units, exact.to(tl.int8), mask=valid_unit
+    )
+
+
+@triton.jit
+def _walk_kernel(
+    log_mass_ptr,
+    unit_size_ptr,
+    forced_ptr,
+    targets_ptr,
+    req_pool_ptr,
+    selected_ptr,
+    counts_ptr,
+    estimated_mass_ptr,
+    num_kv_heads,
+    max_units,
+    GROUP: tl.constexpr,
+    UNITS_PAD: tl.constexpr,
+):
+    """Program (row, query head): the densest units (always-attended ones first) whose mass
+    reaches the request's target share of the total: the shortest prefix of the units ordered
+    by mass per token, found by bisection on the order key instead of a sort."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    units = tl.arange(0, UNITS_PAD)
+    valid_unit = units < max_units
+    size = tl.load(unit_size_ptr + row * max_units + units, mask=valid_unit, other=0)
+    log_mass = tl.load(
+        log_mass_ptr + (row * GROUP + head) * max_units + units,
+        mask=valid_unit,
+        other=float("-inf"),
+    )
+    forced = tl.load(forced_ptr + row * max_units + units, mask=valid_unit, other=0) > 0
+    occupied = size > 0
+    key = _order_key(log_mass - tl.log(tl.maximum(size, 1).to(tl.float32)))
+    key = tl.where(forced, 2147483647, tl.where(occupied, key, -2147483647))
+    mass = tl.where(occupied, tl.exp(log_mass - tl.max(log_mass, axis=0)), 0.0)
+    total = tl.sum(mass, axis=0)
+    target = tl.load(targets_ptr + tl.load(req_pool_ptr + row // num_kv_heads))
+    need = target * total
+    # find the largest threshold t with sum(mass[key >= t]) >= need; selected = key >= t
+    low = tl.min(tl.where(occupied, key, 2147483647), axis=0).to(tl.int64)
+    high = tl.max(key, axis=0).to(tl.int64) + 1
+    for _ in range(34):
+        middle = low + (high - low) // 2
+        covered = tl.sum(tl.where(key >= middle, mass, 0.0), axis=0)
+        searching = high - low > 1
+        low = tl.where(searching & (covered >= need), middle, low)
+        high = tl.where(searching & (covered < need), middle, high)
+    threshold = tl.where(target >= 1.0, -2147483647, low)
+    selected = (key >= threshold) & valid_unit
+    tl.store(
+        selected_ptr + (row * GROUP + head) * max_units + units,
+        selected.to(tl.int8),
+        mask=valid_unit,
+    )
+    tl.store(counts_ptr + row * GROUP + head, tl.sum(tl.where(selected, size, 0), axis=0))
+    covered = tl.sum(tl.where(selected, mass, 0.0), axis=0)
+    tl.store(estimated_mass_ptr + row * GROUP + head, covered / total)
 
 
 @triton.jit
@@ -286,40 +432,6 @@ class SelectedRows:
     estimated_mass: torch.Tensor
 
 
-def _forced_units(pool, req_pool, seq_lens, num_kv_heads, max_units, config):
-    """[rows, max_units] bool: units holding always-attended positions (the recent window and
-    the sinks), plus every tail unit when tail_policy is 'attend'."""
-    size, clusters = pool.segment_size, pool.clusters_per_segment
-    device = seq_lens.device
-    batch = seq_lens.shape[0]
-    seq = seq_lens.long()[:, None]
-    tail_start = (seq // size) * size
-    num_cluster_units = (seq // size) * clusters
-    recent = seq - config.recent_window + torch.arange(config.recent_window, device=device)
-    sinks = torch.arange(config.sink_tokens, device=device).expand(batch, -1)
-    positions = torch.cat([recent, sinks], dim=1)  # [batch, P]
-    valid = (positions >= 0) & (positions < seq)
-    positions = positions.clamp(min=0)
-    segment_index = (positions // size).clamp(max=pool.req_to_segment.shape[1] - 1)
-    segment_slot = torch.gather(pool.req_to_segment[req_pool.long()].long(), 1, segment_index)
-    heads = torch.arange(num_kv_heads, device=device)
-    local_cluster = pool.token_cluster[
-        segment_slot[:, None, :], heads[None, :, None], (positions % size)[:, None, :]
-    ].long()  # [batch, H_kv, P]
-    cluster_unit = (positions // size)[:, None, :] * clusters + local_cluster
-    tail_unit = (num_cluster_units + positions - tail_start)[:, None, :].expand_as(cluster_unit)
-    unit = torch.where((positions >= tail_start)[:, None, :], tail_unit, cluster_unit)
-    unit = torch.where(valid[:, None, :], unit, max_units)  # a spare column takes invalid ones
-    forced = torch.zeros(batch, num_kv_heads, max_units + 1, dtype=torch.bool, device=device)
-    forced.scatter_(2, unit, True)
-    forced = forced[..., :max_units]
-    if config.tail_policy == "attend":
-        units = torch.arange(max_units, device=device)
-        tail_units = (units >= num_cluster_units) & (units < num_cluster_units + seq - tail_start)
-        forced |= tail_units[:, None, :]
-    return forced.reshape(batch * num_kv_heads, max_units)
-
-
 def select_rows(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -331,10 +443,13 @@ def select_rows(
     max_seq_len: int,
     config: TacticConfig | None = None,
     block_units: int = 64,
+    units_per_program: int = 4,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_pool_indices, seq_lens [batch] on the device; targets [max_reqs] float32 on the device,
-    the target mass P of each request by its pool index; max_seq_len (host) bounds seq_lens."""
+    the target mass P of each request by its pool index; max_seq_len (host) bounds seq_lens.
+    block_units: units scored per program; units_per_program: units an exact-scoring or
+    row-writing program walks through (most are skipped, so few per program keeps them short)."""
     config = config or TacticConfig()
     if config.segment_size != pool.segment_size:
         raise ValueError("config.segment_size must equal the cluster pool's segment_size")
@@ -345,72 +460,63 @@ def select_rows(
     device = q.device
     size, clusters = pool.segment_size, pool.clusters_per_segment
     max_units = (max_seq_len // size) * clusters + size
+    units_pad = triton.next_power_of_2(max_units)
     scale = 1.0 / math.sqrt(head_dim)
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
     common = dict(GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters)
-    unit_blocks = triton.cdiv(max_units, block_units)
+    walk_warps = max(4, min(16, units_pad // 1024))
 
     log_mass = torch.empty(rows, group, max_units, device=device)
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
-    _score_units_kernel[(rows, unit_blocks)](
+    forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
+    _score_units_kernel[(rows, triton.cdiv(max_units, block_units))](
         q, k_cache, pool.centroids, pool.spreads, pool.cluster_offsets, pool.req_to_segment,
-        req_to_token, req_pool_indices, seq_lens, log_mass, unit_size,
+        req_to_token, req_pool_indices, seq_lens, log_mass, unit_size, forced, pool.token_cluster,
         q.stride(0), q.stride(1), pool.req_to_segment.stride(0), req_to_token.stride(0),
-        num_kv_heads, max_units, scale,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=block_units, **common,
+        num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=block_units,
+        BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
+        ATTEND_TAIL=config.tail_policy == "attend", **common,
     )  # fmt: skip
 
-    sizes = unit_size.float()[:, None, :].expand(-1, group, -1)
-    log_sizes = torch.where(sizes > 0, sizes.clamp_min(1).log(), -math.inf)
-    density = torch.where(sizes > 0, log_mass - log_sizes, -math.inf)
-    # the units at the top of the estimated order, up to exact_fraction of each context
-    by_rank = torch.argsort(density, dim=-1, descending=True)
-    sorted_sizes = torch.gather(sizes, 2, by_rank)
-    budget = (config.exact_fraction * seq_lens.float()).repeat_interleave(num_kv_heads)
-    exact_in_rank = (sorted_sizes.cumsum(-1) - sorted_sizes) < budget[:, None, None]
-    exact = torch.zeros_like(exact_in_rank).scatter_(2, by_rank, exact_in_rank).to(torch.int8)
-    _exact_units_kernel[(rows, unit_blocks)](
+    exact = torch.empty(rows, group, max_units, dtype=torch.int8, device=device)
+    _exact_threshold_kernel[(rows, group)](
+        log_mass, unit_size, seq_lens, exact, num_kv_heads, max_units, config.exact_fraction,
+        GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
+    )  # fmt: skip
+    unit_programs = triton.cdiv(max_units, units_per_program)
+    _exact_units_kernel[(rows, unit_programs)](
         q, k_cache, pool.member_slots, pool.cluster_offsets, pool.req_to_segment,
         req_pool_indices, seq_lens, exact, log_mass,
         q.stride(0), q.stride(1), pool.req_to_segment.stride(0),
         num_kv_heads, max_units, scale,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=block_units, BLOCK_M=16, **common,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=units_per_program, BLOCK_M=16, **common,
     )  # fmt: skip
 
-    forced = _forced_units(pool, req_pool_indices, seq_lens, num_kv_heads, max_units, config)
-    forced = forced[:, None, :].expand(-1, group, -1)
-    walk_key = torch.where(sizes > 0, log_mass - log_sizes, -math.inf)
-    walk_key = torch.where(forced, math.inf, walk_key)
-    walk_order = torch.argsort(walk_key, dim=-1, descending=True)
-    walk_mass = torch.gather(log_mass, 2, walk_order)
-    walk_mass = torch.exp(walk_mass - walk_mass.amax(dim=-1, keepdim=True)).nan_to_num(0.0)
-    cumulative = walk_mass.cumsum(dim=-1)
-    total = cumulative[..., -1:]
-    target = targets[req_pool_indices.long()].repeat_interleave(num_kv_heads)[:, None, None]
-    taken = (cumulative < target * total).sum(dim=-1, keepdim=True) + 1
-    taken = torch.where(target >= 1.0, max_units, taken)
-    taken = torch.maximum(taken, forced.sum(dim=-1, keepdim=True)).clamp_max(max_units)
-    in_walk = torch.arange(max_units, device=device) < taken
-    selected = torch.zeros_like(in_walk).scatter_(2, walk_order, in_walk)
-    estimated_mass = torch.gather(cumulative, 2, taken - 1) / total.clamp_min(1e-38)
+    selected = torch.empty(rows, group, max_units, dtype=torch.int8, device=device)
+    counts = torch.empty(rows, group, dtype=torch.int32, device=device)
+    estimated_mass = torch.empty(rows, group, device=device)
+    _walk_kernel[(rows, group)](
+        log_mass, unit_size, forced, targets, req_pool_indices, selected, counts, estimated_mass,
+        num_kv_heads, max_units, GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
+    )  # fmt: skip
 
-    union = selected.any(dim=1)
-    row_tokens = torch.where(union, unit_size, 0).long()
+    union = selected.amax(dim=1)
+    row_tokens = (union * unit_size).long()
     indptr = torch.zeros(rows + 1, dtype=torch.int64, device=device)
-    indptr[1:] = row_tokens.sum(dim=-1).cumsum(0)
+    torch.cumsum(row_tokens.sum(dim=-1), dim=0, out=indptr[1:])
     unit_start = indptr[:-1, None] + row_tokens.cumsum(dim=-1) - row_tokens
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
-    _write_rows_kernel[(rows, unit_blocks)](
+    _write_rows_kernel[(rows, unit_programs)](
         pool.member_slots, pool.cluster_offsets, pool.req_to_segment, req_to_token,
-        req_pool_indices, seq_lens, union.to(torch.int8), unit_start, indices,
+        req_pool_indices, seq_lens, union, unit_start, indices,
         pool.req_to_segment.stride(0), req_to_token.stride(0), num_kv_heads, max_units,
-        SEGMENT=size, CLUSTERS=clusters, BLOCK_U=block_units, BLOCK_M=16,
+        SEGMENT=size, CLUSTERS=clusters, BLOCK_U=units_per_program, BLOCK_M=16,
     )  # fmt: skip
-    counts = (selected * unit_size[:, None, :]).sum(dim=-1)
     return SelectedRows(
         indptr=indptr.to(torch.int32),
         indices=indices,
-        query_head_counts=counts.reshape(batch, num_q_heads),
+        query_head_counts=counts.reshape(batch, num_q_heads).long(),
         estimated_mass=estimated_mass.reshape(batch, num_q_heads),
     )

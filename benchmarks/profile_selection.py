@@ -1,0 +1,63 @@
+"""Where the time of one Tactic selection step goes: a torch.profiler table of the kernels of
+select_rows and sparse_decode at one shape (default 32k context, batch 1), plus the same step
+timed with and without CUDA-graph replay.
+
+    python benchmarks/profile_selection.py --context 32768 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, "benchmarks")
+from decode_attention import TARGET, build_pool, topic_context  # noqa: E402
+from tactic_server.kernels.decode_attention import sparse_decode  # noqa: E402
+from tactic_server.kernels.selection import select_rows  # noqa: E402
+
+from tactic_server.tactic import TacticConfig  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    context, batch = args.context, args.batch
+    config = TacticConfig()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    keys, values, q = topic_context(batch, context, 0.03, generator)
+    req_to_token = torch.arange(batch * context, device="cuda", dtype=torch.int32).reshape(
+        batch, -1
+    )
+    pool_indices = torch.arange(batch, device="cuda", dtype=torch.int32)
+    seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    targets = torch.full((batch,), TARGET, device="cuda")
+    pool, _ = build_pool(keys, batch, context, config)
+
+    def step():
+        selected = select_rows(q, keys, pool, req_to_token, pool_indices, seq_lens, targets,
+                               context, config)  # fmt: skip
+        return sparse_decode(q, keys, values, selected.indptr, selected.indices, context, 256)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as profile:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    plain = triton.testing.do_bench(step, return_mode="median")
+    graphed = triton.testing.do_bench_cudagraph(step, return_mode="median")
+    print(f"step: plain launches {plain * 1e3:.1f} us, CUDA graph replay {graphed * 1e3:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
