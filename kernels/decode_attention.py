@@ -49,6 +49,7 @@ def _partial_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_TOKENS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, split): attention of the row's query heads over one chunk of its list.
     Writes the chunk's normalised output [GROUP, HEAD_DIM] and base-2 log-sum-exp [GROUP]."""
@@ -83,14 +84,17 @@ def _partial_kernel(
             kv_offsets = kv_rows[:, None] * HEAD_DIM + dims[None, :]
             kv_mask = token_mask[:, None] & dim_mask[None, :]
             k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-            scores = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N], base 2
+            # base-2 scores [BLOCK_H, BLOCK_N]; a float32 cache gets IEEE products, not tf32
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             scores = tl.where(token_mask[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             weights = tl.exp2(scores - new_max[:, None])
             rescale = tl.exp2(running_max - new_max)
             running_sum = running_sum * rescale + tl.sum(weights, axis=1)
             v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-            acc = acc * rescale[:, None] + tl.dot(weights.to(DOT_DTYPE), v)
+            acc = acc * rescale[:, None] + tl.dot(
+                weights.to(DOT_DTYPE), v, input_precision=DOT_PRECISION
+            )
             running_max = new_max
 
         partial_index = row * max_splits + split
@@ -220,6 +224,7 @@ def sparse_decode(
         BLOCK_N=block_n,
         SPLIT_TOKENS=split_tokens,
         DOT_DTYPE=dot_dtype(k_cache.dtype),
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
     )

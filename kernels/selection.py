@@ -107,7 +107,8 @@ def _score_units_kernel(
         mask=head_mask[:, None] & dim_mask[None, :],
         other=0.0,
     ).to(tl.float32)
-    scores = tl.dot(q, tl.trans(vectors)) * scale  # [BLOCK_H, BLOCK_U]
+    # IEEE float32 products: tf32 would move scores by 1e-3 and the selection with them
+    scores = tl.dot(q, tl.trans(vectors), input_precision="ieee") * scale  # [BLOCK_H, BLOCK_U]
     query_norm_sq = tl.sum(q * q, axis=1)
 
     segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
@@ -268,6 +269,43 @@ def _walk_kernel(
 
 
 @triton.jit
+def _compact_kernel(
+    flags_ptr,
+    unit_size_ptr,
+    units_ptr,
+    token_start_ptr,
+    count_ptr,
+    row_tokens_ptr,
+    max_units,
+    GROUP: tl.constexpr,
+    UNITS_PAD: tl.constexpr,
+):
+    """Program (row): the units flagged ([rows, GROUP, max_units] int8) for any query head of the
+    row, listed in unit order: units[row, :count], each one's first token within the row
+    token_start[row, :count] (prefix sum of sizes), count[row] and the row's tokens."""
+    row = tl.program_id(0)
+    units = tl.arange(0, UNITS_PAD)
+    valid_unit = units < max_units
+    flagged = tl.zeros([UNITS_PAD], dtype=tl.int32)
+    for head in tl.static_range(GROUP):
+        flag = tl.load(
+            flags_ptr + (row * GROUP + head) * max_units + units, mask=valid_unit, other=0
+        )
+        flagged = tl.maximum(flagged, flag.to(tl.int32))
+    tokens = tl.where(
+        flagged > 0, tl.load(unit_size_ptr + row * max_units + units, mask=valid_unit, other=0), 0
+    )
+    slot = tl.cumsum(flagged, axis=0) - flagged
+    keep = flagged > 0
+    tl.store(units_ptr + row * max_units + slot, units, mask=keep)
+    tl.store(
+        token_start_ptr + row * max_units + slot, tl.cumsum(tokens, axis=0) - tokens, mask=keep
+    )
+    tl.store(count_ptr + row, tl.sum(flagged, axis=0))
+    tl.store(row_tokens_ptr + row, tl.sum(tokens, axis=0))
+
+
+@triton.jit
 def _exact_units_kernel(
     q_ptr,
     k_ptr,
@@ -277,6 +315,8 @@ def _exact_units_kernel(
     req_pool_ptr,
     seq_lens_ptr,
     exact_ptr,
+    exact_units_ptr,
+    exact_count_ptr,
     log_mass_ptr,
     stride_q_batch,
     stride_q_head,
@@ -293,8 +333,9 @@ def _exact_units_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Program (row, unit block): for each cluster some query head must score exactly
-    (exact [rows, GROUP, max_units] int8), replace that head's estimate by the exact log-mass."""
+    """Program (row, block of the row's list of exactly scored units): for each listed cluster,
+    replace the estimate of every query head that flagged it (exact [rows, GROUP, max_units]
+    int8) by the exact log-mass."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
@@ -312,11 +353,13 @@ def _exact_units_kernel(
         mask=head_mask[:, None] & dim_mask[None, :],
         other=0.0,
     ).to(tl.float32)
+    listed = tl.load(exact_count_ptr + row)
     for offset in range(0, BLOCK_U):
-        unit = tl.program_id(1) * BLOCK_U + offset
+        entry = tl.program_id(1) * BLOCK_U + offset
+        unit = tl.load(exact_units_ptr + row * max_units + entry, mask=entry < listed, other=0)
         flags = tl.load(
             exact_ptr + (row * GROUP + heads) * max_units + unit,
-            mask=head_mask & (unit < num_cluster_units),
+            mask=head_mask & (entry < listed) & (unit < num_cluster_units),
             other=0,
         )
         if tl.max(flags, axis=0) > 0:
@@ -339,7 +382,7 @@ def _exact_units_kernel(
                     mask=member_mask[:, None] & dim_mask[None, :],
                     other=0.0,
                 ).to(tl.float32)
-                scores = tl.dot(q, tl.trans(keys)) * scale
+                scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
                 scores = tl.where(member_mask[None, :], scores, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, axis=1))
                 running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
@@ -361,8 +404,10 @@ def _write_rows_kernel(
     req_to_token_ptr,
     req_pool_ptr,
     seq_lens_ptr,
-    selected_ptr,
-    unit_start_ptr,
+    selected_units_ptr,
+    selected_count_ptr,
+    token_start_ptr,
+    indptr_ptr,
     indices_ptr,
     stride_req_segment,
     stride_req_token,
@@ -373,8 +418,8 @@ def _write_rows_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Program (row, unit block): copy each selected unit's KV rows (slot * H_kv + kv_head) to
-    indices[unit_start[row, unit]:...]."""
+    """Program (row, block of the row's list of selected units): copy each listed unit's KV rows
+    (slot * H_kv + kv_head) to indices[indptr[row] + token_start[row, entry]:...]."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
@@ -382,11 +427,13 @@ def _write_rows_kernel(
     seq_len = tl.load(seq_lens_ptr + request)
     num_cluster_units = (seq_len // SEGMENT) * CLUSTERS
     tail_start = (seq_len // SEGMENT) * SEGMENT
+    listed = tl.load(selected_count_ptr + row)
+    row_start = tl.load(indptr_ptr + row)
     for offset in range(0, BLOCK_U):
-        unit = tl.program_id(1) * BLOCK_U + offset
-        chosen = tl.load(selected_ptr + row * max_units + unit, mask=unit < max_units, other=0)
-        if chosen != 0:
-            destination = tl.load(unit_start_ptr + row * max_units + unit)
+        entry = tl.program_id(1) * BLOCK_U + offset
+        if entry < listed:
+            unit = tl.load(selected_units_ptr + row * max_units + entry)
+            destination = row_start + tl.load(token_start_ptr + row * max_units + entry)
             if unit < num_cluster_units:
                 segment_slot = tl.load(
                     req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS
@@ -443,7 +490,7 @@ def select_rows(
     max_seq_len: int,
     config: TacticConfig | None = None,
     block_units: int = 64,
-    units_per_program: int = 4,
+    units_per_program: int = 8,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_pool_indices, seq_lens [batch] on the device; targets [max_reqs] float32 on the device,
@@ -485,10 +532,18 @@ def select_rows(
         log_mass, unit_size, seq_lens, exact, num_kv_heads, max_units, config.exact_fraction,
         GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
     )  # fmt: skip
+    listed_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
+    token_start = torch.empty(rows, max_units, dtype=torch.int32, device=device)
+    listed = torch.empty(rows, dtype=torch.int32, device=device)
+    row_tokens = torch.empty(rows, dtype=torch.int32, device=device)
+    _compact_kernel[(rows,)](
+        exact, unit_size, listed_units, token_start, listed, row_tokens, max_units,
+        GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
+    )  # fmt: skip
     unit_programs = triton.cdiv(max_units, units_per_program)
     _exact_units_kernel[(rows, unit_programs)](
         q, k_cache, pool.member_slots, pool.cluster_offsets, pool.req_to_segment,
-        req_pool_indices, seq_lens, exact, log_mass,
+        req_pool_indices, seq_lens, exact, listed_units, listed, log_mass,
         q.stride(0), q.stride(1), pool.req_to_segment.stride(0),
         num_kv_heads, max_units, scale,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=units_per_program, BLOCK_M=16, **common,
@@ -502,20 +557,22 @@ def select_rows(
         num_kv_heads, max_units, GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
     )  # fmt: skip
 
-    union = selected.amax(dim=1)
-    row_tokens = (union * unit_size).long()
-    indptr = torch.zeros(rows + 1, dtype=torch.int64, device=device)
-    torch.cumsum(row_tokens.sum(dim=-1), dim=0, out=indptr[1:])
-    unit_start = indptr[:-1, None] + row_tokens.cumsum(dim=-1) - row_tokens
+    # the list, token offsets and counts are reused for the selected units (the union over heads)
+    _compact_kernel[(rows,)](
+        selected, unit_size, listed_units, token_start, listed, row_tokens, max_units,
+        GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
+    )  # fmt: skip
+    indptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+    torch.cumsum(row_tokens, dim=0, out=indptr[1:])
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
     _write_rows_kernel[(rows, unit_programs)](
         pool.member_slots, pool.cluster_offsets, pool.req_to_segment, req_to_token,
-        req_pool_indices, seq_lens, union, unit_start, indices,
+        req_pool_indices, seq_lens, listed_units, listed, token_start, indptr, indices,
         pool.req_to_segment.stride(0), req_to_token.stride(0), num_kv_heads, max_units,
         SEGMENT=size, CLUSTERS=clusters, BLOCK_U=units_per_program, BLOCK_M=16,
     )  # fmt: skip
     return SelectedRows(
-        indptr=indptr.to(torch.int32),
+        indptr=indptr,
         indices=indices,
         query_head_counts=counts.reshape(batch, num_q_heads).long(),
         estimated_mass=estimated_mass.reshape(batch, num_q_heads),
