@@ -19,6 +19,7 @@ import triton.language as tl
 from tactic_server.tactic.config import TacticConfig
 
 from .cluster_pool import ClusterPool
+from .decode_attention import dot_dtype
 
 
 @triton.jit
@@ -54,6 +55,8 @@ def _score_units_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_F: tl.constexpr,
     ATTEND_TAIL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     log-normal estimate n exp(q.mu/sqrt(d) + |q|^2 var/(2d)) for clusters and the exact score
@@ -95,7 +98,7 @@ def _score_units_kernel(
         mask=is_tail[:, None] & dim_mask[None, :],
         other=0.0,
     )
-    vectors = tl.where(is_cluster[:, None], centroid.to(tl.float32), key.to(tl.float32))
+    vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
 
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP
@@ -107,8 +110,9 @@ def _score_units_kernel(
         mask=head_mask[:, None] & dim_mask[None, :],
         other=0.0,
     ).to(tl.float32)
-    # IEEE float32 products: tf32 would move scores by 1e-3 and the selection with them
-    scores = tl.dot(q, tl.trans(vectors), input_precision="ieee") * scale  # [BLOCK_H, BLOCK_U]
+    # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
+    # products (tf32 would move scores by 1e-3 and the selection with them)
+    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION) * scale
     query_norm_sq = tl.sum(q * q, axis=1)
 
     segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
@@ -332,6 +336,8 @@ def _exact_units_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_U: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, block of the row's list of exactly scored units): for each listed cluster,
     replace the estimate of every query head that flagged it (exact [rows, GROUP, max_units]
@@ -352,7 +358,7 @@ def _exact_units_kernel(
         + dims[None, :],
         mask=head_mask[:, None] & dim_mask[None, :],
         other=0.0,
-    ).to(tl.float32)
+    ).to(DOT_DTYPE)
     listed = tl.load(exact_count_ptr + row)
     for offset in range(0, BLOCK_U):
         entry = tl.program_id(1) * BLOCK_U + offset
@@ -381,8 +387,8 @@ def _exact_units_kernel(
                     k_ptr + (slots * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
                     mask=member_mask[:, None] & dim_mask[None, :],
                     other=0.0,
-                ).to(tl.float32)
-                scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
+                ).to(DOT_DTYPE)
+                scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
                 scores = tl.where(member_mask[None, :], scores, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, axis=1))
                 running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
@@ -511,7 +517,11 @@ def select_rows(
     scale = 1.0 / math.sqrt(head_dim)
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
-    common = dict(GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters)
+    common = dict(
+        GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters,
+        DOT_DTYPE=dot_dtype(k_cache.dtype),
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
     walk_warps = max(4, min(16, units_pad // 1024))
 
     log_mass = torch.empty(rows, group, max_units, device=device)
@@ -563,7 +573,7 @@ def select_rows(
         GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
     )  # fmt: skip
     indptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
-    torch.cumsum(row_tokens, dim=0, out=indptr[1:])
+    indptr[1:] = row_tokens.cumsum(dim=0)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
     _write_rows_kernel[(rows, unit_programs)](
         pool.member_slots, pool.cluster_offsets, pool.req_to_segment, req_to_token,
