@@ -261,7 +261,8 @@ def _walk_kernel(
         low = tl.where(searching & (covered >= need), middle, low)
         high = tl.where(searching & (covered < need), middle, high)
     threshold = tl.where(target >= 1.0, -2147483647, low)
-    selected = (key >= threshold) & valid_unit
+    # empty units (padding, empty clusters) hold no token: never list them
+    selected = (key >= threshold) & occupied
     tl.store(
         selected_ptr + (row * GROUP + head) * max_units + units,
         selected.to(tl.int8),
@@ -343,6 +344,9 @@ def _exact_units_kernel(
     replace the estimate of every query head that flagged it (exact [rows, GROUP, max_units]
     int8) by the exact log-mass."""
     row = tl.program_id(0)
+    listed = tl.load(exact_count_ptr + row)
+    if tl.program_id(1) * BLOCK_U >= listed:
+        return
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
@@ -359,7 +363,6 @@ def _exact_units_kernel(
         mask=head_mask[:, None] & dim_mask[None, :],
         other=0.0,
     ).to(DOT_DTYPE)
-    listed = tl.load(exact_count_ptr + row)
     for offset in range(0, BLOCK_U):
         entry = tl.program_id(1) * BLOCK_U + offset
         unit = tl.load(exact_units_ptr + row * max_units + entry, mask=entry < listed, other=0)
@@ -427,13 +430,15 @@ def _write_rows_kernel(
     """Program (row, block of the row's list of selected units): copy each listed unit's KV rows
     (slot * H_kv + kv_head) to indices[indptr[row] + token_start[row, entry]:...]."""
     row = tl.program_id(0)
+    listed = tl.load(selected_count_ptr + row)
+    if tl.program_id(1) * BLOCK_U >= listed:
+        return
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + request)
     num_cluster_units = (seq_len // SEGMENT) * CLUSTERS
     tail_start = (seq_len // SEGMENT) * SEGMENT
-    listed = tl.load(selected_count_ptr + row)
     row_start = tl.load(indptr_ptr + row)
     for offset in range(0, BLOCK_U):
         entry = tl.program_id(1) * BLOCK_U + offset
@@ -496,7 +501,7 @@ def select_rows(
     max_seq_len: int,
     config: TacticConfig | None = None,
     block_units: int = 64,
-    units_per_program: int = 8,
+    units_per_program: int = 2,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_pool_indices, seq_lens [batch] on the device; targets [max_reqs] float32 on the device,
