@@ -311,6 +311,44 @@ def _compact_kernel(
 
 
 @triton.jit
+def _unit_members(
+    listed_units_ptr,
+    token_start_ptr,
+    req_to_segment_ptr,
+    offsets_ptr,
+    row,
+    kv_head,
+    pool_index,
+    listed,
+    num_cluster_units,
+    stride_req_segment,
+    num_kv_heads,
+    max_units,
+    CLUSTERS: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+):
+    """The BLOCK_U listed units of this program: unit ids, whether each is a cluster or a tail
+    position, the segment row and first member of clusters, member counts, and token starts."""
+    entries = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    live = entries < listed
+    unit = tl.load(listed_units_ptr + row * max_units + entries, mask=live, other=0)
+    token_start = tl.load(token_start_ptr + row * max_units + entries, mask=live, other=0)
+    is_cluster = live & (unit < num_cluster_units)
+    is_tail = live & (unit >= num_cluster_units)
+    segment_slot = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS,
+        mask=is_cluster,
+        other=0,
+    ).to(tl.int64)
+    segment_row = segment_slot * num_kv_heads + kv_head
+    local = segment_row * (CLUSTERS + 1) + unit % CLUSTERS
+    start = tl.load(offsets_ptr + local, mask=is_cluster, other=0)
+    end = tl.load(offsets_ptr + local + 1, mask=is_cluster, other=0)
+    count = tl.where(is_cluster, end - start, tl.where(is_tail, 1, 0))
+    return unit, token_start, is_cluster, is_tail, segment_row, start, count
+
+
+@triton.jit
 def _exact_units_kernel(
     q_ptr,
     k_ptr,
@@ -322,6 +360,7 @@ def _exact_units_kernel(
     exact_ptr,
     exact_units_ptr,
     exact_count_ptr,
+    token_start_ptr,
     log_mass_ptr,
     stride_q_batch,
     stride_q_head,
@@ -340,9 +379,9 @@ def _exact_units_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Program (row, block of the row's list of exactly scored units): for each listed cluster,
-    replace the estimate of every query head that flagged it (exact [rows, GROUP, max_units]
-    int8) by the exact log-mass."""
+    """Program (row, block of BLOCK_U entries of the row's list of exactly scored units): the
+    exact log-mass of each listed cluster, for every query head that flagged it (exact [rows,
+    GROUP, max_units] int8), members of all BLOCK_U clusters read as one tile per step."""
     row = tl.program_id(0)
     listed = tl.load(exact_count_ptr + row)
     if tl.program_id(1) * BLOCK_U >= listed:
@@ -351,8 +390,19 @@ def _exact_units_kernel(
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
     num_cluster_units = (tl.load(seq_lens_ptr + request) // SEGMENT) * CLUSTERS
+    unit, _, is_cluster, _, segment_row, start, count = _unit_members(
+        exact_units_ptr, token_start_ptr, req_to_segment_ptr, offsets_ptr, row, kv_head,
+        pool_index, listed, num_cluster_units, stride_req_segment, num_kv_heads, max_units,
+        CLUSTERS, BLOCK_U,
+    )  # fmt: skip
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP
+    flags = tl.load(
+        exact_ptr + (row * GROUP + heads)[:, None] * max_units + unit[None, :],
+        mask=head_mask[:, None] & is_cluster[None, :],
+        other=0,
+    )  # [BLOCK_H, BLOCK_U]
+    count = tl.where(tl.max(flags, axis=0) > 0, count, 0)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
     q = tl.load(
@@ -363,46 +413,36 @@ def _exact_units_kernel(
         mask=head_mask[:, None] & dim_mask[None, :],
         other=0.0,
     ).to(DOT_DTYPE)
-    for offset in range(0, BLOCK_U):
-        entry = tl.program_id(1) * BLOCK_U + offset
-        unit = tl.load(exact_units_ptr + row * max_units + entry, mask=entry < listed, other=0)
-        flags = tl.load(
-            exact_ptr + (row * GROUP + heads) * max_units + unit,
-            mask=head_mask & (entry < listed) & (unit < num_cluster_units),
+    running_max = tl.full([BLOCK_H, BLOCK_U], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_H, BLOCK_U], dtype=tl.float32)
+    members = tl.arange(0, BLOCK_M)
+    for member_start in range(0, tl.max(count, axis=0), BLOCK_M):
+        member_mask = (member_start + members)[None, :] < count[:, None]  # [BLOCK_U, BLOCK_M]
+        slots = tl.load(
+            member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None] + member_start
+            + members[None, :],
+            mask=member_mask,
             other=0,
+        ).to(tl.int64)  # fmt: skip
+        rows_3d = (slots * num_kv_heads + kv_head)[:, :, None] * HEAD_DIM + dims[None, None, :]
+        keys = tl.load(
+            k_ptr + rows_3d, mask=member_mask[:, :, None] & dim_mask[None, None, :], other=0.0
+        ).to(DOT_DTYPE)
+        keys = tl.reshape(keys, (BLOCK_U * BLOCK_M, BLOCK_D))
+        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
+        scores = tl.reshape(scores, (BLOCK_H, BLOCK_U, BLOCK_M))
+        scores = tl.where(member_mask[None, :, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=2))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
+            tl.exp(scores - safe_max[:, :, None]), axis=2
         )
-        if tl.max(flags, axis=0) > 0:
-            segment_slot = tl.load(
-                req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS
-            ).to(tl.int64)
-            segment_row = segment_slot * num_kv_heads + kv_head
-            start = tl.load(offsets_ptr + segment_row * (CLUSTERS + 1) + unit % CLUSTERS)
-            end = tl.load(offsets_ptr + segment_row * (CLUSTERS + 1) + unit % CLUSTERS + 1)
-            running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-            running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for member_start in range(start, end, BLOCK_M):
-                members = member_start + tl.arange(0, BLOCK_M)
-                member_mask = members < end
-                slots = tl.load(
-                    member_slots_ptr + segment_row * SEGMENT + members, mask=member_mask, other=0
-                ).to(tl.int64)
-                keys = tl.load(
-                    k_ptr + (slots * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=member_mask[:, None] & dim_mask[None, :],
-                    other=0.0,
-                ).to(DOT_DTYPE)
-                scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
-                scores = tl.where(member_mask[None, :], scores, float("-inf"))
-                new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-                running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
-                    tl.exp(scores - new_max[:, None]), axis=1
-                )
-                running_max = new_max
-            tl.store(
-                log_mass_ptr + (row * GROUP + heads) * max_units + unit,
-                running_max + tl.log(running_sum),
-                mask=head_mask & (flags > 0),
-            )
+        running_max = new_max
+    tl.store(
+        log_mass_ptr + (row * GROUP + heads)[:, None] * max_units + unit[None, :],
+        running_max + tl.log(running_sum),
+        mask=flags > 0,
+    )
 
 
 @triton.jit
@@ -427,8 +467,8 @@ def _write_rows_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Program (row, block of the row's list of selected units): copy each listed unit's KV rows
-    (slot * H_kv + kv_head) to indices[indptr[row] + token_start[row, entry]:...]."""
+    """Program (row, block of BLOCK_U entries of the row's list of selected units): copy each
+    listed unit's KV rows (slot * H_kv + kv_head) to indices[indptr[row] + token_start:...]."""
     row = tl.program_id(0)
     listed = tl.load(selected_count_ptr + row)
     if tl.program_id(1) * BLOCK_U >= listed:
@@ -439,41 +479,32 @@ def _write_rows_kernel(
     seq_len = tl.load(seq_lens_ptr + request)
     num_cluster_units = (seq_len // SEGMENT) * CLUSTERS
     tail_start = (seq_len // SEGMENT) * SEGMENT
-    row_start = tl.load(indptr_ptr + row)
-    for offset in range(0, BLOCK_U):
-        entry = tl.program_id(1) * BLOCK_U + offset
-        if entry < listed:
-            unit = tl.load(selected_units_ptr + row * max_units + entry)
-            destination = row_start + tl.load(token_start_ptr + row * max_units + entry)
-            if unit < num_cluster_units:
-                segment_slot = tl.load(
-                    req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS
-                ).to(tl.int64)
-                segment_row = segment_slot * num_kv_heads + kv_head
-                start = tl.load(offsets_ptr + segment_row * (CLUSTERS + 1) + unit % CLUSTERS)
-                end = tl.load(offsets_ptr + segment_row * (CLUSTERS + 1) + unit % CLUSTERS + 1)
-                for member_start in range(start, end, BLOCK_M):
-                    members = member_start + tl.arange(0, BLOCK_M)
-                    member_mask = members < end
-                    slots = tl.load(
-                        member_slots_ptr + segment_row * SEGMENT + members,
-                        mask=member_mask,
-                        other=0,
-                    )
-                    tl.store(
-                        indices_ptr + destination + members - start,
-                        slots * num_kv_heads + kv_head,
-                        mask=member_mask,
-                    )
-            else:
-                slot = tl.load(
-                    req_to_token_ptr
-                    + pool_index * stride_req_token
-                    + tail_start
-                    + unit
-                    - num_cluster_units
-                )
-                tl.store(indices_ptr + destination, slot * num_kv_heads + kv_head)
+    unit, token_start, is_cluster, is_tail, segment_row, start, count = _unit_members(
+        selected_units_ptr, token_start_ptr, req_to_segment_ptr, offsets_ptr, row, kv_head,
+        pool_index, listed, num_cluster_units, stride_req_segment, num_kv_heads, max_units,
+        CLUSTERS, BLOCK_U,
+    )  # fmt: skip
+    tail_slot = tl.load(
+        req_to_token_ptr + pool_index * stride_req_token + tail_start + unit - num_cluster_units,
+        mask=is_tail,
+        other=0,
+    )
+    destination = tl.load(indptr_ptr + row) + token_start
+    members = tl.arange(0, BLOCK_M)
+    for member_start in range(0, tl.max(count, axis=0), BLOCK_M):
+        member_mask = (member_start + members)[None, :] < count[:, None]
+        member_slot = tl.load(
+            member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None] + member_start
+            + members[None, :],
+            mask=member_mask & is_cluster[:, None],
+            other=0,
+        )  # fmt: skip
+        slot = tl.where(is_cluster[:, None], member_slot, tail_slot[:, None])
+        tl.store(
+            indices_ptr + destination[:, None] + member_start + members[None, :],
+            slot * num_kv_heads + kv_head,
+            mask=member_mask,
+        )
 
 
 @dataclass(frozen=True)
@@ -501,13 +532,14 @@ def select_rows(
     max_seq_len: int,
     config: TacticConfig | None = None,
     block_units: int = 64,
-    units_per_program: int = 2,
+    exact_units_per_program: int = 8,
+    write_units_per_program: int = 16,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_pool_indices, seq_lens [batch] on the device; targets [max_reqs] float32 on the device,
     the target mass P of each request by its pool index; max_seq_len (host) bounds seq_lens.
-    block_units: units scored per program; units_per_program: units an exact-scoring or
-    row-writing program walks through (most are skipped, so few per program keeps them short)."""
+    block_units: units scored per program; exact_units_per_program, write_units_per_program:
+    listed units whose members an exact-scoring or row-writing program reads as one tile."""
     config = config or TacticConfig()
     if config.segment_size != pool.segment_size:
         raise ValueError("config.segment_size must equal the cluster pool's segment_size")
@@ -555,13 +587,12 @@ def select_rows(
         exact, unit_size, listed_units, token_start, listed, row_tokens, max_units,
         GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
     )  # fmt: skip
-    unit_programs = triton.cdiv(max_units, units_per_program)
-    _exact_units_kernel[(rows, unit_programs)](
+    _exact_units_kernel[(rows, triton.cdiv(max_units, exact_units_per_program))](
         q, k_cache, pool.member_slots, pool.cluster_offsets, pool.req_to_segment,
-        req_pool_indices, seq_lens, exact, listed_units, listed, log_mass,
+        req_pool_indices, seq_lens, exact, listed_units, listed, token_start, log_mass,
         q.stride(0), q.stride(1), pool.req_to_segment.stride(0),
         num_kv_heads, max_units, scale,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=units_per_program, BLOCK_M=16, **common,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=exact_units_per_program, BLOCK_M=16, **common,
     )  # fmt: skip
 
     selected = torch.empty(rows, group, max_units, dtype=torch.int8, device=device)
@@ -580,11 +611,11 @@ def select_rows(
     indptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
     indptr[1:] = row_tokens.cumsum(dim=0)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
-    _write_rows_kernel[(rows, unit_programs)](
+    _write_rows_kernel[(rows, triton.cdiv(max_units, write_units_per_program))](
         pool.member_slots, pool.cluster_offsets, pool.req_to_segment, req_to_token,
         req_pool_indices, seq_lens, listed_units, listed, token_start, indptr, indices,
         pool.req_to_segment.stride(0), req_to_token.stride(0), num_kv_heads, max_units,
-        SEGMENT=size, CLUSTERS=clusters, BLOCK_U=units_per_program, BLOCK_M=16,
+        SEGMENT=size, CLUSTERS=clusters, BLOCK_U=write_units_per_program, BLOCK_M=32,
     )  # fmt: skip
     return SelectedRows(
         indptr=indptr,
