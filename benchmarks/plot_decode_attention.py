@@ -1,5 +1,6 @@
 """Plot Tactic's decode-attention speedup over torch SDPA against context length, one line per
-needed fraction and batch, from a benchmarks/decode_attention.py JSON.
+needed fraction and batch, and write the markdown table the README quotes, from a
+benchmarks/decode_attention.py JSON (both beside it: .png and .md).
 
     python benchmarks/plot_decode_attention.py benchmarks/results/decode_attention_<device>.json
 """
@@ -14,6 +15,49 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+ROWS = [
+    ("context", "{:,}", "context"), ("batch", "{}", "batch"),
+    ("oracle needs", "{:.1%}", "needed_fraction"), ("selected", "{:.1%}", "selected_fraction"),
+    ("min recall", "{:.3f}", "min_recall"), ("SDPA ms", "{:.3f}", "sdpa_ms"),
+    ("FlashInfer dense ms", "{:.3f}", "flashinfer_dense_ms"),
+    ("our dense ms", "{:.3f}", "dense_ms"),
+    ("our dense / copy BW", "{:.0%}", "dense_bw_fraction"), ("select ms", "{:.3f}", "select_ms"),
+    ("attend ms (ours)", "{:.3f}", "attend_ms"),
+    ("attend ms (FlashInfer)", "{:.3f}", "flashinfer_attend_ms"),
+    ("Tactic ms", "{:.3f}", "tactic_ms"), ("x SDPA", "{:.2f}", "speedup_vs_sdpa"),
+    ("byte roofline x", "{:.1f}", "roofline_speedup"), ("select share", "{:.0%}", "select_share"),
+]  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    records = [r for r in report["records"] if r.get("kind") != "clustering"]
+    lines = [
+        "| " + " | ".join(title for title, _, _ in ROWS) + " |",
+        "|" + "---|" * len(ROWS),
+    ]
+    for record in records:
+        cells = [fmt.format(record[key]) if key in record else "-" for _, fmt, key in ROWS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| clustering: context | 32 layers x 8 KV heads, s | estimated prefill, s | share |",
+        "|---|---|---|---|",
+    ]
+    for record in report["records"]:
+        if record.get("kind") == "clustering":
+            lines.append(
+                f"| {record['context']:,} | {record['clustering_s']:.3f} "
+                f"| {record['estimated_prefill_s']:.2f} "
+                f"| {record['clustering_share_of_prefill']:.1%} |"
+            )
+    header = (
+        f"{report['device']}, {report['date']}, torch {report['torch']}, "
+        f"triton {report['triton']}; "
+        f"copy {report['copy_bandwidth_gb_s']:.0f} GB/s, bf16 matmul "
+        f"{report['bf16_matmul_tflop_s']:.0f} TFLOP/s; `{report['command']}`"
+    )
+    return header + "\n\n" + "\n".join(lines) + "\n"
 
 
 def main(path: str) -> int:
@@ -32,9 +76,9 @@ def main(path: str) -> int:
                 key=lambda r: r["context"],
             )
             contexts = [r["context"] for r in rows]
-            measured = sum(r["needed_fraction"] for r in rows) / len(rows)
-            axis.plot(contexts, [r["speedup_vs_sdpa"] for r in rows], marker="o",
-                      label=f"needs ~{measured:.1%}")  # fmt: skip
+            needed = [r["needed_fraction"] for r in rows]
+            label = f"built for {fraction:.0%} (oracle {min(needed):.1%}-{max(needed):.1%})"
+            axis.plot(contexts, [r["speedup_vs_sdpa"] for r in rows], marker="o", label=label)
             axis.plot(contexts, [r["roofline_speedup"] for r in rows], linestyle=":",
                       color=axis.lines[-1].get_color())  # fmt: skip
         axis.axhline(1.0, color="grey", linewidth=0.8)
@@ -48,7 +92,8 @@ def main(path: str) -> int:
     figure.tight_layout()
     output = Path(path).with_suffix(".png")
     figure.savefig(output, dpi=110)
-    print(f"wrote {output}")
+    Path(path).with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {output} and {Path(path).with_suffix('.md')}")
     return 0
 
 
