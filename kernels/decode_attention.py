@@ -28,6 +28,32 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision of tl.dot: IEEE for a float32 cache (tf32 would move scores by 1e-3);
+    for 16-bit operands the products are exact in fp32 anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def load_group_queries(
+    q_ptr,
+    request,
+    kv_head,
+    stride_q_batch,
+    stride_q_head,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """[BLOCK_H, BLOCK_D] queries of the GROUP query heads of one KV head (zero padded)."""
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    offsets = request * stride_q_batch + (kv_head * GROUP + heads)[:, None] * stride_q_head
+    mask = (heads < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
+    return tl.load(q_ptr + offsets + dims[None, :], mask=mask, other=0.0)
+
+
 @triton.jit
 def _partial_kernel(
     q_ptr,
@@ -66,13 +92,10 @@ def _partial_kernel(
         dims = tl.arange(0, BLOCK_D)
         head_mask = heads < GROUP
         dim_mask = dims < HEAD_DIM
-        q_offsets = (
-            request * stride_q_batch
-            + (kv_head * GROUP + heads)[:, None] * stride_q_head
-            + dims[None, :]
-        )
-        q = tl.load(q_ptr + q_offsets, mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
-        q = q.to(DOT_DTYPE)
+        q = load_group_queries(
+            q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+            GROUP, HEAD_DIM, BLOCK_H, BLOCK_D,
+        ).to(DOT_DTYPE)  # fmt: skip
 
         running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -224,7 +247,7 @@ def sparse_decode(
         BLOCK_N=block_n,
         SPLIT_TOKENS=split_tokens,
         DOT_DTYPE=dot_dtype(k_cache.dtype),
-        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -19,7 +19,7 @@ import triton.language as tl
 from tactic_server.tactic.config import TacticConfig
 
 from .cluster_pool import ClusterPool
-from .decode_attention import dot_dtype
+from .decode_attention import dot_dtype, dot_precision, load_group_queries
 
 
 @triton.jit
@@ -102,13 +102,8 @@ def _score_units_kernel(
 
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP
-    q = tl.load(
-        q_ptr
-        + request * stride_q_batch
-        + (kv_head * GROUP + heads)[:, None] * stride_q_head
-        + dims[None, :],
-        mask=head_mask[:, None] & dim_mask[None, :],
-        other=0.0,
+    q = load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
     ).to(tl.float32)
     # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
     # products (tf32 would move scores by 1e-3 and the selection with them)
@@ -405,13 +400,8 @@ def _exact_units_kernel(
     count = tl.where(tl.max(flags, axis=0) > 0, count, 0)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
-    q = tl.load(
-        q_ptr
-        + request * stride_q_batch
-        + (kv_head * GROUP + heads)[:, None] * stride_q_head
-        + dims[None, :],
-        mask=head_mask[:, None] & dim_mask[None, :],
-        other=0.0,
+    q = load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
     ).to(DOT_DTYPE)
     running_max = tl.full([BLOCK_H, BLOCK_U], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_H, BLOCK_U], dtype=tl.float32)
@@ -440,7 +430,7 @@ def _exact_units_kernel(
         running_max = new_max
     tl.store(
         log_mass_ptr + (row * GROUP + heads)[:, None] * max_units + unit[None, :],
-        running_max + tl.log(running_sum),
+        running_max + tl.log(tl.where(running_sum > 0, running_sum, 1.0)),
         mask=flags > 0,
     )
 
@@ -557,7 +547,7 @@ def select_rows(
     common = dict(
         GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters,
         DOT_DTYPE=dot_dtype(k_cache.dtype),
-        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(k_cache.dtype),
     )  # fmt: skip
     walk_warps = max(4, min(16, units_pad // 1024))
 
