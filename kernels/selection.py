@@ -59,7 +59,7 @@ def _score_units_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
-    log-normal estimate n exp(q.mu/sqrt(d) + |q|^2 var/(2d)) for clusters and the exact score
+    capped log-normal estimate of tactic.selection for clusters and the exact score
     for tail positions (-inf for padding); each unit's size; and whether it holds an
     always-attended position (recent window, sinks, the tail when ATTEND_TAIL)."""
     row = tl.program_id(0)
@@ -117,11 +117,11 @@ def _score_units_kernel(
     )
     size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
     spread = tl.load(spreads_ptr + cluster_row, mask=is_cluster, other=0.0)
-    log_mass = (
-        tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
-        + scores
-        + query_norm_sq[:, None] * spread[None, :] * (scale * scale) * 0.5
-    )
+    # log-normal correction, capped at the expected largest of n normal scores (as the reference)
+    log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
+    score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
+    ceiling = tl.sqrt(score_variance * 2.0 * log_size)
+    log_mass = log_size + scores + tl.minimum(score_variance * 0.5, ceiling)
     log_mass = tl.where((size > 0)[None, :], log_mass, float("-inf"))
     out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
     tl.store(log_mass_ptr + out, log_mass, mask=head_mask[:, None] & in_range[None, :])

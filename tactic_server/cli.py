@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import sys
+import threading
 from pathlib import Path
 
 
@@ -48,6 +50,187 @@ def _eval_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+class ProgressBar:
+    """A text bar on stderr for progress(done_bytes, total_bytes) calls from the loading thread;
+    redrawn in place on a terminal, a line per tenth elsewhere (logs)."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, stream=sys.stderr) -> None:
+        self.label = label
+        self.stream = stream
+        self.on_terminal = stream.isatty()
+        self.last_tenth = -1
+        self.lock = threading.Lock()
+
+    def __call__(self, done_bytes: int, total_bytes: int) -> None:
+        share = done_bytes / total_bytes if total_bytes else 1.0
+        tenth = int(share * 10)
+        with self.lock:
+            if not self.on_terminal and tenth == self.last_tenth:
+                return
+            self.last_tenth = tenth
+            filled = int(share * self.WIDTH)
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            size = f"{done_bytes / 1e6:.1f}/{total_bytes / 1e6:.1f} MB"
+            line = f"{self.label} [{bar}] {share:4.0%} {size}"
+            end = "\n" if not self.on_terminal or done_bytes >= total_bytes else ""
+            self.stream.write(("\r" if self.on_terminal else "") + line + end)
+            self.stream.flush()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+    import uvicorn
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("tactic-server serve: error: --device cuda: no CUDA device is available")
+
+    from .api.app import create_app
+    from .engine.config import EngineConfig
+    from .engine.engine import Engine
+
+    config = EngineConfig(
+        model_dir=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        default_tactic_target=args.tactic_target,
+    )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    progress = ProgressBar(f"loading {config.model_dir or 'the default tiny model'}")
+    server: uvicorn.Server | None = None
+
+    def stop_serving(error: BaseException) -> None:
+        server.should_exit = True
+
+    app = create_app(
+        load_engine=lambda: Engine.from_config(config, progress=progress),
+        on_load_failure=stop_serving,
+        api_key=args.api_key or None,
+    )
+    # On SIGTERM uvicorn stops accepting, lets open requests finish for up to this long, then the
+    # app drains the engine; Kubernetes' default grace period is 30 s.
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=25)
+    )
+    server.run()
+    return 1 if app.state.load_error is not None else 0
+
+
+def _integer(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _target_mass(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _model_dir(text: str) -> str:
+    if not (Path(text) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a model directory (no config.json)")
+    return text
+
+
+def _add_serve_parser(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible HTTP API (chat and text completions, /metrics)",
+        description="Load a Llama-architecture checkpoint into the embedded engine and serve "
+        "/v1/chat/completions, /v1/completions and /v1/models (OpenAI-compatible, streaming as "
+        "server-sent events), /health, /ready and Prometheus /metrics. Decode attention is "
+        "Tactic at the --tactic-target mass unless a request asks otherwise "
+        '(\'"tactic": {"target": 0.8}\' or \'"tactic": {"enabled": false}\' for dense). '
+        "SIGTERM drains requests in flight, then stops.",
+    )
+    serve.add_argument(
+        "--model",
+        type=_model_dir,
+        metavar="DIR",
+        help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer); default: "
+        "the bundled tiny model, which has random weights (it exercises the server, its text is "
+        "noise) until a trained one ships",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port", type=_integer(1, 65535), default=8000, help="port to listen on (default 8000)"
+    )
+    serve.add_argument(
+        "--tactic-target",
+        type=_target_mass,
+        default=0.9,
+        metavar="P",
+        help="default attention mass each head must cover, in (0, 1] (default 0.9); requests "
+        "may set their own",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("TACTIC_API_KEY"),
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TACTIC_API_KEY; "
+        "none: open). /health, /ready and /metrics stay open",
+    )
+    serve.add_argument(
+        "--max-model-len",
+        type=_integer(2),
+        metavar="N",
+        help="context length in tokens, prompt plus output (default: the model's own)",
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=_integer(1),
+        default=8,
+        metavar="N",
+        help="requests decoded together (default 8)",
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=_integer(0),
+        default=64,
+        metavar="N",
+        help="requests queued beyond the batch before answering 429 (default 64)",
+    )
+    serve.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the model runs (default cpu)",
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weight and KV dtype (default auto: float32 on cpu, the checkpoint's on cuda)",
+    )
+    serve.set_defaults(handler=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tactic.evaluation import TARGETS
     from .tactic.workloads import WORKLOAD_KINDS
@@ -57,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tactic Server: long-context LLM serving with Tactic sparse decode attention.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(commands)
     evaluation = commands.add_parser(
         "eval-attention",
         help="compare Tactic with the oracle, Quest and top-k on synthetic attention workloads",
@@ -93,12 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "eval-attention":
         if args.seq_len < 1 or args.kv_heads < 1 or args.q_heads % args.kv_heads:
-            build_parser().error("need --seq-len >= 1 and --q-heads a multiple of --kv-heads")
+            parser.error("need --seq-len >= 1 and --q-heads a multiple of --kv-heads")
         if any(not 0 < target <= 1 for target in args.targets):
-            build_parser().error("every --targets value must be in (0, 1]")
+            parser.error("every --targets value must be in (0, 1]")
     return args.handler(args)
 
 

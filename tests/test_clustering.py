@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tactic_server.tactic import WHOLE_CONTEXT, TacticConfig, build_cluster_index, spherical_kmeans
+from tactic_server.tactic.clustering import concatenate_segments
 
 
 def check_index_structure(index, seq_len, num_kv_heads, segment_size):
@@ -129,3 +130,17 @@ def test_outliers_become_singletons():
     cluster = index.token_cluster[0, 517]
     assert index.cluster_sizes[0, cluster] == 1
     torch.testing.assert_close(index.centroids[0, cluster], keys[517, 0])
+
+
+def test_concatenated_segments_equal_one_index():
+    """Segments clustered one by one (as a prefix cache stores them) join into the index of the
+    whole context."""
+    keys = torch.randn(700, 2, 32, generator=torch.Generator().manual_seed(9))
+    config = TacticConfig(segment_size=128)
+    whole = build_cluster_index(keys, config)
+    parts = [build_cluster_index(keys[start : start + 128], config) for start in range(0, 640, 128)]
+    joined = concatenate_segments(parts, seq_len=700)
+    for field in ("centroids", "spreads", "cluster_sizes", "cluster_offsets", "token_positions",
+                  "token_cluster"):  # fmt: skip
+        torch.testing.assert_close(getattr(joined, field), getattr(whole, field))
+    assert (joined.seq_len, joined.clustered_len) == (700, 640)

@@ -168,3 +168,44 @@ def build_cluster_index(
         token_positions=token_positions,
         token_cluster=token_cluster,
     )
+
+
+def concatenate_segments(segments: list[ClusterIndex], seq_len: int) -> ClusterIndex:
+    """One index for a context from the indexes of its consecutive full segments (each built
+    alone, positions from 0), e.g. segments cached separately and shared through a prefix cache.
+    seq_len is the context's current length (positions past the last segment are its tail)."""
+    if not segments:
+        raise ValueError("need at least one segment; a context without full segments has no index")
+    starts = [0]
+    for segment in segments:
+        starts.append(starts[-1] + segment.clustered_len)
+    first_cluster = [0]
+    for segment in segments:
+        first_cluster.append(first_cluster[-1] + segment.num_clusters)
+    clustered_len = starts[-1]
+    if seq_len < clustered_len:
+        raise ValueError(
+            f"seq_len {seq_len} is shorter than the {clustered_len} clustered positions"
+        )
+    num_kv_heads = segments[0].centroids.shape[0]
+    device = segments[0].centroids.device
+    end = torch.full((num_kv_heads, 1), clustered_len, dtype=torch.long, device=device)
+    return ClusterIndex(
+        seq_len=seq_len,
+        clustered_len=clustered_len,
+        centroids=torch.cat([s.centroids for s in segments], dim=1),
+        spreads=torch.cat([s.spreads for s in segments], dim=1),
+        cluster_sizes=torch.cat([s.cluster_sizes for s in segments], dim=1),
+        cluster_offsets=torch.cat(
+            [s.cluster_offsets[:, :-1] + start for s, start in zip(segments, starts, strict=False)]
+            + [end],
+            dim=1,
+        ),
+        token_positions=torch.cat(
+            [s.token_positions + start for s, start in zip(segments, starts, strict=False)], dim=1
+        ),
+        token_cluster=torch.cat(
+            [s.token_cluster + first for s, first in zip(segments, first_cluster, strict=False)],
+            dim=1,
+        ),
+    )

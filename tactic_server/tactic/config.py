@@ -21,7 +21,8 @@ class TacticConfig:
     outlier_share: share of a segment's clusters given to the tokens their k-means centroid
         explains worst (largest residual norm); each becomes a singleton cluster, so needles and
         massive-activation keys are scored exactly instead of hiding inside a mean.
-    estimator: "lognormal" estimates a cluster's mass as n * exp(q.mu/sqrt(d) + |q|^2 var/(2d));
+    estimator: "lognormal" estimates a cluster's mass as n * exp(q.mu/sqrt(d) + |q|^2 var/(2d)),
+        the correction capped at the expected largest of n normal scores;
         "inverse_fit" is the paper's y = a/x + b fitted on two sampled stretches of the
         centroid-ordered token list.
     exact_fraction: share of the context, taken from the top of the estimated order, whose

@@ -26,12 +26,19 @@ def _log(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _lognormal_estimate(grouped_query, index: ClusterIndex, centroid_scores):
-    """log of n * exp(q.mu/sqrt(d) + |q|^2 var / (2d)) per cluster, [H_kv, group, C]: the mean of
-    exp(score) when a cluster's scores are normal (exp is convex, so q.mu alone underestimates)."""
+    """log of n * exp(q.mu/sqrt(d) + min(s^2 / 2, s sqrt(2 ln n))) per cluster, [H_kv, group, C],
+    with s^2 = |q|^2 var / d: the mean of exp(score) when a cluster's scores are normal (exp is
+    convex, so q.mu alone underestimates), capped where wide clusters would claim more mass than
+    their largest score carries."""
     dim = grouped_query.shape[-1]
     query_norm_sq = grouped_query.square().sum(dim=-1, keepdim=True)
-    log_density = centroid_scores + query_norm_sq * index.spreads[:, None, :] / (2 * dim)
-    return _log(index.cluster_sizes[:, None, :].float()) + log_density
+    score_variance = query_norm_sq * index.spreads[:, None, :] / dim
+    sizes = index.cluster_sizes[:, None, :].float()
+    # n samples of a normal score rarely exceed mean + sigma sqrt(2 ln n): the log-normal mean
+    # exp(sigma^2 / 2) would claim more mass than the cluster's largest score could carry
+    ceiling = (score_variance * 2 * sizes.clamp_min(1).log()).sqrt()
+    log_density = centroid_scores + torch.minimum(score_variance / 2, ceiling)
+    return _log(sizes) + log_density
 
 
 def _inverse_fit_estimate(scores, peak, unit_of_position, list_rank_key, unit_sizes, config):

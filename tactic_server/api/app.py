@@ -1,0 +1,197 @@
+"""The HTTP server: OpenAI-compatible routes in front of an engine, probes and /metrics.
+
+The engine is either given, or loaded in a worker thread once the server listens (the CLI's
+way): /health answers at once, /ready and the /v1 routes answer 503 until the model is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .auth import require_api_key
+from .completions import ChatFormat, EngineCall, TextFormat, complete, generation_request, stream
+from .errors import RETRY_AFTER_SECONDS, APIError, install_error_handlers
+from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
+from .metrics import CountRequests, ServerMetrics
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationFields,
+    ModelCard,
+    ModelList,
+)
+
+if TYPE_CHECKING:
+    from tactic_server.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def create_app(
+    engine: Engine | None = None,
+    *,
+    load_engine: Callable[[], Engine] | None = None,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """Serve `engine`, or the engine `load_engine()` returns (the app then owns it and shuts it
+    down, finishing requests in flight, when the server stops). If loading fails, /health
+    answers 503 and `on_load_failure` is called (the CLI stops the server)."""
+    if (engine is None) == (load_engine is None):
+        raise ValueError("pass either an engine or load_engine")
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load_engine is None:
+            yield
+            return
+        loading = asyncio.create_task(asyncio.to_thread(load_engine))
+        loading.add_done_callback(attach_loaded_engine)
+        try:
+            yield
+        finally:
+            loading.cancel()  # a load in progress ends with the process
+            if app.state.engine is not None:
+                await app.state.engine.shutdown()
+
+    def attach_loaded_engine(loading: asyncio.Task) -> None:
+        if loading.cancelled():
+            return
+        if (error := loading.exception()) is not None:
+            logger.error("could not load the model", exc_info=error)
+            app.state.load_error = error
+            if on_load_failure is not None:
+                on_load_failure(error)
+            return
+        attach(loading.result())
+
+    def attach(loaded: Engine) -> None:
+        loaded.observer = metrics
+        app.state.engine = loaded
+        logger.info("serving %s (context %d tokens)", loaded.model_name, loaded.max_model_len)
+
+    def ready_engine(model: str | None = None) -> Engine:
+        engine = app.state.engine
+        if engine is None:
+            raise APIError(
+                503,
+                "the model is still loading",
+                code="model_not_ready",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        if model is not None and model != engine.model_name:
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this server serves {engine.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return engine
+
+    app = FastAPI(title="Tactic Server", version="0.1.0", lifespan=lifespan)
+    app.state.engine = None
+    app.state.load_error = None
+    metrics = ServerMetrics(lambda: app.state.engine.stats() if app.state.engine else None)
+    if engine is not None:
+        attach(engine)
+    install_error_handlers(app)
+    # the last added runs first: count every completion request, even one refused for its size
+    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics, paths=COMPLETION_PATHS)
+
+    async def run(
+        body: GenerationFields,
+        prompt: str | list[dict],
+        format_type,
+        id_prefix: str,
+        request: Request,
+    ):
+        """Tokenise (off the event loop: long prompts take a while), then run on the engine."""
+        engine = ready_engine(body.model)
+        tokenizer = engine.tokenizer
+
+        def prompt_token_ids() -> list[int]:
+            if isinstance(prompt, str):  # a plain prompt gets BOS, as transformers adds it
+                return tokenizer.encode(prompt, add_special_tokens=True)
+            try:
+                text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            except Exception as exc:  # the model's template refuses these messages (a role)
+                raise APIError(
+                    400,
+                    f"the model's chat template refused the messages: {exc}",
+                    param="messages",
+                    code="invalid_messages",
+                ) from exc
+            return tokenizer.encode(text)  # the template writes BOS itself
+
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        prompt_ids = await asyncio.to_thread(prompt_token_ids)
+        generation = generation_request(
+            body, request_id, prompt_ids, engine.max_model_len, engine.config.default_tactic_target
+        )
+        logger.debug(
+            "%s: %d prompt tokens, %s, %s",
+            request_id,
+            len(prompt_ids),
+            generation.sampling,
+            generation.tactic,
+        )
+        call = await EngineCall.start(engine, generation, metrics.track(generation.tactic))
+        format = format_type(request_id, int(time.time()), engine.model_name)
+        if body.stream:
+            return stream(call, format, body.include_usage, request.state)
+        return await complete(call, format, request)
+
+    v1 = APIRouter(
+        prefix="/v1", dependencies=[Depends(require_api_key(api_key))] if api_key else []
+    )
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+        return await run(body, messages, ChatFormat, "chatcmpl", request)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await run(body, body.prompt, TextFormat, "cmpl", request)
+
+    @v1.get("/models")
+    async def models() -> ModelList:
+        engine = ready_engine()
+        card = ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_model_len)
+        return ModelList(data=[card])
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Alive (while loading too); 503 once loading the model has failed."""
+        if app.state.load_error is not None:
+            raise APIError(
+                503, f"loading the model failed: {app.state.load_error}", code="model_load_failed"
+            )
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        ready_engine()
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,292 @@
+"""The embedded engine: a background thread runs scheduler steps through the model while asyncio
+callers submit requests and stream their outputs; closing a stream aborts its request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import EngineConfig
+from .kv_pool import KVPool
+from .loader import load_state_dict
+from .model_config import ModelConfig, rope_inverse_frequencies
+from .model_runner import ModelRunner
+from .models.llama import LlamaForCausalLM
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .types import (
+    EngineObserver,
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+    PromptTooLong,
+    QueueFull,
+    TacticUsage,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Stream:
+    """Where a request's outputs go, and the text it has produced and sent so far."""
+
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    sent_text: int = 0
+    sent_tokens: int = 0
+    stop_at: int | None = None
+    first_token: float | None = None
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, config: EngineConfig,
+                 model_name: str, max_model_len: int) -> None:  # fmt: skip
+        self.config = config
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.tokenizer = tokenizer
+        model_config = model.config
+        device = torch.device(config.device)
+        # enough for one request of the full context, and for max_batch of them up to 64k slots
+        kv_slots = config.kv_slots or max(
+            max_model_len, min(config.max_batch * max_model_len, 1 << 16)
+        )
+        self.pool = KVPool(
+            model_config.num_hidden_layers, kv_slots, model_config.num_key_value_heads,
+            model_config.head_dim, model.lm_head.weight.dtype, device, config.tactic.segment_size,
+        )  # fmt: skip
+        self.scheduler = Scheduler(self.pool, config.max_batch, config.max_waiting,
+                                   config.prefill_chunk, max_model_len)  # fmt: skip
+        self.runner = ModelRunner(model, self.pool, config.tactic, device)
+        self._streams: dict[str, _Stream] = {}
+        self._sequences: dict[str, Sequence] = {}
+        self._commands: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tactic-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress=None) -> Engine:
+        from .tiny_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+        model_dir = config.model_dir or str(ensure_default_model())
+        model_config = ModelConfig.from_dir(model_dir)
+        if config.dtype != "auto":
+            dtype = _DTYPES[config.dtype]
+        elif config.device == "cpu":
+            dtype = torch.float32  # bf16 matmuls are slow on most CPUs
+        else:
+            dtype = _DTYPES.get(
+                str(model_config.torch_dtype).removeprefix("torch."), torch.bfloat16
+            )
+        with torch.device("meta"):
+            model = LlamaForCausalLM(model_config)
+        state = load_state_dict(model_dir, dtype, config.device, progress)
+        if model_config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        model.load_state_dict(state, strict=False, assign=True)
+        missing = [name for name, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"the checkpoint in {model_dir} lacks {', '.join(missing[:5])}")
+        if model_config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        # buffers were made on the meta device with the module; compute the real ones
+        model.inv_freq = rope_inverse_frequencies(model_config).to(config.device)
+        model.eval()
+        max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                            model_config.max_position_embeddings)  # fmt: skip
+        name = DEFAULT_MODEL_NAME if config.model_dir is None else _model_name(model_dir)
+        return cls(model, Tokenizer.from_dir(model_dir), config, name, max_model_len)
+
+    @property
+    def observer(self) -> EngineObserver | None:
+        return self.runner.observer
+
+    @observer.setter
+    def observer(self, observer: EngineObserver | None) -> None:
+        self.runner.observer = observer
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            in_use = self.pool.slots_in_use()
+            return EngineStats(
+                running_requests=len(self.scheduler.running),
+                waiting_requests=len(self.scheduler.waiting),
+                kv_cache_usage=in_use / self.pool.num_slots,
+                kv_slots_in_use=in_use,
+                kv_slots_total=self.pool.num_slots,
+            )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream a request's outputs. Raises PromptTooLong or QueueFull before any output;
+        leaving the loop early (or cancellation) aborts the request and frees its KV."""
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise PromptTooLong("the prompt is empty")
+        if prompt_len + 1 > self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len}"
+            )
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
+                         IncrementalDetokenizer(self.tokenizer))  # fmt: skip
+        sequence = Sequence(request, list(request.prompt_token_ids), self.pool.num_layers)
+        if request.sampling.seed is not None:
+            sequence.generator = torch.Generator().manual_seed(request.sampling.seed)
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if not self.scheduler.can_queue():
+                raise QueueFull("too many requests are waiting; retry later")
+            self._streams[request.request_id] = stream
+            self._sequences[request.request_id] = sequence
+            self.scheduler.add(sequence)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                output = await stream.outputs.get()
+                finished = output.finish_reason is not None
+                yield output
+        finally:
+            if not finished:
+                self._commands.put(("abort", request.request_id))
+                self._wake.set()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Finish the requests in flight (up to timeout seconds), then stop the engine thread."""
+        with self._lock:
+            self._stopping = True
+        deadline = time.monotonic() + timeout
+        while self._sequences and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._commands.put(("stop", None))
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 5.0)
+
+    # engine thread
+
+    def _loop(self) -> None:
+        while True:
+            if not self._handle_commands():
+                return
+            with self._lock:
+                step = self.scheduler.schedule()
+            if not step:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self._step(step)
+            except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
+                logger.exception("engine step failed")
+                for sequence in [s for s, _, _ in step.prefill] + step.decode:
+                    self._finish(sequence, "error", error=f"{type(error).__name__}: {error}")
+
+    def _handle_commands(self) -> bool:
+        while True:
+            try:
+                command, request_id = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if command == "stop":
+                return False
+            sequence = self._sequences.get(request_id)
+            if sequence is not None:
+                self._finish(sequence, "abort")
+
+    def _step(self, step) -> None:
+        started = time.perf_counter()
+        logits = self.runner.run(step)
+        if step.decode and self.observer is not None:
+            self.observer.on_decode_step(time.perf_counter() - started, len(step.decode))
+        for sequence, _, end in step.prefill:
+            if end == sequence.prompt_len:
+                sequence.status = Status.DECODE
+                with self._lock:
+                    self.runner.share_prompt_segments(sequence)
+        for sequence, row_logits in logits.items():
+            token = sample(row_logits, sequence.request.sampling, sequence.generator)
+            sequence.token_ids.append(token)
+            self._emit(sequence, token)
+
+    def _emit(self, sequence: Sequence, token: int) -> None:
+        stream = self._streams[sequence.request_id]
+        sampling = sequence.request.sampling
+        if stream.first_token is None:
+            stream.first_token = time.monotonic()
+        reason = None
+        is_eos = token in self.tokenizer.eos_token_ids and not sampling.ignore_eos
+        if is_eos:
+            reason = "stop"
+        else:
+            stream.text += stream.detokenizer.add(token)
+            hits = [stream.text.find(stop) for stop in sampling.stop if stop in stream.text]
+            if hits:
+                stream.stop_at, reason = min(hits), "stop"
+        if reason is None and (sequence.completion_tokens >= sampling.max_tokens
+                               or len(sequence.token_ids) >= self.max_model_len):  # fmt: skip
+            reason = "length"
+        if reason is None:
+            self._send(sequence, stream, None)
+        else:
+            self._finish(sequence, reason)
+
+    def _send(self, sequence: Sequence, stream: _Stream, reason: str | None, error=None) -> None:
+        if reason is None:
+            # hold back text that may be the start of a stop string
+            holdback = max((len(s) for s in sequence.request.sampling.stop), default=1) - 1
+            end = max(stream.sent_text, len(stream.text) - holdback)
+        else:
+            end = stream.stop_at if stream.stop_at is not None else len(stream.text)
+            end = max(end, stream.sent_text)
+        tally = sequence.tally
+        usage = None
+        if sequence.request.tactic.enabled and tally.steps:
+            steps = tally.steps
+            usage = TacticUsage(tally.selected_ratio / steps, tally.estimated_mass / steps,
+                                tally.attended_tokens / steps)  # fmt: skip
+        output = GenerationOutput(
+            request_id=sequence.request_id,
+            token_ids=tuple(sequence.token_ids[sequence.prompt_len + stream.sent_tokens :]),
+            text=stream.text[stream.sent_text : end],
+            finish_reason=reason,
+            prompt_tokens=sequence.prompt_len,
+            completion_tokens=sequence.completion_tokens,
+            tactic=usage,
+            error=error,
+        )
+        stream.sent_tokens, stream.sent_text = sequence.completion_tokens, end
+        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, output)
+
+    def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
+        with self._lock:
+            self.scheduler.release(sequence)
+            self._sequences.pop(sequence.request_id, None)
+            stream = self._streams.pop(sequence.request_id, None)
+        if stream is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is gone
+                self._send(sequence, stream, reason, error)
+
+
+def _model_name(model_dir: str) -> str:
+    from pathlib import Path
+
+    return Path(model_dir).resolve().name

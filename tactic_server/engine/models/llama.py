@@ -1,0 +1,200 @@
+"""The Llama family (Llama 3.x, Qwen2/2.5 with q/k/v bias, Mistral) with paged KV and Tactic
+decode attention: the whole model in one file, the per-step attention metadata in one context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tactic_server.tactic.attention import sparse_attention
+from tactic_server.tactic.clustering import ClusterIndex
+from tactic_server.tactic.config import TacticConfig
+from tactic_server.tactic.selection import plan_tactic
+
+from ..kv_pool import KVPool
+from ..model_config import ModelConfig, rope_cos_sin, rope_inverse_frequencies
+from ..sequence import Sequence
+
+
+@dataclass
+class SequenceSlice:
+    """Positions [start, end) of one sequence are rows [row, row + end - start) of the batch;
+    slots [end] holds the KV slot of every position up to end."""
+
+    sequence: Sequence
+    start: int
+    end: int
+    row: int
+    slots: torch.Tensor
+
+    @property
+    def is_decode(self) -> bool:
+        return self.end - self.start == 1 and self.start > 0
+
+
+@dataclass
+class AttentionContext:
+    """What attention needs in one step: where each sequence's rows and KV are."""
+
+    slices: list[SequenceSlice]
+    pool: KVPool
+    tactic: TacticConfig
+
+
+def empty_index(num_kv_heads: int, head_dim: int, seq_len: int, device) -> ClusterIndex:
+    """An index with no clusters: every position is tail, scored exactly."""
+    long = dict(dtype=torch.long, device=device)
+    return ClusterIndex(
+        seq_len=seq_len,
+        clustered_len=0,
+        centroids=torch.zeros(num_kv_heads, 0, head_dim, device=device),
+        spreads=torch.zeros(num_kv_heads, 0, device=device),
+        cluster_sizes=torch.zeros(num_kv_heads, 0, **long),
+        cluster_offsets=torch.zeros(num_kv_heads, 1, **long),
+        token_positions=torch.zeros(num_kv_heads, 0, **long),
+        token_cluster=torch.zeros(num_kv_heads, 0, **long),
+    )
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, context: AttentionContext) -> torch.Tensor:
+        rows = x.shape[0]
+        q = self.q_proj(x).view(rows, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        k_cache, v_cache = context.pool.k[self.layer], context.pool.v[self.layer]
+        out = torch.empty_like(q)
+        for part in context.slices:
+            new = slice(part.row, part.row + part.end - part.start)
+            k_cache[part.slots[part.start : part.end]] = k[new].to(k_cache.dtype)
+            v_cache[part.slots[part.start : part.end]] = v[new].to(v_cache.dtype)
+            keys, values = k_cache[part.slots], v_cache[part.slots]
+            tactic = part.sequence.request.tactic
+            if part.is_decode and tactic.enabled:
+                out[new] = self._tactic(q[new][0], keys, values, part, context).to(q.dtype)
+            else:
+                out[new] = self._causal(q[new], keys, values, part.start)
+        return self.o_proj(out.reshape(rows, -1))
+
+    def _causal(self, q, keys, values, start: int) -> torch.Tensor:
+        """Dense attention of the new positions start.. over the context up to each of them."""
+        new, context_len = q.shape[0], keys.shape[0]
+        visible = torch.arange(context_len, device=q.device)[None, :] <= (
+            start + torch.arange(new, device=q.device)[:, None]
+        )
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None].to(q.dtype),
+            values.transpose(0, 1)[None].to(q.dtype), attn_mask=visible, enable_gqa=True,
+        )  # fmt: skip
+        return out[0].transpose(0, 1)
+
+    def _tactic(self, query, keys, values, part: SequenceSlice, context: AttentionContext):
+        sequence, seq_len = part.sequence, part.end
+        index = sequence.cluster_index(self.layer, seq_len)
+        if index is None:
+            index = empty_index(self.num_kv_heads, self.head_dim, seq_len, keys.device)
+        plan = plan_tactic(query, keys, sequence.request.tactic.target, index, context.tactic)
+        counts = plan.selected_counts.float()
+        sequence.tally.add(
+            selected_ratio=counts.mean().item() / seq_len,
+            estimated_mass=plan.estimated_mass.mean().item(),
+            attended_tokens=counts.mean().item(),
+        )
+        return sparse_attention(query, keys, values, plan)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, context):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Parameter names follow Hugging Face's, so a checkpoint's state dict loads as it is."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, context: AttentionContext, logit_rows) -> torch.Tensor:
+        """Logits [len(logit_rows), vocab] for the rows whose next token is wanted."""
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.lm_head.weight.dtype)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, context)
+        x = self.model.norm(x[logit_rows])
+        return self.lm_head(x).float()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        config = self.config
+        size = self.lm_head.weight.element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size

@@ -1,0 +1,93 @@
+"""What crosses the boundary between the HTTP front end and an engine (embedded or SGLang):
+requests, streamed outputs, statistics, errors, and the observer the engine reports timings to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters; seed makes sampling
+    reproducible per request; generation stops at max_tokens, at EOS (unless ignore_eos), or
+    when the text ends with one of `stop` (the stop string is not returned)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TacticParams:
+    """Per-request attention: Tactic at target mass `target`, or dense when not enabled."""
+
+    enabled: bool = True
+    target: float = 0.9
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    tactic: TacticParams = field(default_factory=TacticParams)
+
+
+@dataclass(frozen=True)
+class TacticUsage:
+    """Means over the request's decode steps, layers and heads so far."""
+
+    selected_ratio: float
+    estimated_mass: float
+    attended_tokens: float
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One streamed event of a request: the tokens and text added since the previous event.
+    finish_reason is None while generating, then "stop" (EOS or a stop string), "length"
+    (max_tokens or the context), "abort" (cancelled) or "error"."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    tactic: TacticUsage | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running_requests: int
+    waiting_requests: int
+    kv_cache_usage: float  # share of KV slots held by requests, 0..1 (cached prefixes no request
+    # uses are evicted on demand, so they count as free)
+    kv_slots_in_use: int
+    kv_slots_total: int
+
+
+class EngineError(Exception):
+    """A request the engine refuses; the front end maps each subclass to an HTTP status."""
+
+
+class QueueFull(EngineError):
+    """The bounded waiting queue is full (429, with Retry-After)."""
+
+
+class PromptTooLong(EngineError):
+    """The prompt plus max_tokens does not fit the model's context (413)."""
+
+
+class EngineObserver(Protocol):
+    """Timings the engine reports as they happen (the front end turns them into metrics)."""
+
+    def on_clustering(self, seconds: float) -> None: ...
+
+    def on_decode_step(self, seconds: float, batch_size: int) -> None: ...

@@ -1,0 +1,179 @@
+"""The embedded engine against Hugging Face transformers on the same checkpoints (an independent
+implementation), and its batching, prefix cache, sampling, stops and cancellation."""
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from tactic_server.engine.config import EngineConfig
+from tactic_server.engine.engine import Engine
+from tactic_server.engine.tiny_model import make_tiny_model
+from tactic_server.engine.types import (
+    GenerationRequest,
+    PromptTooLong,
+    QueueFull,
+    SamplingParams,
+    TacticParams,
+)
+from tactic_server.tactic.config import TacticConfig
+
+transformers = pytest.importorskip("transformers")
+
+SEGMENT = 32
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+DENSE = TacticParams(enabled=False)
+
+
+def make_engine(model_dir, **overrides) -> Engine:
+    config = EngineConfig(model_dir=str(model_dir), max_model_len=1024, max_batch=4,
+                          tactic=TacticConfig(segment_size=SEGMENT))  # fmt: skip
+    return Engine.from_config(dataclasses.replace(config, **overrides))
+
+
+def prompt_ids(length: int, seed: int = 0, vocab: int = 400) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(5, vocab, (length,), generator=generator).tolist())
+
+
+async def collect(engine, request):
+    outputs = [output async for output in engine.generate(request)]
+    tokens = [t for output in outputs for t in output.token_ids]
+    return tokens, "".join(o.text for o in outputs), outputs[-1]
+
+
+def run(engine, request):
+    return asyncio.run(collect(engine, request))
+
+
+def transformers_greedy(model_dir, prompt, new_tokens):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    output = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                            pad_token_id=0)  # fmt: skip
+    return output[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    return make_engine(llama_dir)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "mistral"])
+def test_greedy_equals_transformers(tmp_path, architecture):
+    model_dir = make_tiny_model(tmp_path, architecture, seed=3, shards=2)
+    prompt = prompt_ids(70, seed=1)
+    engine = make_engine(model_dir)
+    tokens, _, last = run(engine, GenerationRequest("r", prompt, GREEDY, DENSE))
+    assert tokens == transformers_greedy(model_dir, prompt, GREEDY.max_tokens)
+    assert last.finish_reason == "length" and last.tactic is None
+
+
+def test_tactic_at_p_near_one_equals_transformers_on_sparse_attention(tmp_path):
+    model_dir = make_tiny_model(tmp_path, "llama", seed=5, sparse_attention=True)
+    prompt = prompt_ids(300, seed=2)
+    # segments of 64: four clusters each, one of them an outlier singleton
+    engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64))
+    tactic = TacticParams(enabled=True, target=0.999)
+    tokens, _, last = run(engine, GenerationRequest("r", prompt, GREEDY, tactic))
+    assert tokens == transformers_greedy(model_dir, prompt, GREEDY.max_tokens)
+    # Tactic really ran, over clustered segments, and read less than everything
+    assert last.tactic is not None and 0 < last.tactic.selected_ratio < 1.0
+    assert last.tactic.estimated_mass >= 0.999 - 1e-4
+
+
+def test_targets_change_the_selected_ratio(engine):
+    prompt = prompt_ids(150, seed=3)
+    ratios = []
+    for target in (0.5, 0.99):
+        request = GenerationRequest(f"t{target}", prompt, GREEDY, TacticParams(True, target))
+        ratios.append(run(engine, request)[2].tactic.selected_ratio)
+    assert 0 < ratios[0] < ratios[1] <= 1
+
+
+def test_chunked_prefill_and_batching_change_nothing(llama_dir, engine):
+    prompts = [prompt_ids(n, seed=n) for n in (5, 40, 130, 77)]
+    alone = [run(engine, GenerationRequest(f"a{i}", p, GREEDY, DENSE))[0]
+             for i, p in enumerate(prompts)]  # fmt: skip
+    chunked = make_engine(llama_dir, prefill_chunk=7, max_batch=3)
+
+    async def together():
+        requests = [GenerationRequest(f"b{i}", p, GREEDY, DENSE) for i, p in enumerate(prompts)]
+        return await asyncio.gather(*(collect(chunked, r) for r in requests))
+
+    assert [tokens for tokens, _, _ in asyncio.run(together())] == alone
+    assert chunked.stats().kv_slots_in_use == 0
+
+
+def test_prefix_cache_reuses_kv_and_clusters(llama_dir):
+    engine = make_engine(llama_dir)
+    shared = prompt_ids(4 * SEGMENT, seed=7)
+    first = GenerationRequest("p1", shared + prompt_ids(10, seed=8), GREEDY)
+    second = GenerationRequest("p2", shared + prompt_ids(20, seed=9), GREEDY)
+    run(engine, first)
+    clustered, reused = engine.runner.clustered_segments, engine.scheduler.reused_tokens
+    tokens, _, _ = run(engine, second)
+    assert engine.scheduler.reused_tokens - reused == 4 * SEGMENT
+    # the shared segments were not clustered again (the second prompt's own have no full one)
+    assert engine.runner.clustered_segments == clustered
+    assert tokens == run(make_engine(llama_dir), dataclasses.replace(second, request_id="x"))[0]
+    assert engine.stats().kv_slots_in_use == 0
+
+
+def test_sampling_seed_top_k_and_stop_strings(engine):
+    prompt = prompt_ids(30, seed=11)
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    first = run(engine, GenerationRequest("s1", prompt, sampled))[0]
+    assert run(engine, GenerationRequest("s2", prompt, sampled))[0] == first
+    top1 = dataclasses.replace(sampled, top_k=1, seed=None)
+    assert (
+        run(engine, GenerationRequest("s3", prompt, top1))[0]
+        == run(engine, GenerationRequest("s4", prompt, GREEDY))[0][:10]
+    )
+    _, text, _ = run(engine, GenerationRequest("s5", prompt, GREEDY))
+    stop = text[4:7]
+    assert stop and stop in text
+    with_stop = dataclasses.replace(GREEDY, stop=(stop,))
+    _, stopped, last = run(engine, GenerationRequest("s6", prompt, with_stop))
+    assert stopped == text[: text.index(stop)] and last.finish_reason == "stop"
+
+
+def test_cancellation_frees_kv(engine):
+    async def cancel_after_two():
+        request = GenerationRequest(
+            "c", prompt_ids(50), dataclasses.replace(GREEDY, max_tokens=500)
+        )
+        stream = engine.generate(request)
+        for _ in range(2):
+            await stream.__anext__()
+        assert engine.stats().kv_slots_in_use > 0
+        await stream.aclose()
+        for _ in range(200):
+            if engine.stats().kv_slots_in_use == 0 and engine.stats().running_requests == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(cancel_after_two())
+
+
+def test_refusals(llama_dir):
+    engine = make_engine(llama_dir, max_model_len=64, max_batch=1, max_waiting=0)
+    with pytest.raises(PromptTooLong, match="context is 64"):
+        run(engine, GenerationRequest("long", prompt_ids(64), GREEDY))
+
+    async def overflow():
+        long_generation = dataclasses.replace(GREEDY, max_tokens=50)
+        busy = engine.generate(GenerationRequest("busy", prompt_ids(5), long_generation))
+        await busy.__anext__()
+        with pytest.raises(QueueFull):
+            await engine.generate(GenerationRequest("extra", prompt_ids(5), GREEDY)).__anext__()
+        await busy.aclose()
+
+    asyncio.run(overflow())
