@@ -74,6 +74,9 @@ def main() -> int:
                               max_model_len=context + args.decode_tokens + 8,
                               max_batch=args.batch, prefill_chunk=4096)  # fmt: skip
         engine = Engine.from_config(config)
+        # warm-up: the first kernels of a process pay for initialisation and compilation
+        for tactic in (TacticParams(enabled=False), TacticParams(enabled=True)):
+            asyncio.run(one_round(engine, args.batch, 2048, 4, tactic))
         for name, tactic in (("dense", TacticParams(enabled=False)),
                              ("tactic", TacticParams(enabled=True, target=0.9))):  # fmt: skip
             seconds, tokens, ratios = asyncio.run(
