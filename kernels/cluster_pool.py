@@ -81,8 +81,18 @@ class ClusterPool:
         token_slots: torch.Tensor,
         segment_slots: torch.Tensor,
     ) -> None:
-        """Store the full segments of a request's ClusterIndex (built with this pool's segment
-        size) at segment_slots [num_segments]; token_slots [seq_len] maps positions to KV slots."""
+        """Store the full segments of a request's ClusterIndex and map the request to them."""
+        self.write_segments(index, token_slots, segment_slots)
+        self.req_to_segment[request_slot, : len(segment_slots)] = segment_slots.to(
+            self.req_to_segment.device
+        ).int()
+
+    def write_segments(
+        self, index: ClusterIndex, token_slots: torch.Tensor, segment_slots: torch.Tensor
+    ) -> None:
+        """Store the full segments of a ClusterIndex (built with this pool's segment size) at
+        segment_slots [num_segments]; token_slots [seq_len] maps the index's positions to KV
+        slots. Requests find them through req_to_segment, which the caller maintains."""
         size, clusters = self.segment_size, self.clusters_per_segment
         num_segments = index.clustered_len // size
         if index.num_clusters != num_segments * clusters or len(segment_slots) != num_segments:
@@ -110,4 +120,3 @@ class ClusterPool:
             per_segment(index.token_cluster, size) - segment_starts[:, None, None] * clusters
         )
         self.token_cluster[slots] = local_cluster.int()
-        self.req_to_segment[request_slot, :num_segments] = slots.int()

@@ -33,6 +33,7 @@ def _score_units_kernel(
     req_to_token_ptr,
     req_pool_ptr,
     seq_lens_ptr,
+    clustered_ptr,
     log_mass_ptr,
     unit_size_ptr,
     forced_ptr,
@@ -67,8 +68,8 @@ def _score_units_kernel(
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + request)
-    num_cluster_units = (seq_len // SEGMENT) * CLUSTERS
-    tail_start = (seq_len // SEGMENT) * SEGMENT
+    num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
+    tail_start = tl.load(clustered_ptr + request) * SEGMENT
 
     units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
     in_range = units < max_units
@@ -351,7 +352,7 @@ def _exact_units_kernel(
     offsets_ptr,
     req_to_segment_ptr,
     req_pool_ptr,
-    seq_lens_ptr,
+    clustered_ptr,
     exact_ptr,
     exact_units_ptr,
     exact_count_ptr,
@@ -384,7 +385,7 @@ def _exact_units_kernel(
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-    num_cluster_units = (tl.load(seq_lens_ptr + request) // SEGMENT) * CLUSTERS
+    num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
     unit, _, is_cluster, _, segment_row, start, count = _unit_members(
         exact_units_ptr, token_start_ptr, req_to_segment_ptr, offsets_ptr, row, kv_head,
         pool_index, listed, num_cluster_units, stride_req_segment, num_kv_heads, max_units,
@@ -442,7 +443,7 @@ def _write_rows_kernel(
     req_to_segment_ptr,
     req_to_token_ptr,
     req_pool_ptr,
-    seq_lens_ptr,
+    clustered_ptr,
     selected_units_ptr,
     selected_count_ptr,
     token_start_ptr,
@@ -466,9 +467,8 @@ def _write_rows_kernel(
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-    seq_len = tl.load(seq_lens_ptr + request)
-    num_cluster_units = (seq_len // SEGMENT) * CLUSTERS
-    tail_start = (seq_len // SEGMENT) * SEGMENT
+    num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
+    tail_start = tl.load(clustered_ptr + request) * SEGMENT
     unit, token_start, is_cluster, is_tail, segment_row, start, count = _unit_members(
         selected_units_ptr, token_start_ptr, req_to_segment_ptr, offsets_ptr, row, kv_head,
         pool_index, listed, num_cluster_units, stride_req_segment, num_kv_heads, max_units,
@@ -521,6 +521,7 @@ def select_rows(
     targets: torch.Tensor,
     max_seq_len: int,
     config: TacticConfig | None = None,
+    clustered_segments: torch.Tensor | None = None,
     block_units: int = 64,
     exact_units_per_program: int = 8,
     write_units_per_program: int = 16,
@@ -528,6 +529,9 @@ def select_rows(
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_pool_indices, seq_lens [batch] on the device; targets [max_reqs] float32 on the device,
     the target mass P of each request by its pool index; max_seq_len (host) bounds seq_lens.
+    clustered_segments [batch]: full segments whose clusters are in the pool (default all,
+    seq_lens // segment_size); a segment completed but not yet clustered (at most one) is
+    scored token by token with the tail.
     block_units: units scored per program; exact_units_per_program, write_units_per_program:
     listed units whose members an exact-scoring or row-writing program reads as one tile."""
     config = config or TacticConfig()
@@ -539,7 +543,11 @@ def select_rows(
     rows = batch * num_kv_heads
     device = q.device
     size, clusters = pool.segment_size, pool.clusters_per_segment
-    max_units = (max_seq_len // size) * clusters + size
+    # clusters of the full segments, plus a tail of up to two segments (one not clustered yet)
+    max_units = (max_seq_len // size) * clusters + 2 * size
+    if clustered_segments is None:
+        clustered_segments = seq_lens // size
+    clustered_segments = clustered_segments.to(torch.int32)
     units_pad = triton.next_power_of_2(max_units)
     scale = 1.0 / math.sqrt(head_dim)
     block_h = max(16, triton.next_power_of_2(group))
@@ -556,7 +564,8 @@ def select_rows(
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
     _score_units_kernel[(rows, triton.cdiv(max_units, block_units))](
         q, k_cache, pool.centroids, pool.spreads, pool.cluster_offsets, pool.req_to_segment,
-        req_to_token, req_pool_indices, seq_lens, log_mass, unit_size, forced, pool.token_cluster,
+        req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
+        pool.token_cluster,
         q.stride(0), q.stride(1), pool.req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=block_units,
@@ -579,7 +588,7 @@ def select_rows(
     )  # fmt: skip
     _exact_units_kernel[(rows, triton.cdiv(max_units, exact_units_per_program))](
         q, k_cache, pool.member_slots, pool.cluster_offsets, pool.req_to_segment,
-        req_pool_indices, seq_lens, exact, listed_units, listed, token_start, log_mass,
+        req_pool_indices, clustered_segments, exact, listed_units, listed, token_start, log_mass,
         q.stride(0), q.stride(1), pool.req_to_segment.stride(0),
         num_kv_heads, max_units, scale,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=exact_units_per_program, BLOCK_M=16, **common,
@@ -603,7 +612,7 @@ def select_rows(
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
     _write_rows_kernel[(rows, triton.cdiv(max_units, write_units_per_program))](
         pool.member_slots, pool.cluster_offsets, pool.req_to_segment, req_to_token,
-        req_pool_indices, seq_lens, listed_units, listed, token_start, indptr, indices,
+        req_pool_indices, clustered_segments, listed_units, listed, token_start, indptr, indices,
         pool.req_to_segment.stride(0), req_to_token.stride(0), num_kv_heads, max_units,
         SEGMENT=size, CLUSTERS=clusters, BLOCK_U=write_units_per_program, BLOCK_M=32,
     )  # fmt: skip

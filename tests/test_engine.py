@@ -177,3 +177,22 @@ def test_refusals(llama_dir):
         await busy.aclose()
 
     asyncio.run(overflow())
+
+
+def test_triton_backend_equals_torch_backend(tmp_path):
+    """Tactic decode through the kernels (select_rows, sparse_decode; under the interpreter on the
+    CPU) gives the torch reference's tokens and statistics, across a segment completed while
+    decoding (scored with the tail until it is clustered)."""
+    model_dir = make_tiny_model(tmp_path, "llama", seed=5, sparse_attention=True)
+    sampling = dataclasses.replace(GREEDY, max_tokens=16)
+    request = GenerationRequest("k", prompt_ids(180, seed=4), sampling, TacticParams(True, 0.9))
+    outputs = {}
+    for backend in ("torch", "triton"):
+        engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64),
+                             attention_backend=backend)  # fmt: skip
+        outputs[backend] = run(engine, request)
+        assert engine.stats().kv_slots_in_use == 0
+    assert outputs["triton"][0] == outputs["torch"][0]
+    torch_usage, triton_usage = outputs["torch"][2].tactic, outputs["triton"][2].tactic
+    assert triton_usage.selected_ratio == pytest.approx(torch_usage.selected_ratio, rel=1e-6)
+    assert triton_usage.estimated_mass == pytest.approx(torch_usage.estimated_mass, rel=1e-4)

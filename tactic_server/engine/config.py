@@ -12,7 +12,8 @@ class EngineConfig:
     """model_dir None serves the bundled default model. max_model_len None takes the model's
     own limit. kv_slots None sizes the KV pool for max_batch requests of max_model_len tokens.
     prefill_chunk bounds the prompt tokens processed per step (chunked prefill), so decoding
-    requests keep producing tokens while a long prompt is read."""
+    requests keep producing tokens while a long prompt is read. attention_backend picks how
+    Tactic decodes: the Triton kernels (select_rows, sparse_decode) or the torch reference."""
 
     model_dir: str | None = None
     device: str = "cpu"
@@ -24,6 +25,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     default_tactic_target: float = 0.9
     tactic: TacticConfig = field(default_factory=TacticConfig)
+    attention_backend: str = "auto"  # "triton" kernels, "torch" reference, "auto": triton on CUDA
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -39,6 +41,10 @@ class EngineConfig:
         if not 0.0 < self.default_tactic_target <= 1.0:
             raise ValueError(
                 f"default_tactic_target must be in (0, 1], got {self.default_tactic_target}"
+            )
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
             )
         if self.tactic.segment_size is None:
             raise ValueError(

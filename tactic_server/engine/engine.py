@@ -67,9 +67,14 @@ class Engine:
         kv_slots = config.kv_slots or max(
             max_model_len, min(config.max_batch * max_model_len, 1 << 16)
         )
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        segment_size = config.tactic.segment_size
+        clusters = -(-segment_size // config.tactic.cluster_size) if backend == "triton" else 0
         self.pool = KVPool(
             model_config.num_hidden_layers, kv_slots, model_config.num_key_value_heads,
-            model_config.head_dim, model.lm_head.weight.dtype, device, config.tactic.segment_size,
+            model_config.head_dim, model.lm_head.weight.dtype, device, segment_size, clusters,
         )  # fmt: skip
         self.scheduler = Scheduler(self.pool, config.max_batch, config.max_waiting,
                                    config.prefill_chunk, max_model_len)  # fmt: skip

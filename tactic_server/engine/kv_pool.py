@@ -8,6 +8,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
+from tactic_server.kernels.cluster_pool import ClusterPool
 
 from tactic_server.tactic.clustering import ClusterIndex
 
@@ -20,6 +21,7 @@ class CachedSegment:
     key: bytes
     slots: torch.Tensor  # [segment_size] int64
     clusters: list[ClusterIndex]
+    pool_slot: int = -1  # its slot in the per-layer ClusterPools, when the kernels are used
     references: int = 0
     last_used: int = 0
 
@@ -43,8 +45,10 @@ class KVPool:
     dtype: torch.dtype
     device: torch.device
     segment_size: int
+    clusters_per_segment: int = 0  # > 0 keeps cluster metadata in ClusterPools for the kernels
     k: list[torch.Tensor] = field(init=False)
     v: list[torch.Tensor] = field(init=False)
+    segment_pools: list[ClusterPool] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         shape = (self.num_slots, self.num_kv_heads, self.head_dim)
@@ -55,6 +59,24 @@ class KVPool:
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)
         ]
         self._free: list[int] = list(range(self.num_slots - 1, -1, -1))
+        # every full segment holds segment_size KV slots, so this many segment slots suffice
+        num_segment_slots = self.num_slots // self.segment_size + 1
+        self._free_segments: list[int] = list(range(num_segment_slots - 1, -1, -1))
+        if self.clusters_per_segment:
+            self.segment_pools = [
+                ClusterPool.allocate(
+                    num_segment_slots,
+                    max_reqs=1,
+                    max_segments=1,
+                    num_kv_heads=self.num_kv_heads,
+                    head_dim=self.head_dim,
+                    segment_size=self.segment_size,
+                    clusters_per_segment=self.clusters_per_segment,
+                    dtype=self.dtype,
+                    device=self.device,
+                )  # fmt: skip
+                for _ in range(self.num_layers)
+            ]
         self._segments: dict[bytes, CachedSegment] = {}
         self._clock = 0
 
@@ -89,6 +111,7 @@ class KVPool:
                 if segment.references == 0:
                     del self._segments[segment.key]
                     self._free.extend(segment.slots.tolist())
+                    self.release_segments([segment.pool_slot])
                     if len(self._free) >= count:
                         break
         taken = self._free[-count:] if count else []
@@ -97,6 +120,20 @@ class KVPool:
 
     def release(self, slots: list[int]) -> None:
         self._free.extend(slots)
+
+    def store_segment(self, indexes: list[ClusterIndex], slots: torch.Tensor) -> int:
+        """Write one segment's per-layer clusters (member positions mapped to its KV `slots`)
+        into the ClusterPools; returns its segment slot (-1 when the kernels are not used)."""
+        if not self.segment_pools:
+            return -1
+        segment_slot = self._free_segments.pop()
+        where = torch.tensor([segment_slot])
+        for pool, index in zip(self.segment_pools, indexes, strict=True):
+            pool.write_segments(index, slots, where)
+        return segment_slot
+
+    def release_segments(self, segment_slots: list[int]) -> None:
+        self._free_segments.extend(slot for slot in segment_slots if slot >= 0)
 
     def match_prefix(self, token_ids, limit: int) -> list[CachedSegment]:
         """Cached segments that start token_ids, at most `limit` of them; each gains a reference."""
@@ -109,14 +146,17 @@ class KVPool:
         self._touch(found, +1)
         return found
 
-    def register(self, key: bytes, slots: list[int], clusters: list[ClusterIndex]) -> CachedSegment:
+    def register(
+        self, key: bytes, slots: list[int], clusters: list[ClusterIndex], pool_slot: int = -1
+    ) -> CachedSegment:
         """Hand a request's full segment to the cache (the request keeps one reference). If an
         equal segment is cached already, the request's slots are freed and that one is used."""
         segment = self._segments.get(key)
         if segment is not None:
             self.release(slots)
+            self.release_segments([pool_slot])
         else:
-            segment = CachedSegment(key, torch.tensor(slots, dtype=torch.long), clusters)
+            segment = CachedSegment(key, torch.tensor(slots, dtype=torch.long), clusters, pool_slot)
             self._segments[key] = segment
         self._touch([segment], +1)
         return segment

@@ -85,6 +85,7 @@ class Scheduler:
         elif sequence in self.waiting:
             self.waiting.remove(sequence)
         self.pool.release(sequence.own_slots)
+        self.pool.release_segments(sequence.segment_slots)
         self.pool.unreference(sequence.shared)
-        sequence.own_slots, sequence.shared = [], []
+        sequence.own_slots, sequence.shared, sequence.segment_slots = [], [], []
         sequence.status = Status.FINISHED

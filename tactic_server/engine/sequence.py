@@ -47,6 +47,7 @@ class Sequence:
     status: Status = Status.WAITING
     shared: list[CachedSegment] = field(default_factory=list)  # prefix segments from the cache
     own_slots: list[int] = field(default_factory=list)  # slots of the positions after them
+    segment_slots: list[int] = field(default_factory=list)  # ClusterPool slots of own segments
     reserved: int = 0  # slots allocated for future tokens, not yet written
     computed: int = 0  # positions whose KV is in the cache
     clusters: list[list[ClusterIndex]] = field(default_factory=list)  # per layer, per segment
@@ -78,6 +79,11 @@ class Sequence:
         parts = [segment.slots for segment in self.shared]
         parts.append(torch.tensor(self.own_slots, dtype=torch.long))
         return torch.cat(parts)
+
+    @property
+    def pool_segment_slots(self) -> list[int]:
+        """ClusterPool slot of every clustered segment, shared prefix first."""
+        return [segment.pool_slot for segment in self.shared] + self.segment_slots
 
     @property
     def shared_len(self) -> int:

@@ -3,10 +3,13 @@ decode attention: the whole model in one file, the per-step attention metadata i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tactic_server.kernels.decode_attention import sparse_decode
+from tactic_server.kernels.selection import select_rows
 from torch import nn
 
 from tactic_server.tactic.attention import sparse_attention
@@ -36,12 +39,27 @@ class SequenceSlice:
 
 
 @dataclass
+class KernelBatch:
+    """The step's Tactic decodes in the layout of the selection kernels (one row per slice)."""
+
+    slices: list[SequenceSlice]
+    req_to_token: torch.Tensor  # [n, max_seq_len] int32
+    req_to_segment: torch.Tensor  # [n, max_segments] int32 ClusterPool slots
+    seq_lens: torch.Tensor  # [n] int32
+    clustered_segments: torch.Tensor  # [n] int32
+    targets: torch.Tensor  # [n] float32
+    max_seq_len: int
+
+
+@dataclass
 class AttentionContext:
-    """What attention needs in one step: where each sequence's rows and KV are."""
+    """What attention needs in one step: where each sequence's rows and KV are; kernels, when
+    set, decodes its slices with the Triton kernels instead of the torch reference."""
 
     slices: list[SequenceSlice]
     pool: KVPool
     tactic: TacticConfig
+    kernels: KernelBatch | None = None
 
 
 def empty_index(num_kv_heads: int, head_dim: int, seq_len: int, device) -> ClusterIndex:
@@ -98,17 +116,44 @@ class Attention(nn.Module):
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         k_cache, v_cache = context.pool.k[self.layer], context.pool.v[self.layer]
         out = torch.empty_like(q)
+        by_kernels = set(map(id, context.kernels.slices)) if context.kernels else set()
         for part in context.slices:
             new = slice(part.row, part.row + part.end - part.start)
             k_cache[part.slots[part.start : part.end]] = k[new].to(k_cache.dtype)
             v_cache[part.slots[part.start : part.end]] = v[new].to(v_cache.dtype)
+            if id(part) in by_kernels:
+                continue
             keys, values = k_cache[part.slots], v_cache[part.slots]
             tactic = part.sequence.request.tactic
             if part.is_decode and tactic.enabled:
                 out[new] = self._tactic(q[new][0], keys, values, part, context).to(q.dtype)
             else:
                 out[new] = self._causal(q[new], keys, values, part.start)
+        if context.kernels is not None:
+            self._tactic_kernels(q, out, k_cache, v_cache, context)
         return self.o_proj(out.reshape(rows, -1))
+
+    def _tactic_kernels(self, q, out, k_cache, v_cache, context: AttentionContext) -> None:
+        """All of the step's Tactic decodes of this layer at once: select_rows, sparse_decode."""
+        batch = context.kernels
+        rows = torch.tensor([part.row for part in batch.slices], device=q.device)
+        queries = q[rows].to(k_cache.dtype).contiguous()
+        pool = dataclasses.replace(context.pool.segment_pools[self.layer],
+                                   req_to_segment=batch.req_to_segment)  # fmt: skip
+        pool_indices = torch.arange(len(batch.slices), dtype=torch.int32, device=q.device)
+        selected = select_rows(
+            queries, k_cache, pool, batch.req_to_token, pool_indices, batch.seq_lens,
+            batch.targets, batch.max_seq_len, context.tactic, batch.clustered_segments,
+        )  # fmt: skip
+        out[rows] = sparse_decode(queries, k_cache, v_cache, selected.indptr, selected.indices,
+                                  batch.max_seq_len).to(out.dtype)  # fmt: skip
+        lengths = (selected.indptr[1:] - selected.indptr[:-1]).view(len(rows), -1).float()
+        attended = lengths.mean(dim=1)
+        ratios = (attended / batch.seq_lens.float()).tolist()
+        masses = selected.estimated_mass.mean(dim=1).tolist()
+        for part, ratio, mass, tokens in zip(batch.slices, ratios, masses, attended.tolist(),
+                                             strict=True):  # fmt: skip
+            part.sequence.tally.add(ratio, mass, tokens)
 
     def _causal(self, q, keys, values, start: int) -> torch.Tensor:
         """Dense attention of the new positions start.. over the context up to each of them."""
