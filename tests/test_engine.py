@@ -188,7 +188,9 @@ def test_triton_backend_equals_torch_backend(tmp_path):
     request = GenerationRequest("k", prompt_ids(180, seed=4), sampling, TacticParams(True, 0.9))
     outputs = {}
     for backend in ("torch", "triton"):
-        engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64),
+        # the kernels run on the GPU where there is one, else under the Triton interpreter
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64), device=device,
                              attention_backend=backend)  # fmt: skip
         outputs[backend] = run(engine, request)
         assert engine.stats().kv_slots_in_use == 0
