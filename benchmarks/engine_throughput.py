@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import sys
@@ -22,14 +23,44 @@ import torch
 
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
+from tactic_server.engine.model_config import ModelConfig, rope_inverse_frequencies
+from tactic_server.engine.models.llama import LlamaForCausalLM
 from tactic_server.engine.tiny_model import make_tiny_model
+from tactic_server.engine.tokenizer import Tokenizer
 from tactic_server.engine.types import GenerationRequest, SamplingParams, TacticParams
 
 SHAPES = {
     # a small long-context model: head_dim 128 and 4 query heads per KV head, like Llama-3.1-8B
     "small": dict(num_layers=4, hidden_size=512, num_heads=4, num_kv_heads=1, head_dim=128,
                   intermediate_size=1536),
+    # Llama-3.1-8B's transformer (the vocabulary is the tiny tokenizer's); weights made in memory
+    "llama8b": dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                    intermediate_size=14336),
 }  # fmt: skip
+
+
+def random_engine(shape: str, config: EngineConfig, max_len: int) -> Engine:
+    """An engine on a model of this shape with random weights made on the device (an 8B
+    checkpoint on disk would take minutes to write and read)."""
+    model_dir = make_tiny_model(Path(tempfile.mkdtemp()), "llama", num_layers=1,
+                                max_position_embeddings=max_len)  # fmt: skip
+    dims = SHAPES[shape]
+    model_config = dataclasses.replace(
+        ModelConfig.from_dir(model_dir), num_hidden_layers=dims["num_layers"],
+        hidden_size=dims["hidden_size"], num_attention_heads=dims["num_heads"],
+        num_key_value_heads=dims["num_kv_heads"], head_dim=dims["head_dim"],
+        intermediate_size=dims["intermediate_size"],
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config)
+    model = model.to_empty(device=config.device).to(torch.bfloat16)
+    generator = torch.Generator(device=config.device).manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, parameter.shape[-1] ** -0.5, generator=generator)
+    model.inv_freq = rope_inverse_frequencies(model_config).to(config.device)
+    config = dataclasses.replace(config, model_dir=str(model_dir))
+    return Engine(model.eval(), Tokenizer.from_dir(model_dir), config, shape, max_len)
 
 
 async def one_round(engine: Engine, batch: int, context: int, decode_tokens: int, tactic):
@@ -65,15 +96,20 @@ def main() -> int:
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    model_dir = make_tiny_model(Path(tempfile.mkdtemp()), "llama", dtype=dtype,
-                                max_position_embeddings=max(args.contexts) + 1024,
-                                **SHAPES[args.shape])  # fmt: skip
+    if args.shape == "small":
+        model_dir = make_tiny_model(Path(tempfile.mkdtemp()), "llama", dtype=dtype,
+                                    max_position_embeddings=max(args.contexts) + 1024,
+                                    **SHAPES[args.shape])  # fmt: skip
     records = []
     for context in args.contexts:
-        config = EngineConfig(model_dir=str(model_dir), device=args.device, dtype=dtype,
-                              max_model_len=context + args.decode_tokens + 8,
-                              max_batch=args.batch, prefill_chunk=4096)  # fmt: skip
-        engine = Engine.from_config(config)
+        max_len = context + args.decode_tokens + 8
+        config = EngineConfig(device=args.device, dtype=dtype, max_model_len=max_len,
+                              max_batch=args.batch, kv_slots=args.batch * max_len,
+                              prefill_chunk=4096)  # fmt: skip
+        if args.shape == "small":
+            engine = Engine.from_config(dataclasses.replace(config, model_dir=str(model_dir)))
+        else:
+            engine = random_engine(args.shape, config, max_len)
         # warm-up: the first kernels of a process pay for initialisation and compilation
         for tactic in (TacticParams(enabled=False), TacticParams(enabled=True)):
             asyncio.run(one_round(engine, args.batch, 2048, 4, tactic))
