@@ -62,18 +62,6 @@ class ClusterPool:
             req_to_segment=torch.zeros(max_reqs, max_segments, dtype=torch.int32, device=device),
         )
 
-    @property
-    def bytes_per_segment(self) -> int:
-        """Metadata bytes of one segment slot, all KV heads (for the pool's memory accounting)."""
-        tensors = (
-            self.centroids,
-            self.spreads,
-            self.cluster_offsets,
-            self.member_slots,
-            self.token_cluster,
-        )
-        return sum(t[0].numel() * t.element_size() for t in tensors)
-
     def write(
         self,
         request_slot: int,

@@ -10,7 +10,8 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,8 +51,6 @@ class _Stream:
     sent_text: int = 0
     sent_tokens: int = 0
     stop_at: int | None = None
-    first_token: float | None = None
-    arrival: float = field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -235,8 +234,6 @@ class Engine:
     def _emit(self, sequence: Sequence, token: int) -> None:
         stream = self._streams[sequence.request_id]
         sampling = sequence.request.sampling
-        if stream.first_token is None:
-            stream.first_token = time.monotonic()
         reason = None
         is_eos = token in self.tokenizer.eos_token_ids and not sampling.ignore_eos
         if is_eos:
@@ -292,6 +289,4 @@ class Engine:
 
 
 def _model_name(model_dir: str) -> str:
-    from pathlib import Path
-
     return Path(model_dir).resolve().name

@@ -80,17 +80,6 @@ class KVPool:
         self._segments: dict[bytes, CachedSegment] = {}
         self._clock = 0
 
-    @property
-    def bytes(self) -> int:
-        return (
-            2
-            * self.num_layers
-            * self.num_slots
-            * self.num_kv_heads
-            * self.head_dim
-            * self.k[0].element_size()
-        )
-
     def evictable_slots(self) -> int:
         return sum(self.segment_size for s in self._segments.values() if s.references == 0)
 

@@ -67,6 +67,8 @@ class ModelRunner:
             req_to_segment[i, : len(segments)] = torch.tensor(segments, dtype=torch.int32)
         return KernelBatch(
             slices=chosen,
+            rows=torch.tensor([p.row for p in chosen], device=self.device),
+            pool_indices=torch.arange(len(chosen), dtype=torch.int32, device=self.device),
             req_to_token=req_to_token.to(self.device),
             req_to_segment=req_to_segment.to(self.device),
             seq_lens=torch.tensor([p.end for p in chosen], dtype=torch.int32, device=self.device),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -48,13 +47,11 @@ class Sequence:
     shared: list[CachedSegment] = field(default_factory=list)  # prefix segments from the cache
     own_slots: list[int] = field(default_factory=list)  # slots of the positions after them
     segment_slots: list[int] = field(default_factory=list)  # ClusterPool slots of own segments
-    reserved: int = 0  # slots allocated for future tokens, not yet written
     computed: int = 0  # positions whose KV is in the cache
     clusters: list[list[ClusterIndex]] = field(default_factory=list)  # per layer, per segment
     tally: TacticTally = field(default_factory=TacticTally)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    arrival: float = field(default_factory=time.monotonic)
     joined: dict[int, ClusterIndex] = field(default_factory=dict)  # per layer, all segments
 
     def __post_init__(self) -> None:
@@ -75,7 +72,8 @@ class Sequence:
 
     @property
     def slots(self) -> torch.Tensor:
-        """[len(token_ids) + reserved] int64: the KV slot of every position, shared prefix first."""
+        """int64 KV slot of every position, those reserved for future tokens included, shared
+        prefix first."""
         parts = [segment.slots for segment in self.shared]
         parts.append(torch.tensor(self.own_slots, dtype=torch.long))
         return torch.cat(parts)

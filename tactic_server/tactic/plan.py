@@ -34,13 +34,6 @@ class SelectionPlan:
         """Mean share of the context read per KV head (what bandwidth pays for)."""
         return self.selected_counts.float().mean().item() / self.seq_len
 
-    def to_csr(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """FlashInfer-style rows, one per KV head: indptr [H_kv + 1], indices [nnz] of positions."""
-        counts = self.selected_counts
-        indptr = torch.zeros(len(self.indices) + 1, dtype=torch.long)
-        indptr[1:] = counts.cumsum(0)
-        return indptr, torch.cat(self.indices) if self.indices else torch.zeros(0, dtype=torch.long)
-
 
 def plan_from_mask(
     selected: torch.Tensor,

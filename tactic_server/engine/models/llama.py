@@ -43,6 +43,8 @@ class KernelBatch:
     """The step's Tactic decodes in the layout of the selection kernels (one row per slice)."""
 
     slices: list[SequenceSlice]
+    rows: torch.Tensor  # [n] int64, the slices' rows in the step's batch
+    pool_indices: torch.Tensor  # [n] int32, 0..n-1: request i is row i of req_to_token
     req_to_token: torch.Tensor  # [n, max_seq_len] int32
     req_to_segment: torch.Tensor  # [n, max_segments] int32 ClusterPool slots
     seq_lens: torch.Tensor  # [n] int32
@@ -136,13 +138,12 @@ class Attention(nn.Module):
     def _tactic_kernels(self, q, out, k_cache, v_cache, context: AttentionContext) -> None:
         """All of the step's Tactic decodes of this layer at once: select_rows, sparse_decode."""
         batch = context.kernels
-        rows = torch.tensor([part.row for part in batch.slices], device=q.device)
+        rows = batch.rows
         queries = q[rows].to(k_cache.dtype).contiguous()
         pool = dataclasses.replace(context.pool.segment_pools[self.layer],
                                    req_to_segment=batch.req_to_segment)  # fmt: skip
-        pool_indices = torch.arange(len(batch.slices), dtype=torch.int32, device=q.device)
         selected = select_rows(
-            queries, k_cache, pool, batch.req_to_token, pool_indices, batch.seq_lens,
+            queries, k_cache, pool, batch.req_to_token, batch.pool_indices, batch.seq_lens,
             batch.targets, batch.max_seq_len, context.tactic, batch.clustered_segments,
         )  # fmt: skip
         out[rows] = sparse_decode(queries, k_cache, v_cache, selected.indptr, selected.indices,
@@ -237,9 +238,3 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, context)
         x = self.model.norm(x[logit_rows])
         return self.lm_head(x).float()
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        config = self.config
-        size = self.lm_head.weight.element_size()
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
