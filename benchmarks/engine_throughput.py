@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import itertools
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -64,26 +66,58 @@ def random_engine(shape: str, config: EngineConfig, max_len: int) -> Engine:
 
 
 async def one_round(engine: Engine, batch: int, context: int, decode_tokens: int, tactic):
-    """Seconds from the last request's first token to the last token, and tokens decoded then."""
+    """Seconds from the last request's first token to the last token, tokens decoded then, the
+    median gap between a request's consecutive tokens in that window (robust to the host's
+    jitter), and the requests' selected ratios."""
     generator = torch.Generator().manual_seed(context)
     sampling = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
-    first_token, last_token, ratios = [], [], []
+    arrivals: list[list[float]] = []
+    ratios = []
 
     async def run(index: int) -> None:
         prompt = tuple(torch.randint(5, 500, (context,), generator=generator).tolist())
         request = GenerationRequest(f"r{index}", prompt, sampling, tactic)
+        times = []
+        arrivals.append(times)
         async for output in engine.generate(request):
-            now = time.perf_counter()
-            if output.completion_tokens == 1:
-                first_token.append(now)
-            if output.finish_reason is not None:
-                last_token.append(now)
-                if output.tactic is not None:
-                    ratios.append(output.tactic.selected_ratio)
+            times.extend([time.perf_counter()] * len(output.token_ids))
+            if output.finish_reason is not None and output.tactic is not None:
+                ratios.append(output.tactic.selected_ratio)
 
     await asyncio.gather(*(run(i) for i in range(batch)))
-    seconds = max(last_token) - max(first_token)
-    return seconds, batch * (decode_tokens - 1), ratios
+    start = max(times[0] for times in arrivals)
+    seconds = max(times[-1] for times in arrivals) - start
+    gaps = [b - a for times in arrivals for a, b in itertools.pairwise(times) if a >= start]
+    return seconds, batch * (decode_tokens - 1), statistics.median(gaps), ratios
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write), the roofline's yardstick
+    (None on the CPU)."""
+    if device != "cuda":
+        return None
+    source = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * source.numel() * source.element_size() / (start.elapsed_time(end) / 1e3)
+
+
+def roofline_step_ms(engine: Engine, batch: int, context: int, bandwidth: float | None):
+    """The least time a dense decode step can take: every weight and the batch's whole KV read
+    once at the copy bandwidth (None without a bandwidth)."""
+    if bandwidth is None:
+        return None
+    model = engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    pool = engine.pool
+    kv_per_token = pool.kv_bytes / pool.num_slots
+    return 1e3 * (weight_bytes + batch * context * kv_per_token) / bandwidth
 
 
 def main() -> int:
@@ -100,6 +134,7 @@ def main() -> int:
         model_dir = make_tiny_model(Path(tempfile.mkdtemp()), "llama", dtype=dtype,
                                     max_position_embeddings=max(args.contexts) + 1024,
                                     **SHAPES[args.shape])  # fmt: skip
+    bandwidth = copy_bandwidth(args.device)
     records = []
     for context in args.contexts:
         max_len = context + args.decode_tokens + 8
@@ -110,16 +145,22 @@ def main() -> int:
             engine = Engine.from_config(dataclasses.replace(config, model_dir=str(model_dir)))
         else:
             engine = random_engine(args.shape, config, max_len)
-        # warm-up: the first kernels of a process pay for initialisation and compilation
+        # warm-up at this context: the first launch of a kernel specialisation compiles it
+        # (Triton specialises on integer arguments divisible by 16, such as lengths: 20 tokens
+        # pass one); the measured rounds then find the prompts' full segments in the prefix cache
         for tactic in (TacticParams(enabled=False), TacticParams(enabled=True)):
-            asyncio.run(one_round(engine, args.batch, 2048, 4, tactic))
+            asyncio.run(one_round(engine, args.batch, context, 20, tactic))
         for name, tactic in (("dense", TacticParams(enabled=False)),
                              ("tactic", TacticParams(enabled=True, target=0.9))):  # fmt: skip
-            seconds, tokens, ratios = asyncio.run(
+            seconds, tokens, median_gap, ratios = asyncio.run(
                 one_round(engine, args.batch, context, args.decode_tokens, tactic)
             )
             record = dict(shape=args.shape, context=context, batch=args.batch, attention=name,
                           decode_tokens_per_s=tokens / seconds,
+                          step_ms=1e3 * seconds / (args.decode_tokens - 1),
+                          median_step_ms=1e3 * median_gap,
+                          dense_roofline_step_ms=roofline_step_ms(engine, args.batch, context,
+                                                                  bandwidth),
                           selected_ratio=sum(ratios) / len(ratios) if ratios else None)  # fmt: skip
             records.append(record)
             print(json.dumps(record), flush=True)
@@ -130,7 +171,9 @@ def main() -> int:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report = {"date": datetime.date.today().isoformat(), "device": device,
               "command": "python benchmarks/engine_throughput.py " + " ".join(sys.argv[1:]),
-              "note": "random weights: attention is flat; Tactic runs the torch reference path",
+              "copy_bandwidth_gb_s": bandwidth and bandwidth / 1e9,
+              "note": "random weights: attention is flat, so Tactic cannot be sparse; on CUDA "
+                      "both paths decode through the Triton kernels",
               "records": records}  # fmt: skip
     slug = device.lower().replace("nvidia ", "").replace(" ", "_")
     output = Path(args.output or f"benchmarks/results/engine_throughput_{slug}.json")

@@ -62,6 +62,28 @@ class ClusterPool:
             req_to_segment=torch.zeros(max_reqs, max_segments, dtype=torch.int32, device=device),
         )
 
+    @staticmethod
+    def bytes_per_segment_slot(
+        num_kv_heads: int,
+        head_dim: int,
+        segment_size: int,
+        clusters_per_segment: int,
+        dtype: torch.dtype,
+    ) -> int:
+        """Device bytes of one segment slot (every tensor but req_to_segment): what a KV pool
+        must count beside the KV of the segment_size tokens it describes."""
+        element = torch.empty((), dtype=dtype).element_size()
+        per_cluster = head_dim * element + 4 + 4  # centroid, spread, offset
+        per_head = clusters_per_segment * per_cluster + 4 + 2 * 4 * segment_size
+        return num_kv_heads * per_head
+
+    @property
+    def segment_bytes(self) -> int:
+        """Device bytes of all segment slots (what bytes_per_segment_slot counts, allocated)."""
+        tensors = (self.centroids, self.spreads, self.cluster_offsets, self.member_slots,
+                   self.token_cluster)  # fmt: skip
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def write(
         self,
         request_slot: int,

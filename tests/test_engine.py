@@ -180,21 +180,31 @@ def test_refusals(llama_dir):
 
 
 def test_triton_backend_equals_torch_backend(tmp_path):
-    """Tactic decode through the kernels (select_rows, sparse_decode; under the interpreter on the
-    CPU) gives the torch reference's tokens and statistics, across a segment completed while
-    decoding (scored with the tail until it is clustered)."""
+    """Decode through the kernels (select_rows + sparse_decode for Tactic, sparse_decode over
+    every position for dense; under the interpreter on the CPU) gives the torch reference's
+    tokens and statistics, with a Tactic and a dense request decoding in the same steps and a
+    segment completed while decoding (scored with the tail until it is clustered)."""
     model_dir = make_tiny_model(tmp_path, "llama", seed=5, sparse_attention=True)
     sampling = dataclasses.replace(GREEDY, max_tokens=16)
-    request = GenerationRequest("k", prompt_ids(180, seed=4), sampling, TacticParams(True, 0.9))
+    requests = [
+        GenerationRequest("k", prompt_ids(180, seed=4), sampling, TacticParams(True, 0.9)),
+        GenerationRequest("d", prompt_ids(150, seed=6), sampling, DENSE),
+    ]
     outputs = {}
     for backend in ("torch", "triton"):
         # the kernels run on the GPU where there is one, else under the Triton interpreter
         device = "cuda" if torch.cuda.is_available() else "cpu"
         engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64), device=device,
                              attention_backend=backend)  # fmt: skip
-        outputs[backend] = run(engine, request)
+
+        async def both(engine=engine):
+            return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+        outputs[backend] = asyncio.run(both())
         assert engine.stats().kv_slots_in_use == 0
-    assert outputs["triton"][0] == outputs["torch"][0]
-    torch_usage, triton_usage = outputs["torch"][2].tactic, outputs["triton"][2].tactic
+    for torch_output, triton_output in zip(outputs["torch"], outputs["triton"], strict=True):
+        assert triton_output[0] == torch_output[0]
+    torch_usage, triton_usage = outputs["torch"][0][2].tactic, outputs["triton"][0][2].tactic
     assert triton_usage.selected_ratio == pytest.approx(torch_usage.selected_ratio, rel=1e-6)
     assert triton_usage.estimated_mass == pytest.approx(torch_usage.estimated_mass, rel=1e-4)
+    assert outputs["triton"][1][2].tactic is None

@@ -115,3 +115,21 @@ def test_segment_size_must_match_pool():
     with pytest.raises(ValueError, match="segment_size"):
         select_rows(q, k_cache, pool, req_to_token, pool_indices, torch.tensor([70]),
                     torch.ones(3), 70, TacticConfig(segment_size=128))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cluster_pool_bytes_are_counted(dtype):
+    """bytes_per_segment_slot (what a KV pool sizes with before allocating) equals what the
+    allocation holds, and stays under 5% of the KV it describes at the default shape."""
+    config = TacticConfig()
+    clusters = config.segment_size // config.cluster_size
+    pool = ClusterPool.allocate(
+        num_segment_slots=3, max_reqs=1, max_segments=1, num_kv_heads=8, head_dim=128,
+        segment_size=config.segment_size, clusters_per_segment=clusters, dtype=dtype,
+        device="cpu",
+    )  # fmt: skip
+    per_slot = ClusterPool.bytes_per_segment_slot(8, 128, config.segment_size, clusters, dtype)
+    assert pool.segment_bytes == 3 * per_slot
+    if dtype == torch.bfloat16:
+        kv_bytes = 2 * config.segment_size * 8 * 128 * 2
+        assert per_slot / kv_bytes < 0.05

@@ -75,6 +75,11 @@ class Engine:
             model_config.num_hidden_layers, kv_slots, model_config.num_key_value_heads,
             model_config.head_dim, model.lm_head.weight.dtype, device, segment_size, clusters,
         )  # fmt: skip
+        logger.info(
+            "KV pool: %d slots, %.1f MiB of KV plus %.1f MiB of cluster metadata (%.1f%%)",
+            kv_slots, self.pool.kv_bytes / 2**20, self.pool.cluster_bytes / 2**20,
+            100 * self.pool.cluster_bytes / self.pool.kv_bytes,
+        )  # fmt: skip
         self.scheduler = Scheduler(self.pool, config.max_batch, config.max_waiting,
                                    config.prefill_chunk, max_model_len)  # fmt: skip
         self.runner = ModelRunner(model, self.pool, config.tactic, device)

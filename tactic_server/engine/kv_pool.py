@@ -80,6 +80,15 @@ class KVPool:
         self._segments: dict[bytes, CachedSegment] = {}
         self._clock = 0
 
+    @property
+    def kv_bytes(self) -> int:
+        return 2 * sum(t.numel() * t.element_size() for t in self.k)
+
+    @property
+    def cluster_bytes(self) -> int:
+        """Device bytes of the cluster metadata beside the KV (0 without the kernels)."""
+        return sum(pool.segment_bytes for pool in self.segment_pools)
+
     def evictable_slots(self) -> int:
         return sum(self.segment_size for s in self._segments.values() if s.references == 0)
 

@@ -7,11 +7,18 @@ from __future__ import annotations
 import time
 
 import torch
+from tactic_server.kernels.decode_attention import dense_rows
 
 from tactic_server.tactic.clustering import build_cluster_index
 
 from .kv_pool import KVPool, segment_keys
-from .models.llama import AttentionContext, KernelBatch, LlamaForCausalLM, SequenceSlice
+from .models.llama import (
+    AttentionContext,
+    DenseDecodes,
+    LlamaForCausalLM,
+    SequenceSlice,
+    TacticDecodes,
+)
 from .scheduler import Step
 from .sequence import Sequence
 from .types import EngineObserver
@@ -31,55 +38,84 @@ class ModelRunner:
         token_ids, positions, slices, wanted = [], [], [], []
         ranges = [(s, len(s.token_ids) - 1, len(s.token_ids)) for s in step.decode]
         for sequence, start, end in ranges + step.prefill:
-            slices.append(SequenceSlice(sequence, start, end, len(token_ids),
-                                        sequence.slots[:end].to(self.device)))  # fmt: skip
+            slices.append(SequenceSlice(sequence, start, end, len(token_ids), sequence.slots[:end]))
             token_ids.extend(sequence.token_ids[start:end])
             positions.extend(range(start, end))
             if end == len(sequence.token_ids):  # the last known token: its logits pick the next
                 wanted.append((sequence, len(token_ids) - 1))
-        context = AttentionContext(slices, self.pool, self.tactic, self._kernel_batch(slices))
+        new_slots = torch.cat([part.slots[part.start :] for part in slices])
+        context = AttentionContext(slices, self.pool, self.tactic, new_slots.to(self.device))
+        if self.pool.segment_pools:  # the kernels decode: Tactic by select_rows, dense in full
+            decodes = [part for part in slices if part.is_decode]
+            tactic = [part for part in decodes if part.sequence.request.tactic.enabled]
+            dense = [part for part in decodes if not part.sequence.request.tactic.enabled]
+            context.tactic_decodes = self._tactic_decodes(tactic) if tactic else None
+            context.dense_decodes = self._dense_decodes(dense) if dense else None
+        for part in context.torch_slices:  # the kernels read req_to_token instead
+            part.slots = part.slots.to(self.device)
         logits = self.model(
             torch.tensor(token_ids, device=self.device),
             torch.tensor(positions, device=self.device),
             context,
             torch.tensor([row for _, row in wanted], dtype=torch.long, device=self.device),
         )
+        if (batch := context.tactic_decodes) is not None:  # one read of the layers' sums
+            layers = len(self.pool.k)
+            for part, sums in zip(batch.slices, batch.layer_sums(), strict=True):
+                part.sequence.tally.add(*sums, steps=layers)
         for part in slices:
             part.sequence.computed = part.end
             self._cluster_new_segments(part.sequence)
         return {sequence: logits[i] for i, (sequence, _) in enumerate(wanted)}
 
-    def _kernel_batch(self, slices: list[SequenceSlice]) -> KernelBatch | None:
-        """The device inputs of select_rows for this step's Tactic decodes (None without the
-        kernels or without such decodes)."""
-        if not self.pool.segment_pools:
-            return None
-        chosen = [p for p in slices if p.is_decode and p.sequence.request.tactic.enabled]
-        if not chosen:
-            return None
-        max_len = max(p.end for p in chosen)
-        max_segments = max(1, max(len(p.sequence.pool_segment_slots) for p in chosen))
+    def _req_to_token(self, chosen) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """req_to_token [n, max_len] int32 and seq_lens [n] int32 on the device for the slices
+        (their slots still on the host), built on the host and copied once."""
+        max_len = max(part.end for part in chosen)
         req_to_token = torch.zeros(len(chosen), max_len, dtype=torch.int32)
-        req_to_segment = torch.zeros(len(chosen), max_segments, dtype=torch.int32)
         for i, part in enumerate(chosen):
-            req_to_token[i, : part.end] = part.slots.cpu()
-            segments = part.sequence.pool_segment_slots
-            req_to_segment[i, : len(segments)] = torch.tensor(segments, dtype=torch.int32)
-        return KernelBatch(
+            req_to_token[i, : part.end] = part.slots
+        seq_lens = torch.tensor([part.end for part in chosen], dtype=torch.int32)
+        return req_to_token.to(self.device), seq_lens.to(self.device), max_len
+
+    def _rows(self, chosen) -> torch.Tensor:
+        return torch.tensor([part.row for part in chosen], device=self.device)
+
+    def _tactic_decodes(self, chosen) -> TacticDecodes:
+        """The device inputs of select_rows for this step's Tactic decodes."""
+        req_to_token, seq_lens, max_len = self._req_to_token(chosen)
+        segments = [part.sequence.pool_segment_slots for part in chosen]
+        req_to_segment = torch.zeros(len(chosen), max(1, max(map(len, segments))),
+                                     dtype=torch.int32)  # fmt: skip
+        for i, slots in enumerate(segments):
+            req_to_segment[i, : len(slots)] = torch.tensor(slots, dtype=torch.int32)
+        device = self.device
+        return TacticDecodes(
             slices=chosen,
-            rows=torch.tensor([p.row for p in chosen], device=self.device),
-            pool_indices=torch.arange(len(chosen), dtype=torch.int32, device=self.device),
-            req_to_token=req_to_token.to(self.device),
-            req_to_segment=req_to_segment.to(self.device),
-            seq_lens=torch.tensor([p.end for p in chosen], dtype=torch.int32, device=self.device),
-            clustered_segments=torch.tensor(
-                [len(p.sequence.pool_segment_slots) for p in chosen], dtype=torch.int32,
-                device=self.device,
-            ),
-            targets=torch.tensor([p.sequence.request.tactic.target for p in chosen],
-                                 dtype=torch.float32, device=self.device),
+            rows=self._rows(chosen),
+            seq_lens=seq_lens,
             max_seq_len=max_len,
-        )  # fmt: skip
+            pool_indices=torch.arange(len(chosen), dtype=torch.int32, device=device),
+            req_to_token=req_to_token,
+            req_to_segment=req_to_segment.to(device),
+            clustered_segments=torch.tensor(
+                list(map(len, segments)), dtype=torch.int32, device=device
+            ),  # fmt: skip
+            targets=torch.tensor(
+                [part.sequence.request.tactic.target for part in chosen],
+                dtype=torch.float32,
+                device=device,
+            ),  # fmt: skip
+        )
+
+    def _dense_decodes(self, chosen) -> DenseDecodes:
+        """Every position of every KV head, as CSR rows shared by all layers of the step."""
+        req_to_token, seq_lens, max_len = self._req_to_token(chosen)
+        pool_indices = torch.arange(len(chosen), dtype=torch.int32, device=self.device)
+        indptr, indices = dense_rows(req_to_token, pool_indices, seq_lens, self.pool.num_kv_heads,
+                                     max_len)  # fmt: skip
+        return DenseDecodes(chosen, self._rows(chosen), seq_lens, max_len,
+                            indptr, indices)  # fmt: skip
 
     def _cluster_new_segments(self, sequence: Sequence) -> None:
         size = self.pool.segment_size

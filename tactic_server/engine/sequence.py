@@ -31,8 +31,11 @@ class TacticTally:
     estimated_mass: float = 0.0
     attended_tokens: float = 0.0
 
-    def add(self, selected_ratio: float, estimated_mass: float, attended_tokens: float) -> None:
-        self.steps += 1
+    def add(
+        self, selected_ratio: float, estimated_mass: float, attended_tokens: float, steps: int = 1
+    ) -> None:
+        """Sums over `steps` (decode step, layer) pairs."""
+        self.steps += steps
         self.selected_ratio += selected_ratio
         self.estimated_mass += estimated_mass
         self.attended_tokens += attended_tokens

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tactic_server.kernels.decode_attention import sparse_decode
 from tactic_server.kernels.selection import select_rows
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from tactic_server.tactic.attention import sparse_attention
 from tactic_server.tactic.clustering import ClusterIndex
@@ -25,7 +26,8 @@ from ..sequence import Sequence
 @dataclass
 class SequenceSlice:
     """Positions [start, end) of one sequence are rows [row, row + end - start) of the batch;
-    slots [end] holds the KV slot of every position up to end."""
+    slots [end] holds the KV slot of every position up to end (on the device for the slices
+    attention runs in torch; the kernels read req_to_token instead)."""
 
     sequence: Sequence
     start: int
@@ -39,29 +41,65 @@ class SequenceSlice:
 
 
 @dataclass
-class KernelBatch:
-    """The step's Tactic decodes in the layout of the selection kernels (one row per slice)."""
+class KernelDecodes:
+    """Decodes of one step done by the Triton kernels, one request per slice, in the kernels'
+    layout; built once per step and shared by every layer."""
 
     slices: list[SequenceSlice]
     rows: torch.Tensor  # [n] int64, the slices' rows in the step's batch
-    pool_indices: torch.Tensor  # [n] int32, 0..n-1: request i is row i of req_to_token
-    req_to_token: torch.Tensor  # [n, max_seq_len] int32
-    req_to_segment: torch.Tensor  # [n, max_segments] int32 ClusterPool slots
     seq_lens: torch.Tensor  # [n] int32
-    clustered_segments: torch.Tensor  # [n] int32
-    targets: torch.Tensor  # [n] float32
     max_seq_len: int
 
 
 @dataclass
+class TacticDecodes(KernelDecodes):
+    """Inputs of select_rows; selections collects each layer's CSR indptr and estimated mass
+    (device tensors), summarised once after the step by layer_sums."""
+
+    pool_indices: torch.Tensor  # [n] int32, 0..n-1: request i is row i of req_to_token
+    req_to_token: torch.Tensor  # [n, max_seq_len] int32
+    req_to_segment: torch.Tensor  # [n, max_segments] int32 ClusterPool slots
+    clustered_segments: torch.Tensor  # [n] int32
+    targets: torch.Tensor  # [n] float32
+    selections: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+    def layer_sums(self) -> list[list[float]]:
+        """Per request, sums over the layers of the selected ratio, the estimated mass and the
+        attended tokens (each a mean over KV heads): one host read for the whole step."""
+        indptr = torch.stack([indptr for indptr, _ in self.selections])  # [L, n * H_kv + 1]
+        lengths = (indptr[:, 1:] - indptr[:, :-1]).view(len(self.selections), len(self.slices), -1)
+        attended = lengths.float().mean(dim=2)  # [L, n]
+        mass = torch.stack([mass for _, mass in self.selections]).mean(dim=2)  # [L, n]
+        ratio = attended / self.seq_lens.float()
+        return torch.stack([ratio.sum(0), mass.sum(0), attended.sum(0)], dim=1).tolist()
+
+
+@dataclass
+class DenseDecodes(KernelDecodes):
+    """Every position of every KV head as CSR rows (dense_rows): dense decode by sparse_decode."""
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+
+
+@dataclass
 class AttentionContext:
-    """What attention needs in one step: where each sequence's rows and KV are; kernels, when
-    set, decodes its slices with the Triton kernels instead of the torch reference."""
+    """What attention needs in one step: the slot of every row's new KV (new_slots, in row
+    order), where each sequence's rows and KV are, and which decodes the kernels do; the
+    slices in torch_slices run through torch (prefill, and everything without the kernels)."""
 
     slices: list[SequenceSlice]
     pool: KVPool
     tactic: TacticConfig
-    kernels: KernelBatch | None = None
+    new_slots: torch.Tensor
+    tactic_decodes: TacticDecodes | None = None
+    dense_decodes: DenseDecodes | None = None
+
+    @property
+    def torch_slices(self) -> list[SequenceSlice]:
+        kernels = [d for d in (self.tactic_decodes, self.dense_decodes) if d is not None]
+        done = {id(part) for decodes in kernels for part in decodes.slices}
+        return [part for part in self.slices if id(part) not in done]
 
 
 def empty_index(num_kv_heads: int, head_dim: int, seq_len: int, device) -> ClusterIndex:
@@ -117,27 +155,29 @@ class Attention(nn.Module):
         q = q * cos[:, None] + rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         k_cache, v_cache = context.pool.k[self.layer], context.pool.v[self.layer]
+        k_cache[context.new_slots] = k.to(k_cache.dtype)
+        v_cache[context.new_slots] = v.to(v_cache.dtype)
         out = torch.empty_like(q)
-        by_kernels = set(map(id, context.kernels.slices)) if context.kernels else set()
-        for part in context.slices:
+        for part in context.torch_slices:
             new = slice(part.row, part.row + part.end - part.start)
-            k_cache[part.slots[part.start : part.end]] = k[new].to(k_cache.dtype)
-            v_cache[part.slots[part.start : part.end]] = v[new].to(v_cache.dtype)
-            if id(part) in by_kernels:
-                continue
             keys, values = k_cache[part.slots], v_cache[part.slots]
             tactic = part.sequence.request.tactic
             if part.is_decode and tactic.enabled:
                 out[new] = self._tactic(q[new][0], keys, values, part, context).to(q.dtype)
             else:
                 out[new] = self._causal(q[new], keys, values, part.start)
-        if context.kernels is not None:
+        if context.tactic_decodes is not None:
             self._tactic_kernels(q, out, k_cache, v_cache, context)
+        if (dense := context.dense_decodes) is not None:
+            queries = q[dense.rows].to(k_cache.dtype).contiguous()
+            out[dense.rows] = sparse_decode(queries, k_cache, v_cache, dense.indptr, dense.indices,
+                                            dense.max_seq_len).to(out.dtype)  # fmt: skip
         return self.o_proj(out.reshape(rows, -1))
 
     def _tactic_kernels(self, q, out, k_cache, v_cache, context: AttentionContext) -> None:
-        """All of the step's Tactic decodes of this layer at once: select_rows, sparse_decode."""
-        batch = context.kernels
+        """All of the step's Tactic decodes of this layer at once: select_rows, sparse_decode;
+        the statistics stay on the device until the step ends (no sync per layer)."""
+        batch = context.tactic_decodes
         rows = batch.rows
         queries = q[rows].to(k_cache.dtype).contiguous()
         pool = dataclasses.replace(context.pool.segment_pools[self.layer],
@@ -148,24 +188,26 @@ class Attention(nn.Module):
         )  # fmt: skip
         out[rows] = sparse_decode(queries, k_cache, v_cache, selected.indptr, selected.indices,
                                   batch.max_seq_len).to(out.dtype)  # fmt: skip
-        lengths = (selected.indptr[1:] - selected.indptr[:-1]).view(len(rows), -1).float()
-        attended = lengths.mean(dim=1)
-        ratios = (attended / batch.seq_lens.float()).tolist()
-        masses = selected.estimated_mass.mean(dim=1).tolist()
-        for part, ratio, mass, tokens in zip(batch.slices, ratios, masses, attended.tolist(),
-                                             strict=True):  # fmt: skip
-            part.sequence.tally.add(ratio, mass, tokens)
+        batch.selections.append((selected.indptr, selected.estimated_mass))
 
     def _causal(self, q, keys, values, start: int) -> torch.Tensor:
         """Dense attention of the new positions start.. over the context up to each of them."""
         new, context_len = q.shape[0], keys.shape[0]
+        queries = q.transpose(0, 1)[None]
+        keys = keys.transpose(0, 1)[None].to(q.dtype)
+        values = values.transpose(0, 1)[None].to(q.dtype)
+        if q.is_cuda:  # a fused kernel (no mask tensor); it wants the heads of K/V repeated
+            group = self.num_heads // self.num_kv_heads
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=causal_lower_right(new, context_len)
+            )
+            return out[0].transpose(0, 1)
         visible = torch.arange(context_len, device=q.device)[None, :] <= (
             start + torch.arange(new, device=q.device)[:, None]
         )
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys.transpose(0, 1)[None].to(q.dtype),
-            values.transpose(0, 1)[None].to(q.dtype), attn_mask=visible, enable_gqa=True,
-        )  # fmt: skip
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible,
+                                             enable_gqa=True)  # fmt: skip
         return out[0].transpose(0, 1)
 
     def _tactic(self, query, keys, values, part: SequenceSlice, context: AttentionContext):
