@@ -1,23 +1,37 @@
 # Source at the start of every command on the GPU machine, from the repo root (the device call
-# names `.whl` in carry: .whl/ is git-ignored and filled here by scripts/stage_gpu_wheels.sh):
+# names `.whl` in carry: .whl/ is git-ignored and filled here by scripts/stage_gpu_wheels.sh;
+# SGLang runs carry .whl-sgl instead, packed by scripts/stage_sglang_wheels.sh with FlashInfer in):
 #     source scripts/gpu_env.sh && python3 -m pytest -q -m gpu tests
 # 1. Installs the staged wheels into $TACTIC_SITE (default /tmp/site) once per machine (a stamp
-#    records the set) and puts that folder first on PYTHONPATH, so they win over the machine's.
+#    per carried folder records its set) and puts that folder first on PYTHONPATH, so they win
+#    over the machine's.
 # 2. Installs the project editable without network or build isolation (setuptools is on the
 #    machine): pyproject maps the top-level kernels/ to tactic_server.kernels, which plain
 #    PYTHONPATH cannot do. Works under `set -u` in the caller; returns non-zero on failure.
 
 _tactic_gpu_env() {
-  local root site stamp wanted
+  local root site folder stamp wanted
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || return 1
   site=${TACTIC_SITE:-/tmp/site}
-  stamp=$site/.tactic_staged_wheels
-  if compgen -G "$root/.whl/*.whl" >/dev/null; then
-    wanted=$(cd "$root/.whl" && ls -l -- *.whl | awk '{print $5, $NF}')
+  # one stamp per carried folder: a folder already installed on this machine is skipped
+  for folder in "$root"/.whl*/; do
+    compgen -G "$folder*.whl" >/dev/null || continue
+    stamp=$site/.staged_$(basename "$folder")
+    wanted=$(cd "$folder" && ls -l -- *.whl | awk '{print $5, $NF}')
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
-      echo "[gpu_env] installing the staged wheels into $site"
+      echo "[gpu_env] installing the wheels of $(basename "$folder") into $site"
+      mkdir -p "$site"
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" "$root"/.whl/*.whl || return 1
+        --target "$site" "$folder"*.whl || return 1
+      printf '%s\n' "$wanted" >"$stamp"
+    fi
+  done
+  if [ -f "$root/.whl-sgl/site.tar.xz" ]; then
+    stamp=$site/.staged_whl-sgl
+    wanted=$(stat -c %s "$root/.whl-sgl/site.tar.xz")
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+      echo "[gpu_env] unpacking .whl-sgl/site.tar.xz into $site"
+      mkdir -p "$site" && tar xJf "$root/.whl-sgl/site.tar.xz" -C "$site" || return 1
       printf '%s\n' "$wanted" >"$stamp"
     fi
   fi

@@ -81,10 +81,17 @@ class ProgressBar:
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
+    import signal
 
     import torch
     import uvicorn
 
+    if args.engine == "sglang":
+        if args.model is None:
+            sys.exit("tactic-server serve: error: --engine sglang needs --model DIR")
+        args.device = "cuda"
+    elif args.tp != 1:
+        sys.exit("tactic-server serve: error: --tp needs --engine sglang")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("tactic-server serve: error: --device cuda: no CUDA device is available")
 
@@ -107,11 +114,18 @@ def _serve(args: argparse.Namespace) -> int:
     progress = ProgressBar(f"loading {config.model_dir or 'the default tiny model'}")
     server: uvicorn.Server | None = None
 
+    def load_engine():
+        if args.engine == "sglang":
+            from .sglang_engine import SGLangEngine
+
+            return SGLangEngine(config, tp_size=args.tp)
+        return Engine.from_config(config, progress=progress)
+
     def stop_serving(error: BaseException) -> None:
         server.should_exit = True
 
     app = create_app(
-        load_engine=lambda: Engine.from_config(config, progress=progress),
+        load_engine=load_engine,
         on_load_failure=stop_serving,
         api_key=args.api_key or None,
     )
@@ -120,6 +134,9 @@ def _serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=25)
     )
+    # uvicorn raises the signal that stopped it again once it has drained, under the handler
+    # that was there before it: a no-op here, so a drained server exits 0, not -SIGTERM
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     return 1 if app.state.load_error is not None else 0
 
@@ -160,7 +177,8 @@ def _add_serve_parser(commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve an OpenAI-compatible HTTP API (chat and text completions, /metrics)",
-        description="Load a Llama-architecture checkpoint into the embedded engine and serve "
+        description="Load a Llama-architecture checkpoint into the embedded engine (or SGLang) "
+        "and serve "
         "/v1/chat/completions, /v1/completions and /v1/models (OpenAI-compatible, streaming as "
         "server-sent events), /health, /ready and Prometheus /metrics. Decode attention is "
         "Tactic at the --tactic-target mass unless a request asks otherwise "
@@ -221,6 +239,21 @@ def _add_serve_parser(commands) -> None:
         choices=("cpu", "cuda"),
         default="cpu",
         help="where the model runs (default cpu)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=("embedded", "sglang"),
+        default="embedded",
+        help="embedded: this package's engine, CPU or one GPU (default); sglang: SGLang "
+        "0.5.12.post1 in this process with the tactic attention backend (needs the [sglang] "
+        "extra, a CUDA GPU and --model)",
+    )
+    serve.add_argument(
+        "--tp",
+        type=_integer(1),
+        default=1,
+        metavar="N",
+        help="tensor-parallel GPUs for --engine sglang (default 1)",
     )
     serve.add_argument(
         "--dtype",

@@ -192,6 +192,10 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        body = metrics.exposition()
+        engine = app.state.engine
+        if engine is not None and hasattr(engine, "metrics_exposition"):
+            body += engine.metrics_exposition()  # SGLang's own families, beside ours
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -1,0 +1,221 @@
+"""SGLang with the tactic backend on a GPU, against SGLang's own triton backend, in one run:
+
+  equality    greedy outputs of the tactic backend at P = 0.999 (and dense requests through it)
+              against the triton backend for the first 32 tokens, on a tiny model with peaked
+              attention and prompts of several clustered segments; P = 0.9 for the selected ratio
+  throughput  decode tokens/s, triton backend vs tactic (dense requests and P = 0.9), at long
+              contexts and batch sizes, on a Llama-3.1-8B-shaped config with load_format="dummy"
+
+Each engine is started once per backend; prompts are random token ids, prefilled once (the radix
+cache keeps them), so a timed round is decode only: time(1 + T new tokens) - time(1 new token).
+Usage (GPU machine, after `source scripts/gpu_env.sh`):
+  python benchmarks/sglang_gpu.py equality --out results.json
+  python benchmarks/sglang_gpu.py throughput --contexts 32768 65536 131072 --batches 1 8 \
+      --out t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tactic_server.engine.tiny_model import make_tiny_model
+
+LLAMA8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000,
+    "eos_token_id": 128001, "attention_bias": False, "mlp_bias": False,
+}  # fmt: skip
+
+
+MODEL_8B = "Llama-3.1-8B config, load_format=dummy (random weights), bf16"
+
+
+def log(message: str) -> None:
+    print(f"[sglang_gpu {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def start(model_dir: Path, backend: str, context: int, **extra):
+    import sglang
+
+    args = dict(
+        model_path=str(model_dir), skip_tokenizer_init=True, attention_backend=backend,
+        sampling_backend="pytorch", grammar_backend="none", context_length=context,
+        log_level="warning", disable_piecewise_cuda_graph=True,
+    )  # fmt: skip
+    args.update(extra)
+    began = time.perf_counter()
+    engine = sglang.Engine(**args)
+    log(f"{backend} engine up in {time.perf_counter() - began:.0f} s")
+    return engine
+
+
+def tactic_params(target: float | None) -> dict:
+    if target is None:
+        return {"tactic": {"enabled": False}}
+    return {"tactic": {"target": target}}
+
+
+def generate(engine, prompts, new_tokens: int, target: float | None):
+    params = [dict(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True,
+                   custom_params=tactic_params(target)) for _ in prompts]  # fmt: skip
+    return engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params)
+
+
+def tactic_means(output: dict) -> dict | None:
+    sums = output["meta_info"].get("tactic")
+    if not sums:
+        return None
+    last = [float(x) for x in list(sums[-1])]
+    if last[3] <= 0:
+        return None
+    return dict(selected_ratio=last[0] / last[3], estimated_mass=last[1] / last[3],
+                attended_tokens=last[2] / last[3], steps=last[3])  # fmt: skip
+
+
+def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
+
+
+def equality(args) -> dict:
+    model_dir = make_tiny_model(
+        Path(tempfile.mkdtemp()) / "tiny", "llama", seed=0, dtype=args.dtype, num_layers=4,
+        hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512,
+        max_position_embeddings=16384, sparse_attention=True,
+    )  # fmt: skip
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    lengths = [1500, 2600, 3100, 4200, 5000, 7000]
+    prompts = [random_prompts(1, n, vocab, seed=i)[0] for i, n in enumerate(lengths)]
+    tokens = args.tokens
+    runs = {}
+    engine = start(model_dir, "triton", 16384, mem_fraction_static=0.3)
+    runs["triton"] = [o["output_ids"] for o in generate(engine, prompts, tokens, None)]
+    engine.shutdown()
+    engine = start(model_dir, "tactic", 16384, mem_fraction_static=0.3)
+    stats = {}
+    for name, target in (("tactic_dense", None), ("tactic_0.999", 0.999), ("tactic_0.9", 0.9)):
+        outputs = generate(engine, prompts, tokens, target)
+        runs[name] = [o["output_ids"] for o in outputs]
+        stats[name] = [tactic_means(o) for o in outputs]
+    engine.shutdown()
+    reference = runs["triton"]
+    result = {"model": f"tiny llama, 4 layers, 8/2 heads of 32, peaked attention, {args.dtype}",
+              "prompt_lengths": lengths, "tokens": tokens, "runs": {}}  # fmt: skip
+    for name, outputs in runs.items():
+        agree = []
+        for got, want in zip(outputs, reference, strict=True):
+            pairs = enumerate(zip(got, want, strict=False))
+            same = next((i for i, (a, b) in pairs if a != b), min(len(got), len(want)))
+            agree.append(same)
+        result["runs"][name] = dict(
+            equal=all(a == len(ref) for a, ref in zip(agree, reference, strict=True)),
+            tokens_equal_before_first_difference=agree, tactic=stats.get(name),
+        )  # fmt: skip
+        log(f"{name}: equal to triton {result['runs'][name]['equal']} ({agree})"
+            + (f"; stats {stats[name]}" if name in stats else ""))  # fmt: skip
+    return result
+
+
+def timed(engine, prompts, new_tokens, target) -> float:
+    began = time.perf_counter()
+    generate(engine, prompts, new_tokens, target)
+    return time.perf_counter() - began
+
+
+def throughput(args, save) -> dict:
+    model_dir = Path(tempfile.mkdtemp()) / "llama8b"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps(LLAMA8B))
+    max_context = max(args.contexts) + args.tokens + 64
+    rows = []
+    modes = {"triton": [("dense", None)], "tactic": [("dense", None), ("tactic_0.9", 0.9)]}
+    for backend in args.backends:
+        engine = start(
+            model_dir, backend, max_context, load_format="dummy",
+            mem_fraction_static=args.mem_fraction, max_running_requests=max(args.batches),
+            cuda_graph_max_bs=max(args.batches),
+        )  # fmt: skip
+        capacity = engine.get_server_info()["max_total_num_tokens"]
+        log(f"{backend}: KV capacity {capacity} tokens")
+        for context in args.contexts:
+            need = context + args.tokens + 8
+            batches = [b for b in args.batches if b * need <= capacity]
+            skipped = [b for b in args.batches if b not in batches]
+            for b in skipped:
+                rows.append(dict(backend=backend, context=context, batch=b,
+                                 skipped=f"{b} x {context} tokens exceed the KV pool"))  # fmt: skip
+            if not batches:
+                continue
+            prompts = random_prompts(max(batches), context, 128000, seed=context)
+            for mode, target in modes[backend]:
+                began = time.perf_counter()
+                generate(engine, prompts[: max(batches)], 1, target)  # prefill (and clustering)
+                log(f"{backend} {mode} {context}: warm-up {time.perf_counter() - began:.1f} s")
+                for batch in batches:
+                    rounds = []
+                    for _ in range(args.repeats):
+                        short = timed(engine, prompts[:batch], 1, target)
+                        long = timed(engine, prompts[:batch], 1 + args.tokens, target)
+                        rounds.append(batch * args.tokens / (long - short))
+                    outputs = generate(engine, prompts[:batch], 1 + args.tokens, target)
+                    stats = [tactic_means(o) for o in outputs]
+                    ratio = [s["selected_ratio"] for s in stats if s]
+                    row = dict(
+                        backend=backend, mode=mode, context=context, batch=batch,
+                        decode_tokens_per_s=statistics.median(rounds), rounds=rounds,
+                        selected_ratio=statistics.mean(ratio) if ratio else None,
+                    )  # fmt: skip
+                    rows.append(row)
+                    save({"model": MODEL_8B, "decode_tokens": args.tokens, "rows": rows})
+                    log(f"{backend} {mode} ctx {context} batch {batch}: "
+                        f"{row['decode_tokens_per_s']:.1f} tok/s (rounds {rounds}), "
+                        f"selected {row['selected_ratio']}")  # fmt: skip
+        engine.shutdown()
+    return {"model": MODEL_8B, "decode_tokens": args.tokens, "rows": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    eq = commands.add_parser("equality")
+    eq.add_argument("--tokens", type=int, default=32)
+    eq.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="float32: kernels' rounding differences stay far below logit margins")
+    tp = commands.add_parser("throughput")
+    tp.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
+    tp.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    tp.add_argument("--backends", nargs="+", default=["triton", "tactic"])
+    tp.add_argument("--tokens", type=int, default=64)
+    tp.add_argument("--repeats", type=int, default=2)
+    tp.add_argument("--mem-fraction", type=float, default=0.85)
+    for sub in (eq, tp):
+        sub.add_argument("--out", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+              "command": " ".join(sys.argv)}  # fmt: skip
+
+    def save(part: dict) -> None:  # after every row, so a run cut short keeps what it measured
+        Path(args.out).write_text(json.dumps(result | part, indent=1))
+
+    save(equality(args) if args.command == "equality" else throughput(args, save))
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""`serve --engine sglang`: sglang.Engine in this process behind the same interface as the embedded
+engine (generate / stats / shutdown), so the front end's routes, errors and metrics are the same.
+
+Tokenisation, chat templates, stop strings and detokenisation stay ours (SGLang runs with
+skip_tokenizer_init and gets token ids); Tactic's per-request target travels in custom_params and
+its statistics come back in meta_info["tactic"] (running sums from the tactic backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+
+from .engine.config import EngineConfig
+from .engine.model_config import ModelConfig
+from .engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from .engine.types import (
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+    PromptTooLong,
+    QueueFull,
+    TacticUsage,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def tactic_usage(meta_info: dict) -> TacticUsage | None:
+    """Means from the backend's running sums (the last per-token entry carries them all)."""
+    entries = meta_info.get("tactic") or []
+    if not entries:
+        return None
+    sums = [float(x) for x in list(entries[-1])]
+    if len(sums) != 4 or sums[3] <= 0:
+        return None
+    return TacticUsage(sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3])
+
+
+class SGLangEngine:
+    """attention_backend "tactic" (ours) or any of SGLang's (e.g. "triton" for comparisons);
+    sglang_args go to sglang.Engine as they are."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        attention_backend: str = "tactic",
+        tp_size: int = 1,
+        **sglang_args,
+    ):
+        import sglang
+
+        from .sglang_plugin.settings import Settings
+
+        if config.model_dir is None:
+            raise ValueError("--engine sglang needs --model (a Hugging Face checkpoint folder)")
+        self.config = config
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        model_config = ModelConfig.from_dir(config.model_dir)
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.model_name = config.model_dir.rstrip("/").split("/")[-1]
+        self.observer = None
+        Settings(config.default_tactic_target,
+                 dataclasses.replace(config.tactic)).export()  # fmt: skip
+        args = dict(
+            model_path=config.model_dir, skip_tokenizer_init=True,
+            attention_backend=attention_backend, context_length=self.max_model_len,
+            max_running_requests=config.max_batch, sampling_backend="pytorch",
+            grammar_backend="none", dtype="auto" if config.dtype == "auto" else config.dtype,
+            tp_size=tp_size, enable_metrics=True,
+        )  # fmt: skip
+        args.update(sglang_args)
+        self.engine = sglang.Engine(**args)
+        self._in_flight = 0
+        self._metrics = _SchedulerMetrics()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise PromptTooLong("the prompt is empty")
+        if prompt_len + 1 > self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len}"
+            )
+        if self._in_flight >= self.config.max_batch + self.config.max_waiting:
+            raise QueueFull("too many requests are waiting; retry later")
+        sampling = request.sampling
+        params = dict(
+            max_new_tokens=min(sampling.max_tokens, self.max_model_len - prompt_len),
+            temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1, ignore_eos=sampling.ignore_eos,
+            stop_token_ids=list(self.tokenizer.eos_token_ids),
+            custom_params={"tactic": {"enabled": request.tactic.enabled,
+                                      "target": request.tactic.target}},
+        )  # fmt: skip
+        if sampling.seed is not None:
+            params["sampling_seed"] = sampling.seed
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        text, sent_text, seen, finished, usage = "", 0, 0, False, None
+        self._in_flight += 1
+        self._keep_our_sigterm()
+        try:
+            stream = await self.engine.async_generate(
+                input_ids=list(request.prompt_token_ids), sampling_params=params, stream=True,
+                rid=request.request_id,
+            )  # fmt: skip
+            async for chunk in stream:
+                ids = chunk.get("output_ids") or []
+                new, seen = ids[seen:], max(seen, len(ids))
+                for token in new:
+                    if token not in self.tokenizer.eos_token_ids or sampling.ignore_eos:
+                        text += detokenizer.add(token)
+                meta = chunk.get("meta_info", {})
+                reason = (meta.get("finish_reason") or {}).get("type")
+                stop_at = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+                if stop_at >= 0:
+                    reason = "stop"
+                holdback = max((len(s) for s in sampling.stop), default=1) - 1
+                end = stop_at if stop_at >= 0 else (
+                    len(text) if reason else max(sent_text, len(text) - holdback))  # fmt: skip
+                finished = reason is not None
+                # streamed chunks carry only their own tokens' entries: keep the latest sums
+                usage = tactic_usage(meta) or usage
+                yield GenerationOutput(
+                    request_id=request.request_id, token_ids=tuple(new),
+                    text=text[sent_text:end], finish_reason=_reason(reason),
+                    prompt_tokens=prompt_len, completion_tokens=seen,
+                    tactic=usage if request.tactic.enabled else None,
+                )  # fmt: skip
+                sent_text = max(sent_text, end)
+                if finished:
+                    break
+        finally:
+            self._in_flight -= 1
+            if not finished:
+                self.engine.tokenizer_manager.abort_request(request.request_id)
+
+    def _keep_our_sigterm(self) -> None:
+        """SGLang's tokenizer manager, on its first request in the main thread's loop, takes
+        SIGTERM for itself (and then kills the process tree); the server's graceful drain
+        (uvicorn's handler, then shutdown()) is put back."""
+        manager = self.engine.tokenizer_manager
+        if getattr(manager, "_tactic_sigterm_kept", False):
+            return
+        ours = signal.getsignal(signal.SIGTERM)
+        manager.auto_create_handle_loop()
+        if threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, ours)
+        manager._tactic_sigterm_kept = True
+
+    def stats(self) -> EngineStats:
+        """Queue and KV gauges as SGLang's scheduler last reported them."""
+        gauges = self._metrics.gauges()
+        return EngineStats(
+            running_requests=int(gauges.get("sglang:num_running_reqs", self._in_flight)),
+            waiting_requests=int(gauges.get("sglang:num_queue_reqs", 0)),
+            kv_cache_usage=float(gauges.get("sglang:token_usage", 0.0)),
+            kv_slots_in_use=int(gauges.get("sglang:num_used_tokens", 0)),
+            kv_slots_total=int(gauges.get("sglang:max_total_num_tokens", 0)),
+        )
+
+    def metrics_exposition(self) -> bytes:
+        """SGLang's own metrics (written by its scheduler processes), for our /metrics."""
+        return self._metrics.exposition()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        self.engine.shutdown()
+
+
+def _reason(sglang_reason: str | None) -> str | None:
+    return {None: None, "stop": "stop", "length": "length", "abort": "abort"}.get(
+        sglang_reason, "stop"
+    )
+
+
+class _SchedulerMetrics:
+    """SGLang's scheduler processes write their metrics into PROMETHEUS_MULTIPROC_DIR (set by
+    sglang.Engine with enable_metrics); this reads them back."""
+
+    def __init__(self) -> None:
+        import os
+
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        self.registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(self.registry)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def gauges(self) -> dict[str, float]:
+        values = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                values.setdefault(sample.name, sample.value)
+        return values

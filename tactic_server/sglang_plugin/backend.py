@@ -1,0 +1,152 @@
+"""The `tactic` attention backend for SGLang 0.5.12: SGLang's own Triton backend does extend
+(prefill) and every decode in which no request selects, CUDA graphs included; a decode with a
+request whose target is below 1 runs eagerly through our selection and sparse decode kernels
+(selection sizes its work from host-side lengths). A Tactic request's full segments are
+clustered before the forward that first needs them (chunked prefill included)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+from .clusters import ClusterSide
+from .decode import TacticDecoder
+from .settings import Settings, request_target
+
+logger = logging.getLogger(__name__)
+
+
+def check_supported(model_runner) -> None:
+    """Refuse at startup what the backend does not handle."""
+    args = model_runner.server_args
+    problems = []
+    if model_runner.use_mla_backend:
+        problems.append("MLA attention")
+    if args.speculative_algorithm is not None:
+        problems.append("speculative decoding")
+    if model_runner.sliding_window_size is not None:
+        problems.append("sliding-window attention")
+    if getattr(model_runner.model_config, "is_encoder_decoder", False):
+        problems.append("encoder-decoder models")
+    if args.page_size != 1:
+        problems.append(f"page_size {args.page_size} (only 1)")
+    if getattr(args, "enable_hierarchical_cache", False):
+        problems.append("hierarchical cache (cluster metadata is not offloaded)")
+    if getattr(args, "disaggregation_mode", "null") not in (None, "null"):
+        problems.append("prefill/decode disaggregation")
+    if problems:
+        raise ValueError("the tactic attention backend does not support: " + ", ".join(problems))
+
+
+class TacticAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner) -> None:
+        check_supported(model_runner)
+        super().__init__(model_runner)
+        self.settings = Settings.from_env()
+        pool = model_runner.token_to_kv_pool
+        self.side: ClusterSide = pool.tactic_side
+        self.head_dim = model_runner.model_config.head_dim
+        self.decoder = TacticDecoder(self.side, self.settings.config, self.num_kv_head)
+        self.plan = None
+        self.k_buffers = pool.k_buffer
+        self.num_layers = len(pool.k_buffer)
+        # SGLang's request slots are 1..size (row 0 pads CUDA-graph batches)
+        self.host_targets = [1.0] * model_runner.req_to_token_pool.req_to_token.shape[0]
+        self.batch_reqs = None
+        self.batch_selects = False  # read by the CUDA graph hook: graphs for dense batches only
+        logger.info("tactic backend: default target %.3f, %s", self.settings.default_target,
+                    self.settings.config)  # fmt: skip
+
+    # requests, from the worker hook (before the forward that first sees them)
+
+    def admit(self, reqs) -> None:
+        """Per request of the coming forward: its target on first sight, and its clustered
+        segment count (kept on the request, as SGLang keeps its own state there)."""
+        self.batch_reqs = reqs
+        for req in reqs:
+            if getattr(req, "_tactic_slot", None) != req.req_pool_idx:
+                target = request_target(req.sampling_params.custom_params,
+                                        self.settings.default_target)  # fmt: skip
+                req._tactic_slot = req.req_pool_idx
+                req._tactic_clustered = 0
+                self.host_targets[req.req_pool_idx] = target
+                self.side.start_request(req.req_pool_idx, target)
+        self.batch_selects = any(self.host_targets[req.req_pool_idx] < 1.0 for req in reqs)
+
+    def request_stats(self, req_pool_indices: torch.Tensor) -> torch.Tensor:
+        """Running sums [batch, 4] of the batch's requests, copied to pinned host memory
+        without waiting (SGLang reads them after its own copy of the step's results)."""
+        rows = self.side.stats[req_pool_indices.long()]
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=rows.is_cuda)
+        host.copy_(rows, non_blocking=True)
+        return host
+
+    # SGLang's hooks
+
+    def init_forward_metadata(self, forward_batch) -> None:
+        self.plan = None
+        mode = forward_batch.forward_mode
+        reqs = self.batch_reqs
+        if reqs is not None and len(reqs) == forward_batch.batch_size and self.batch_selects:
+            if mode.is_decode():
+                cached = [n - 1 for n in forward_batch.seq_lens_cpu.tolist()]
+            elif mode.is_extend():
+                cached = list(forward_batch.extend_prefix_lens_cpu)
+            else:
+                cached = None
+            if cached is not None:
+                self._cluster(reqs, cached)
+        if mode.is_decode():
+            slots = forward_batch.req_pool_indices.tolist()
+            self.plan = self.decoder.plan(
+                self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+                forward_batch.seq_lens_cpu.tolist(), [self.host_targets[s] for s in slots],
+            )  # fmt: skip
+        if self.plan is None:
+            super().init_forward_metadata(forward_batch)
+
+    def init_forward_metadata_capture_cuda_graph(self, *args, **kwargs):
+        self.plan = None
+        return super().init_forward_metadata_capture_cuda_graph(*args, **kwargs)
+
+    def init_forward_metadata_replay_cuda_graph(self, *args, **kwargs):
+        self.plan = None
+        return super().init_forward_metadata_replay_cuda_graph(*args, **kwargs)
+
+    def _cluster(self, reqs, cached: list[int]) -> None:
+        """Cluster the Tactic requests' full segments not clustered yet (dense ones need none;
+        one that later shares their prefix finds them)."""
+        size = self.side.segment_size
+        work = []
+        for req, length in zip(reqs, cached, strict=True):
+            if self.host_targets[req.req_pool_idx] >= 1.0:
+                continue
+            done = min(getattr(req, "_tactic_clustered", 0), length // size)
+            if length // size > done:
+                work.append((req, done, length // size))
+        if work:
+            self.side.cluster([(r.req_pool_idx, a, b) for r, a, b in work], self.req_to_token,
+                              self.k_buffers)  # fmt: skip
+            for req, _, end in work:
+                req._tactic_clustered = end
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self.plan is None:
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if not math.isclose(layer.scaling, self.head_dim**-0.5, rel_tol=1e-5) or layer.logit_cap:
+            raise ValueError("tactic decode needs softmax scale 1/sqrt(head_dim), no logit cap")
+        pool = forward_batch.token_to_kv_pool
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale,
+                               layer.v_scale)  # fmt: skip
+        heads, dim = layer.tp_q_head_num, layer.qk_head_dim
+        out = self.decoder.attend(
+            self.plan, q.reshape(-1, heads, dim), pool.get_key_buffer(layer.layer_id),
+            pool.get_value_buffer(layer.layer_id), layer.layer_id,
+        )  # fmt: skip
+        if layer.layer_id == self.num_layers - 1:
+            self.decoder.finish(self.plan)
+        return out.reshape(-1, heads * dim)

@@ -1,0 +1,160 @@
+"""Tactic's state beside SGLang's KV pool: per-layer cluster metadata of full segments, keyed so
+that the radix cache's prefix sharing reuses it and freeing KV invalidates it; per request slot,
+the target and the running statistics. Written against tensors only (req_to_token, the K
+buffers, freed slot indices), so it is tested with SGLang's real pools on the CPU.
+
+Keying: a segment (positions [jS, (j+1)S) of a request) is named by the KV slot of its last
+position. SGLang hands out KV slots along its radix tree, so two requests hold the same slot at
+position p only if they share every slot up to p: equal last slots mean equal segments. When
+that slot is freed (request end without caching, radix eviction), `invalidate` drops the
+segment; its metadata slot is reclaimed at the next clustering.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tactic_server.kernels.cluster_pool import ClusterPool
+from tactic_server.tactic.clustering import build_cluster_index, spherical_kmeans
+from tactic_server.tactic.config import TacticConfig
+
+logger = logging.getLogger(__name__)
+
+STATS = 4  # per request slot: sums of selected ratio, estimated mass, attended tokens; steps
+
+
+def metadata_bytes_per_token(
+    num_kv_heads: int, head_dim: int, dtype: torch.dtype, config: TacticConfig, num_layers: int
+) -> float:
+    """Bytes the cluster metadata adds per KV token over all layers (the segment slots
+    amortised over their segment_size tokens, plus the slot -> segment map)."""
+    clusters = -(-config.segment_size // config.cluster_size)
+    per_slot = ClusterPool.bytes_per_segment_slot(
+        num_kv_heads, head_dim, config.segment_size, clusters, dtype
+    )
+    return num_layers * per_slot / config.segment_size + 4
+
+
+class ClusterSide:
+    """Cluster metadata for `num_layers` layers of a KV pool of `num_slots` slots."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        config: TacticConfig,
+        max_requests: int,
+    ) -> None:
+        if config.segment_size is None:
+            raise ValueError("the tactic backend clusters segment by segment: set segment_size")
+        self.config = config
+        self.segment_size = config.segment_size
+        self.device = torch.device(device)
+        # full segments of distinct last slots: at most one per segment_size slots, plus the
+        # partial overlaps of requests that share part of a segment
+        num_segment_slots = num_slots // self.segment_size + max_requests + 1
+        clusters = -(-self.segment_size // config.cluster_size)
+        self.pools = [
+            ClusterPool.allocate(
+                num_segment_slots, max_reqs=1, max_segments=1, num_kv_heads=num_kv_heads,
+                head_dim=head_dim, segment_size=self.segment_size,
+                clusters_per_segment=clusters, dtype=dtype, device=device,
+            )  # fmt: skip
+            for _ in range(num_layers)
+        ]
+        self.last_slot_segment = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
+        self._owner = [-1] * num_segment_slots  # host: the last slot each segment slot serves
+        self._free = list(range(num_segment_slots - 1, -1, -1))
+        self.targets = torch.ones(max_requests, device=device)
+        self.stats = torch.zeros(max_requests, STATS, device=device)
+        if self.device.type == "cuda":
+            from tactic_server.kernels.kmeans import segment_kmeans
+
+            self.kmeans = segment_kmeans
+        else:
+            self.kmeans = spherical_kmeans
+
+    @property
+    def nbytes(self) -> int:
+        return sum(pool.segment_bytes for pool in self.pools) + self.last_slot_segment.nbytes
+
+    def invalidate(self, freed_slots: torch.Tensor) -> None:
+        """KV slots were freed: segments ending at them are gone (device op, no sync)."""
+        if freed_slots.numel():
+            self.last_slot_segment[freed_slots.long()] = -1
+
+    def start_request(self, request_slot: int, target: float) -> None:
+        self.targets[request_slot] = target
+        self.stats[request_slot] = 0.0
+
+    def cluster(self, work, req_to_token: torch.Tensor, k_buffers) -> int:
+        """Cluster the segments [first, end) of each (request_slot, first, end) in work unless
+        an equal segment is already known; returns how many were clustered."""
+        size = self.segment_size
+        rows = [req_to_token[slot, first * size : end * size].view(-1, size)
+                for slot, first, end in work if end > first]  # fmt: skip
+        if not rows:
+            return 0
+        slots = torch.cat(rows).long()  # [m, S]
+        last = slots[:, -1]
+        known = self.last_slot_segment[last].tolist()
+        new = [i for i, segment in enumerate(known) if segment < 0]
+        if not new:
+            return 0
+        if len(new) > len(self._free):
+            self._reclaim()
+        if len(new) > len(self._free):
+            logger.warning("tactic: out of cluster metadata slots; %d segments stay unclustered "
+                           "(scored exactly)", len(new) - len(self._free))  # fmt: skip
+            new = new[: len(self._free)]
+            if not new:
+                return 0
+        segment_slots = [self._free.pop() for _ in new]
+        chosen = slots[torch.tensor(new, device=slots.device)]
+        token_slots = chosen.flatten()
+        where = torch.tensor(segment_slots, device=self.device)
+        for pool, k_buffer in zip(self.pools, k_buffers, strict=True):
+            index = build_cluster_index(k_buffer[token_slots], self.config, kmeans=self.kmeans)
+            pool.write_segments(index, token_slots, where)
+        self.last_slot_segment[chosen[:, -1]] = where.int()
+        for segment_slot, last_slot in zip(segment_slots, chosen[:, -1].tolist(), strict=True):
+            self._owner[segment_slot] = last_slot
+        return len(new)
+
+    def _reclaim(self) -> None:
+        """Segment slots whose last KV slot was freed since (the map no longer points back)."""
+        held = [s for s, owner in enumerate(self._owner) if owner >= 0]
+        if not held:
+            return
+        owners = torch.tensor([self._owner[s] for s in held], device=self.device)
+        current = self.last_slot_segment[owners].tolist()
+        for segment_slot, pointed in zip(held, current, strict=True):
+            if pointed != segment_slot:
+                self._owner[segment_slot] = -1
+                self._free.append(segment_slot)
+
+    def segment_table(
+        self, req_to_token: torch.Tensor, request_slots: torch.Tensor, cached_lens: torch.Tensor,
+        max_segments: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Per request (device, no sync): req_to_segment [n, max(1, max_segments)] int32 and
+        the number of leading clustered segments [n] int32, among the full segments of its
+        first cached_lens positions."""
+        n = request_slots.shape[0]
+        width = max(1, max_segments)
+        if max_segments == 0:
+            zeros = torch.zeros(n, 1, dtype=torch.int32, device=self.device)
+            return zeros, torch.zeros(n, dtype=torch.int32, device=self.device)
+        positions = torch.arange(1, width + 1, device=self.device) * self.segment_size - 1
+        last = req_to_token[request_slots.long()][:, positions].long()
+        segment = self.last_slot_segment[last]
+        full = positions[None, :] < cached_lens.long()[:, None]
+        valid = full & (segment >= 0)
+        clustered = valid.int().cumprod(dim=1).sum(dim=1).int()
+        return torch.where(valid, segment, 0).int(), clustered

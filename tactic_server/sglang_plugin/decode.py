@@ -1,0 +1,136 @@
+"""One Tactic decode step over SGLang's pools: which rows select (target < 1) and which attend to
+everything, the per-step inputs of the kernels (built once, shared by all layers), each layer's
+attention, and the statistics summed on the device."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
+from tactic_server.kernels.selection import select_rows
+from tactic_server.tactic.config import TacticConfig
+
+from .clusters import ClusterSide
+
+
+@dataclass
+class Rows:
+    """A subset of the batch's rows in the kernels' compact layout (request i of the subset is
+    row i of req_to_token)."""
+
+    rows: torch.Tensor  # [n] int64 rows of the batch
+    request_slots: torch.Tensor  # [n] int64 SGLang req_pool_indices
+    req_to_token: torch.Tensor  # [n, max_seq_len] int32
+    seq_lens: torch.Tensor  # [n] int32
+    max_seq_len: int
+
+    @property
+    def compact(self) -> torch.Tensor:
+        return torch.arange(self.rows.shape[0], dtype=torch.int32, device=self.rows.device)
+
+
+@dataclass
+class TacticRows(Rows):
+    targets: torch.Tensor = None  # [n] float32
+    req_to_segment: torch.Tensor = None  # [n, max_segments] int32
+    clustered: torch.Tensor = None  # [n] int32
+    selections: list = field(default_factory=list)  # per layer (indptr, estimated_mass)
+
+
+@dataclass
+class DenseRows(Rows):
+    indptr: torch.Tensor = None
+    indices: torch.Tensor = None
+
+
+@dataclass
+class DecodePlan:
+    tactic: TacticRows | None
+    dense: DenseRows | None
+
+
+class TacticDecoder:
+    def __init__(self, side: ClusterSide, config: TacticConfig, num_kv_heads: int) -> None:
+        self.side = side
+        self.config = config
+        self.num_kv_heads = num_kv_heads
+
+    def plan(
+        self,
+        req_to_token: torch.Tensor,
+        request_slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_cpu: list[int],
+        targets_cpu: list[float],
+    ) -> DecodePlan | None:
+        """None when no row selects (every target >= 1): the caller's dense path runs."""
+        chosen = [i for i, target in enumerate(targets_cpu) if target < 1.0]
+        if not chosen:
+            return None
+        others = [i for i, target in enumerate(targets_cpu) if target >= 1.0]
+        tactic = self._rows(TacticRows, chosen, req_to_token, request_slots, seq_lens, seq_lens_cpu)
+        tactic.targets = self.side.targets[tactic.request_slots]
+        cached = tactic.seq_lens - 1  # the new token's K is written by this step
+        max_segments = (max(seq_lens_cpu[i] for i in chosen) - 1) // self.side.segment_size
+        tactic.req_to_segment, tactic.clustered = self.side.segment_table(
+            req_to_token, tactic.request_slots, cached, max_segments
+        )
+        dense = None
+        if others:
+            dense = self._rows(DenseRows, others, req_to_token, request_slots, seq_lens,
+                               seq_lens_cpu)  # fmt: skip
+            dense.indptr, dense.indices = dense_rows(
+                dense.req_to_token, dense.compact, dense.seq_lens, self.num_kv_heads,
+                dense.max_seq_len,
+            )  # fmt: skip
+        return DecodePlan(tactic, dense)
+
+    def _rows(self, kind, chosen, req_to_token, request_slots, seq_lens, seq_lens_cpu):
+        device = seq_lens.device
+        rows = torch.tensor(chosen, dtype=torch.long, device=device)
+        slots = request_slots[rows].long()
+        max_len = max(seq_lens_cpu[i] for i in chosen)
+        return kind(rows=rows, request_slots=slots, req_to_token=req_to_token[slots, :max_len],
+                    seq_lens=seq_lens[rows].int(), max_seq_len=max_len)  # fmt: skip
+
+    def attend(
+        self, plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        layer: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attention output [batch, H_q, d] of one layer (q [batch, H_q, d])."""
+        out = torch.empty_like(q)
+        if (tactic := plan.tactic) is not None:
+            queries = q[tactic.rows].to(k_cache.dtype).contiguous()
+            pool = dataclasses.replace(self.side.pools[layer], req_to_segment=tactic.req_to_segment)
+            selected = select_rows(
+                queries, k_cache, pool, tactic.req_to_token, tactic.compact, tactic.seq_lens,
+                tactic.targets, tactic.max_seq_len, self.config, tactic.clustered,
+            )  # fmt: skip
+            attended = sparse_decode(queries, k_cache, v_cache, selected.indptr,
+                                     selected.indices, tactic.max_seq_len)  # fmt: skip
+            out[tactic.rows] = attended.to(q.dtype)
+            tactic.selections.append((selected.indptr, selected.estimated_mass))
+        if (dense := plan.dense) is not None:
+            queries = q[dense.rows].to(k_cache.dtype).contiguous()
+            out[dense.rows] = sparse_decode(queries, k_cache, v_cache, dense.indptr, dense.indices,
+                                            dense.max_seq_len).to(q.dtype)  # fmt: skip
+        return out
+
+    def finish(self, plan: DecodePlan) -> None:
+        """Add this step's means over layers and KV heads to the request slots' running sums
+        (device only)."""
+        tactic = plan.tactic
+        if tactic is None or not tactic.selections:
+            return
+        layers = len(tactic.selections)
+        indptr = torch.stack([indptr for indptr, _ in tactic.selections])
+        lengths = (indptr[:, 1:] - indptr[:, :-1]).view(layers, tactic.rows.shape[0], -1)
+        attended = lengths.float().mean(dim=2).mean(dim=0)  # [n]
+        mass = torch.stack([m for _, m in tactic.selections]).mean(dim=2).mean(dim=0)
+        ratio = attended / tactic.seq_lens.float()
+        step = torch.stack([ratio, mass, attended, torch.ones_like(ratio)], dim=1)
+        self.side.stats.index_add_(0, tactic.request_slots, step)
+        tactic.selections.clear()

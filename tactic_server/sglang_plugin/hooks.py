@@ -1,0 +1,123 @@
+"""The functions the plugin hooks into SGLang (registered in __init__.register)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from . import BACKEND
+from .clusters import ClusterSide, metadata_bytes_per_token
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class TacticKVPool(MHATokenToKVPool):
+    """SGLang's MHA pool with Tactic's cluster metadata beside it (`tactic_side`), counted in
+    the pool's size report."""
+
+    tactic_side: ClusterSide
+
+    def get_kv_size_bytes(self):
+        k_bytes, v_bytes = super().get_kv_size_bytes()
+        return k_bytes + self.tactic_side.nbytes, v_bytes
+
+
+def create_backend(model_runner):
+    from .backend import TacticAttnBackend
+
+    return TacticAttnBackend(model_runner)
+
+
+def server_args_before(self, *args, **kwargs):
+    """The tactic backend must be chosen for prefill and decode alike (it runs SGLang's Triton
+    prefill itself); the piecewise CUDA graph of prefill is turned off (with a log line), since
+    clustering runs between forwards. Decode CUDA graphs stay on for dense batches."""
+    names = (self.attention_backend, self.prefill_attention_backend, self.decode_attention_backend)
+    if BACKEND not in names:
+        return None
+    if self.attention_backend != BACKEND or any(n not in (None, BACKEND) for n in names[1:]):
+        raise ValueError(
+            f"choose the tactic backend with attention_backend={BACKEND!r} alone (it does "
+            "prefill through SGLang's Triton kernels and decode through its own)"
+        )
+    if not self.disable_piecewise_cuda_graph:
+        logger.warning("tactic backend: the piecewise CUDA graph of prefill is turned off; "
+                       "decode batches with a Tactic request run without CUDA graphs, dense "
+                       "ones with them")  # fmt: skip
+    self.disable_piecewise_cuda_graph = True
+    return None
+
+
+def graph_can_run_around(original, self, forward_batch, *args, **kwargs):
+    """A decode batch with a Tactic request runs eagerly (selection sizes its work from host-side
+    lengths); dense batches replay SGLang's CUDA graphs as the Triton backend does."""
+    from .backend import TacticAttnBackend
+
+    backend = self.model_runner.attn_backend
+    if isinstance(backend, TacticAttnBackend) and backend.batch_selects:
+        return False
+    return original(self, forward_batch, *args, **kwargs)
+
+
+def init_pools_around(original, self, *args, **kwargs):
+    """After SGLang built its pools: the KV pool becomes a TacticKVPool with cluster metadata."""
+    result = original(self, *args, **kwargs)
+    if self.server_args.attention_backend != BACKEND:
+        return result
+    pool = self.token_to_kv_pool
+    if type(pool) is not MHATokenToKVPool:
+        raise ValueError(f"the tactic backend needs SGLang's MHATokenToKVPool, not {type(pool)}")
+    settings = Settings.from_env()
+    pool.tactic_side = ClusterSide(
+        num_slots=pool.size + pool.page_size, num_layers=len(pool.k_buffer),
+        num_kv_heads=pool.head_num, head_dim=pool.head_dim, dtype=pool.dtype, device=pool.device,
+        config=settings.config, max_requests=self.req_to_token_pool.req_to_token.shape[0],
+    )  # fmt: skip
+    pool.__class__ = TacticKVPool
+    k_bytes, v_bytes = MHATokenToKVPool.get_kv_size_bytes(pool)
+    logger.info("tactic cluster metadata: %.1f MiB beside %.1f MiB of KV (%.2f%%)",
+                pool.tactic_side.nbytes / 2**20, (k_bytes + v_bytes) / 2**20,
+                100 * pool.tactic_side.nbytes / (k_bytes + v_bytes))  # fmt: skip
+    return result
+
+
+def cell_size_around(original, self, model_runner, num_layers, *args, **kwargs):
+    """SGLang sizes the pool as free memory / bytes per token: add the metadata's share."""
+    cell = original(self, model_runner, num_layers, *args, **kwargs)
+    if model_runner.server_args.attention_backend != BACKEND or model_runner.use_mla_backend:
+        return cell
+    from sglang.srt.layers.dp_attention import get_attention_tp_size
+
+    config = model_runner.model_config
+    extra = metadata_bytes_per_token(
+        config.get_num_kv_heads(get_attention_tp_size()), config.head_dim,
+        model_runner.kv_cache_dtype, Settings.from_env().config, num_layers,
+    )  # fmt: skip
+    return cell + math.ceil(extra)
+
+
+def free_before(self, free_index, *args, **kwargs):
+    side = getattr(self._kvcache, "tactic_side", None)
+    if side is not None:
+        side.invalidate(free_index)
+    return None
+
+
+def forward_batch_generation_around(original, self, model_worker_batch=None, *args, **kwargs):
+    """The backend learns the batch's requests before the forward; after it, each request's
+    running Tactic sums ride customized_info to meta_info["tactic"]."""
+    from .backend import TacticAttnBackend
+
+    backend = self.model_runner.attn_backend
+    tactic = isinstance(backend, TacticAttnBackend) and model_worker_batch is not None
+    if tactic and model_worker_batch.reqs is not None:
+        backend.admit(model_worker_batch.reqs)
+    result = original(self, model_worker_batch, *args, **kwargs)
+    if tactic and getattr(result, "logits_output", None) is not None:
+        info = result.logits_output.customized_info or {}
+        info["tactic"] = backend.request_stats(model_worker_batch.req_pool_indices)
+        result.logits_output.customized_info = info
+    return result

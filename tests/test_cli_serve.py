@@ -1,0 +1,54 @@
+"""`tactic-server serve` as a process, as the README starts it: serves the bundled default model,
+and on SIGTERM finishes the request in flight, then exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_sigterm_drains_the_stream_in_flight_and_exits_zero(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tactic_server.cli", "serve", "--port", str(port)],
+        env=os.environ | {"TACTIC_SERVER_CACHE": str(tmp_path)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the server exited while loading"
+            assert time.monotonic() < deadline, "not ready in 120 s"
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        body = {"messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
+                "max_tokens": 200, "ignore_eos": True}  # fmt: skip
+        events = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as reply:
+            lines = reply.iter_lines()
+            events.append(next(line for line in lines if line.startswith("data:")))
+            threading.Timer(0.05, process.send_signal, (signal.SIGTERM,)).start()
+            events.extend(line for line in lines if line.startswith("data:"))
+        assert events[-1] == "data: [DONE]"  # the stream ran to its end after SIGTERM
+        assert sum('"content"' in event for event in events) >= 100
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,89 @@
+"""`tactic-server serve --engine sglang` end to end on a GPU: the CLI in a subprocess (SGLang's
+scheduler in its own), the official openai client over a real socket, Tactic's statistics in
+usage, and SGLang's metrics beside ours on /metrics. Marked gpu: SGLang's CUDA kernels do not
+load on a CPU machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tactic_server.engine.tiny_model import make_tiny_model
+
+pytestmark = pytest.mark.gpu
+openai = pytest.importorskip("openai")
+pytest.importorskip("sglang")
+
+PROMPT = "Summarise the following notes. " + "The cache keeps every key of the context. " * 250
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = make_tiny_model(
+        tmp_path_factory.mktemp("model"), "llama", dtype="bfloat16", num_layers=4,
+        hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512,
+        max_position_embeddings=8192, sparse_attention=True,
+    )  # fmt: skip
+    port = free_port()
+    command = [sys.executable, "-m", "tactic_server.cli", "serve", "--engine", "sglang",
+               "--model", str(model_dir), "--port", str(port), "--max-batch", "4"]  # fmt: skip
+    process = subprocess.Popen(command, env=os.environ | {"TACTIC_SEGMENT_SIZE": "512"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "the server exited while loading"
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("the server was not ready in 400 s")
+        yield url
+    finally:
+        process.terminate()
+        assert process.wait(timeout=120) == 0
+
+
+def test_openai_client_gets_an_answer_with_tactic_usage(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    results = {}
+    for target in (0.5, 0.999):
+        completion = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=16,
+            temperature=0.0, extra_body={"tactic": {"target": target}, "ignore_eos": True},
+        )  # fmt: skip
+        usage = completion.usage
+        assert completion.choices[0].finish_reason == "length"
+        assert usage.completion_tokens == 16 and usage.prompt_tokens > 1000
+        results[target] = usage.tactic
+        assert 0 < usage.tactic["selected_ratio"] <= 1
+    assert results[0.5]["selected_ratio"] < results[0.999]["selected_ratio"]
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
+        temperature=0.0, stream=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content) >= 1
+
+
+def test_metrics_hold_ours_and_sglangs(server):
+    text = httpx.get(f"{server}/metrics").text
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert "tactic_selected_token_ratio" in names and "tactic_requests" in names
+    assert any(name.startswith("sglang:") for name in names), sorted(names)
