@@ -140,7 +140,9 @@ def throughput(args, save) -> dict:
     model_dir = Path(tempfile.mkdtemp()) / "llama8b"
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text(json.dumps(LLAMA8B))
-    max_context = max(args.contexts) + args.tokens + 64
+    # a row's context is the sequence length its last decode step attends to: prompts are
+    # shorter by the new tokens, so 131,072 fits the config's positions
+    max_context = max(args.contexts)
     rows = []
     modes = {"triton": [("dense", None)], "tactic": [("dense", None), ("tactic_0.9", 0.9)]}
     for backend in args.backends:
@@ -152,7 +154,7 @@ def throughput(args, save) -> dict:
         capacity = engine.get_server_info()["max_total_num_tokens"]
         log(f"{backend}: KV capacity {capacity} tokens")
         for context in args.contexts:
-            need = context + args.tokens + 8
+            need = context
             batches = [b for b in args.batches if b * need <= capacity]
             skipped = [b for b in args.batches if b not in batches]
             for b in skipped:
@@ -160,7 +162,7 @@ def throughput(args, save) -> dict:
                                  skipped=f"{b} x {context} tokens exceed the KV pool"))  # fmt: skip
             if not batches:
                 continue
-            prompts = random_prompts(max(batches), context, 128000, seed=context)
+            prompts = random_prompts(max(batches), context - args.tokens - 2, 128000, seed=context)
             for mode, target in modes[backend]:
                 began = time.perf_counter()
                 generate(engine, prompts[: max(batches)], 1, target)  # prefill (and clustering)

@@ -2,7 +2,9 @@
 the entry point registers the backend and its hooks; cluster metadata lives beside a real
 MHATokenToKVPool, is shared by requests whose radix prefix shares the KV slots, and is dropped
 when the real allocator frees them; a decode step over the real pools (kernels under the Triton
-interpreter on the CPU) equals the torch reference, Tactic and dense rows in one batch."""
+interpreter on the CPU) equals the torch reference, Tactic and dense rows in one batch; the
+backend decodes a hand-built ForwardBatch like SGLang's Triton backend (dense) and the reference
+(Tactic), also as two tensor-parallel ranks whose statistics are combined."""
 
 import math
 
@@ -139,3 +141,179 @@ def test_decode_step_equals_torch_reference():
     assert steps[:3] == [1.0, 1.0, 0.0]  # the dense request has no Tactic statistics
     ratios = (side.stats[:2, 0] / side.stats[:2, 3]).tolist()
     assert all(0.0 < ratio < 1.0 for ratio in ratios)
+
+
+def make_runner(kv, requests, allocator, heads, kv_heads, max_context=512):
+    """What SGLang's ModelRunner hands an attention backend (the attributes its constructor
+    reads), around the real pools of one rank: heads and kv_heads are the model's, the pools
+    hold this rank's share."""
+    from types import SimpleNamespace
+
+    from sglang.srt.configs.model_config import AttentionArch
+
+    server_args = SimpleNamespace(
+        attention_backend="tactic", speculative_algorithm=None, speculative_num_draft_tokens=None,
+        speculative_num_steps=None, triton_attention_num_kv_splits=8, disable_cuda_graph=True,
+        chunked_prefill_size=8192, enable_deterministic_inference=False,
+        triton_attention_split_tile_size=None, page_size=1, enable_hierarchical_cache=False,
+        disaggregation_mode="null",
+    )  # fmt: skip
+    model_config = SimpleNamespace(
+        attention_arch=AttentionArch.MHA, num_attention_heads=heads, head_dim=DIM,
+        get_num_kv_heads=lambda tp_size: kv_heads // tp_size, v_head_dim=DIM,
+        swa_v_head_dim=None, context_len=max_context, is_encoder_decoder=False,
+    )  # fmt: skip
+    return SimpleNamespace(
+        server_args=server_args, model_config=model_config, req_to_token_pool=requests,
+        token_to_kv_pool=kv, token_to_kv_pool_allocator=allocator, sliding_window_size=None,
+        hybrid_gdn_config=None, kimi_linear_config=None, linear_attn_model_spec=None,
+        device=DEVICE, gpu_id=0, use_mla_backend=False,
+    )  # fmt: skip
+
+
+LENGTHS, KINDS = [300, 190, 250], ["topics", "needles", "topics"]
+CUSTOM = [{"tactic_target": 0.9}, {"tactic": {"target": 0.999}}, {"tactic": {"enabled": False}}]
+
+
+def decode_on_rank(tp_size=1, rank=0, combine_ranks=None):
+    """One decode ForwardBatch (three requests: P = 0.9, P = 0.999 and dense, each writing its
+    new token's K/V) through the tactic backend and SGLang's own Triton backend, both built on
+    the same real pools of `rank` out of `tp_size` (that rank's share of the heads). Checks the
+    dense request against SGLang's Triton decode and the Tactic ones against the torch
+    reference (plan_tactic + sparse_attention); returns the tactic backend's per-request sums."""
+    from sglang.srt.layers.attention import triton_backend
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from tactic_server.sglang_plugin import backend as backend_module
+    from tactic_server.sglang_plugin import hooks
+
+    # one process stands for one rank: SGLang's parallel state is not initialised here
+    triton_backend.get_attention_tp_size = lambda: tp_size
+    backend_module.get_attention_tp_size = lambda: tp_size
+    # and the statistics' all-reduce is the caller's (none: this rank's own sums)
+    backend_module.tp_mean = lambda step, size: combine_ranks(step) if combine_ranks else step
+    heads, kv_heads = HEADS // tp_size, KV_HEADS // tp_size
+    q_share = slice(rank * heads, (rank + 1) * heads)
+    kv_share = slice(rank * kv_heads, (rank + 1) * kv_heads)
+    num_slots, max_requests = 1024, 4
+    kv = MHATokenToKVPool(num_slots, page_size=1, dtype=torch.float32, head_num=kv_heads,
+                          head_dim=DIM, layer_num=LAYERS, device=DEVICE,
+                          enable_memory_saver=False)  # fmt: skip
+    requests = ReqToTokenPool(max_requests, 512, DEVICE, enable_memory_saver=False)
+    allocator = TokenToKVPoolAllocator(num_slots, torch.float32, DEVICE, kv, need_sort=False)
+    runner = make_runner(kv, requests, allocator, HEADS, KV_HEADS)
+    hooks.init_pools_around(lambda runner: None, runner)  # what the plugin's pool hook adds
+    tactic = backend_module.TacticAttnBackend(runner)
+    triton = triton_backend.TritonAttnBackend(runner)
+
+    reqs, queries, new_k, new_v, slots = [], [], [], [], []
+    for index, (length, kind) in enumerate(zip(LENGTHS, KINDS, strict=True)):
+        req = Req(f"r{index}", "", [1] * (length - 1), SamplingParams(custom_params=CUSTOM[index]))
+        request_slot = requests.alloc([req])[0]  # sets req.req_pool_idx, as the scheduler does
+        held = allocator.alloc(length)
+        workload = generate_workload(kind, length, HEADS, KV_HEADS, DIM, seed=index)
+        keys = workload.keys[:, kv_share]
+        values = torch.randn(length, KV_HEADS, DIM, generator=torch.Generator().manual_seed(index))
+        values = values[:, kv_share]
+        for layer in range(LAYERS):  # the context; the new token's K/V come with the batch
+            kv.k_buffer[layer][held[:-1]] = (keys[:-1] * (layer + 1)).to(DEVICE)
+            kv.v_buffer[layer][held[:-1]] = values[:-1].to(DEVICE)
+        requests.req_to_token[request_slot, :length] = held.int()
+        reqs.append(req)
+        queries.append(workload.query[q_share])
+        new_k.append(keys[-1])
+        new_v.append(values[-1])
+        slots.append(held)
+    request_slots = torch.tensor([r.req_pool_idx for r in reqs], device=DEVICE)
+    seq_lens = torch.tensor(LENGTHS, device=DEVICE)
+    layers = [RadixAttention(heads, DIM, DIM**-0.5, kv_heads, layer_id=i) for i in range(LAYERS)]
+
+    outputs = {}
+    for name, backend in (("triton", triton), ("tactic", tactic)):
+        batch = ForwardBatch(
+            forward_mode=ForwardMode.DECODE, batch_size=3,
+            input_ids=torch.zeros(3, dtype=torch.long), req_pool_indices=request_slots,
+            seq_lens=seq_lens, out_cache_loc=torch.stack([s[-1] for s in slots]).to(DEVICE),
+            seq_lens_sum=sum(LENGTHS), seq_lens_cpu=seq_lens.cpu(), req_to_token_pool=requests,
+            token_to_kv_pool=kv, attn_backend=backend,
+        )  # fmt: skip
+        if backend is tactic:
+            tactic.admit(reqs)  # the TP worker hook does this before each forward
+        backend.init_forward_metadata(batch)
+        outputs[name] = []
+        for layer in layers:
+            k = (torch.stack(new_k) * (layer.layer_id + 1)).to(DEVICE)
+            q = torch.stack(queries).to(DEVICE).reshape(3, -1)
+            out = backend.forward_decode(q, k, torch.stack(new_v).to(DEVICE), layer, batch)
+            outputs[name].append(out.view(3, heads, DIM))
+
+    for layer in range(LAYERS):
+        dense, sparse = outputs["triton"][layer], outputs["tactic"][layer]
+        torch.testing.assert_close(sparse[2], dense[2], atol=1e-5, rtol=1e-4)
+        for request, target in ((0, 0.9), (1, 0.999)):
+            length = LENGTHS[request]
+            held = requests.req_to_token[reqs[request].req_pool_idx, :length].long()
+            keys, values = kv.k_buffer[layer][held], kv.v_buffer[layer][held]
+            clustered = (length - 1) // CONFIG.segment_size * CONFIG.segment_size
+            index = build_cluster_index(keys[:clustered], CONFIG)
+            index = type(index)(**{**index.__dict__, "seq_len": length})
+            query = queries[request].to(DEVICE)
+            selection = plan_tactic(query, keys, target, index, CONFIG)
+            reference = sparse_attention(query, keys, values, selection)
+            torch.testing.assert_close(sparse[request], reference, atol=2e-4, rtol=1e-3)
+    return tactic.request_stats(request_slots)  # [3, 4] running sums, what meta_info carries
+
+
+def test_backend_decode_through_a_forward_batch_against_sglangs_triton_backend(monkeypatch):
+    """The dense request equals SGLang's Triton decode, the Tactic ones (P = 0.9 and 0.999) the
+    torch reference; the statistics land in the requests' slots."""
+    monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
+    stats = decode_on_rank()
+    assert stats[:, 3].tolist() == [1.0, 1.0, 0.0]  # the dense request has no Tactic steps
+    assert 0.0 < stats[0, 0] < 0.9 and 0.0 < stats[1, 0] <= 1.0  # P = 0.9 left tokens out
+    assert stats[0, 1] >= 0.9 - 1e-3 and stats[1, 1] >= 0.999 - 1e-4  # estimated masses
+
+
+def _tp_rank(rank: int, tp_size: int, init_file: str, results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["TACTIC_SEGMENT_SIZE"] = str(CONFIG.segment_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=tp_size)  # fmt: skip
+
+    def mean_over_ranks(step):
+        step = step.clone()
+        dist.all_reduce(step)
+        return step / tp_size
+
+    try:
+        alone = decode_on_rank(tp_size, rank)  # this rank's heads only, for the reference
+        combined = decode_on_rank(tp_size, rank, mean_over_ranks)
+        results.put((rank, alone.tolist(), combined.tolist()))  # lists outlive the process
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_decode_their_heads_and_combine_statistics(tmp_path):
+    """Two ranks of a tp 2 model (two processes over gloo), each with half the query and KV
+    heads in its pools: each rank's outputs equal SGLang's Triton decode and the Tactic
+    reference on its heads (selection is per KV head, so no rank needs another's keys), and
+    after the statistics' all-reduce both ranks hold the mean of the two ranks' own sums."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_tp_rank, args=(2, str(tmp_path / "init"), results), nprocs=2,
+                       start_method="spawn")  # fmt: skip
+    by_rank = {rank: (torch.tensor(alone), torch.tensor(combined))
+               for rank, alone, combined in (results.get() for _ in range(2))}  # fmt: skip
+    assert not torch.allclose(by_rank[0][0], by_rank[1][0])  # the ranks' heads differ
+    mean = (by_rank[0][0] + by_rank[1][0]) / 2
+    for rank in (0, 1):
+        torch.testing.assert_close(by_rank[rank][1], mean)
+    assert mean[:, 3].tolist() == [1.0, 1.0, 0.0]

@@ -11,6 +11,7 @@ import math
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.layers.dp_attention import get_attention_tp_size
 
 from .clusters import ClusterSide
 from .decode import TacticDecoder
@@ -41,6 +42,14 @@ def check_supported(model_runner) -> None:
         raise ValueError("the tactic attention backend does not support: " + ", ".join(problems))
 
 
+def tp_mean(tensor: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """Mean over the attention tensor-parallel ranks, each of which holds tp_k_head_num of the
+    KV heads (statistics are means over heads, and the ranks hold equal shares)."""
+    from sglang.srt.distributed.parallel_state import get_attn_tp_group
+
+    return get_attn_tp_group().all_reduce(tensor) / tp_size
+
+
 class TacticAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner) -> None:
         check_supported(model_runner)
@@ -49,7 +58,9 @@ class TacticAttnBackend(TritonAttnBackend):
         pool = model_runner.token_to_kv_pool
         self.side: ClusterSide = pool.tactic_side
         self.head_dim = model_runner.model_config.head_dim
-        self.decoder = TacticDecoder(self.side, self.settings.config, self.num_kv_head)
+        tp_size = get_attention_tp_size()
+        combine = (lambda step: tp_mean(step, tp_size)) if tp_size > 1 else None
+        self.decoder = TacticDecoder(self.side, self.settings.config, self.num_kv_head, combine)
         self.plan = None
         self.k_buffers = pool.k_buffer
         self.num_layers = len(pool.k_buffer)
@@ -138,6 +149,9 @@ class TacticAttnBackend(TritonAttnBackend):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if not math.isclose(layer.scaling, self.head_dim**-0.5, rel_tol=1e-5) or layer.logit_cap:
             raise ValueError("tactic decode needs softmax scale 1/sqrt(head_dim), no logit cap")
+        if layer.tp_k_head_num != self.decoder.num_kv_heads:
+            raise ValueError(f"layer {layer.layer_id} has {layer.tp_k_head_num} KV heads on this "
+                             f"rank, the pool {self.decoder.num_kv_heads}")  # fmt: skip
         pool = forward_batch.token_to_kv_pool
         if save_kv_cache:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale,

@@ -5,6 +5,7 @@ attention, and the statistics summed on the device."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -53,10 +54,21 @@ class DecodePlan:
 
 
 class TacticDecoder:
-    def __init__(self, side: ClusterSide, config: TacticConfig, num_kv_heads: int) -> None:
+    """num_kv_heads: this rank's KV heads. combine_ranks, with tensor parallelism, turns each
+    rank's per-request statistics [n, 4] into their mean over the ranks (a collective: every
+    rank calls it at the same step), so any rank's sums describe all heads."""
+
+    def __init__(
+        self,
+        side: ClusterSide,
+        config: TacticConfig,
+        num_kv_heads: int,
+        combine_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.side = side
         self.config = config
         self.num_kv_heads = num_kv_heads
+        self.combine_ranks = combine_ranks
 
     def plan(
         self,
@@ -132,5 +144,7 @@ class TacticDecoder:
         mass = torch.stack([m for _, m in tactic.selections]).mean(dim=2).mean(dim=0)
         ratio = attended / tactic.seq_lens.float()
         step = torch.stack([ratio, mass, attended, torch.ones_like(ratio)], dim=1)
+        if self.combine_ranks is not None:
+            step = self.combine_ranks(step)
         self.side.stats.index_add_(0, tactic.request_slots, step)
         tactic.selections.clear()
