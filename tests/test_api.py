@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.inprocess import serving
 from tactic_server.api import create_app
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
@@ -48,26 +46,6 @@ METRIC_NAMES = {
     "tactic_waiting_requests",
     "tactic_kv_cache_usage_ratio",
 }
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free local port in a background thread; yields its URL."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        listener.close()
 
 
 def wait_until(condition, timeout: float = 20.0) -> None:

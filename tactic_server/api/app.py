@@ -38,6 +38,31 @@ logger = logging.getLogger(__name__)
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
+def refuse_before_tokenizing(
+    body: GenerationFields, prompt: str | list[dict], max_model_len: int, max_token_chars: int
+) -> None:
+    """What cannot fit is refused at once, not after seconds of tokenising: max_tokens alone
+    beyond the context (400), or a prompt with more characters than max_model_len tokens could
+    hold (413)."""
+    if body.token_limit is not None and body.token_limit >= max_model_len:
+        raise APIError(
+            400,
+            f"max_tokens is {body.token_limit}; this model's context is {max_model_len} tokens, "
+            "prompt included",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    texts = [prompt] if isinstance(prompt, str) else [message["content"] for message in prompt]
+    characters = sum(len(text) for text in texts)
+    if characters > max_model_len * max_token_chars:
+        raise APIError(
+            413,
+            f"the prompt has {characters} characters, more than {max_model_len} tokens can hold",
+            param="messages" if not isinstance(prompt, str) else "prompt",
+            code="context_length_exceeded",
+        )
+
+
 def create_app(
     engine: Engine | None = None,
     *,
@@ -122,6 +147,7 @@ def create_app(
         """Tokenise (off the event loop: long prompts take a while), then run on the engine."""
         engine = ready_engine(body.model)
         tokenizer = engine.tokenizer
+        refuse_before_tokenizing(body, prompt, engine.max_model_len, tokenizer.max_token_chars)
 
         def prompt_token_ids() -> list[int]:
             if isinstance(prompt, str):  # a plain prompt gets BOS, as transformers adds it

@@ -2,10 +2,12 @@
 "code"}}, with one status per cause:
 
   400  malformed JSON and every invalid field (OpenAI answers 400 for both, and its clients raise
-       BadRequestError on it; FastAPI's default 422 is not used)
+       BadRequestError on it; FastAPI's default 422 is not used), max_tokens alone beyond the
+       model's context
   401  missing or wrong API key
   404  unknown model or route
-  413  request body over the byte limit; prompt plus max_tokens beyond the model's context
+  413  request body over the byte limit; a prompt (checked by its length before tokenising, then
+       by its tokens) or prompt plus max_tokens beyond the model's context
   429  engine queue full (with Retry-After)
   500  anything unexpected (the message carries an id that is also in the log; the server goes on)
   503  model still loading (with Retry-After)

@@ -8,7 +8,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,6 +46,7 @@ class ServerMetrics:
 
     def __init__(self, engine_stats: Callable[[], EngineStats | None]) -> None:
         self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes & co. (soak runs)
         self.selected_ratio = Histogram(
             "tactic_selected_token_ratio",
             "Per request: mean share of the context its decode attention read (Tactic requests)",

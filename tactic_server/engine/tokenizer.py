@@ -3,6 +3,7 @@ rendered as transformers renders it, and streaming detokenization that never spl
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -86,6 +87,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """No token covers more characters of text than this (its vocabulary's longest entry:
+        a byte-level token's string has one character per byte, a text character at least one
+        byte), so a text of n characters has at least n / max_token_chars tokens."""
+        return max(len(token) for token in self.backend.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Special tokens written in the text (e.g. by a chat template) always become their ids;
