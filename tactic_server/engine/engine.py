@@ -112,11 +112,11 @@ class Engine:
         if model_config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         model.load_state_dict(state, strict=False, assign=True)
+        if model_config.tie_word_embeddings:  # assign=True replaced the tied tensor: tie again
+            model.lm_head.weight = model.model.embed_tokens.weight
         missing = [name for name, p in model.named_parameters() if p.is_meta]
         if missing:
             raise ValueError(f"the checkpoint in {model_dir} lacks {', '.join(missing[:5])}")
-        if model_config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
         # buffers were made on the meta device with the module; compute the real ones
         model.inv_freq = rope_inverse_frequencies(model_config).to(config.device)
         model.eval()

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
@@ -125,8 +126,8 @@ def make_tiny_model(
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}")
     model_dir = Path(path)
     model_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer()
-    tokenizer.save(str(model_dir / "tokenizer.json"))
+    tokenizer = train_tokenizer(CORPUS.splitlines(keepends=True))
+    write_tokenizer(model_dir, tokenizer, max_position_embeddings)
     tokenizer_vocab = tokenizer.get_vocab_size()
     vocab_size = vocab_size or tokenizer_vocab
     if vocab_size < tokenizer_vocab:
@@ -163,18 +164,6 @@ def make_tiny_model(
     _write_json(model_dir / "config.json", config)
     generation = {name: config[name] for name in ("bos_token_id", "eos_token_id")}
     _write_json(model_dir / "generation_config.json", generation)
-    _write_json(
-        model_dir / "tokenizer_config.json",
-        {
-            "add_bos_token": True,
-            "bos_token": BOS_TOKEN,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": EOS_TOKEN,
-            "model_max_length": max_position_embeddings,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-        },
-    )
     weights = _random_weights(config, seed, sparse_attention)
     weights = {name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in weights.items()}
     _write_safetensors(model_dir, weights, shards)
@@ -230,19 +219,39 @@ def ensure_default_model() -> Path:
     return model_dir
 
 
-def _train_tokenizer() -> tokenizers.Tokenizer:
+def write_tokenizer(model_dir: Path, tokenizer: tokenizers.Tokenizer, max_length: int) -> None:
+    """tokenizer.json and a tokenizer_config.json (BOS, EOS, the chat template) as Hugging Face
+    writes them."""
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    _write_json(
+        model_dir / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "bos_token": BOS_TOKEN,
+            "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": EOS_TOKEN,
+            "model_max_length": max_length,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+    )
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = TOKENIZER_VOCAB_SIZE
+) -> tokenizers.Tokenizer:
     """A byte-level BPE like Llama 3's (every byte is a token, so any text encodes), trained on
-    CORPUS, that puts BOS before a text when asked for special tokens."""
+    texts, that puts BOS before a text when asked for special tokens."""
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",

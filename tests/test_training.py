@@ -1,0 +1,71 @@
+"""The training script on the CPU at a tiny scale: the loss goes down, an interrupted run resumed
+from its checkpoint reads the same batches and reaches the same losses as an uninterrupted one,
+the exported checkpoint loads in the embedded engine and answers, and the synthetic tasks put
+their answer in the context."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tactic_server.engine.config import EngineConfig  # noqa: E402
+from tactic_server.engine.engine import Engine  # noqa: E402
+from tactic_server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from tactic_server.tactic.config import TacticConfig  # noqa: E402
+from tactic_server.training.data import TASKS, task  # noqa: E402
+from tactic_server.training.train import TrainConfig, train  # noqa: E402
+
+CORPUS = str(Path(__file__).resolve().parent.parent / "tactic_server")
+
+
+def tiny(out: Path, **changes) -> TrainConfig:
+    settings = dict(out=str(out), roots=(CORPUS,), steps=24, seq_len=256, batch=4, layers=2,
+                    hidden=128, heads=2, kv_heads=1, head_dim=64, intermediate=256,
+                    vocab_size=600, warmup=4, lr=3e-3, checkpoint_every=8, log_every=100,
+                    max_position_embeddings=1024, device="cpu")  # fmt: skip
+    return TrainConfig(**(settings | changes))
+
+
+def test_loss_decreases_and_the_model_serves(tmp_path):
+    state = train(tiny(tmp_path / "run"), log=lambda line: None)
+    losses = state["losses"]
+    assert len(losses) == 24 and state["tokens_seen"] == 24 * 4 * 256
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
+    model_dir = tmp_path / "run" / "model"
+    assert "final loss" in (model_dir / "README.md").read_text()
+    engine = Engine.from_config(EngineConfig(model_dir=str(model_dir), max_model_len=1024,
+                                             tactic=TacticConfig(segment_size=64)))  # fmt: skip
+
+    async def complete() -> int:
+        request = GenerationRequest("r", tuple(engine.tokenizer.encode("def main(", True)),
+                                    SamplingParams(max_tokens=8, temperature=0.0,
+                                                   ignore_eos=True))  # fmt: skip
+        produced = 0
+        async for output in engine.generate(request):
+            produced = output.completion_tokens
+        await engine.shutdown()
+        return produced
+
+    assert asyncio.run(complete()) == 8
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
+    whole = train(tiny(tmp_path / "whole"), log=lambda line: None)
+    cut = train(tiny(tmp_path / "cut", max_minutes=0.0), log=lambda line: None)
+    assert cut["step"] == 1  # the time budget ran out after the first step
+    resumed = train(tiny(tmp_path / "cut"), resume=True, log=lambda line: None)
+    assert resumed["step"] == 24
+    assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", TASKS)
+def test_tasks_hide_their_answer_in_a_long_context(kind):
+    prompt, answer = task(kind, random.Random(3), 20_000)
+    assert 15_000 < len(prompt) < 25_000
+    value = answer.strip().strip('"')
+    assert value.isdigit() and value in prompt[: len(prompt) - 10]
