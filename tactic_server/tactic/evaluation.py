@@ -3,9 +3,10 @@ query heads meeting the target, selected ratio, overshoot over the oracle, and o
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,33 +72,64 @@ def _plans_for(workload: Workload, target: float, indexes: dict, setup: Evaluati
 def evaluate(
     setup: EvaluationSetup, progress: Callable[[str], None] = lambda _: None
 ) -> list[dict]:
-    """Run every method on every workload (kind x seed) and target; one record per
+    """Run every method on every synthetic workload (kind x seed) and target; one record per
     (kind, target, method)."""
+    workloads = (
+        (kind, dataclasses.replace(
+            generate_workload(kind, setup.seq_len, setup.num_q_heads, setup.num_kv_heads,
+                              setup.head_dim, seed), name=f"{kind} seed {seed}"))  # fmt: skip
+        for kind in setup.kinds
+        for seed in setup.seeds
+    )
+    return evaluate_workloads(workloads, setup, progress)
+
+
+def evaluate_workloads(
+    workloads: Iterable[tuple[str, Workload]],
+    setup: EvaluationSetup,
+    progress: Callable[[str], None] = lambda _: None,
+    per_head: list | None = None,
+) -> list[dict]:
+    """Every method on each (group, workload) and target; one record per (group, target,
+    method), averaged over the group's workloads (e.g. the seeds of a kind, or the prompts seen
+    by one layer of a real model). per_head, when given, receives one record per query head."""
     tallies: dict[tuple[str, float, str], _Tally] = {}
-    for kind in setup.kinds:
-        for seed in setup.seeds:
-            started = time.perf_counter()
-            workload = generate_workload(
-                kind, setup.seq_len, setup.num_q_heads, setup.num_kv_heads, setup.head_dim, seed
-            )
-            indexes = {
-                name: build_cluster_index(workload.keys, config)
-                for name, config in setup.tactic_variants.items()
-            }
-            for target in setup.targets:
-                plans = _plans_for(workload, target, indexes, setup)
-                for method, plan in plans.items():
-                    tally = tallies.setdefault((kind, target, method), _Tally())
-                    tally.plans.append(plan)
-                    tally.oracle_plans.append(plans["oracle"])
-                    tally.recalls.append(recall(workload.query, workload.keys, plan))
-                    tally.errors.append(
-                        output_error(workload.query, workload.keys, workload.values, plan)
-                    )
-            progress(f"{kind} seed {seed}: {time.perf_counter() - started:.1f} s")
+    for kind, workload in workloads:
+        started = time.perf_counter()
+        indexes = {
+            name: build_cluster_index(workload.keys, config)
+            for name, config in setup.tactic_variants.items()
+        }
+        for target in setup.targets:
+            plans = _plans_for(workload, target, indexes, setup)
+            for method, plan in plans.items():
+                tally = tallies.setdefault((kind, target, method), _Tally())
+                tally.plans.append(plan)
+                tally.oracle_plans.append(plans["oracle"])
+                recalled = recall(workload.query, workload.keys, plan)
+                tally.recalls.append(recalled)
+                tally.errors.append(
+                    output_error(workload.query, workload.keys, workload.values, plan)
+                )
+                if per_head is not None:
+                    per_head.extend(_head_records(kind, target, method, plan, recalled,
+                                                  plans["oracle"]))  # fmt: skip
+        progress(f"{workload.name}: {time.perf_counter() - started:.1f} s")
     return [
         _summarise(kind, target, method, tally) for (kind, target, method), tally in tallies.items()
     ]
+
+
+def _head_records(kind, target, method, plan: SelectionPlan, recalled, oracle: SelectionPlan):
+    """Per query head: its recall, its KV head's selected ratio and overshoot over the oracle."""
+    group = recalled.shape[0] // plan.selected_counts.shape[0]
+    counts, oracle_counts = plan.selected_counts.float(), oracle.selected_counts.float()
+    over = counts / oracle_counts.clamp(min=1)
+    return [{"group": kind, "target": target, "method": method, "q_head": head,
+             "kv_head": head // group, "recall": recalled[head].item(),
+             "selected_ratio": (counts[head // group] / plan.seq_len).item(),
+             "overshoot": over[head // group].item()}
+            for head in range(recalled.shape[0])]  # fmt: skip
 
 
 def _summarise(kind: str, target: float, method: str, tally: _Tally) -> dict:

@@ -1,0 +1,54 @@
+"""benchmarks/accuracy.py end to end on the CPU, on a model the training script makes in a few
+seconds: every (task, context, method) has an accuracy, every layer and method its attention
+record, the oracle meets each target, per-head records and perplexity are there."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tactic_server.training.train import TrainConfig, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_report_covers_every_method(tmp_path):
+    corpus = (str(ROOT / "tactic_server"), str(ROOT / "tests"))
+    train(TrainConfig(out=str(tmp_path / "run"), roots=corpus, steps=10, seq_len=512, batch=2,
+                      layers=2, hidden=128, heads=4, kv_heads=1, head_dim=32, intermediate=256,
+                      vocab_size=600, warmup=2, max_position_embeddings=2048, device="cpu"),
+          log=lambda line: None)  # fmt: skip
+    out = tmp_path / "accuracy"
+    load_accuracy().main(["--model", str(tmp_path / "run" / "model"), "--lengths", "512", "1024",
+                          "--trials", "2", "--attention-prompts", "1", "--attention-length",
+                          "1536", "--roots", *corpus, "--perplexity-tokens", "3000",
+                          "--out", str(out), "--device", "cpu"])  # fmt: skip
+    result = json.loads(Path(f"{out}.json").read_text())
+    cells = {(r["task"], r["context"], r["method"]) for r in result["retrieval"]}
+    methods = {"dense", "tactic_0.75", "tactic_0.9", "tactic_0.95"}
+    assert cells == {(t, n, m) for t in ("passkey", "multikey") for n in (512, 1024)
+                     for m in methods}  # fmt: skip
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["retrieval"])
+    attention = {(r["workload"], r["method"], r["target"]) for r in result["attention"]}
+    names = ("tactic_segment", "tactic_whole", "oracle", "quest", "topk")
+    assert attention == {(f"layer {layer}", name, target) for layer in (0, 1) for name in names
+                         for target in (0.75, 0.9, 0.95)}  # fmt: skip
+    for record in result["attention"]:
+        if record["method"] == "oracle":
+            assert record["share_meeting_target_strict"] == 1.0
+    assert len(result["per_head"]) == len(result["attention"]) * 4  # 4 query heads
+    assert math.isfinite(result["perplexity"]["perplexity"])
+    assert Path(f"{out}.md").read_text().startswith("| task | context | method | accuracy |")
