@@ -6,7 +6,7 @@ Scenarios (every one bounded in requests and in time):
   sweep       closed-loop clients at each concurrency in --concurrency
   burst       --burst requests at once, beyond capacity: expects 429/503 with Retry-After, then
               checks that the server serves again (recovery)
-  long        prompts near the context limit (sized from a probe's prompt_tokens), and one over
+  long        prompts at 90% of the context (sized from a probe's prompt_tokens), and one over
               it that must get 413
   disconnect  streams of which a share is dropped by the client after a few tokens
   mixed       requests with random per-request targets (dense included), streamed or not, a
@@ -229,9 +229,11 @@ async def burst(client, settings: Settings, rng) -> list[dict]:
 async def long_prompts(client, settings: Settings, rng) -> list[dict]:
     models = (await client.get("/v1/models")).json()["data"][0]
     context = models["max_model_len"]
-    probe_words = 200  # a probe's prompt_tokens sizes the prompts (chat template included)
+    # a probe's prompt_tokens sizes the prompts (chat template included); random words vary in
+    # tokens, so the probe is large and the prompts aim at 90% of what is left
+    probe_words = max(50, min(2000, context // 4))
     tokens_per_word = await _prompt_tokens(client, settings, probe_words, rng) / probe_words
-    fill = int((context - settings.max_tokens - 16) * 0.95 / tokens_per_word)
+    fill = int((context - settings.max_tokens - 16) * 0.90 / tokens_per_word)
     began = time.perf_counter()
     near = [send(client, chat_body(prompt_of(fill, rng), settings, stream=True))
             for _ in range(max(2, settings.requests // 8))]  # fmt: skip
@@ -340,13 +342,14 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--burst", type=int, default=64, help="requests sent at once")
     parser.add_argument("--scenario-seconds", type=float, default=300.0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args(argv)
     settings = Settings(
         url=args.url, api_key=args.api_key, requests=args.requests, max_tokens=args.max_tokens,
         concurrency=tuple(args.concurrency), burst=args.burst,
-        scenario_seconds=args.scenario_seconds, seed=args.seed,
+        scenario_seconds=args.scenario_seconds, seed=args.seed, timeout=args.timeout,
     )  # fmt: skip
     report = asyncio.run(run(settings, args.scenarios))
     if args.out:
