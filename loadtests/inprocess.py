@@ -30,3 +30,26 @@ def serving(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         listener.close()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a server started in another process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, process=None, timeout: float = 120.0) -> None:
+    """Until GET url answers 200; fails if `process` (a Popen) exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process is None or process.poll() is None, "the server exited"
+        assert time.monotonic() < deadline, f"{url} did not answer 200 in {timeout:.0f} s"
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)

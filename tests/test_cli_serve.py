@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from loadtests.inprocess import free_port, wait_for
 
 
 def test_sigterm_drains_the_stream_in_flight_and_exits_zero(tmp_path):
@@ -28,16 +22,7 @@ def test_sigterm_drains_the_stream_in_flight_and_exits_zero(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, "the server exited while loading"
-            assert time.monotonic() < deadline, "not ready in 120 s"
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_for(f"{url}/ready", process)
         body = {"messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
                 "max_tokens": 200, "ignore_eos": True}  # fmt: skip
         events = []

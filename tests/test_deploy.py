@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ from collections.abc import Callable
 from functools import cache, partial
 from pathlib import Path
 
-import httpx
 import huggingface_hub
 import kubernetes_validate
 import pytest
@@ -28,6 +26,7 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.inprocess import free_port, wait_for
 from tactic_server.api import create_app
 from tactic_server.cli import build_parser
 from tactic_server.engine.config import EngineConfig
@@ -444,9 +443,7 @@ def test_default_pod_command_serves_and_passes_its_probes(rendered, tmp_path):
     manifests = rendered(None)
     server = server_container(manifests)
     args = list(server["args"])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     args[args.index("--port") + 1] = str(port)
     args[args.index("--host") + 1] = "127.0.0.1"
     cache = str(tmp_path / "cache")
@@ -455,17 +452,8 @@ def test_default_pod_command_serves_and_passes_its_probes(rendered, tmp_path):
     process = subprocess.Popen([executable, *server["command"][1:], *args], env=os.environ | env)
     paths = [server[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe")]
     try:
-        deadline = time.monotonic() + 120
         for path in [*paths, "/metrics"]:
-            while True:
-                assert process.poll() is None, "the server exited"
-                assert time.monotonic() < deadline, f"{path} did not answer 200"
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}{path}").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+            wait_for(f"http://127.0.0.1:{port}{path}", process)
         process.send_signal(signal.SIGTERM)
         assert process.wait(pod_spec(manifests)["terminationGracePeriodSeconds"]) == 0
     finally:

@@ -6,15 +6,14 @@ load on a CPU machine."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.inprocess import free_port, wait_for
 from tactic_server.engine.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -22,12 +21,6 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("sglang")
 
 PROMPT = "Summarise the following notes. " + "The cache keeps every key of the context. " * 250
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +35,8 @@ def server(tmp_path_factory):
                "--model", str(model_dir), "--port", str(port), "--max-batch", "4"]  # fmt: skip
     process = subprocess.Popen(command, env=os.environ | {"TACTIC_SEGMENT_SIZE": "512"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 400
     try:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the server exited while loading"
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("the server was not ready in 400 s")
+        wait_for(f"{url}/ready", process, timeout=400)
         yield url
     finally:
         process.terminate()
