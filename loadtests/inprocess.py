@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 
@@ -41,8 +42,6 @@ def free_port() -> int:
 
 def wait_for(url: str, process=None, timeout: float = 120.0) -> None:
     """Until GET url answers 200; fails if `process` (a Popen) exits or the time runs out."""
-    import httpx
-
     deadline = time.monotonic() + timeout
     while True:
         assert process is None or process.poll() is None, "the server exited"

@@ -101,20 +101,21 @@ class TacticAttnBackend(TritonAttnBackend):
         self.plan = None
         mode = forward_batch.forward_mode
         reqs = self.batch_reqs
-        if reqs is not None and len(reqs) == forward_batch.batch_size and self.batch_selects:
+        admitted = reqs is not None and len(reqs) == forward_batch.batch_size
+        seq_lens = forward_batch.seq_lens_cpu.tolist() if mode.is_decode() else None
+        if admitted and self.batch_selects:
             if mode.is_decode():
-                cached = [n - 1 for n in forward_batch.seq_lens_cpu.tolist()]
+                self._cluster(reqs, [n - 1 for n in seq_lens])
             elif mode.is_extend():
-                cached = list(forward_batch.extend_prefix_lens_cpu)
-            else:
-                cached = None
-            if cached is not None:
-                self._cluster(reqs, cached)
+                self._cluster(reqs, list(forward_batch.extend_prefix_lens_cpu))
         if mode.is_decode():
-            slots = forward_batch.req_pool_indices.tolist()
+            # the admitted requests are the batch's rows in order: their slots are on the host
+            # already, without reading req_pool_indices back from the device
+            slots = ([req.req_pool_idx for req in reqs] if admitted
+                     else forward_batch.req_pool_indices.tolist())  # fmt: skip
             self.plan = self.decoder.plan(
                 self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
-                forward_batch.seq_lens_cpu.tolist(), [self.host_targets[s] for s in slots],
+                seq_lens, [self.host_targets[s] for s in slots],
             )  # fmt: skip
         if self.plan is None:
             super().init_forward_metadata(forward_batch)
