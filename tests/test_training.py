@@ -18,7 +18,7 @@ from tactic_server.engine.engine import Engine  # noqa: E402
 from tactic_server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 from tactic_server.tactic.config import TacticConfig  # noqa: E402
 from tactic_server.training.data import TASKS, task  # noqa: E402
-from tactic_server.training.train import TrainConfig, train  # noqa: E402
+from tactic_server.training.train import Batches, Prefetched, TrainConfig, prepare, train  # noqa: E402
 
 CORPUS = str(Path(__file__).resolve().parent.parent / "tactic_server")
 
@@ -69,3 +69,20 @@ def test_tasks_hide_their_answer_in_a_long_context(kind):
     assert 15_000 < len(prompt) < 25_000
     value = answer.strip().strip('"')
     assert value.isdigit() and value in prompt[: len(prompt) - 10]
+
+
+def test_prefetched_batches_are_the_batches_of_their_steps(tmp_path):
+    config = tiny(tmp_path / "run", seq_len=512)
+    sources, tokenizer = prepare(config, log=lambda line: None)
+    batches = Batches(config, sources, tokenizer)
+    ahead = Prefetched(batches, first=5, last=12, depth=3)
+    try:
+        got = [ahead(step) for step in range(5, 12)]
+    finally:
+        ahead.close()
+    bos = tokenizer.token_to_id("<|begin_of_text|>")
+    for step, tokens in zip(range(5, 12), got, strict=True):
+        assert tokens.shape == (config.batch, config.seq_len + 1)
+        assert (tokens[:, 0] == bos).all()
+        assert tokens.equal(batches(step))
+    assert not got[0].equal(got[1])

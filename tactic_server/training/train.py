@@ -19,6 +19,7 @@ import random
 import sys
 import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from tactic_server.engine.tiny_model import EOS_TOKEN, train_tokenizer, write_to
 from tactic_server.training.data import TASKS, SourceFiles, find_sources, read_text, task
 
 CHARS_PER_TOKEN = 3.5  # what the 8k BPE averages on Python source (sizes the synthetic tasks)
+# of the synthetic documents; passkey retrieval at the training length is the model's bar
+TASK_WEIGHTS = {"passkey": 2, "multikey": 1, "variables": 1}
 
 
 @dataclass
@@ -73,7 +76,9 @@ def model_config(config: TrainConfig, vocab_size: int, bos: int, eos: int):
 
 class Batches:
     """Packed [batch, seq_len + 1] token sequences; documents start with BOS and end with EOS.
-    Batch s depends only on (seed, s)."""
+    Batch s depends only on (seed, s). A row's documents are drawn as text first and tokenized
+    together by `encode_batch` (in Rust, without the GIL, so a prefetch thread overlaps it with
+    the training step)."""
 
     def __init__(self, config: TrainConfig, sources: SourceFiles, tokenizer) -> None:
         self.config = config
@@ -81,31 +86,59 @@ class Batches:
         self.tokenizer = tokenizer
         self.eos = tokenizer.token_to_id(EOS_TOKEN)
 
-    def document(self, rng: random.Random) -> list[int]:
+    def document(self, rng: random.Random) -> str:
         if rng.random() < self.config.task_share or not self.files:
             tokens = rng.randint(self.config.seq_len // 16, self.config.seq_len - 64)
             background = self.source_texts(rng) if self.files else None
-            prompt, answer = task(rng.choice(TASKS), rng, int(tokens * CHARS_PER_TOKEN),
-                                  background)  # fmt: skip
-            text = prompt + answer
-        else:
-            text = read_text(rng.choice(self.files)) or ""
-        return self.tokenizer.encode(text).ids + [self.eos]  # the post-processor adds BOS
+            kind = rng.choices(TASKS, weights=[TASK_WEIGHTS[t] for t in TASKS])[0]
+            prompt, answer = task(kind, rng, int(tokens * CHARS_PER_TOKEN), background)
+            return prompt + answer
+        return read_text(rng.choice(self.files)) or ""
 
     def source_texts(self, rng: random.Random):
         """Random training files as background text, endlessly."""
         while True:
             yield read_text(rng.choice(self.files)) or ""
 
+    def row(self, rng: random.Random) -> list[int]:
+        wanted = self.config.seq_len + 1
+        texts, characters = [], 0
+        while characters < wanted * CHARS_PER_TOKEN * 1.2:  # usually enough in one go
+            texts.append(self.document(rng))
+            characters += len(texts[-1])
+        row: list[int] = []
+        while True:
+            for encoding in self.tokenizer.encode_batch(texts):
+                row += encoding.ids + [self.eos]  # the post-processor adds BOS
+            if len(row) >= wanted:
+                return row[:wanted]
+            texts = [self.document(rng)]
+
     def __call__(self, step: int) -> torch.Tensor:
         rng = random.Random(self.config.seed * 1_000_003 + step)
-        rows = []
-        for _ in range(self.config.batch):
-            row: list[int] = []
-            while len(row) < self.config.seq_len + 1:
-                row += self.document(rng)
-            rows.append(row[: self.config.seq_len + 1])
-        return torch.tensor(rows)
+        return torch.tensor([self.row(rng) for _ in range(self.config.batch)])
+
+
+class Prefetched:
+    """Batches computed `depth` steps ahead on a background thread."""
+
+    def __init__(self, batches: Batches, first: int, last: int, depth: int = 3) -> None:
+        self.batches, self.last, self.depth = batches, last, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self.pending = {step: self.pool.submit(batches, step)
+                        for step in range(first, min(last, first + depth))}  # fmt: skip
+
+    def __call__(self, step: int) -> torch.Tensor:
+        future = self.pending.pop(step, None) or self.pool.submit(self.batches, step)
+        ahead = step + self.depth
+        if ahead < self.last and ahead not in self.pending:
+            self.pending[ahead] = self.pool.submit(self.batches, ahead)
+        return future.result()
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -150,7 +183,8 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
     model = LlamaForCausalLM(model_config(config, tokenizer.get_vocab_size(), bos, eos))
     model.to(config.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
-                                  weight_decay=config.weight_decay)  # fmt: skip
+                                  weight_decay=config.weight_decay,
+                                  fused=config.device == "cuda")  # fmt: skip
     state = {"step": 0, "tokens_seen": 0, "losses": [], "minutes": 0.0}
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.is_file():
@@ -159,13 +193,28 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log(f"[train] resumed at step {state['step']} ({state['tokens_seen']:,} tokens seen)")
-    batches = Batches(config, sources, tokenizer)
+    batches = Prefetched(Batches(config, sources, tokenizer), state["step"], config.steps)
     parameters = sum(p.numel() for p in model.parameters())
     log(f"[train] {parameters / 1e6:.1f}M parameters, {config.batch} x {config.seq_len} tokens "
         f"a step, steps {state['step']}..{config.steps} on {config.device}")  # fmt: skip
     began, autocast = time.monotonic(), config.device == "cuda"
+    try:
+        run_steps(config, model, optimizer, batches, state, checkpoint, autocast, log)
+    finally:
+        batches.close()
+    state["minutes"] += (time.monotonic() - began) / 60
+    save_checkpoint(checkpoint, model, optimizer, state, 0.0)
+    export(config, model, tokenizer, sources, state, parameters)
+    return state
+
+
+def run_steps(config: TrainConfig, model, optimizer, batches, state: dict, checkpoint: Path,
+              autocast: bool, log) -> None:  # fmt: skip
+    """Steps until config.steps or the time budget (a checkpoint then, and every
+    checkpoint_every steps)."""
+    began, first_tokens = time.monotonic(), state["tokens_seen"]
     while state["step"] < config.steps:
-        tokens = batches(state["step"]).to(config.device)
+        tokens = batches(state["step"]).to(config.device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, state["step"])
         loss = next_token_loss(model, tokens, autocast)
@@ -179,19 +228,16 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
         elapsed = (time.monotonic() - began) / 60
         if state["step"] % config.log_every == 0 or state["step"] == config.steps:
             recent = state["losses"][-config.log_every :]
+            rate = (state["tokens_seen"] - first_tokens) / (elapsed * 60 + 1e-9)
             log(f"[train] step {state['step']}/{config.steps} loss {sum(recent) / len(recent):.3f}"
                 f" lr {learning_rate(config, state['step'] - 1):.2e} {elapsed:.1f} min "
-                f"{state['tokens_seen'] / max(1e-9, elapsed * 60 + 1e-9):,.0f} tok/s")  # fmt: skip
+                f"{rate:,.0f} tok/s")  # fmt: skip
         out_of_time = config.max_minutes is not None and elapsed >= config.max_minutes
         if state["step"] % config.checkpoint_every == 0 or out_of_time:
             save_checkpoint(checkpoint, model, optimizer, state, elapsed)
         if out_of_time:
             log(f"[train] time budget of {config.max_minutes} min reached at step {state['step']}")
             break
-    state["minutes"] += (time.monotonic() - began) / 60
-    save_checkpoint(checkpoint, model, optimizer, state, 0.0)
-    export(config, model, tokenizer, sources, state, parameters)
-    return state
 
 
 def next_token_loss(model, tokens: torch.Tensor, autocast: bool) -> torch.Tensor:
@@ -227,7 +273,7 @@ def export(config: TrainConfig, model, tokenizer, sources: SourceFiles, state: d
         "training": {"seq_len": config.seq_len, "batch": config.batch, "steps": state["step"],
                      "tokens_seen": state["tokens_seen"], "minutes": round(state["minutes"], 2),
                      "final_loss": sum(recent) / len(recent) if recent else None,
-                     "lr": config.lr, "task_share": config.task_share, "tasks": list(TASKS),
+                     "lr": config.lr, "task_share": config.task_share, "tasks": TASK_WEIGHTS,
                      "seed": config.seed},
         "data": sources.summary(),
     }  # fmt: skip
@@ -247,7 +293,7 @@ def model_card(card: dict) -> str:
         f"- Data: Python source under {', '.join(data['roots'])}: {data['train_files']:,} files "
         f"({data['train_bytes']:,} bytes) for training, {data['held_out_files']:,} held out "
         f"({data['held_out_bytes']:,} bytes); {training['task_share']:.0%} of the documents are "
-        f"synthetic tasks ({', '.join(training['tasks'])}).\n"
+        f"synthetic tasks ({', '.join(f'{k} x{w}' for k, w in training['tasks'].items())}).\n"
         f"- Training: {training['steps']} steps of {training['batch']} x {training['seq_len']} "
         f"tokens, {training['tokens_seen']:,} tokens seen in {training['minutes']} min, final "
         f"loss {'n/a' if loss is None else f'{loss:.3f}'}.\n"
