@@ -1,6 +1,7 @@
 """benchmarks/accuracy.py end to end on the CPU, on a model the training script makes in a few
 seconds: every (task, context, method) has an accuracy, every layer and method its attention
-record, the oracle meets each target, per-head records and perplexity are there."""
+record, the oracle meets each target, Quest and top-k get Tactic's budget, per-head records,
+perplexity and the goals are there."""
 
 from __future__ import annotations
 
@@ -38,10 +39,19 @@ def test_accuracy_report_covers_every_method(tmp_path):
                           "--out", str(out), "--device", "cpu"])  # fmt: skip
     result = json.loads(Path(f"{out}.json").read_text())
     cells = {(r["task"], r["context"], r["method"]) for r in result["retrieval"]}
-    methods = {"dense", "tactic_0.75", "tactic_0.9", "tactic_0.95"}
+    methods = {"dense", "tactic_0.75", "tactic_0.9", "tactic_0.95", "oracle_0.9",
+               "quest_at_tactic_0.9", "topk_at_tactic_0.9"}
     assert cells == {(t, n, m) for t in ("passkey", "multikey") for n in (512, 1024)
                      for m in methods}  # fmt: skip
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["retrieval"])
+    by_cell = {(r["task"], r["context"], r["method"]): r for r in result["retrieval"]}
+    for task, context, method in cells:  # Quest and top-k read what Tactic read at P = 0.9
+        if method.endswith("_at_tactic_0.9"):
+            budget = by_cell[(task, context, "tactic_0.9")]["selected_ratio"]
+            assert by_cell[(task, context, method)]["selected_ratio"] == pytest.approx(
+                budget, abs=0.02)
+        if method == "dense":
+            assert by_cell[(task, context, method)]["selected_ratio"] == 1.0
     attention = {(r["workload"], r["method"], r["target"]) for r in result["attention"]}
     names = ("tactic_segment", "tactic_whole", "oracle", "quest", "topk")
     assert attention == {(f"layer {layer}", name, target) for layer in (0, 1) for name in names
@@ -49,6 +59,12 @@ def test_accuracy_report_covers_every_method(tmp_path):
     for record in result["attention"]:
         if record["method"] == "oracle":
             assert record["share_meeting_target_strict"] == 1.0
-    assert len(result["per_head"]) == len(result["attention"]) * 4  # 4 query heads
+    # 4 query heads at 4 decode positions
+    assert len(result["per_head"]) == len(result["attention"]) * 4 * 4
+    assert result["complete"] and set(result["goals"]) >= {
+        "retrieval_within_1_point", "share_meeting_target_met", "overshoot_met",
+        "better_than_quest"}
     assert math.isfinite(result["perplexity"]["perplexity"])
-    assert Path(f"{out}.md").read_text().startswith("| task | context | method | accuracy |")
+    report = Path(f"{out}.md").read_text()
+    assert report.startswith("| task | context | method | accuracy | selected |")
+    assert "Goals at P = 0.9:" in report

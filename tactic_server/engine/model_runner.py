@@ -47,7 +47,7 @@ class ModelRunner:
         context = AttentionContext(slices, self.pool, self.tactic, new_slots.to(self.device))
         if self.pool.segment_pools:  # the kernels decode: Tactic by select_rows, dense in full
             decodes = [part for part in slices if part.is_decode]
-            tactic = [part for part in decodes if part.sequence.request.tactic.enabled]
+            tactic = [part for part in decodes if part.sequence.request.tactic.kernels]
             dense = [part for part in decodes if not part.sequence.request.tactic.enabled]
             context.tactic_decodes = self._tactic_decodes(tactic) if tactic else None
             context.dense_decodes = self._dense_decodes(dense) if dense else None

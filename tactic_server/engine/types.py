@@ -22,12 +22,34 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
+SELECTION_METHODS = ("tactic", "oracle", "quest", "topk")
+
+
 @dataclass(frozen=True)
 class TacticParams:
-    """Per-request attention: Tactic at target mass `target`, or dense when not enabled."""
+    """Per-request attention: Tactic at target mass `target`, or dense when not enabled.
+    For evaluation only (not reachable from the API), `method` swaps Tactic's selection for a
+    baseline of tactic.baselines on the plain torch path: the oracle at `target`, or Quest and
+    top-k at a fixed `budget` (share of the context, per KV head)."""
 
     enabled: bool = True
     target: float = 0.9
+    method: str = "tactic"
+    budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SELECTION_METHODS:
+            raise ValueError(f"method must be one of {', '.join(SELECTION_METHODS)}, "
+                             f"got {self.method!r}")  # fmt: skip
+        if (self.method in ("quest", "topk")) != (self.budget is not None):
+            raise ValueError("quest and topk take a budget (share of the context), only they")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+
+    @property
+    def kernels(self) -> bool:
+        """Whether the selection kernels can run it (Tactic itself; baselines run in torch)."""
+        return self.enabled and self.method == "tactic"
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,18 @@ def plan_quest(
     selected = page_selected.repeat_interleave(page_size, dim=1)[:, :seq_len]
     group = query.shape[0] // num_kv_heads
     return plan_from_mask(selected, selected[:, None, :].expand(-1, group, -1))
+
+
+def plan_baseline(
+    method: str, query: torch.Tensor, keys: torch.Tensor, target: float, budget: float | None
+) -> SelectionPlan:
+    """A baseline by name: "oracle" at the target mass, "quest" or "topk" at budget, a share of
+    the context (at least one token)."""
+    if method == "oracle":
+        return plan_oracle(query, keys, target)
+    tokens = max(1, round(budget * keys.shape[0]))
+    if method == "quest":
+        return plan_quest(query, keys, tokens)
+    if method == "topk":
+        return plan_topk(query, keys, tokens)
+    raise ValueError(f"unknown baseline {method!r}")

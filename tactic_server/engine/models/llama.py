@@ -16,6 +16,7 @@ from torch.nn.attention.bias import causal_lower_right
 from tactic_server.tactic.attention import sparse_attention
 from tactic_server.tactic.clustering import ClusterIndex
 from tactic_server.tactic.config import TacticConfig
+from tactic_server.tactic.baselines import plan_baseline
 from tactic_server.tactic.selection import plan_tactic
 
 from ..kv_pool import KVPool
@@ -215,7 +216,11 @@ class Attention(nn.Module):
         index = sequence.cluster_index(self.layer, seq_len)
         if index is None:
             index = empty_index(self.num_kv_heads, self.head_dim, seq_len, keys.device)
-        plan = plan_tactic(query, keys, sequence.request.tactic.target, index, context.tactic)
+        params = sequence.request.tactic
+        if params.method == "tactic":
+            plan = plan_tactic(query, keys, params.target, index, context.tactic)
+        else:
+            plan = plan_baseline(params.method, query, keys, params.target, params.budget)
         counts = plan.selected_counts.float()
         sequence.tally.add(
             selected_ratio=counts.mean().item() / seq_len,
