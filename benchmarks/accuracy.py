@@ -223,6 +223,15 @@ def plots(result: dict, prefix: str) -> None:
     figure.savefig(f"{prefix}_budget.png", dpi=100, bbox_inches="tight")
 
 
+def training_roots(model_dir: Path) -> list[str] | None:
+    """The corpus roots the model was trained on (its training.json), where they exist."""
+    card = model_dir / "training.json"
+    if not card.is_file():
+        return None
+    roots = [r for r in json.loads(card.read_text())["data"]["roots"] if Path(r).is_dir()]
+    return roots or None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -234,7 +243,9 @@ def main(argv=None) -> int:
     parser.add_argument("--attention-length", type=int, default=8192)
     parser.add_argument("--attention-steps", type=int, default=4,
                         help="decode positions per prompt (the last ones, 64 apart)")  # fmt: skip
-    parser.add_argument("--roots", nargs="+", help="corpus roots (their held-out files)")
+    parser.add_argument("--roots", nargs="+",
+                        help="corpus roots, for their held-out files (default: the roots in "
+                             "the model's training.json, when they exist here)")  # fmt: skip
     parser.add_argument("--perplexity-tokens", type=int, default=200_000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -245,7 +256,8 @@ def main(argv=None) -> int:
     engine = Engine.from_config(EngineConfig(
         model_dir=args.model, device=args.device, max_model_len=max(args.lengths) + 16,
         max_batch=min(args.trials, 16), max_waiting=max(64, args.trials)))  # fmt: skip
-    sources = find_sources(args.roots) if args.roots else None
+    roots = args.roots or training_roots(Path(args.model))
+    sources = find_sources(roots) if roots else None
     held_out = sources.held_out if sources and sources.held_out else ()
     background = source_texts(held_out, random.Random(args.seed)) if held_out else None
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device

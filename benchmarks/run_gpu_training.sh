@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
-# On the GPU machine: one 9-minute training run of the project's model (a second call with
-# RESUME=1 continues it, while the machine is warm or with the run folder carried back), then,
-# when the run is complete, the accuracy evaluation. Run folder: $RUN (default /tmp/run-code).
-# $OUT gets at most 8 files of 16 MiB: the model as a tar in 15 MiB parts (`cat model.tar.part-*
-# | tar x` at home), the logs, and accuracy.json/.md with its two plots.
-#   STEPS=3000 bash benchmarks/run_gpu_training.sh        RESUME=1 bash benchmarks/run_gpu_training.sh
+# On the GPU machine (carry [".whl-sgl"], timeout 600), in three device calls issued back to back
+# (the run folder $RUN, default /tmp/run-code, lives only while the machine stays warm):
+#   STAGE=train    bash benchmarks/run_gpu_training.sh   # tokenizer, then 8.5 min of training
+#   STAGE=resume   bash benchmarks/run_gpu_training.sh   # the rest of the planned steps
+#   STAGE=accuracy bash benchmarks/run_gpu_training.sh   # benchmarks/accuracy.py on the model
+# The steps are planned from the measured step time to fill PLAN minutes over the two training
+# calls (default 16, of the 17 they allow). Every call leaves in $OUT (at most 8 files of 16 MiB
+# come back) the model as it stands, a tar in 15 MiB parts (`cat model.tar.part-* | tar x` at
+# home), and its log; the accuracy call adds accuracy.json/.md and the two plots.
+# A rehearsal anywhere (CI does one on the CPU): SKIP_GPU_ENV=1 and TRAIN_ARGS / ACCURACY_ARGS
+# with a tiny shape, appended to the commands.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/gpu_env.sh || exit 1
+if [ "${SKIP_GPU_ENV:-0}" != 1 ]; then
+  source scripts/gpu_env.sh || exit 1
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+fi
 export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
 out=${OUT:-/tmp/out}
 run=${RUN:-/tmp/run-code}
+stage=${STAGE:-train}
 mkdir -p "$out"
-resume=()
-[ "${RESUME:-0}" = 1 ] && resume=(--resume)
-timeout 580 python3 -m tactic_server.training.train --out "$run" --steps "${STEPS:-3000}" \
-  --max-minutes "${MINUTES:-8.5}" "${resume[@]}" 2>&1 | tee "$out/train.log"
-if grep -q "done: step ${STEPS:-3000}," "$out/train.log"; then
-  tar cf - -C "$run" model | split -b 15m - "$out/model.tar.part-"
-  timeout 600 python3 benchmarks/accuracy.py --model "$run/model" --out "$out/accuracy" \
-    2>&1 | tee "$out/accuracy.log"
-fi
+case $stage in
+  train|resume)
+    resume=()
+    [ "$stage" = resume ] && resume=(--resume)
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of words
+    timeout 575 "$python" -m tactic_server.training.train --out "$run" --steps 100000 \
+      --plan-minutes "${PLAN:-16}" --max-minutes "${MINUTES:-8.5}" "${resume[@]}" \
+      ${TRAIN_ARGS:-} 2>&1 | tee "$out/train_$stage.log" \
+      | awk '!/^\[train\] step / || ++n % 20 == 0'  # every 20th progress line
+    status=${PIPESTATUS[0]}
+    [ -d "$run/model" ] && tar cf - -C "$run" model | split -b 15m - "$out/model.tar.part-"
+    exit "$status" ;;
+  accuracy)
+    # shellcheck disable=SC2086
+    timeout 570 "$python" benchmarks/accuracy.py --model "$run/model" --out "$out/accuracy" \
+      ${ACCURACY_ARGS:-} 2>&1 | tee "$out/accuracy.log" | grep -v "^Loading weights"
+    exit "${PIPESTATUS[0]}" ;;
+  *) echo "STAGE must be train, resume or accuracy" >&2; exit 2 ;;
+esac

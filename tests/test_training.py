@@ -6,6 +6,13 @@ their answer in the context."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
 import random
 from pathlib import Path
 
@@ -86,3 +93,46 @@ def test_prefetched_batches_are_the_batches_of_their_steps(tmp_path):
         assert (tokens[:, 0] == bos).all()
         assert tokens.equal(batches(step))
     assert not got[0].equal(got[1])
+
+
+def test_planned_steps_fill_the_minutes_and_survive_a_resume(tmp_path):
+    config = tiny(tmp_path / "run", steps=10_000, warmup=8, plan_minutes=0.05)
+    lines = []
+    first = train(dataclasses.replace(config, max_minutes=0.02), log=lines.append)
+    planned = first["planned_steps"]
+    assert any(f"{planned} steps fill 0.05 min" in line for line in lines)
+    assert 8 < planned < 10_000 and first["steps"] == planned
+    assert first["step"] < planned  # this run's own budget stopped it first
+    resumed = train(config, resume=True, log=lambda line: None)
+    assert resumed["step"] == resumed["steps"] == planned
+    assert len(resumed["losses"]) == planned
+
+
+def test_the_gpu_training_runner_rehearsed_on_the_cpu(tmp_path):
+    """benchmarks/run_gpu_training.sh, its three stages at a tiny shape: the model comes back
+    as tar parts that unpack into a servable checkpoint, and the accuracy report is complete."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SKIP_GPU_ENV="1", PYTHON=sys.executable, RUN=str(tmp_path / "run"),
+               OUT=str(tmp_path / "out"), PLAN="0.08", MINUTES="0.04",
+               TRAIN_ARGS="--seq-len 256 --batch 2 --layers 2 --hidden 64 --heads 2 --kv-heads 1 "
+                          "--head-dim 32 --intermediate 128 --vocab-size 500 --warmup 8 "
+                          f"--roots {root / 'tactic_server'} {root / 'tests'} "
+                          "--max-position-embeddings 2048",
+               ACCURACY_ARGS="--lengths 512 --trials 1 --attention-prompts 1 --attention-steps 1 "
+                             "--attention-length 1100 --perplexity-tokens 1000 --device cpu")  # fmt: skip
+    script = root / "benchmarks" / "run_gpu_training.sh"
+    logs = {}
+    for stage in ("train", "resume", "resume", "accuracy"):
+        done = subprocess.run(["bash", str(script)], env=dict(env, STAGE=stage), cwd=root,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        logs.setdefault(stage, []).append(done.stdout)
+    assert "paused at step" in logs["train"][0]
+    assert "done: all" in logs["resume"][-1]
+    parts = sorted((tmp_path / "out").glob("model.tar.part-*"))
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as archive:
+        archive.extractall(tmp_path / "home", filter="data")
+    card = json.loads((tmp_path / "home" / "model" / "training.json").read_text())
+    assert card["training"]["steps"] == card["training"]["planned_steps"] > 8
+    report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert report["complete"] and {r["context"] for r in report["retrieval"]} == {512}

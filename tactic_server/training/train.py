@@ -39,7 +39,11 @@ class TrainConfig:
     roots: tuple[str, ...] = field(default_factory=lambda: (sysconfig.get_paths()["purelib"],))
     seed: int = 0
     steps: int = 3000
-    max_minutes: float | None = None
+    max_minutes: float | None = None  # of this run; a checkpoint, then the run stops
+    # when given, the steps are planned to take this many minutes in all (runs together) from
+    # the step time measured during warm-up, whose learning rates do not depend on the total;
+    # `steps` then caps the plan
+    plan_minutes: float | None = None
     seq_len: int = 16384
     batch: int = 4
     lr: float = 1.5e-3
@@ -193,27 +197,42 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log(f"[train] resumed at step {state['step']} ({state['tokens_seen']:,} tokens seen)")
+    if "planned_steps" in state:
+        config = dataclasses.replace(config, steps=state["planned_steps"])
     batches = Prefetched(Batches(config, sources, tokenizer), state["step"], config.steps)
     parameters = sum(p.numel() for p in model.parameters())
     log(f"[train] {parameters / 1e6:.1f}M parameters, {config.batch} x {config.seq_len} tokens "
         f"a step, steps {state['step']}..{config.steps} on {config.device}")  # fmt: skip
     began, autocast = time.monotonic(), config.device == "cuda"
     try:
-        run_steps(config, model, optimizer, batches, state, checkpoint, autocast, log)
+        config = run_steps(config, model, optimizer, batches, state, checkpoint, autocast, log)
     finally:
         batches.close()
     state["minutes"] += (time.monotonic() - began) / 60
+    state["steps"] = config.steps
     save_checkpoint(checkpoint, model, optimizer, state, 0.0)
     export(config, model, tokenizer, sources, state, parameters)
     return state
 
 
 def run_steps(config: TrainConfig, model, optimizer, batches, state: dict, checkpoint: Path,
-              autocast: bool, log) -> None:  # fmt: skip
+              autocast: bool, log) -> TrainConfig:  # fmt: skip
     """Steps until config.steps or the time budget (a checkpoint then, and every
-    checkpoint_every steps)."""
+    checkpoint_every steps). Returns the config with the planned steps (plan_minutes)."""
     began, first_tokens = time.monotonic(), state["tokens_seen"]
+    timed_from, plan_at = None, min(config.warmup, 40)
     while state["step"] < config.steps:
+        if config.plan_minutes is not None and "planned_steps" not in state:
+            if state["step"] == plan_at // 4:  # after the first steps' one-off costs
+                timed_from = (time.monotonic(), state["step"])
+            elif state["step"] == plan_at and timed_from is not None:
+                seconds = (time.monotonic() - timed_from[0]) / (state["step"] - timed_from[1])
+                spent = state["minutes"] * 60 + time.monotonic() - began
+                left = max(0, int((config.plan_minutes * 60 - spent) / seconds))
+                state["planned_steps"] = min(config.steps, state["step"] + left)
+                config = dataclasses.replace(config, steps=state["planned_steps"])
+                log(f"[train] {seconds:.3f} s a step: {config.steps} steps fill "
+                    f"{config.plan_minutes} min")  # fmt: skip
         tokens = batches(state["step"]).to(config.device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, state["step"])
@@ -238,6 +257,7 @@ def run_steps(config: TrainConfig, model, optimizer, batches, state: dict, check
         if out_of_time:
             log(f"[train] time budget of {config.max_minutes} min reached at step {state['step']}")
             break
+    return config
 
 
 def next_token_loss(model, tokens: torch.Tensor, autocast: bool) -> torch.Tensor:
@@ -271,6 +291,7 @@ def export(config: TrainConfig, model, tokenizer, sources: SourceFiles, state: d
         "shape": {k: getattr(config, k) for k in ("layers", "hidden", "heads", "kv_heads",
                                                    "head_dim", "intermediate", "vocab_size")},
         "training": {"seq_len": config.seq_len, "batch": config.batch, "steps": state["step"],
+                     "planned_steps": state.get("steps"),
                      "tokens_seen": state["tokens_seen"], "minutes": round(state["minutes"], 2),
                      "final_loss": sum(recent) / len(recent) if recent else None,
                      "lr": config.lr, "task_share": config.task_share, "tasks": TASK_WEIGHTS,
@@ -312,14 +333,19 @@ def main(argv=None) -> int:
         if item.name in ("out", "roots"):
             continue
         value = getattr(defaults, item.name)
-        kind = float if item.name == "max_minutes" else type(value)
+        kind = float if item.name in ("max_minutes", "plan_minutes") else type(value)
         parser.add_argument(f"--{item.name.replace('_', '-')}", type=kind, default=value)
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
     config = TrainConfig(**{**args, "roots": tuple(args["roots"])})
     state = train(config, resume=resume)
-    print(f"[train] done: step {state['step']}, {state['tokens_seen']:,} tokens, model in "
-          f"{Path(config.out) / 'model'}")  # fmt: skip
+    model = Path(config.out) / "model"
+    if state["step"] >= state["steps"]:
+        print(f"[train] done: all {state['steps']} steps, {state['tokens_seen']:,} tokens, "
+              f"model in {model}")  # fmt: skip
+    else:
+        print(f"[train] paused at step {state['step']} of {state['steps']} (model so far in "
+              f"{model}); continue with --resume")  # fmt: skip
     return 0
 
 
