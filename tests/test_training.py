@@ -10,10 +10,10 @@ import dataclasses
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
-import random
 from pathlib import Path
 
 import pytest
@@ -118,8 +118,9 @@ def test_the_gpu_training_runner_rehearsed_on_the_cpu(tmp_path):
                           "--head-dim 32 --intermediate 128 --vocab-size 500 --warmup 8 "
                           f"--roots {root / 'tactic_server'} {root / 'tests'} "
                           "--max-position-embeddings 2048",
-               ACCURACY_ARGS="--lengths 512 --trials 1 --attention-prompts 1 --attention-steps 1 "
-                             "--attention-length 1100 --perplexity-tokens 1000 --device cpu")  # fmt: skip
+               ACCURACY_ARGS="--lengths 512 --trials 1 --attention-prompts 1 --device cpu "
+                             "--attention-steps 1 --attention-length 1100 "
+                             "--perplexity-tokens 1000")  # fmt: skip
     script = root / "benchmarks" / "run_gpu_training.sh"
     logs = {}
     for stage in ("train", "resume", "resume", "accuracy"):

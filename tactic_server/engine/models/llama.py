@@ -14,9 +14,9 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from tactic_server.tactic.attention import sparse_attention
+from tactic_server.tactic.baselines import plan_baseline
 from tactic_server.tactic.clustering import ClusterIndex
 from tactic_server.tactic.config import TacticConfig
-from tactic_server.tactic.baselines import plan_baseline
 from tactic_server.tactic.selection import plan_tactic
 
 from ..kv_pool import KVPool
