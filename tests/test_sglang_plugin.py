@@ -173,14 +173,21 @@ def make_runner(kv, requests, allocator, heads, kv_heads, max_context=512):
 
 LENGTHS, KINDS = [300, 190, 250], ["topics", "needles", "topics"]
 CUSTOM = [{"tactic_target": 0.9}, {"tactic": {"target": 0.999}}, {"tactic": {"enabled": False}}]
+TARGETS = [0.9, 0.999, 1.0]
+# a Tactic graph serves batches in which every request selects
+GRAPH_CUSTOM, GRAPH_TARGETS = [*CUSTOM[:2], {"tactic_target": 0.95}], [0.9, 0.999, 0.95]
 
 
-def decode_on_rank(tp_size=1, rank=0, combine_ranks=None):
+def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False):
     """One decode ForwardBatch (three requests: P = 0.9, P = 0.999 and dense, each writing its
     new token's K/V) through the tactic backend and SGLang's own Triton backend, both built on
     the same real pools of `rank` out of `tp_size` (that rank's share of the heads). Checks the
     dense request against SGLang's Triton decode and the Tactic ones against the torch
-    reference (plan_tactic + sparse_attention); returns the tactic backend's per-request sums."""
+    reference (plan_tactic + sparse_attention); returns the tactic backend's per-request sums.
+    graph: the tactic backend runs what its CUDA graph family records (the replay hook's
+    clustering, then the forward of a capture), on SGLang's padded graph batch of 4: a padding
+    row of length 1 whose stale request slot is a live request's; every request selects."""
+    custom, targets = (GRAPH_CUSTOM, GRAPH_TARGETS) if graph else (CUSTOM, TARGETS)
     from sglang.srt.layers.attention import triton_backend
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.managers.schedule_batch import Req
@@ -211,7 +218,7 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None):
 
     reqs, queries, new_k, new_v, slots = [], [], [], [], []
     for index, (length, kind) in enumerate(zip(LENGTHS, KINDS, strict=True)):
-        req = Req(f"r{index}", "", [1] * (length - 1), SamplingParams(custom_params=CUSTOM[index]))
+        req = Req(f"r{index}", "", [1] * (length - 1), SamplingParams(custom_params=custom[index]))
         request_slot = requests.alloc([req])[0]  # sets req.req_pool_idx, as the scheduler does
         held = allocator.alloc(length)
         workload = generate_workload(kind, length, HEADS, KV_HEADS, DIM, seed=index)
@@ -231,29 +238,59 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None):
     seq_lens = torch.tensor(LENGTHS, device=DEVICE)
     layers = [RadixAttention(heads, DIM, DIM**-0.5, kv_heads, layer_id=i) for i in range(LAYERS)]
 
+    def decode_batch(backend, rows=3):
+        cache_loc = torch.stack([s[-1] for s in slots]).to(DEVICE)
+        if rows == 3:
+            return ForwardBatch(
+                forward_mode=ForwardMode.DECODE, batch_size=3,
+                input_ids=torch.zeros(3, dtype=torch.long), req_pool_indices=request_slots,
+                seq_lens=seq_lens, out_cache_loc=cache_loc, seq_lens_sum=sum(LENGTHS),
+                seq_lens_cpu=seq_lens.cpu(), req_to_token_pool=requests, token_to_kv_pool=kv,
+                attn_backend=backend,
+            )  # fmt: skip
+        padded_lens = torch.cat([seq_lens, torch.ones(1, dtype=seq_lens.dtype, device=DEVICE)])
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE, batch_size=4,
+            input_ids=torch.zeros(4, dtype=torch.long),
+            req_pool_indices=torch.cat([request_slots, request_slots[:1]]), seq_lens=padded_lens,
+            out_cache_loc=torch.cat([cache_loc, torch.zeros_like(cache_loc[:1])]),
+            seq_lens_sum=sum(LENGTHS) + 1, seq_lens_cpu=padded_lens.cpu(),
+            req_to_token_pool=requests, token_to_kv_pool=kv, attn_backend=backend,
+        )  # fmt: skip
+
     outputs = {}
     for name, backend in (("triton", triton), ("tactic", tactic)):
-        batch = ForwardBatch(
-            forward_mode=ForwardMode.DECODE, batch_size=3,
-            input_ids=torch.zeros(3, dtype=torch.long), req_pool_indices=request_slots,
-            seq_lens=seq_lens, out_cache_loc=torch.stack([s[-1] for s in slots]).to(DEVICE),
-            seq_lens_sum=sum(LENGTHS), seq_lens_cpu=seq_lens.cpu(), req_to_token_pool=requests,
-            token_to_kv_pool=kv, attn_backend=backend,
-        )  # fmt: skip
+        batch = decode_batch(backend)
+        rows = 3
         if backend is tactic:
             tactic.admit(reqs)  # the TP worker hook does this before each forward
-        backend.init_forward_metadata(batch)
+        if backend is tactic and graph:
+            rows = 4
+            tactic.graph_family = "tactic"
+            tactic._replay_forward_batch = batch  # as SGLang's graph runner hands it over
+            decode = ForwardMode.DECODE
+            tactic.init_forward_metadata_replay_cuda_graph(4, None, None, sum(LENGTHS) + 1, None,
+                                                           decode, None)  # fmt: skip
+            tactic.init_forward_metadata_capture_cuda_graph(4, 4, None, None, None, decode, None)
+            batch = decode_batch(backend, rows=4)
+        else:
+            backend.init_forward_metadata(batch)
         outputs[name] = []
         for layer in layers:
             k = (torch.stack(new_k) * (layer.layer_id + 1)).to(DEVICE)
             q = torch.stack(queries).to(DEVICE).reshape(3, -1)
-            out = backend.forward_decode(q, k, torch.stack(new_v).to(DEVICE), layer, batch)
-            outputs[name].append(out.view(3, heads, DIM))
+            v = torch.stack(new_v).to(DEVICE)
+            if rows == 4:  # the padding row's query and K/V (slot 0, SGLang's dummy slot)
+                q, k, v = (torch.cat([x, torch.zeros_like(x[:1])]) for x in (q, k, v))
+            out = backend.forward_decode(q, k, v, layer, batch)
+            outputs[name].append(out.view(rows, heads, DIM)[:3])
 
     for layer in range(LAYERS):
         dense, sparse = outputs["triton"][layer], outputs["tactic"][layer]
-        torch.testing.assert_close(sparse[2], dense[2], atol=1e-5, rtol=1e-4)
-        for request, target in ((0, 0.9), (1, 0.999)):
+        for request, target in enumerate(targets):
+            if target >= 1.0:
+                torch.testing.assert_close(sparse[request], dense[request], atol=1e-5, rtol=1e-4)
+                continue
             length = LENGTHS[request]
             held = requests.req_to_token[reqs[request].req_pool_idx, :length].long()
             keys, values = kv.k_buffer[layer][held], kv.v_buffer[layer][held]
@@ -275,6 +312,16 @@ def test_backend_decode_through_a_forward_batch_against_sglangs_triton_backend(m
     assert stats[:, 3].tolist() == [1.0, 1.0, 0.0]  # the dense request has no Tactic steps
     assert 0.0 < stats[0, 0] < 0.9 and 0.0 < stats[1, 0] <= 1.0  # P = 0.9 left tokens out
     assert stats[0, 1] >= 0.9 - 1e-3 and stats[1, 1] >= 0.999 - 1e-4  # estimated masses
+
+
+def test_backend_decode_as_its_cuda_graph_records_it(monkeypatch):
+    """The Tactic graph family's decode (sizes from the context bound; SGLang's padded batch)
+    equals the torch reference, and the padding row adds nothing to the live request whose
+    slot it names: one step each."""
+    monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
+    stats = decode_on_rank(graph=True)
+    assert stats[:, 3].tolist() == [1.0, 1.0, 1.0]
+    assert 0.0 < stats[0, 0] < 0.9 and stats[0, 1] >= 0.9 - 1e-3
 
 
 def _tp_rank(rank: int, tp_size: int, init_file: str, results) -> None:
@@ -317,3 +364,64 @@ def test_tensor_parallel_ranks_decode_their_heads_and_combine_statistics(tmp_pat
     for rank in (0, 1):
         torch.testing.assert_close(by_rank[rank][1], mean)
     assert mean[:, 3].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
+    """Which decode CUDA graphs a batch may replay: SGLang's own when no request selects, the
+    Tactic family's when every one does, none (eager) when mixed; a Tactic replay runs with
+    the backend in the Tactic family and leaves it dense after."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.attention import triton_backend
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from tactic_server.sglang_plugin import backend as backend_module
+    from tactic_server.sglang_plugin import hooks
+
+    monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
+    for module in (triton_backend, backend_module):  # one rank, no parallel state here
+        monkeypatch.setattr(module, "get_attention_tp_size", lambda: 1)
+    kv = MHATokenToKVPool(256, page_size=1, dtype=torch.float32, head_num=KV_HEADS,
+                          head_dim=DIM, layer_num=LAYERS, device=DEVICE,
+                          enable_memory_saver=False)  # fmt: skip
+    requests = ReqToTokenPool(4, 512, DEVICE, enable_memory_saver=False)
+    allocator = TokenToKVPoolAllocator(256, torch.float32, DEVICE, kv, need_sort=False)
+    runner = make_runner(kv, requests, allocator, HEADS, KV_HEADS)
+    hooks.init_pools_around(lambda runner: None, runner)
+    backend = backend_module.TacticAttnBackend(runner)
+
+    class Graphs:  # what CudaGraphRunner.can_run / replay do, as far as the families go
+        def __init__(self, tactic_family):
+            if tactic_family:
+                self.tactic_family = True
+            self.model_runner = SimpleNamespace(attn_backend=backend)
+            self.replayed_in = []
+
+        def can_run(self, forward_batch):
+            return hooks.graph_can_run_around(lambda self, batch: True, self, forward_batch)
+
+        def replay(self, forward_batch):
+            self.replayed_in.append(backend.graph_family)
+            return "logits"
+
+    dense, tactic = Graphs(False), Graphs(True)
+    graphs = hooks.TacticGraphRunners(dense, tactic, backend)
+
+    def batch(*customs):
+        reqs = [Req(f"r{i}", "", [1, 2], SamplingParams(custom_params=c))
+                for i, c in enumerate(customs)]  # fmt: skip
+        for req in reqs:
+            requests.alloc([req])
+        backend.admit(reqs)
+        for req in reqs:
+            requests.free(req)
+        return SimpleNamespace(batch_size=len(reqs))
+
+    off, on = {"tactic": {"enabled": False}}, {"tactic_target": 0.9}
+    assert graphs.can_run(batch(off, off)) and graphs.replay(None) == "logits"
+    assert dense.replayed_in == ["dense"] and graphs.last is dense
+    assert graphs.can_run(batch(on, on)) and graphs.replay(None) == "logits"
+    assert tactic.replayed_in == ["tactic"] and backend.graph_family == "dense"
+    assert not graphs.can_run(batch(on, off))  # mixed: eager
+    assert not hooks.graph_can_run_around(lambda self, batch: True, tactic, batch(off))

@@ -1,8 +1,10 @@
 """The `tactic` attention backend for SGLang 0.5.12: SGLang's own Triton backend does extend
 (prefill) and every decode in which no request selects, CUDA graphs included; a decode with a
-request whose target is below 1 runs eagerly through our selection and sparse decode kernels
-(selection sizes its work from host-side lengths). A Tactic request's full segments are
-clustered before the forward that first needs them (chunked prefill included)."""
+request whose target is below 1 runs through our selection and sparse decode kernels, either
+replaying a CUDA graph of its own family (every row selects, sized by the context bound; see
+hooks.TacticGraphRunners) or eagerly (sized by the batch's host-side lengths). A Tactic
+request's full segments are clustered before the forward that first needs them (chunked prefill
+included), eagerly, also before a graph replay."""
 
 from __future__ import annotations
 
@@ -67,7 +69,15 @@ class TacticAttnBackend(TritonAttnBackend):
         # SGLang's request slots are 1..size (row 0 pads CUDA-graph batches)
         self.host_targets = [1.0] * model_runner.req_to_token_pool.req_to_token.shape[0]
         self.batch_reqs = None
-        self.batch_selects = False  # read by the CUDA graph hook: graphs for dense batches only
+        self.batch_selects = False  # some request of the batch selects
+        # the graph family that may serve the batch (read by the CUDA graph hooks): "dense"
+        # when no request selects, "tactic" when every one does, None (eager) when mixed
+        self.batch_graph_family: str | None = "dense"
+        # the family SGLang's graph runner captures or replays now: "dense" (SGLang's Triton
+        # decode) or "tactic" (graph_plan); graph_capture: a Tactic graph is being captured,
+        # its plan is built inside the forward (layer 0) so that the graph replays it
+        self.graph_family = "dense"
+        self.graph_capture = False
         logger.info("tactic backend: default target %.3f, %s", self.settings.default_target,
                     self.settings.config)  # fmt: skip
 
@@ -85,7 +95,10 @@ class TacticAttnBackend(TritonAttnBackend):
                 req._tactic_clustered = 0
                 self.host_targets[req.req_pool_idx] = target
                 self.side.start_request(req.req_pool_idx, target)
-        self.batch_selects = any(self.host_targets[req.req_pool_idx] < 1.0 for req in reqs)
+        selecting = [self.host_targets[req.req_pool_idx] < 1.0 for req in reqs]
+        self.batch_selects = any(selecting)
+        self.batch_graph_family = ("tactic" if all(selecting) else None) if any(selecting) \
+            else "dense"
 
     def request_stats(self, req_pool_indices: torch.Tensor) -> torch.Tensor:
         """Running sums [batch, 4] of the batch's requests, copied to pinned host memory
@@ -98,7 +111,7 @@ class TacticAttnBackend(TritonAttnBackend):
     # SGLang's hooks
 
     def init_forward_metadata(self, forward_batch) -> None:
-        self.plan = None
+        self.plan, self.graph_capture = None, False
         mode = forward_batch.forward_mode
         reqs = self.batch_reqs
         admitted = reqs is not None and len(reqs) == forward_batch.batch_size
@@ -120,13 +133,32 @@ class TacticAttnBackend(TritonAttnBackend):
         if self.plan is None:
             super().init_forward_metadata(forward_batch)
 
+    def init_cuda_graph_state(self, *args, **kwargs):
+        """The Tactic family allocates its buffers inside its graphs; SGLang's Triton buffers,
+        which the dense graphs captured, must stay as they are."""
+        if self.graph_family == "tactic":
+            return None
+        return super().init_cuda_graph_state(*args, **kwargs)
+
     def init_forward_metadata_capture_cuda_graph(self, *args, **kwargs):
         self.plan = None
+        self.graph_capture = self.graph_family == "tactic"
+        if self.graph_capture:
+            return None
         return super().init_forward_metadata_capture_cuda_graph(*args, **kwargs)
 
-    def init_forward_metadata_replay_cuda_graph(self, *args, **kwargs):
+    def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens,
+                                                *args, **kwargs):  # fmt: skip
+        """Before a Tactic graph replays: cluster the segments its requests completed (their
+        lengths on the host, from the batch SGLang hands over)."""
         self.plan = None
-        return super().init_forward_metadata_replay_cuda_graph(*args, **kwargs)
+        if self.graph_family != "tactic":
+            return super().init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens,
+                                                                   *args, **kwargs)  # fmt: skip
+        reqs, batch = self.batch_reqs, getattr(self, "_replay_forward_batch", None)
+        if reqs is not None and batch is not None and len(reqs) == batch.batch_size:
+            self._cluster(reqs, [n - 1 for n in batch.seq_lens_cpu.tolist()])
+        return None
 
     def _cluster(self, reqs, cached: list[int]) -> None:
         """Cluster the Tactic requests' full segments not clustered yet (dense ones need none;
@@ -146,6 +178,11 @@ class TacticAttnBackend(TritonAttnBackend):
                 req._tactic_clustered = end
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self.graph_capture and layer.layer_id == 0:
+            self.plan = self.decoder.graph_plan(
+                self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+                self.max_context_len,
+            )  # fmt: skip
         if self.plan is None:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if not math.isclose(layer.scaling, self.head_dim**-0.5, rel_tol=1e-5) or layer.logit_cap:

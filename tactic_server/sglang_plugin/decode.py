@@ -100,6 +100,26 @@ class TacticDecoder:
             )  # fmt: skip
         return DecodePlan(tactic, dense)
 
+    def graph_plan(
+        self, req_to_token: torch.Tensor, request_slots: torch.Tensor, seq_lens: torch.Tensor,
+        max_seq_len: int,
+    ) -> DecodePlan:  # fmt: skip
+        """Every row through selection (a target >= 1 selects every position), everything
+        sized from max_seq_len, the graph's context bound, and computed on the device from the
+        batch's tensors: what a CUDA graph captures and replays. Rows SGLang pads a graph's
+        batch with (length 1, any request slot) attend to one position and add no
+        statistics."""
+        device = seq_lens.device
+        slots = request_slots.long()
+        tactic = TacticRows(rows=torch.arange(slots.shape[0], device=device), request_slots=slots,
+                            req_to_token=req_to_token[slots, :max_seq_len],
+                            seq_lens=seq_lens.int(), max_seq_len=max_seq_len)  # fmt: skip
+        tactic.targets = self.side.targets[slots]
+        tactic.req_to_segment, tactic.clustered = self.side.segment_table(
+            req_to_token, slots, tactic.seq_lens - 1, (max_seq_len - 1) // self.side.segment_size
+        )  # fmt: skip
+        return DecodePlan(tactic, None)
+
     def _rows(self, kind, chosen, req_to_token, request_slots, seq_lens, seq_lens_cpu):
         device = seq_lens.device
         rows = torch.tensor(chosen, dtype=torch.long, device=device)
@@ -144,6 +164,8 @@ class TacticDecoder:
         mass = torch.stack([m for _, m in tactic.selections]).mean(dim=2).mean(dim=0)
         ratio = attended / tactic.seq_lens.float()
         step = torch.stack([ratio, mass, attended, torch.ones_like(ratio)], dim=1)
+        # only rows that select (a graph's batch also holds dense rows and padding)
+        step = step * ((tactic.seq_lens > 1) & (tactic.targets < 1.0))[:, None]
         if self.combine_ranks is not None:
             step = self.combine_ranks(step)
         self.side.stats.index_add_(0, tactic.request_slots, step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
@@ -52,14 +53,84 @@ def server_args_before(self, *args, **kwargs):
 
 
 def graph_can_run_around(original, self, forward_batch, *args, **kwargs):
-    """A decode batch with a Tactic request runs eagerly (selection sizes its work from host-side
-    lengths); dense batches replay SGLang's CUDA graphs as the Triton backend does."""
+    """A decode batch in which every request selects replays only a graph of the Tactic family,
+    one in which none does SGLang's own graphs (as the Triton backend does); a mixed one runs
+    eagerly (a Tactic graph needs every row's segments clustered)."""
     from .backend import TacticAttnBackend
 
     backend = self.model_runner.attn_backend
-    if isinstance(backend, TacticAttnBackend) and backend.batch_selects:
+    family = "tactic" if getattr(self, "tactic_family", False) else "dense"
+    if isinstance(backend, TacticAttnBackend) and backend.batch_graph_family != family:
         return False
     return original(self, forward_batch, *args, **kwargs)
+
+
+class TacticGraphRunners:
+    """Stands for SGLang's graph runner: its own graphs (dense batches) and a second
+    CudaGraphRunner of the Tactic family, captured with the backend in graph_family "tactic"
+    (every row selects, buffers sized by the context bound), replayed for batches in which
+    every request selects; anything else SGLang reads is the last runner's."""
+
+    def __init__(self, dense, tactic, backend) -> None:
+        self.dense, self.tactic, self.backend = dense, tactic, backend
+        self.last = dense
+
+    def _runner(self):
+        return self.tactic if self.backend.batch_graph_family == "tactic" else self.dense
+
+    def can_run(self, forward_batch) -> bool:
+        return self._runner().can_run(forward_batch)
+
+    def replay(self, forward_batch, *args, **kwargs):
+        self.last = runner = self._runner()
+        self.backend.graph_family = "tactic" if runner is self.tactic else "dense"
+        try:
+            return runner.replay(forward_batch, *args, **kwargs)
+        finally:
+            self.backend.graph_family = "dense"
+
+    def __getattr__(self, name: str):  # only for names not set in __init__
+        if name in ("dense", "tactic", "backend", "last"):
+            raise AttributeError(name)
+        return getattr(self.last, name)
+
+
+def init_device_graphs_around(original, self, *args, **kwargs):
+    """After SGLang captured its decode graphs: a second set of the Tactic family, for batch
+    sizes up to TACTIC_GRAPH_MAX_BS (TACTIC_CUDA_GRAPH=0, or a failed capture, leaves those
+    batches eager, with a log line)."""
+    from .backend import TacticAttnBackend
+
+    result = original(self, *args, **kwargs)
+    backend = self.attn_backend
+    if not isinstance(backend, TacticAttnBackend) or self.graph_runner is None:
+        return result
+    settings = backend.settings
+    if not settings.cuda_graphs:
+        logger.warning("tactic backend: TACTIC_CUDA_GRAPH=0, decode batches with a Tactic "
+                       "request run without CUDA graphs")  # fmt: skip
+        return result
+    args = self.server_args
+    sizes = list(args.cuda_graph_bs or [])
+    capped = [b for b in sizes if b <= settings.graph_max_bs] or [1]
+    began = time.perf_counter()
+    backend.graph_family = "tactic"
+    try:
+        args.cuda_graph_bs = capped
+        tactic = type(self.graph_runner)(self)
+    except Exception:
+        logger.exception("tactic backend: capturing the Tactic decode graphs failed; decode "
+                         "batches with a Tactic request run without CUDA graphs")  # fmt: skip
+        return result
+    finally:
+        args.cuda_graph_bs = sizes
+        backend.graph_family, backend.graph_capture = "dense", False
+    tactic.tactic_family = True
+    self.graph_runner = TacticGraphRunners(self.graph_runner, tactic, backend)
+    logger.info("tactic backend: Tactic decode CUDA graphs for batch sizes %s, context bound %d, "
+                "captured in %.1f s", tactic.capture_bs, backend.max_context_len,
+                time.perf_counter() - began)  # fmt: skip
+    return result
 
 
 def init_pools_around(original, self, *args, **kwargs):

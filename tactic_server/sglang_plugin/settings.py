@@ -12,12 +12,16 @@ from tactic_server.tactic.config import TacticConfig
 
 TARGET_ENV = "TACTIC_DEFAULT_TARGET"
 SEGMENT_ENV = "TACTIC_SEGMENT_SIZE"
+GRAPH_ENV = "TACTIC_CUDA_GRAPH"  # 0: decode batches with a Tactic request run eagerly
+GRAPH_BS_ENV = "TACTIC_GRAPH_MAX_BS"  # the largest batch captured in a Tactic CUDA graph
 
 
 @dataclass(frozen=True)
 class Settings:
     default_target: float = 0.9
     config: TacticConfig = field(default_factory=TacticConfig)
+    cuda_graphs: bool = True
+    graph_max_bs: int = 16
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -27,10 +31,17 @@ class Settings:
         config = TacticConfig()
         if SEGMENT_ENV in os.environ:
             config = dataclasses.replace(config, segment_size=int(os.environ[SEGMENT_ENV]))
-        return cls(target, config)
+        graphs = os.environ.get(GRAPH_ENV, "1")
+        if graphs not in ("0", "1"):
+            raise ValueError(f"{GRAPH_ENV} must be 0 or 1, got {graphs!r}")
+        max_bs = int(os.environ.get(GRAPH_BS_ENV, "16"))
+        if max_bs < 1:
+            raise ValueError(f"{GRAPH_BS_ENV} must be >= 1, got {max_bs}")
+        return cls(target, config, graphs == "1", max_bs)
 
     def export(self) -> None:
-        """Into this process's environment, for the processes SGLang spawns from it."""
+        """Into this process's environment, for the processes SGLang spawns from it (the CUDA
+        graph settings are read from the environment only)."""
         os.environ[TARGET_ENV] = repr(self.default_target)
         os.environ[SEGMENT_ENV] = str(self.config.segment_size)
 
