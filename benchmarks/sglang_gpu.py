@@ -3,8 +3,11 @@
   equality    greedy outputs of the tactic backend at P = 0.999 (and dense requests through it)
               against the triton backend for the first 32 tokens, on a tiny model with peaked
               attention and prompts of several clustered segments; P = 0.9 for the selected ratio
-  throughput  decode tokens/s, triton backend vs tactic (dense requests and P = 0.9), at long
-              contexts and batch sizes, on a Llama-3.1-8B-shaped config with load_format="dummy"
+  throughput  decode tokens/s, triton backend vs tactic (dense requests and P = 0.9, with the
+              Tactic CUDA graphs and, as `tactic-eager`, without), at long contexts and batch
+              sizes, on a Llama-3.1-8B-shaped config with load_format="dummy" (flat attention)
+              or, with --model, on a trained checkpoint and passkey prompts of source code
+              (its real attention; contexts beyond its positions are allowed)
 
 Each engine is started once per backend; prompts are random token ids, prefilled once (the radix
 cache keeps them), so a timed round is decode only: time(1 + T new tokens) - time(1 new token).
@@ -49,8 +52,13 @@ def log(message: str) -> None:
 
 
 def start(model_dir: Path, backend: str, context: int, **extra):
+    """An engine; backend "tactic-eager" is the tactic backend without its CUDA graphs."""
+    import os
+
     import sglang
 
+    os.environ["TACTIC_CUDA_GRAPH"] = "0" if backend == "tactic-eager" else "1"
+    backend = "tactic" if backend == "tactic-eager" else backend
     args = dict(
         model_path=str(model_dir), skip_tokenizer_init=True, attention_backend=backend,
         sampling_backend="pytorch", grammar_backend="none", context_length=context,
@@ -136,34 +144,71 @@ def timed(engine, prompts, new_tokens, target) -> float:
     return time.perf_counter() - began
 
 
+def text_prompts(model_dir: Path, count: int, length: int, seed: int) -> list[list[int]]:
+    """Passkey documents over Python source (the trained model's own kind of text), exactly
+    `length` tokens each."""
+    import random
+    import sysconfig
+
+    from tactic_server.engine.tokenizer import Tokenizer
+    from tactic_server.training.data import find_sources, source_texts, task
+
+    tokenizer = Tokenizer.from_dir(str(model_dir))
+    sources = find_sources([sysconfig.get_paths()["purelib"]])
+    rng = random.Random(seed)
+    background = source_texts(sources.held_out or sources.train, rng)
+    prompts = []
+    for _ in range(count):
+        characters, ids = length * 4, []
+        while len(ids) < length:  # the question at the end, the needle somewhere before
+            prompt, _ = task("passkey", rng, characters, background)
+            ids = tokenizer.encode(prompt, add_special_tokens=True)
+            characters = int(characters * 1.5)
+        prompts.append(ids[-length:])
+    return prompts
+
+
+MODES = {"triton": [("dense", None)], "tactic": [("dense", None), ("tactic_0.9", 0.9)],
+         "tactic-eager": [("tactic_0.9", 0.9)]}  # fmt: skip
+
+
 def throughput(args, save) -> dict:
-    model_dir = Path(tempfile.mkdtemp()) / "llama8b"
-    model_dir.mkdir(parents=True)
-    (model_dir / "config.json").write_text(json.dumps(LLAMA8B))
+    import os
+
+    if args.model:
+        model_dir, extra = Path(args.model), {}
+        config = json.loads((model_dir / "config.json").read_text())
+        name = f"{model_dir.name} (trained, {config['num_hidden_layers']} layers), bf16"
+        if max(args.contexts) > config["max_position_embeddings"]:
+            os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
+    else:
+        model_dir = Path(tempfile.mkdtemp()) / "llama8b"
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.json").write_text(json.dumps(LLAMA8B))
+        config, name, extra = LLAMA8B, MODEL_8B, {"load_format": "dummy"}
     # a row's context is the sequence length its last decode step attends to: prompts are
     # shorter by the new tokens, so 131,072 fits the config's positions
     max_context = max(args.contexts)
     rows = []
-    modes = {"triton": [("dense", None)], "tactic": [("dense", None), ("tactic_0.9", 0.9)]}
     for backend in args.backends:
         engine = start(
-            model_dir, backend, max_context, load_format="dummy",
-            mem_fraction_static=args.mem_fraction, max_running_requests=max(args.batches),
-            cuda_graph_max_bs=max(args.batches),
+            model_dir, backend, max_context, mem_fraction_static=args.mem_fraction,
+            max_running_requests=max(args.batches), cuda_graph_max_bs=max(args.batches), **extra,
         )  # fmt: skip
         capacity = engine.get_server_info()["max_total_num_tokens"]
         log(f"{backend}: KV capacity {capacity} tokens")
         for context in args.contexts:
-            need = context
-            batches = [b for b in args.batches if b * need <= capacity]
-            skipped = [b for b in args.batches if b not in batches]
-            for b in skipped:
+            batches = [b for b in args.batches if b * context <= capacity]
+            for b in (b for b in args.batches if b not in batches):
                 rows.append(dict(backend=backend, context=context, batch=b,
                                  skipped=f"{b} x {context} tokens exceed the KV pool"))  # fmt: skip
             if not batches:
                 continue
-            prompts = random_prompts(max(batches), context - args.tokens - 2, 128000, seed=context)
-            for mode, target in modes[backend]:
+            length = context - args.tokens - 2
+            prompts = (text_prompts(model_dir, max(batches), length, seed=context) if args.model
+                       else random_prompts(max(batches), length, 128000,
+                                           seed=context))  # fmt: skip
+            for mode, target in MODES[backend]:
                 began = time.perf_counter()
                 generate(engine, prompts[: max(batches)], 1, target)  # prefill (and clustering)
                 log(f"{backend} {mode} {context}: warm-up {time.perf_counter() - began:.1f} s")
@@ -182,12 +227,12 @@ def throughput(args, save) -> dict:
                         selected_ratio=statistics.mean(ratio) if ratio else None,
                     )  # fmt: skip
                     rows.append(row)
-                    save({"model": MODEL_8B, "decode_tokens": args.tokens, "rows": rows})
+                    save({"model": name, "decode_tokens": args.tokens, "rows": rows})
                     log(f"{backend} {mode} ctx {context} batch {batch}: "
                         f"{row['decode_tokens_per_s']:.1f} tok/s (rounds {rounds}), "
                         f"selected {row['selected_ratio']}")  # fmt: skip
         engine.shutdown()
-    return {"model": MODEL_8B, "decode_tokens": args.tokens, "rows": rows}
+    return {"model": name, "decode_tokens": args.tokens, "rows": rows}
 
 
 def main() -> int:
@@ -200,7 +245,9 @@ def main() -> int:
     tp = commands.add_parser("throughput")
     tp.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
     tp.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    tp.add_argument("--backends", nargs="+", default=["triton", "tactic"])
+    tp.add_argument("--backends", nargs="+", choices=tuple(MODES),
+                    default=["triton", "tactic", "tactic-eager"])
+    tp.add_argument("--model", help="a trained checkpoint (default: Llama-3.1-8B, dummy)")
     tp.add_argument("--tokens", type=int, default=64)
     tp.add_argument("--repeats", type=int, default=2)
     tp.add_argument("--mem-fraction", type=float, default=0.85)
