@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# On the GPU machine, one device call (carry [".whl-sgl"], timeout 600): SGLang with the tactic
-# backend end to end. Each step has its own time limit, so one that fails or hangs leaves the
-# others their time; logs and JSON land in $OUT (bring them home to benchmarks/results/).
-#   STEPS="serve equality throughput" bash benchmarks/run_gpu_sglang.sh
+# On the GPU machine, one device call per group of steps (carry [".whl-sgl"], timeout 600): SGLang
+# with the tactic backend end to end, and the full load run. Each step has its own time limit,
+# so one that fails or hangs leaves the others their time; logs and JSON land in $OUT (bring
+# them home to benchmarks/results/). Steps, with their limits:
+#   serve       150 s  (a) serve --engine sglang answers the openai client; SIGTERM exits 0
+#   equality    240 s  (b) greedy equality at P = 0.999 with the triton backend, float32
+#   throughput  540 s  (c) triton vs tactic (graphs) vs tactic-eager, Llama-3.1-8B dummy,
+#                      $CONTEXTS (default 32768 65536 131072), batches 1 and 8
+#   trained     300 s  (c) the same on the trained model $MODEL (default the repo's bundled
+#                      one, else /tmp/run-code/model), where attention is really sparse
+#   load        420 s  issue 7: every load scenario against the embedded engine on the GPU and
+#                      against --engine sglang, SIGTERM drain
+#   STEPS="serve equality trained" bash benchmarks/run_gpu_sglang.sh
+#   STEPS=throughput bash benchmarks/run_gpu_sglang.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/gpu_env.sh || exit 1
@@ -10,21 +20,37 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for step in ${STEPS:-serve equality throughput}; do
+model=${MODEL:-}
+if [ -z "$model" ]; then
+  for candidate in tactic_server/models/*/ /tmp/run-code/model; do
+    [ -f "$candidate/config.json" ] && model=$candidate && break
+  done
+fi
+for step in ${STEPS:-serve equality trained}; do
   echo "[run_gpu_sglang] $step"
   case $step in
-    serve)  # (a) serve --engine sglang answers the openai client; SIGTERM exits 0
+    serve)
       timeout 150 python3 -m pytest -q -p no:warnings tests/test_sglang_serve_gpu.py \
         >"$out/serve.log" 2>&1 ;;
-    equality)  # (b) greedy equality at P = 0.999 with the triton backend, float32
+    equality)
       timeout 240 python3 benchmarks/sglang_gpu.py equality --dtype float32 \
         --out "$out/sglang_equality.json" >"$out/equality.log" 2>&1 ;;
-    throughput)  # (c) dense (triton backend) vs tactic, Llama-3.1-8B config, dummy weights
-      timeout 420 python3 benchmarks/sglang_gpu.py throughput --backends tactic triton \
+    throughput)
+      # shellcheck disable=SC2086  # CONTEXTS is a list of words
+      timeout 540 python3 benchmarks/sglang_gpu.py throughput \
         --contexts ${CONTEXTS:-32768 65536 131072} --batches 1 8 --repeats 2 \
         --out "$out/sglang_throughput.json" >"$out/throughput.log" 2>&1 ;;
+    trained)
+      if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
+      # shellcheck disable=SC2086
+      timeout 300 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
+        --contexts ${CONTEXTS:-32768 131072} --batches 1 8 --repeats 2 \
+        --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
+    load)
+      timeout 420 python3 loadtests/full_run.py --engines embedded sglang --device cuda \
+        ${model:+--model "$model"} --out "$out" >"$out/load.log" 2>&1 ;;
     *) echo "unknown step $step" >&2 ;;
   esac
   echo "[run_gpu_sglang] $step: exit $?"
-  grep -a "sglang_gpu\|passed\|failed\|Error" "$out/$step.log" 2>/dev/null | tail -20
+  grep -a "sglang_gpu\|full_run\|passed\|failed\|Error" "$out/$step.log" 2>/dev/null | tail -20
 done

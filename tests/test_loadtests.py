@@ -138,3 +138,22 @@ def test_inputs_meant_to_hurt_get_a_4xx(engine, url):
 def test_process_memory_is_exported_for_soak_runs(url):
     text = httpx.get(f"{url}/metrics").text
     assert "process_resident_memory_bytes" in text
+
+
+def test_the_full_run_serves_loads_and_drains_each_engine(tmp_path):
+    """loadtests/full_run.py at a tiny scale: `tactic-server serve` as a subprocess, scenarios
+    over its socket, SIGTERM: a report with no 5xx, KV back to 0 and exit status 0."""
+    script = Path(__file__).resolve().parent.parent / "loadtests" / "full_run.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--engines", "embedded", "--requests", "4",
+         "--concurrency", "2", "--scenarios", "sweep", "long", "disconnect",
+         "--max-model-len", "1024", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "loadtest_embedded_cpu.json").read_text())
+    assert [s["scenario"] for s in report["scenarios"]] == ["sweep c=2", "long", "disconnect"]
+    assert report["server_errors"] == 0 and report["after"]["idle"]
+    assert report["exit_status_after_sigterm"] == 0
+    long = report["scenarios"][1]
+    assert long["over_limit_status"] == 413 and long["statuses"] == {"200": long["requests"]}
