@@ -99,7 +99,18 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[
     return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
 
 
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> list[int]:
+    """Per prompt, the tokens equal to the reference's before the first difference."""
+    agree = []
+    for got, want in zip(outputs, reference, strict=True):
+        pairs = enumerate(zip(got, want, strict=False))
+        agree.append(next((i for i, (a, b) in pairs if a != b), min(len(got), len(want))))
+    return agree
+
+
 def equality(args) -> dict:
+    """Greedy tokens of the tactic backend (dense requests, P = 0.999, P = 0.9) against the
+    triton backend at tp 1; with --tp N > 1 also the tactic backend at tp N, against tp 1."""
     model_dir = make_tiny_model(
         Path(tempfile.mkdtemp()) / "tiny", "llama", seed=0, dtype=args.dtype, num_layers=4,
         hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512,
@@ -109,30 +120,30 @@ def equality(args) -> dict:
     lengths = [1500, 2600, 3100, 4200, 5000, 7000]
     prompts = [random_prompts(1, n, vocab, seed=i)[0] for i, n in enumerate(lengths)]
     tokens = args.tokens
-    runs = {}
+    runs, stats = {}, {}
     engine = start(model_dir, "triton", 16384, mem_fraction_static=0.3)
     runs["triton"] = [o["output_ids"] for o in generate(engine, prompts, tokens, None)]
     engine.shutdown()
-    engine = start(model_dir, "tactic", 16384, mem_fraction_static=0.3)
-    stats = {}
-    for name, target in (("tactic_dense", None), ("tactic_0.999", 0.999), ("tactic_0.9", 0.9)):
-        outputs = generate(engine, prompts, tokens, target)
-        runs[name] = [o["output_ids"] for o in outputs]
-        stats[name] = [tactic_means(o) for o in outputs]
-    engine.shutdown()
-    reference = runs["triton"]
+    modes = (("tactic_dense", None), ("tactic_0.999", 0.999), ("tactic_0.9", 0.9))
+    for tp in sorted({1, args.tp}):
+        engine = start(model_dir, "tactic", 16384, mem_fraction_static=0.3, tp_size=tp)
+        for mode, target in modes:
+            name = mode if tp == 1 else f"tp{tp}_{mode}"
+            outputs = generate(engine, prompts, tokens, target)
+            runs[name] = [o["output_ids"] for o in outputs]
+            stats[name] = [tactic_means(o) for o in outputs]
+        engine.shutdown()
     result = {"model": f"tiny llama, 4 layers, 8/2 heads of 32, peaked attention, {args.dtype}",
-              "prompt_lengths": lengths, "tokens": tokens, "runs": {}}  # fmt: skip
+              "prompt_lengths": lengths, "tokens": tokens, "tp": args.tp, "runs": {}}  # fmt: skip
     for name, outputs in runs.items():
-        agree = []
-        for got, want in zip(outputs, reference, strict=True):
-            pairs = enumerate(zip(got, want, strict=False))
-            same = next((i for i, (a, b) in pairs if a != b), min(len(got), len(want)))
-            agree.append(same)
-        result["runs"][name] = dict(
-            equal=all(a == len(ref) for a, ref in zip(agree, reference, strict=True)),
-            tokens_equal_before_first_difference=agree, tactic=stats.get(name),
-        )  # fmt: skip
+        agree = agreement(outputs, runs["triton"])
+        result["runs"][name] = dict(equal=all(a == tokens for a in agree),
+                                    tokens_equal_before_first_difference=agree,
+                                    tactic=stats.get(name))  # fmt: skip
+        if name.startswith("tp"):  # against the same mode at tp 1
+            same = agreement(outputs, runs[name.split("_", 1)[1]])
+            result["runs"][name] |= dict(equal_to_tp1=all(a == tokens for a in same),
+                                         tokens_equal_to_tp1=same)  # fmt: skip
         log(f"{name}: equal to triton {result['runs'][name]['equal']} ({agree})"
             + (f"; stats {stats[name]}" if name in stats else ""))  # fmt: skip
     return result
@@ -193,7 +204,8 @@ def throughput(args, save) -> dict:
     for backend in args.backends:
         engine = start(
             model_dir, backend, max_context, mem_fraction_static=args.mem_fraction,
-            max_running_requests=max(args.batches), cuda_graph_max_bs=max(args.batches), **extra,
+            max_running_requests=max(args.batches), cuda_graph_max_bs=max(args.batches),
+            tp_size=args.tp, **extra,
         )  # fmt: skip
         capacity = engine.get_server_info()["max_total_num_tokens"]
         log(f"{backend}: KV capacity {capacity} tokens")
@@ -222,7 +234,7 @@ def throughput(args, save) -> dict:
                     stats = [tactic_means(o) for o in outputs]
                     ratio = [s["selected_ratio"] for s in stats if s]
                     row = dict(
-                        backend=backend, mode=mode, context=context, batch=batch,
+                        backend=backend, mode=mode, context=context, batch=batch, tp=args.tp,
                         decode_tokens_per_s=statistics.median(rounds), rounds=rounds,
                         selected_ratio=statistics.mean(ratio) if ratio else None,
                     )  # fmt: skip
@@ -253,6 +265,7 @@ def main() -> int:
     tp.add_argument("--mem-fraction", type=float, default=0.85)
     for sub in (eq, tp):
         sub.add_argument("--out", required=True)
+        sub.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),

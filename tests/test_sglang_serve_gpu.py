@@ -1,7 +1,7 @@
 """`tactic-server serve --engine sglang` end to end on a GPU: the CLI in a subprocess (SGLang's
 scheduler in its own), the official openai client over a real socket, Tactic's statistics in
 usage, and SGLang's metrics beside ours on /metrics. Marked gpu: SGLang's CUDA kernels do not
-load on a CPU machine."""
+load on a CPU machine. TACTIC_TEST_TP=2 serves with --tp 2 (two GPUs)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def server(tmp_path_factory):
     )  # fmt: skip
     port = free_port()
     command = [sys.executable, "-m", "tactic_server.cli", "serve", "--engine", "sglang",
-               "--model", str(model_dir), "--port", str(port), "--max-batch", "4"]  # fmt: skip
+               "--model", str(model_dir), "--port", str(port), "--max-batch", "4",
+               "--tp", os.environ.get("TACTIC_TEST_TP", "1")]  # fmt: skip
     process = subprocess.Popen(command, env=os.environ | {"TACTIC_SEGMENT_SIZE": "512"})
     url = f"http://127.0.0.1:{port}"
     try:
