@@ -267,6 +267,7 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False):
         if backend is tactic and graph:
             rows = 4
             tactic.graph_family = "tactic"
+            tactic.graph_bound = 320  # a context bound below the model's 512, above the batch
             tactic._replay_forward_batch = batch  # as SGLang's graph runner hands it over
             decode = ForwardMode.DECODE
             tactic.init_forward_metadata_replay_cuda_graph(4, None, None, sum(LENGTHS) + 1, None,
@@ -368,8 +369,9 @@ def test_tensor_parallel_ranks_decode_their_heads_and_combine_statistics(tmp_pat
 
 def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
     """Which decode CUDA graphs a batch may replay: SGLang's own when no request selects, the
-    Tactic family's when every one does, none (eager) when mixed; a Tactic replay runs with
-    the backend in the Tactic family and leaves it dense after."""
+    Tactic family's of the smallest context bound that holds the batch when every one does,
+    none (eager) when mixed or longer than every bound; a Tactic replay runs with the backend
+    in the Tactic family and leaves it dense after."""
     from types import SimpleNamespace
 
     from sglang.srt.layers.attention import triton_backend
@@ -392,9 +394,9 @@ def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
     backend = backend_module.TacticAttnBackend(runner)
 
     class Graphs:  # what CudaGraphRunner.can_run / replay do, as far as the families go
-        def __init__(self, tactic_family):
-            if tactic_family:
-                self.tactic_family = True
+        def __init__(self, bound=None):
+            if bound is not None:
+                self.tactic_family, self.context_bound = True, bound
             self.model_runner = SimpleNamespace(attn_backend=backend)
             self.replayed_in = []
 
@@ -405,10 +407,10 @@ def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
             self.replayed_in.append(backend.graph_family)
             return "logits"
 
-    dense, tactic = Graphs(False), Graphs(True)
-    graphs = hooks.TacticGraphRunners(dense, tactic, backend)
+    dense, short, long = Graphs(), Graphs(128), Graphs(512)
+    graphs = hooks.TacticGraphRunners(dense, [short, long], backend)
 
-    def batch(*customs):
+    def batch(*customs, length=100):
         reqs = [Req(f"r{i}", "", [1, 2], SamplingParams(custom_params=c))
                 for i, c in enumerate(customs)]  # fmt: skip
         for req in reqs:
@@ -416,12 +418,31 @@ def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
         backend.admit(reqs)
         for req in reqs:
             requests.free(req)
-        return SimpleNamespace(batch_size=len(reqs))
+        return SimpleNamespace(batch_size=len(reqs),
+                               seq_lens_cpu=torch.tensor([length] * len(reqs)))  # fmt: skip
 
     off, on = {"tactic": {"enabled": False}}, {"tactic_target": 0.9}
-    assert graphs.can_run(batch(off, off)) and graphs.replay(None) == "logits"
+    forward = batch(off, off)
+    assert graphs.can_run(forward) and graphs.replay(forward) == "logits"
     assert dense.replayed_in == ["dense"] and graphs.last is dense
-    assert graphs.can_run(batch(on, on)) and graphs.replay(None) == "logits"
-    assert tactic.replayed_in == ["tactic"] and backend.graph_family == "dense"
+    forward = batch(on, on)
+    assert graphs.can_run(forward) and graphs.replay(forward) == "logits"
+    assert short.replayed_in == ["tactic"] and backend.graph_family == "dense"
+    forward = batch(on, length=300)
+    assert graphs.can_run(forward) and graphs.replay(forward) == "logits"
+    assert long.replayed_in == ["tactic"] and graphs.last is long
+    assert not graphs.can_run(batch(on, length=600))  # beyond every bound: eager
     assert not graphs.can_run(batch(on, off))  # mixed: eager
-    assert not hooks.graph_can_run_around(lambda self, batch: True, tactic, batch(off))
+    assert not hooks.graph_can_run_around(lambda self, batch: True, short, batch(off))
+
+
+def test_graph_context_bounds_from_the_environment(monkeypatch):
+    from tactic_server.sglang_plugin.settings import Settings
+
+    assert Settings().graph_bounds(131072) == [16384, 65536, 131072]
+    assert Settings().graph_bounds(8192) == [8192]
+    monkeypatch.setenv("TACTIC_GRAPH_CONTEXTS", "4096,32768")
+    assert Settings.from_env().graph_bounds(16384) == [4096, 16384]
+    monkeypatch.setenv("TACTIC_GRAPH_CONTEXTS", "0")
+    with pytest.raises(ValueError, match="TACTIC_GRAPH_CONTEXTS"):
+        Settings.from_env()

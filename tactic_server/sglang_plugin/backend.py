@@ -78,6 +78,7 @@ class TacticAttnBackend(TritonAttnBackend):
         # its plan is built inside the forward (layer 0) so that the graph replays it
         self.graph_family = "dense"
         self.graph_capture = False
+        self.graph_bound = self.max_context_len  # the context bound of the graph captured
         logger.info("tactic backend: default target %.3f, %s", self.settings.default_target,
                     self.settings.config)  # fmt: skip
 
@@ -181,7 +182,7 @@ class TacticAttnBackend(TritonAttnBackend):
         if self.graph_capture and layer.layer_id == 0:
             self.plan = self.decoder.graph_plan(
                 self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
-                self.max_context_len,
+                self.graph_bound,
             )  # fmt: skip
         if self.plan is None:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)

@@ -66,24 +66,29 @@ def graph_can_run_around(original, self, forward_batch, *args, **kwargs):
 
 
 class TacticGraphRunners:
-    """Stands for SGLang's graph runner: its own graphs (dense batches) and a second
-    CudaGraphRunner of the Tactic family, captured with the backend in graph_family "tactic"
-    (every row selects, buffers sized by the context bound), replayed for batches in which
-    every request selects; anything else SGLang reads is the last runner's."""
+    """Stands for SGLang's graph runner: its own graphs (dense batches) and CudaGraphRunners of
+    the Tactic family, one per context bound, each captured with the backend in graph_family
+    "tactic" (every row selects, buffers sized by the bound); a batch in which every request
+    selects replays the smallest bound that holds its longest sequence. Anything else SGLang
+    reads is the last runner's."""
 
-    def __init__(self, dense, tactic, backend) -> None:
-        self.dense, self.tactic, self.backend = dense, tactic, backend
+    def __init__(self, dense, tactic: list, backend) -> None:
+        self.dense, self.tactic, self.backend = dense, tactic, backend  # tactic: bound order
         self.last = dense
 
-    def _runner(self):
-        return self.tactic if self.backend.batch_graph_family == "tactic" else self.dense
+    def _runner(self, forward_batch):
+        if self.backend.batch_graph_family != "tactic":
+            return self.dense
+        longest = int(forward_batch.seq_lens_cpu.max())
+        return next((r for r in self.tactic if r.context_bound >= longest), None)
 
     def can_run(self, forward_batch) -> bool:
-        return self._runner().can_run(forward_batch)
+        runner = self._runner(forward_batch)
+        return runner is not None and runner.can_run(forward_batch)
 
     def replay(self, forward_batch, *args, **kwargs):
-        self.last = runner = self._runner()
-        self.backend.graph_family = "tactic" if runner is self.tactic else "dense"
+        self.last = runner = self._runner(forward_batch)
+        self.backend.graph_family = "dense" if runner is self.dense else "tactic"
         try:
             return runner.replay(forward_batch, *args, **kwargs)
         finally:
@@ -96,9 +101,9 @@ class TacticGraphRunners:
 
 
 def init_device_graphs_around(original, self, *args, **kwargs):
-    """After SGLang captured its decode graphs: a second set of the Tactic family, for batch
-    sizes up to TACTIC_GRAPH_MAX_BS (TACTIC_CUDA_GRAPH=0, or a failed capture, leaves those
-    batches eager, with a log line)."""
+    """After SGLang captured its decode graphs: sets of the Tactic family, one per context
+    bound (TACTIC_GRAPH_CONTEXTS), for batch sizes up to TACTIC_GRAPH_MAX_BS
+    (TACTIC_CUDA_GRAPH=0, or a failed capture, leaves those batches eager, with a log line)."""
     from .backend import TacticAttnBackend
 
     result = original(self, *args, **kwargs)
@@ -112,12 +117,16 @@ def init_device_graphs_around(original, self, *args, **kwargs):
         return result
     args = self.server_args
     sizes = list(args.cuda_graph_bs or [])
-    capped = [b for b in sizes if b <= settings.graph_max_bs] or [1]
-    began = time.perf_counter()
+    bounds = settings.graph_bounds(backend.max_context_len)
+    began, runners = time.perf_counter(), []
     backend.graph_family = "tactic"
     try:
-        args.cuda_graph_bs = capped
-        tactic = type(self.graph_runner)(self)
+        args.cuda_graph_bs = [b for b in sizes if b <= settings.graph_max_bs] or [1]
+        for bound in bounds:
+            backend.graph_bound = bound
+            runner = type(self.graph_runner)(self)
+            runner.tactic_family, runner.context_bound = True, bound
+            runners.append(runner)
     except Exception:
         logger.exception("tactic backend: capturing the Tactic decode graphs failed; decode "
                          "batches with a Tactic request run without CUDA graphs")  # fmt: skip
@@ -125,10 +134,10 @@ def init_device_graphs_around(original, self, *args, **kwargs):
     finally:
         args.cuda_graph_bs = sizes
         backend.graph_family, backend.graph_capture = "dense", False
-    tactic.tactic_family = True
-    self.graph_runner = TacticGraphRunners(self.graph_runner, tactic, backend)
-    logger.info("tactic backend: Tactic decode CUDA graphs for batch sizes %s, context bound %d, "
-                "captured in %.1f s", tactic.capture_bs, backend.max_context_len,
+        backend.graph_bound = backend.max_context_len
+    self.graph_runner = TacticGraphRunners(self.graph_runner, runners, backend)
+    logger.info("tactic backend: Tactic decode CUDA graphs for batch sizes %s and context bounds "
+                "%s, captured in %.1f s", runners[0].capture_bs, bounds,
                 time.perf_counter() - began)  # fmt: skip
     return result
 

@@ -14,6 +14,9 @@ TARGET_ENV = "TACTIC_DEFAULT_TARGET"
 SEGMENT_ENV = "TACTIC_SEGMENT_SIZE"
 GRAPH_ENV = "TACTIC_CUDA_GRAPH"  # 0: decode batches with a Tactic request run eagerly
 GRAPH_BS_ENV = "TACTIC_GRAPH_MAX_BS"  # the largest batch captured in a Tactic CUDA graph
+# context bounds of the Tactic graph sets, comma-separated (default 16384,65536 below the
+# model's context, and the context itself): a batch replays the smallest that holds it
+GRAPH_CONTEXTS_ENV = "TACTIC_GRAPH_CONTEXTS"
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,12 @@ class Settings:
     config: TacticConfig = field(default_factory=TacticConfig)
     cuda_graphs: bool = True
     graph_max_bs: int = 16
+    graph_contexts: tuple[int, ...] = ()  # () for the default
+
+    def graph_bounds(self, context_len: int) -> list[int]:
+        """The context bounds of the Tactic graph sets for a model of context_len positions."""
+        chosen = self.graph_contexts or (16384, 65536)
+        return sorted({c for c in chosen if c < context_len} | {context_len})
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -37,7 +46,10 @@ class Settings:
         max_bs = int(os.environ.get(GRAPH_BS_ENV, "16"))
         if max_bs < 1:
             raise ValueError(f"{GRAPH_BS_ENV} must be >= 1, got {max_bs}")
-        return cls(target, config, graphs == "1", max_bs)
+        contexts = tuple(int(c) for c in os.environ.get(GRAPH_CONTEXTS_ENV, "").split(",") if c)
+        if any(c < 1 for c in contexts):
+            raise ValueError(f"{GRAPH_CONTEXTS_ENV} must list positive lengths, got {contexts}")
+        return cls(target, config, graphs == "1", max_bs, contexts)
 
     def export(self) -> None:
         """Into this process's environment, for the processes SGLang spawns from it (the CUDA
