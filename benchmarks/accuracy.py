@@ -36,6 +36,7 @@ from tactic_server.training.train import CHARS_PER_TOKEN
 
 RETRIEVAL_TASKS = ("passkey", "multikey")
 BUDGET_TARGET = 0.9  # Quest and top-k get Tactic's mean budget at this target
+ANSWER_TOKENS = 8  # generated per retrieval case (the answer is its first word)
 
 
 def log(message: str) -> None:
@@ -43,7 +44,8 @@ def log(message: str) -> None:
 
 
 def sized_task(kind, rng, tokens: int, tokenizer, background) -> tuple[list[int], str]:
-    """A task whose prompt is within 3% under `tokens` tokens (one resize from a first try)."""
+    """A task whose prompt is within 3% under `tokens` tokens (resized from a first try); one
+    still too long loses tokens after BOS, never the question at its end."""
     characters = int(tokens * CHARS_PER_TOKEN)
     for _ in range(4):
         prompt, answer = task(kind, rng, characters, background)
@@ -51,7 +53,9 @@ def sized_task(kind, rng, tokens: int, tokenizer, background) -> tuple[list[int]
         if 0.97 * tokens <= len(ids) <= tokens:
             break
         characters = int(characters * 0.985 * tokens / len(ids))
-    return ids[:tokens], answer
+    if len(ids) > tokens:
+        ids = ids[:1] + ids[len(ids) - tokens + 1 :]
+    return ids, answer
 
 
 def request_for(ids: list[int], method: str, target: float | None, budget: float | None,
@@ -92,24 +96,30 @@ def retrieval(engine: Engine, lengths, trials: int, targets, background, seed: i
     """Appends one row per (task, context, method) to rows, shorter contexts first, calling
     saved() after each (a run cut short keeps what it measured)."""
     for length in lengths:
+        # a context of `length` holds the prompt and the answer's tokens
+        prompt_tokens = min(length, engine.max_model_len) - ANSWER_TOKENS
         for kind in RETRIEVAL_TASKS:
             rng = random.Random(seed + length)
-            cases = [sized_task(kind, rng, length, engine.tokenizer, background)
+            cases = [sized_task(kind, rng, prompt_tokens, engine.tokenizer, background)
                      for _ in range(trials)]  # fmt: skip
             budget = None
             for name, method, target in retrieval_methods(targets):
                 began = time.perf_counter()
                 share = budget if method in ("quest", "topk") else None
-                requests = [request_for(ids, method, target, share, 8) for ids, _ in cases]
+                requests = [request_for(ids, method, target, share, ANSWER_TOKENS)
+                            for ids, _ in cases]  # fmt: skip
                 results = asyncio.run(answers(engine, requests))
                 right = sum(text.strip().startswith(expected.strip().strip('"'))
                             for (text, _), (_, expected) in zip(results, cases, strict=True))
                 ratio = statistics.fmean(r for _, r in results)
                 if name == f"tactic_{BUDGET_TARGET}":
                     budget = ratio
+                examples = [{"expected": want, "got": got}
+                            for (got, _), (_, want) in zip(results[:3], cases[:3], strict=True)]
                 rows.append({"task": kind, "context": length, "method": name,
                              "accuracy": right / trials, "trials": trials,
-                             "selected_ratio": ratio})  # fmt: skip
+                             "selected_ratio": ratio, "prompt_tokens": prompt_tokens,
+                             "examples": examples})  # fmt: skip
                 saved()
                 log(f"{kind} {length}: {name} {right}/{trials}, selected {ratio:.1%} "
                     f"({time.perf_counter() - began:.1f} s)")  # fmt: skip
@@ -254,7 +264,8 @@ def main(argv=None) -> int:
     if BUDGET_TARGET not in args.targets:
         parser.error(f"--targets must include {BUDGET_TARGET}: Quest and top-k get its budget")
     engine = Engine.from_config(EngineConfig(
-        model_dir=args.model, device=args.device, max_model_len=max(args.lengths) + 16,
+        model_dir=args.model, device=args.device,
+        kv_slots=min(args.trials, 16) * max(args.lengths),
         max_batch=min(args.trials, 16), max_waiting=max(64, args.trials)))  # fmt: skip
     roots = args.roots or training_roots(Path(args.model))
     sources = find_sources(roots) if roots else None
