@@ -1,6 +1,8 @@
 # Source at the start of every command on the GPU machine, from the repo root (the device call
 # names `.whl` in carry: .whl/ is git-ignored and filled here by scripts/stage_gpu_wheels.sh;
-# SGLang runs carry .whl-sgl instead, packed by scripts/stage_sglang_wheels.sh with FlashInfer in):
+# SGLang runs carry .whl-sgl instead, packed by scripts/stage_sglang_wheels.sh with FlashInfer in;
+# runs that need only transformers and tokenizers, e.g. with a model carried beside, carry the
+# smaller .whl-hf that scripts/stage_hf_site.sh cuts from it):
 #     source scripts/gpu_env.sh && python3 -m pytest -q -m gpu tests
 # 1. Installs the staged wheels into $TACTIC_SITE (default /tmp/site) once per machine (a stamp
 #    per carried folder records its set) and puts that folder first on PYTHONPATH, so they win
@@ -26,15 +28,17 @@ _tactic_gpu_env() {
       printf '%s\n' "$wanted" >"$stamp"
     fi
   done
-  if [ -f "$root/.whl-sgl/site.tar.xz" ]; then
-    stamp=$site/.staged_whl-sgl
-    wanted=$(stat -c %s "$root/.whl-sgl/site.tar.xz")
+  # a packed site per carried folder (.whl-sgl: SGLang's; .whl-hf: transformers and tokenizers)
+  for folder in "$root"/.whl*/; do
+    [ -f "$folder/site.tar.xz" ] || continue
+    stamp=$site/.staged_site_$(basename "$folder")
+    wanted=$(stat -c %s "$folder/site.tar.xz")
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
-      echo "[gpu_env] unpacking .whl-sgl/site.tar.xz into $site"
-      mkdir -p "$site" && tar xJf "$root/.whl-sgl/site.tar.xz" -C "$site" || return 1
+      echo "[gpu_env] unpacking $(basename "$folder")/site.tar.xz into $site"
+      mkdir -p "$site" && tar xJf "$folder/site.tar.xz" -C "$site" || return 1
       printf '%s\n' "$wanted" >"$stamp"
     fi
-  fi
+  done
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   if ! python3 -c "import tactic_server.kernels" 2>/dev/null; then
     echo "[gpu_env] installing tactic-server editable"
