@@ -205,19 +205,23 @@ def plots(result: dict, prefix: str) -> None:
     axis.set_title("Tactic selected ratio at P = 0.9")
     figure.colorbar(image)
     figure.savefig(f"{prefix}_heatmap.png", dpi=100, bbox_inches="tight")
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for family in ("dense", "tactic", "oracle", "quest", "topk"):
-        by_method = {}  # row method -> its rows over tasks and contexts: one point each
-        for r in result["retrieval"]:
-            if r["method"].split("_")[0] == family:
-                by_method.setdefault(r["method"], []).append(r)
-        points = sorted((statistics.mean(r["selected_ratio"] for r in rows),
-                         statistics.mean(r["accuracy"] for r in rows))
-                        for rows in by_method.values())  # fmt: skip
-        left.plot(*zip(*points, strict=True), "o-", label=family)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for task_name, style in zip(RETRIEVAL_TASKS, ("o-", "s--"), strict=True):
+        for family in ("dense", "tactic", "oracle", "quest", "topk"):
+            by_method = {}  # row method -> its rows over contexts: one point each
+            for r in result["retrieval"]:
+                if r["task"] == task_name and r["method"].split("_")[0] == family:
+                    by_method.setdefault(r["method"], []).append(r)
+            points = sorted((statistics.mean(r["selected_ratio"] for r in rows),
+                             statistics.mean(r["accuracy"] for r in rows))
+                            for rows in by_method.values())  # fmt: skip
+            if points:
+                left.plot(*zip(*points, strict=True), style, color=COLORS[family],
+                          label=f"{family}, {task_name}")  # fmt: skip
+    left.set_ylim(-0.03, 1.03)
     left.set_xlabel("selected ratio (budget)")
-    left.set_ylabel("retrieval accuracy (tasks and contexts pooled)")
-    left.legend()
+    left.set_ylabel("retrieval accuracy (contexts pooled)")
+    left.legend(fontsize=7, ncol=2)
     for method in ("tactic_segment", "tactic_whole", "quest", "topk", "oracle"):
         by_target = {}  # target -> the layers' records: one point per target, layers averaged
         for r in result["attention"]:
@@ -226,11 +230,16 @@ def plots(result: dict, prefix: str) -> None:
         points = sorted((statistics.mean(r["selected_ratio"] for r in rows),
                          statistics.mean(r["mean_recall"] for r in rows))
                         for rows in by_target.values())  # fmt: skip
-        right.plot(*zip(*points, strict=True), "o-", label=method)
-    right.set_xlabel("selected ratio (budget)")
+        right.plot(*zip(*points, strict=True), "o-", color=COLORS[method], label=method)
+    right.set_xlabel("selected ratio (budget), layers averaged")
     right.set_ylabel("mean recall of the attention mass")
-    right.legend()
+    right.legend(fontsize=8)
     figure.savefig(f"{prefix}_budget.png", dpi=100, bbox_inches="tight")
+
+
+COLORS = {"dense": "0.4", "tactic": "tab:blue", "tactic_segment": "tab:blue",
+          "tactic_whole": "tab:orange", "oracle": "tab:purple", "quest": "tab:green",
+          "topk": "tab:red"}  # fmt: skip
 
 
 def training_roots(model_dir: Path) -> list[str] | None:
@@ -244,7 +253,9 @@ def training_roots(model_dir: Path) -> list[str] | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="the checkpoint to evaluate")
+    parser.add_argument("--report", metavar="PREFIX",
+                        help="instead of measuring: PREFIX.json's goals, table and plots again")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.9, 0.95])
@@ -259,8 +270,17 @@ def main(argv=None) -> int:
     parser.add_argument("--perplexity-tokens", type=int, default=200_000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="writes OUT.json, OUT.md (and plots)")
+    parser.add_argument("--out", help="writes OUT.json, OUT.md (and plots)")
     args = parser.parse_args(argv)
+    if args.report:
+        result = json.loads(Path(f"{args.report}.json").read_text())
+        result["goals"] = goals(result)
+        Path(f"{args.report}.json").write_text(json.dumps(result, indent=1))
+        Path(f"{args.report}.md").write_text(markdown(result))
+        plots(result, args.report)
+        return 0
+    if not (args.model and args.out):
+        parser.error("--model and --out are required (or --report)")
     if BUDGET_TARGET not in args.targets:
         parser.error(f"--targets must include {BUDGET_TARGET}: Quest and top-k get its budget")
     engine = Engine.from_config(EngineConfig(
@@ -322,6 +342,12 @@ def goals(result: dict) -> dict:
                                 if r["method"] == method and r["target"] == BUDGET_TARGET)
 
     dense, ours, theirs = accuracy("dense"), accuracy(tactic), accuracy(quest)
+    read = attention("tactic_segment", "selected_ratio") / attention("oracle", "selected_ratio")
+    by_context = {}
+    for r in result["retrieval"]:
+        if r["method"] in ("dense", tactic, quest):
+            cell = by_context.setdefault(f"{r['task']} {r['context']}", {})
+            cell[r["method"]] = r["accuracy"]
     meeting = attention("tactic_segment", "share_meeting_target")
     over = attention("tactic_segment", "overshoot")
     recall, quest_recall = (attention(m, "mean_recall") for m in ("tactic_segment", "quest"))
@@ -331,6 +357,8 @@ def goals(result: dict) -> dict:
         "retrieval_within_1_point": dense - ours <= 0.01,
         "share_meeting_target": meeting, "share_meeting_target_met": meeting >= 0.95,
         "overshoot": over, "overshoot_met": over <= 1.10,
+        "overshoot_tokens": read,  # all layers' selected tokens over the oracle's
+        "retrieval_by_task_and_context": by_context,
         "recall_tactic": recall, "recall_quest": quest_recall,
         "better_than_quest": ours >= theirs and recall > quest_recall,
     }  # fmt: skip
@@ -356,8 +384,9 @@ def markdown(result: dict) -> str:
         f"(within 1 point: {mark[g['retrieval_within_1_point']]})",
         f"- (query head, step) meeting P: {g['share_meeting_target']:.1%} "
         f"(>= 95%: {mark[g['share_meeting_target_met']]})",
-        f"- overshoot over the oracle: {g['overshoot']:.2f}x "
-        f"(<= 1.10x: {mark[g['overshoot_met']]})",
+        f"- overshoot over the oracle: {g['overshoot']:.2f}x, the mean of the layers' "
+        f"(<= 1.10x: {mark[g['overshoot_met']]}); all layers' tokens together "
+        f"{g['overshoot_tokens']:.2f}x",
         f"- against Quest at the same budget: retrieval {g['retrieval_tactic']:.1%} vs "
         f"{g['retrieval_quest']:.1%}, recall {g['recall_tactic']:.3f} vs {g['recall_quest']:.3f} "
         f"(better: {mark[g['better_than_quest']]})",

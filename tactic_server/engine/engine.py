@@ -24,6 +24,7 @@ from .models.llama import LlamaForCausalLM
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+from .tiny_model import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .types import (
     EngineObserver,
@@ -94,9 +95,7 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress=None) -> Engine:
-        from .tiny_model import DEFAULT_MODEL_NAME, ensure_default_model
-
-        model_dir = config.model_dir or str(ensure_default_model())
+        model_dir = config.model_dir or str(default_model())
         model_config = ModelConfig.from_dir(model_dir)
         if config.dtype != "auto":
             dtype = _DTYPES[config.dtype]
@@ -122,7 +121,8 @@ class Engine:
         model.eval()
         max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                             model_config.max_position_embeddings)  # fmt: skip
-        name = DEFAULT_MODEL_NAME if config.model_dir is None else _model_name(model_dir)
+        tiny = Path(model_dir) == default_model_dir()
+        name = DEFAULT_MODEL_NAME if tiny else _model_name(model_dir)
         return cls(model, Tokenizer.from_dir(model_dir), config, name, max_model_len)
 
     @property
@@ -291,6 +291,14 @@ class Engine:
         if stream is not None:
             with contextlib.suppress(RuntimeError):  # the caller's event loop is gone
                 self._send(sequence, stream, reason, error)
+
+
+def default_model() -> Path:
+    """What serves without --model: the bundled trained model (tactic_server/models), or the
+    tiny random one where an install left the bundled weights out."""
+    from tactic_server.models import bundled_model_dir
+
+    return bundled_model_dir() or ensure_default_model()
 
 
 def _model_name(model_dir: str) -> str:
