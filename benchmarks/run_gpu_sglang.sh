@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# On the GPU machine, one device call per group of steps (carry [".whl-sgl"], timeout 600): SGLang
+# On the GPU machine, one device call per group of steps (timeout 600; SGLang's site
+# travels in two parts beside the tree with its bundled model: scripts/split_site.sh, then a first
+# call carrying [".whl-sgl-part1", ".whl-hf"] and the next [".whl-sgl-part2"], back to back): SGLang
 # with the tactic backend end to end, and the full load run. Each step has its own time limit,
 # so one that fails or hangs leaves the others their time; logs and JSON land in $OUT (bring
 # them home to benchmarks/results/). Steps, with their limits:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On the two-GPU machine (kind nvidia-h200-x2; carry [".whl-sgl"], timeout 600): the tactic
+# On the two-GPU machine (kind nvidia-h200-x2, timeout 600; SGLang's
+# site in two parts as in run_gpu_sglang.sh): the tactic
 # backend at tensor parallelism 2 (issue 9). Steps, with their limits:
 #   serve       180 s  serve --engine sglang --tp 2 answers the openai client; SIGTERM exits 0
 #   equality    300 s  greedy tokens at P = 0.999 (and dense, P = 0.9) at tp 2 against tp 1 and

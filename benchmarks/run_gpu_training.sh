@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine (carry [".whl-sgl"], timeout 600), in three device calls issued back to back
+# On the GPU machine (carry [".whl-hf"], timeout 600), in three device calls issued back to back
 # (the run folder $RUN, default /tmp/run-code, lives only while the machine stays warm):
 #   STAGE=train    bash benchmarks/run_gpu_training.sh   # tokenizer, then 8.5 min of training
 #   STAGE=resume   bash benchmarks/run_gpu_training.sh   # the rest of the planned steps
