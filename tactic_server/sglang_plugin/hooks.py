@@ -79,7 +79,10 @@ class TacticGraphRunners:
     def _runner(self, forward_batch):
         if self.backend.batch_graph_family != "tactic":
             return self.dense
-        longest = int(forward_batch.seq_lens_cpu.max())
+        lengths = getattr(forward_batch, "seq_lens_cpu", None)
+        if lengths is None:  # not on the host: only the largest bound is sure to hold it
+            return self.tactic[-1]
+        longest = int(lengths.max())
         return next((r for r in self.tactic if r.context_bound >= longest), None)
 
     def can_run(self, forward_batch) -> bool:
