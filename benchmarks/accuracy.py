@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -242,6 +243,16 @@ COLORS = {"dense": "0.4", "tactic": "tab:blue", "tactic_segment": "tab:blue",
           "topk": "tab:red"}  # fmt: skip
 
 
+def variant(spec: str) -> TacticConfig:
+    """TacticConfig() with one field changed: "cluster_size=8", "estimator=inverse_fit"."""
+    name, _, value = spec.partition("=")
+    default = TacticConfig()
+    if not hasattr(default, name) or not value:
+        raise SystemExit(f"--tactic-variant wants FIELD=VALUE of a TacticConfig field: {spec!r}")
+    kind = type(getattr(default, name))
+    return dataclasses.replace(default, **{name: value if kind is str else kind(value)})
+
+
 def training_roots(model_dir: Path) -> list[str] | None:
     """The corpus roots the model was trained on (its training.json), where they exist."""
     card = model_dir / "training.json"
@@ -264,6 +275,11 @@ def main(argv=None) -> int:
     parser.add_argument("--attention-length", type=int, default=8192)
     parser.add_argument("--attention-steps", type=int, default=4,
                         help="decode positions per prompt (the last ones, 64 apart)")  # fmt: skip
+    parser.add_argument("--tactic-variant", action="append", default=[], metavar="FIELD=VALUE",
+                        help="also evaluate segment-local Tactic with this TacticConfig field "
+                             "changed, in the per-head analysis (repeatable)")  # fmt: skip
+    parser.add_argument("--attention-only", action="store_true",
+                        help="only the per-head analysis (no retrieval, no perplexity)")
     parser.add_argument("--roots", nargs="+",
                         help="corpus roots, for their held-out files (default: the roots in "
                              "the model's training.json, when they exist here)")  # fmt: skip
@@ -301,15 +317,20 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     prompts = [sized_task("passkey", rng, args.attention_length, engine.tokenizer, background)[0]
                for _ in range(args.attention_prompts)]  # fmt: skip
-    setup = EvaluationSetup(targets=tuple(args.targets),
-                            tactic_variants={"tactic_segment": TacticConfig(),
-                                             "tactic_whole": WHOLE_CONTEXT})  # fmt: skip
+    variants = {"tactic_segment": TacticConfig(), "tactic_whole": WHOLE_CONTEXT}
+    variants |= {f"tactic_segment {spec}": variant(spec) for spec in args.tactic_variant}
+    setup = EvaluationSetup(targets=tuple(args.targets), tactic_variants=variants)
     per_head: list[dict] = []
     result["attention"] = evaluate_workloads(
         capture_workloads(args.model, prompts, args.device, args.attention_steps, 64), setup, log,
         per_head,
     )  # fmt: skip
     result["per_head"] = per_head
+    if args.attention_only:
+        save()
+        Path(f"{args.out}.md").write_text(markdown(result))
+        log(f"wrote {args.out}.json, .md (attention only)")
+        return 0
     if held_out:
         window = min(4096, max(args.lengths))
         result["perplexity"] = perplexity(args.model, held_out, args.device, engine.tokenizer,
@@ -365,10 +386,13 @@ def goals(result: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| task | context | method | accuracy | selected |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['context']:,} | {r['method']} | {r['accuracy']:.0%} | "
-              f"{r['selected_ratio']:.1%} |" for r in result["retrieval"]]  # fmt: skip
-    lines += ["", "| layer | P | method | recall | heads >= P-0.01 | selected | overshoot |",
+    lines = []
+    if result.get("retrieval"):
+        lines += ["| task | context | method | accuracy | selected |", "|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['context']:,} | {r['method']} | {r['accuracy']:.0%} | "
+                  f"{r['selected_ratio']:.1%} |" for r in result["retrieval"]]  # fmt: skip
+        lines.append("")
+    lines += ["| layer | P | method | recall | heads >= P-0.01 | selected | overshoot |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['workload']} | {r['target']:.2f} | {r['method']} | {r['mean_recall']:.3f} | "
               f"{r['share_meeting_target']:.1%} | {r['selected_ratio']:.2%} | "
@@ -376,6 +400,8 @@ def markdown(result: dict) -> str:
     if "perplexity" in result:
         lines += ["", f"Held-out perplexity (dense): {result['perplexity']['perplexity']:.2f} "
                   f"over {result['perplexity']['tokens']:,} tokens"]  # fmt: skip
+    if "goals" not in result:
+        return "\n".join(lines) + "\n"
     g = result["goals"]
     mark = {True: "met", False: "missed"}
     lines += [

@@ -68,3 +68,15 @@ def test_accuracy_report_covers_every_method(tmp_path):
     report = Path(f"{out}.md").read_text()
     assert report.startswith("| task | context | method | accuracy | selected |")
     assert "Goals at P = 0.9:" in report
+
+    only = tmp_path / "variants"
+    load_accuracy().main(["--model", str(tmp_path / "run" / "model"), "--attention-only",
+                          "--attention-prompts", "1", "--attention-length", "1536",
+                          "--attention-steps", "1", "--tactic-variant", "cluster_size=8",
+                          "--tactic-variant", "estimator=inverse_fit", "--out", str(only),
+                          "--device", "cpu"])  # fmt: skip
+    variants = json.loads(Path(f"{only}.json").read_text())
+    assert "retrieval" not in variants
+    assert {r["method"] for r in variants["attention"]} == {
+        *names, "tactic_segment cluster_size=8", "tactic_segment estimator=inverse_fit"}
+    assert Path(f"{only}.md").read_text().startswith("| layer | P | method |")
