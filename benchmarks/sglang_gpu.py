@@ -62,7 +62,7 @@ def start(model_dir: Path, backend: str, context: int, **extra):
     args = dict(
         model_path=str(model_dir), skip_tokenizer_init=True, attention_backend=backend,
         sampling_backend="pytorch", grammar_backend="none", context_length=context,
-        log_level="warning", disable_piecewise_cuda_graph=True,
+        log_level="info", disable_piecewise_cuda_graph=True,
     )  # fmt: skip
     args.update(extra)
     began = time.perf_counter()
