@@ -370,8 +370,8 @@ def test_tensor_parallel_ranks_decode_their_heads_and_combine_statistics(tmp_pat
 def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
     """Which decode CUDA graphs a batch may replay: SGLang's own when no request selects, the
     Tactic family's of the smallest context bound that holds the batch when every one does,
-    none (eager) when mixed or longer than every bound; a Tactic replay runs with the backend
-    in the Tactic family and leaves it dense after."""
+    none (eager) when mixed, longer than every bound or without Tactic graphs; a Tactic replay
+    runs with the backend in the Tactic family and leaves it dense after."""
     from types import SimpleNamespace
 
     from sglang.srt.layers.attention import triton_backend
@@ -393,15 +393,13 @@ def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
     hooks.init_pools_around(lambda runner: None, runner)
     backend = backend_module.TacticAttnBackend(runner)
 
-    class Graphs:  # what CudaGraphRunner.can_run / replay do, as far as the families go
+    class Graphs:  # a CudaGraphRunner that captured every batch size, as far as routing goes
         def __init__(self, bound=None):
-            if bound is not None:
-                self.tactic_family, self.context_bound = True, bound
-            self.model_runner = SimpleNamespace(attn_backend=backend)
+            self.context_bound = bound
             self.replayed_in = []
 
         def can_run(self, forward_batch):
-            return hooks.graph_can_run_around(lambda self, batch: True, self, forward_batch)
+            return True
 
         def replay(self, forward_batch):
             self.replayed_in.append(backend.graph_family)
@@ -433,7 +431,8 @@ def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
     assert long.replayed_in == ["tactic"] and graphs.last is long
     assert not graphs.can_run(batch(on, length=600))  # beyond every bound: eager
     assert not graphs.can_run(batch(on, off))  # mixed: eager
-    assert not hooks.graph_can_run_around(lambda self, batch: True, short, batch(off))
+    without = hooks.TacticGraphRunners(dense, [], backend)  # TACTIC_CUDA_GRAPH=0, or no capture
+    assert not without.can_run(batch(on)) and without.can_run(batch(off))
 
 
 def test_graph_context_bounds_from_the_environment(monkeypatch):

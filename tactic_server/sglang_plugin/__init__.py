@@ -3,10 +3,11 @@ attention backend and the hooks it needs; nothing of SGLang is patched on disk.
 
 Hooks: ServerArgs turns the piecewise prefill CUDA graph off when `tactic` is chosen; after
 SGLang captured its decode CUDA graphs (which serve dense batches), a second set of the Tactic
-family is captured, which batches whose every request selects replay (mixed batches run
-eagerly); the KV pool gains Tactic's cluster metadata (and its bytes in the pool's sizing and
-accounting); freed KV slots invalidate the segments they ended; the TP worker hands each batch's
-requests to the backend and returns per-request statistics through `customized_info`.
+family is captured, which batches whose every request selects replay, and a runner that chooses
+between them takes the place of SGLang's (mixed batches run eagerly); the KV pool gains
+Tactic's cluster metadata (and its bytes in the pool's sizing and accounting); freed KV slots
+invalidate the segments they ended; the TP worker hands each batch's requests to the backend
+and returns per-request statistics through `customized_info`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ def register() -> None:
         "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
         hooks.cell_size_around, HookType.AROUND,
     )  # fmt: skip
-    HookRegistry.register("sglang.srt.model_executor.cuda_graph_runner.CudaGraphRunner.can_run",
-                          hooks.graph_can_run_around, HookType.AROUND)  # fmt: skip
     HookRegistry.register("sglang.srt.model_executor.model_runner.ModelRunner.init_device_graphs",
                           hooks.init_device_graphs_around, HookType.AROUND)  # fmt: skip
     HookRegistry.register("sglang.srt.mem_cache.allocator.TokenToKVPoolAllocator.free",

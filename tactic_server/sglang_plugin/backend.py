@@ -70,7 +70,7 @@ class TacticAttnBackend(TritonAttnBackend):
         self.host_targets = [1.0] * model_runner.req_to_token_pool.req_to_token.shape[0]
         self.batch_reqs = None
         self.batch_selects = False  # some request of the batch selects
-        # the graph family that may serve the batch (read by the CUDA graph hooks): "dense"
+        # the graph family that may serve the batch (read by hooks.TacticGraphRunners): "dense"
         # when no request selects, "tactic" when every one does, None (eager) when mixed
         self.batch_graph_family: str | None = "dense"
         # the family SGLang's graph runner captures or replays now: "dense" (SGLang's Triton

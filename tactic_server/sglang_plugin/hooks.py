@@ -52,33 +52,25 @@ def server_args_before(self, *args, **kwargs):
     return None
 
 
-def graph_can_run_around(original, self, forward_batch, *args, **kwargs):
-    """A decode batch in which every request selects replays only a graph of the Tactic family,
-    one in which none does SGLang's own graphs (as the Triton backend does); a mixed one runs
-    eagerly (a Tactic graph needs every row's segments clustered)."""
-    from .backend import TacticAttnBackend
-
-    backend = self.model_runner.attn_backend
-    family = "tactic" if getattr(self, "tactic_family", False) else "dense"
-    if isinstance(backend, TacticAttnBackend) and backend.batch_graph_family != family:
-        return False
-    return original(self, forward_batch, *args, **kwargs)
-
-
 class TacticGraphRunners:
-    """Stands for SGLang's graph runner: its own graphs (dense batches) and CudaGraphRunners of
-    the Tactic family, one per context bound, each captured with the backend in graph_family
-    "tactic" (every row selects, buffers sized by the bound); a batch in which every request
-    selects replays the smallest bound that holds its longest sequence. Anything else SGLang
-    reads is the last runner's."""
+    """Stands for SGLang's graph runner, and is where a decode batch's graphs are chosen: SGLang's
+    own (dense batches, as the Triton backend replays them) when no request selects; when every
+    one does, the CudaGraphRunner of the Tactic family (captured with the backend in
+    graph_family "tactic": every row selects, buffers sized by its context bound) of the
+    smallest bound that holds the batch's longest sequence; none (eager) for a mixed batch, which
+    a Tactic graph cannot serve (it needs every row's segments clustered), or when there is no
+    Tactic graph. Anything else SGLang reads is the last runner's."""
 
     def __init__(self, dense, tactic: list, backend) -> None:
         self.dense, self.tactic, self.backend = dense, tactic, backend  # tactic: bound order
         self.last = dense
 
     def _runner(self, forward_batch):
-        if self.backend.batch_graph_family != "tactic":
+        family = self.backend.batch_graph_family
+        if family == "dense":
             return self.dense
+        if family is None or not self.tactic:
+            return None
         lengths = getattr(forward_batch, "seq_lens_cpu", None)
         if lengths is None:  # not on the host: only the largest bound is sure to hold it
             return self.tactic[-1]
@@ -104,21 +96,28 @@ class TacticGraphRunners:
 
 
 def init_device_graphs_around(original, self, *args, **kwargs):
-    """After SGLang captured its decode graphs: sets of the Tactic family, one per context
-    bound (TACTIC_GRAPH_CONTEXTS), for batch sizes up to TACTIC_GRAPH_MAX_BS
-    (TACTIC_CUDA_GRAPH=0, or a failed capture, leaves those batches eager, with a log line)."""
+    """After SGLang captured its decode graphs: the Tactic family's beside them, and the runner
+    that chooses between them (TacticGraphRunners) in place of SGLang's."""
     from .backend import TacticAttnBackend
 
     result = original(self, *args, **kwargs)
     backend = self.attn_backend
-    if not isinstance(backend, TacticAttnBackend) or self.graph_runner is None:
-        return result
+    if isinstance(backend, TacticAttnBackend) and self.graph_runner is not None:
+        runners = capture_tactic_graphs(self, backend)
+        self.graph_runner = TacticGraphRunners(self.graph_runner, runners, backend)
+    return result
+
+
+def capture_tactic_graphs(model_runner, backend) -> list:
+    """CudaGraphRunners of the Tactic family, one per context bound (TACTIC_GRAPH_CONTEXTS), for
+    batch sizes up to TACTIC_GRAPH_MAX_BS; none with TACTIC_CUDA_GRAPH=0 or when a capture
+    fails (those batches then run eagerly, with a log line)."""
     settings = backend.settings
     if not settings.cuda_graphs:
         logger.warning("tactic backend: TACTIC_CUDA_GRAPH=0, decode batches with a Tactic "
                        "request run without CUDA graphs")  # fmt: skip
-        return result
-    args = self.server_args
+        return []
+    args = model_runner.server_args
     sizes = list(args.cuda_graph_bs or [])
     bounds = settings.graph_bounds(backend.max_context_len)
     began, runners = time.perf_counter(), []
@@ -127,22 +126,21 @@ def init_device_graphs_around(original, self, *args, **kwargs):
         args.cuda_graph_bs = [b for b in sizes if b <= settings.graph_max_bs] or [1]
         for bound in bounds:
             backend.graph_bound = bound
-            runner = type(self.graph_runner)(self)
-            runner.tactic_family, runner.context_bound = True, bound
+            runner = type(model_runner.graph_runner)(model_runner)
+            runner.context_bound = bound
             runners.append(runner)
     except Exception:
         logger.exception("tactic backend: capturing the Tactic decode graphs failed; decode "
                          "batches with a Tactic request run without CUDA graphs")  # fmt: skip
-        return result
+        return []
     finally:
         args.cuda_graph_bs = sizes
         backend.graph_family, backend.graph_capture = "dense", False
         backend.graph_bound = backend.max_context_len
-    self.graph_runner = TacticGraphRunners(self.graph_runner, runners, backend)
     logger.info("tactic backend: Tactic decode CUDA graphs for batch sizes %s and context bounds "
                 "%s, captured in %.1f s", runners[0].capture_bs, bounds,
                 time.perf_counter() - began)  # fmt: skip
-    return result
+    return runners
 
 
 def init_pools_around(original, self, *args, **kwargs):
