@@ -84,12 +84,7 @@ class TacticDecoder:
             return None
         others = [i for i, target in enumerate(targets_cpu) if target >= 1.0]
         tactic = self._rows(TacticRows, chosen, req_to_token, request_slots, seq_lens, seq_lens_cpu)
-        tactic.targets = self.side.targets[tactic.request_slots]
-        cached = tactic.seq_lens - 1  # the new token's K is written by this step
-        max_segments = (max(seq_lens_cpu[i] for i in chosen) - 1) // self.side.segment_size
-        tactic.req_to_segment, tactic.clustered = self.side.segment_table(
-            req_to_token, tactic.request_slots, cached, max_segments
-        )
+        self._selection_inputs(tactic, req_to_token)
         dense = None
         if others:
             dense = self._rows(DenseRows, others, req_to_token, request_slots, seq_lens,
@@ -114,11 +109,17 @@ class TacticDecoder:
         tactic = TacticRows(rows=torch.arange(slots.shape[0], device=device), request_slots=slots,
                             req_to_token=req_to_token[slots, :max_seq_len],
                             seq_lens=seq_lens.int(), max_seq_len=max_seq_len)  # fmt: skip
-        tactic.targets = self.side.targets[slots]
-        tactic.req_to_segment, tactic.clustered = self.side.segment_table(
-            req_to_token, slots, tactic.seq_lens - 1, (max_seq_len - 1) // self.side.segment_size
-        )  # fmt: skip
+        self._selection_inputs(tactic, req_to_token)
         return DecodePlan(tactic, None)
+
+    def _selection_inputs(self, tactic: TacticRows, req_to_token: torch.Tensor) -> None:
+        """The rows' targets and segment tables, over the full segments of the cached context
+        (the new token's K is written by this step), up to the rows' max_seq_len."""
+        tactic.targets = self.side.targets[tactic.request_slots]
+        tactic.req_to_segment, tactic.clustered = self.side.segment_table(
+            req_to_token, tactic.request_slots, tactic.seq_lens - 1,
+            (tactic.max_seq_len - 1) // self.side.segment_size,
+        )  # fmt: skip
 
     def _rows(self, kind, chosen, req_to_token, request_slots, seq_lens, seq_lens_cpu):
         device = seq_lens.device
