@@ -20,6 +20,7 @@ Usage (GPU machine, after `source scripts/gpu_env.sh`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -29,8 +30,10 @@ import time
 from pathlib import Path
 
 import torch
+from greedy_equality import first_difference  # benchmarks/, this script's folder
 
 from tactic_server.engine.tiny_model import make_tiny_model
+from tactic_server.sglang_engine import tactic_usage
 
 LLAMA8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
@@ -84,14 +87,11 @@ def generate(engine, prompts, new_tokens: int, target: float | None):
 
 
 def tactic_means(output: dict) -> dict | None:
-    sums = output["meta_info"].get("tactic")
-    if not sums:
+    """The request's means as our API reports them (usage.tactic), and its Tactic steps."""
+    usage = tactic_usage(output["meta_info"])
+    if usage is None:
         return None
-    last = [float(x) for x in list(sums[-1])]
-    if last[3] <= 0:
-        return None
-    return dict(selected_ratio=last[0] / last[3], estimated_mass=last[1] / last[3],
-                attended_tokens=last[2] / last[3], steps=last[3])  # fmt: skip
+    return dataclasses.asdict(usage) | {"steps": float(output["meta_info"]["tactic"][-1][3])}
 
 
 def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -101,11 +101,7 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> list[int]:
     """Per prompt, the tokens equal to the reference's before the first difference."""
-    agree = []
-    for got, want in zip(outputs, reference, strict=True):
-        pairs = enumerate(zip(got, want, strict=False))
-        agree.append(next((i for i, (a, b) in pairs if a != b), min(len(got), len(want))))
-    return agree
+    return [first_difference(got, want) for got, want in zip(outputs, reference, strict=True)]
 
 
 def equality(args) -> dict:
