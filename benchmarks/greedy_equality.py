@@ -19,7 +19,7 @@ import torch
 
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
-from tactic_server.engine.tiny_model import make_tiny_model
+from tactic_server.engine.tiny_model import PEAKED_LLAMA, make_tiny_model
 from tactic_server.engine.types import GenerationRequest, SamplingParams, TacticParams
 
 
@@ -63,9 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     model_dir = make_tiny_model(
-        Path(tempfile.mkdtemp()) / "tiny", "llama", seed=0, dtype="bfloat16", num_layers=4,
-        hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512,
-        max_position_embeddings=16384, sparse_attention=True,
+        Path(tempfile.mkdtemp()) / "tiny", "llama", seed=0, dtype="bfloat16",
+        max_position_embeddings=16384, **PEAKED_LLAMA,
     )  # fmt: skip
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = [torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(i)).tolist()

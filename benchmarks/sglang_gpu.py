@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from greedy_equality import first_difference  # benchmarks/, this script's folder
 
-from tactic_server.engine.tiny_model import make_tiny_model
+from tactic_server.engine.tiny_model import PEAKED_LLAMA, make_tiny_model
 from tactic_server.sglang_engine import tactic_usage
 
 LLAMA8B = {
@@ -108,9 +108,8 @@ def equality(args) -> dict:
     """Greedy tokens of the tactic backend (dense requests, P = 0.999, P = 0.9) against the
     triton backend at tp 1; with --tp N > 1 also the tactic backend at tp N, against tp 1."""
     model_dir = make_tiny_model(
-        Path(tempfile.mkdtemp()) / "tiny", "llama", seed=0, dtype=args.dtype, num_layers=4,
-        hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512,
-        max_position_embeddings=16384, sparse_attention=True,
+        Path(tempfile.mkdtemp()) / "tiny", "llama", seed=0, dtype=args.dtype,
+        max_position_embeddings=16384, **PEAKED_LLAMA,
     )  # fmt: skip
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     lengths = [1500, 2600, 3100, 4200, 5000, 7000]

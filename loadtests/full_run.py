@@ -34,13 +34,12 @@ def log(message: str) -> None:
 
 
 def tiny_model(device: str) -> str:
-    from tactic_server.engine.tiny_model import make_tiny_model
+    from tactic_server.engine.tiny_model import PEAKED_LLAMA, make_tiny_model
 
     return str(make_tiny_model(
         Path(tempfile.mkdtemp()) / "tiny", "llama", seed=0,
-        dtype="bfloat16" if device == "cuda" else "float32", num_layers=4, hidden_size=256,
-        num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512,
-        max_position_embeddings=16384, sparse_attention=True,
+        dtype="bfloat16" if device == "cuda" else "float32", max_position_embeddings=16384,
+        **PEAKED_LLAMA,
     ))  # fmt: skip
 
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.inprocess import free_port, wait_for
-from tactic_server.engine.tiny_model import make_tiny_model
+from tactic_server.engine.tiny_model import PEAKED_LLAMA, make_tiny_model
 
 pytestmark = pytest.mark.gpu
 openai = pytest.importorskip("openai")
@@ -26,9 +26,8 @@ PROMPT = "Summarise the following notes. " + "The cache keeps every key of the c
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = make_tiny_model(
-        tmp_path_factory.mktemp("model"), "llama", dtype="bfloat16", num_layers=4,
-        hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512,
-        max_position_embeddings=8192, sparse_attention=True,
+        tmp_path_factory.mktemp("model"), "llama", dtype="bfloat16",
+        max_position_embeddings=8192, **PEAKED_LLAMA,
     )  # fmt: skip
     port = free_port()
     command = [sys.executable, "-m", "tactic_server.cli", "serve", "--engine", "sglang",

@@ -18,6 +18,10 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 DEFAULT_MODEL_NAME = "tactic-tiny-random"
 # bump when the default model's recipe changes, so that cached copies are rebuilt
 DEFAULT_MODEL_VERSION = 1
+# the shape of the tiny model with peaked attention that the default model, the equality
+# benchmarks, the GPU serve test and the load runs share (make_tiny_model(..., **PEAKED_LLAMA))
+PEAKED_LLAMA = dict(num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32,
+                    intermediate_size=512, sparse_attention=True)  # fmt: skip
 
 # name -> (the architecture in config.json, its model_type)
 ARCHITECTURES = {
@@ -192,12 +196,6 @@ def ensure_default_model() -> Path:
             "llama",
             seed=0,
             dtype="bfloat16",
-            num_layers=4,
-            hidden_size=256,
-            num_heads=8,
-            num_kv_heads=2,
-            head_dim=32,
-            intermediate_size=512,
             max_position_embeddings=32768,
             rope_theta=500_000.0,
             rope_scaling={
@@ -207,7 +205,7 @@ def ensure_default_model() -> Path:
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192,
             },
-            sparse_attention=True,
+            **PEAKED_LLAMA,
         )
         try:
             staging.rename(model_dir)
