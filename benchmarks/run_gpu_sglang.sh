@@ -5,7 +5,7 @@
 # with the tactic backend end to end, and the full load run. Each step has its own time limit,
 # so one that fails or hangs leaves the others their time; logs and JSON land in $OUT (bring
 # them home to benchmarks/results/). Steps, with their limits:
-#   serve       150 s  (a) serve --engine sglang answers the openai client; SIGTERM exits 0
+#   serve       300 s  (a) serve --engine sglang answers the openai client; SIGTERM exits 0
 #   equality    240 s  (b) greedy equality at P = 0.999 with the triton backend, float32
 #   throughput  540 s  (c) triton vs tactic (graphs) vs tactic-eager, Llama-3.1-8B dummy,
 #                      $CONTEXTS (default 32768 65536 131072), batches 1 and 8
@@ -32,7 +32,7 @@ for step in ${STEPS:-serve equality trained}; do
   echo "[run_gpu_sglang] $step"
   case $step in
     serve)
-      timeout 150 python3 -m pytest -q -p no:warnings tests/test_sglang_serve_gpu.py \
+      timeout 300 python3 -m pytest -q -p no:warnings tests/test_sglang_serve_gpu.py \
         >"$out/serve.log" 2>&1 ;;
     equality)
       timeout 240 python3 benchmarks/sglang_gpu.py equality --dtype float32 \
@@ -46,7 +46,7 @@ for step in ${STEPS:-serve equality trained}; do
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
       # shellcheck disable=SC2086
       timeout 300 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
-        --contexts ${CONTEXTS:-32768 131072} --batches 1 8 --repeats 2 \
+        --contexts ${CONTEXTS:-32768 131072} --batches 1 8 --repeats 3 --tokens 256 \
         --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
     load)
       timeout 420 python3 loadtests/full_run.py --engines embedded sglang --device cuda \

@@ -220,12 +220,14 @@ def throughput(args, save) -> dict:
                 generate(engine, prompts[: max(batches)], 1, target)  # prefill (and clustering)
                 log(f"{backend} {mode} {context}: warm-up {time.perf_counter() - began:.1f} s")
                 for batch in batches:
+                    # untimed first: a batch size's first decode may still compile or capture
+                    # (a first timed round once came out negative)
+                    outputs = generate(engine, prompts[:batch], 1 + args.tokens, target)
                     rounds = []
                     for _ in range(args.repeats):
                         short = timed(engine, prompts[:batch], 1, target)
                         long = timed(engine, prompts[:batch], 1 + args.tokens, target)
                         rounds.append(batch * args.tokens / (long - short))
-                    outputs = generate(engine, prompts[:batch], 1 + args.tokens, target)
                     stats = [tactic_means(o) for o in outputs]
                     ratio = [s["selected_ratio"] for s in stats if s]
                     row = dict(
