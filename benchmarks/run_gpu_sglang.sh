@@ -9,8 +9,11 @@
 #   equality    240 s  (b) greedy equality at P = 0.999 with the triton backend, float32
 #   throughput  540 s  (c) triton vs tactic (graphs) vs tactic-eager, Llama-3.1-8B dummy,
 #                      $CONTEXTS (default 32768 65536 131072), batches 1 and 8
-#   trained     300 s  (c) the same on the trained model $MODEL (default the repo's bundled
-#                      one, else /tmp/run-code/model), where attention is really sparse
+#   trained     420 s  (c) the same on the trained model $MODEL (default the repo's bundled
+#                      one, else /tmp/run-code/model), where attention is really sparse:
+#                      $CONTEXTS (default 131072), $BACKENDS (default triton tactic), 256 new
+#                      tokens a round (64 understate batch 8: README); an engine may take 110 s
+#                      to start on a machine that just unpacked SGLang
 #   load        420 s  issue 7: every load scenario against the embedded engine on the GPU and
 #                      against --engine sglang, SIGTERM drain
 #   STEPS="serve equality trained" bash benchmarks/run_gpu_sglang.sh
@@ -45,8 +48,9 @@ for step in ${STEPS:-serve equality trained}; do
     trained)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
       # shellcheck disable=SC2086
-      timeout 300 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
-        --contexts ${CONTEXTS:-32768 131072} --batches 1 8 --repeats 3 --tokens 256 \
+      timeout 420 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
+        --contexts ${CONTEXTS:-131072} --backends ${BACKENDS:-triton tactic} \
+        --batches 1 8 --repeats 3 --tokens 256 \
         --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
     load)
       timeout 420 python3 loadtests/full_run.py --engines embedded sglang --device cuda \
