@@ -1,0 +1,215 @@
+"""The SGLang integration's results on one device in one place: every `sglang_gpu.py throughput`
+run and every `equality` run of benchmarks/results/ for that device, per run side by side
+(triton backend, tactic backend with dense requests, Tactic at P = 0.9 with and without its CUDA
+graphs; a run whose JSON says "tactic_graphs": false predates them, so its tactic rows are
+eager), and the issue's goals judged only within a run (never a number of one run against a
+number of another). Writes sglang_<device>.json, .md and, with matplotlib, _throughput.png.
+
+    python benchmarks/sglang_report.py --device h200
+
+A round is one timed decode; a round that came out zero or negative (a first decode of its batch
+size that compiled) is left out of its row's median and counted in `invalid_rounds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = (("triton", "triton", "dense"), ("tactic, dense requests", "tactic", "dense"),
+           ("tactic P = 0.9, graphs", "tactic", "tactic_0.9"),
+           ("tactic P = 0.9, eager", "tactic-eager", "tactic_0.9"))  # fmt: skip
+SPARSE_CONTEXT = 131072  # the goal's 128k
+SPEEDUP_GOAL, OVERHEAD_GOAL = 2.0, 0.05
+
+
+def row_value(row: dict) -> tuple[float | None, int]:
+    """The median of a row's valid rounds and how many were not."""
+    rounds = row.get("rounds") or []
+    valid = [r for r in rounds if r > 0]
+    if not rounds and row.get("decode_tokens_per_s") is not None:
+        return row["decode_tokens_per_s"], 0  # rows saved before rounds were recorded
+    return (statistics.median(valid) if valid else None), len(rounds) - len(valid)
+
+
+def summarize_run(name: str, report: dict) -> dict:
+    """One throughput run: a line per (context, batch) with each column's tok/s."""
+    cells: dict[tuple[int, int], dict] = {}
+    for row in report["rows"]:
+        key = (row["context"], row["batch"])
+        line = cells.setdefault(key, {"context": key[0], "batch": key[1]})
+        if "skipped" in row:
+            line["skipped"] = row["skipped"]
+            continue
+        backend_of_row = row["backend"]
+        if (backend_of_row == "tactic" and row.get("mode") != "dense"
+                and report.get("tactic_graphs") is False):  # fmt: skip
+            backend_of_row = "tactic-eager"  # a run from before the Tactic CUDA graphs
+        for title, backend, mode in COLUMNS:
+            if (backend_of_row, row.get("mode")) == (backend, mode):
+                value, invalid = row_value(row)
+                line[title] = value
+                if invalid:
+                    line.setdefault("invalid_rounds", {})[title] = invalid
+                if mode != "dense" and row.get("selected_ratio") is not None:
+                    line["selected"] = row["selected_ratio"]
+    for line in cells.values():
+        triton, dense = line.get("triton"), line.get("tactic, dense requests")
+        sparse = line.get("tactic P = 0.9, graphs")
+        if triton and sparse:
+            line["graphs / triton"] = sparse / triton
+        if dense and sparse:
+            line["graphs / dense requests"] = sparse / dense
+        if triton and dense:
+            line["overhead at P = 1"] = 1.0 - dense / triton
+    return {"file": name, "model": report.get("model"), "command": report.get("command"),
+            "decode_tokens": report.get("decode_tokens"), "trained": "trained" in
+            str(report.get("model")), "lines": sorted(cells.values(), key=lambda x: (
+                x["context"], x["batch"]))}  # fmt: skip
+
+
+def judge(runs: list[dict], equality: list[dict]) -> dict:
+    """The goals, each from lines where both sides ran in the same run."""
+    speedups = [dict(file=r["file"], batch=line["batch"], value=line["graphs / triton"])
+                for r in runs if r["trained"] for line in r["lines"]
+                if line["context"] == SPARSE_CONTEXT and "graphs / triton" in line]  # fmt: skip
+    overheads = [dict(file=r["file"], context=line["context"], batch=line["batch"],
+                      value=line["overhead at P = 1"])
+                 for r in runs for line in r["lines"] if "overhead at P = 1" in line
+                 and not line.get("invalid_rounds")]  # fmt: skip
+    equal = [dict(file=e["file"], dtype=e["dtype"], equal=e["equal"], prompts=e["prompts"])
+             for e in equality]  # fmt: skip
+
+    def verdict(values, good) -> str:
+        if not values:
+            return "unmeasured"
+        met = [good(v["value"]) for v in values]
+        return "met" if all(met) else ("missed" if not any(met) else "met in part")
+
+    return {
+        "speedup_at_128k_sparse": dict(
+            goal=f">= {SPEEDUP_GOAL}x triton backend, trained model, 128k",
+            verdict=verdict(speedups, lambda v: v >= SPEEDUP_GOAL), measured=speedups),
+        "overhead_at_p1": dict(
+            goal=f"dense requests within {OVERHEAD_GOAL:.0%} of the triton backend",
+            verdict=verdict(overheads, lambda v: v <= OVERHEAD_GOAL), measured=overheads),
+        "greedy_equality_p0999": dict(
+            goal="P = 0.999 equals the triton backend for 32 greedy tokens",
+            verdict=("met in float32" if any(e["equal"] == e["prompts"] and e["dtype"] ==
+                                             "float32" for e in equal) else "missed"),
+            measured=equal),
+    }  # fmt: skip
+
+
+def equality_summary(name: str, report: dict) -> dict:
+    run = report["runs"].get("tactic_0.999", {})
+    tokens = run.get("tokens_equal_before_first_difference", [])
+    dtype = "float32" if "float32" in str(report.get("model")) else "bfloat16"
+    return dict(file=name, dtype=dtype, prompts=len(tokens),
+                equal=sum(t >= report.get("tokens", 32) for t in tokens))  # fmt: skip
+
+
+def markdown(summary: dict) -> str:
+    titles = [t for t, _, _ in COLUMNS] + ["selected", "graphs / triton",
+                                           "graphs / dense requests", "overhead at P = 1"]
+    out = [f"# SGLang with the tactic backend on {summary['device']}", ""]
+    for run in summary["runs"]:
+        out += [f"## {run['file']}", "", f"{run['model']}; {run['decode_tokens']} new tokens a "
+                f"round; `{run['command']}`", "",
+                "| context | batch | " + " | ".join(titles) + " |",
+                "|---|---|" + "---|" * len(titles)]  # fmt: skip
+        for line in run["lines"]:
+            if "skipped" in line and len(line) == 3:
+                out.append(f"| {line['context']:,} | {line['batch']} | {line['skipped']} |"
+                           + " |" * (len(titles) - 1))  # fmt: skip
+                continue
+            cells = []
+            for title in titles:
+                value = line.get(title)
+                if value is None:
+                    cells.append("-")
+                elif title in ("selected", "overhead at P = 1"):
+                    cells.append(f"{value:.1%}")
+                elif "/" in title:
+                    cells.append(f"{value:.2f}x")
+                else:
+                    mark = " (*)" if title in line.get("invalid_rounds", {}) else ""
+                    cells.append(f"{value:,.1f}{mark}")
+            out.append(f"| {line['context']:,} | {line['batch']} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["(*) a round of this cell came out negative and is left out.", "", "## Goals", ""]
+    for name, goal in summary["goals"].items():
+        values = ", ".join(f"{m['value']:.2f}" if "value" in m else f"{m['equal']}/{m['prompts']}"
+                           f" ({m['dtype']})" for m in goal["measured"])  # fmt: skip
+        out.append(f"- {name}: {goal['goal']}: **{goal['verdict']}** ({values or 'no run'})")
+    return "\n".join(out) + "\n"
+
+
+def plot(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    titles = [title for title, _, _ in COLUMNS]
+    runs = [r for r in summary["runs"]
+            if any(line.get(t) for line in r["lines"] for t in titles)]  # fmt: skip
+    columns = min(3, len(runs))
+    rows = -(-len(runs) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for axis in axes.flat[len(runs):]:
+        axis.set_visible(False)
+    for axis, run in zip(axes.flat, runs, strict=False):  # hidden axes beyond the runs
+        lines = [line for line in run["lines"] if "skipped" not in line]
+        labels = [f"{line['context'] // 1024}k\nb{line['batch']}" for line in lines]
+        width = 0.8 / len(COLUMNS)
+        for i, (title, _, _) in enumerate(COLUMNS):
+            values = [line.get(title) or 0.0 for line in lines]
+            axis.bar([x + i * width for x in range(len(lines))], values, width, label=title)
+        axis.set_xticks([x + 0.4 - width / 2 for x in range(len(lines))], labels)
+        axis.set_yscale("log")
+        axis.set_ylabel("decode tokens/s")
+        axis.set_title(f"{run['file']}\n{str(run['model'])[:48]}", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return True
+
+
+def build(device: str, results: Path = RESULTS) -> dict:
+    runs, equality = [], []
+    for path in sorted(results.glob(f"sglang_throughput*_{device}.json")):
+        runs.append(summarize_run(path.name, json.loads(path.read_text())))
+    for path in sorted(results.glob(f"sglang_equality*_{device}.json")):
+        equality.append(equality_summary(path.name, json.loads(path.read_text())))
+    if not runs and not equality:
+        raise SystemExit(f"no sglang_throughput*_{device}.json or sglang_equality*_{device}.json"
+                         f" in {results}")  # fmt: skip
+    return {"device": device, "runs": runs, "equality": equality,
+            "goals": judge(runs, equality)}  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="h200", help="the results' file suffix")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    summary = build(args.device, args.results)
+    stem = args.results / f"sglang_{args.device}"
+    Path(f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    Path(f"{stem}.md").write_text(markdown(summary))
+    plot(summary, Path(f"{stem}_throughput.png"))
+    for name, goal in summary["goals"].items():
+        print(f"{name}: {goal['verdict']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""benchmarks/sglang_report.py: medians leave out rounds that came out negative, ratios and goals
+come only from rows of the same run, a run from before the Tactic graphs counts as eager, and the
+committed sglang_h200.json is what the script makes from the committed results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_report():
+    path = ROOT / "benchmarks" / "sglang_report.py"
+    spec = importlib.util.spec_from_file_location("sglang_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(backend, mode, context, batch, rounds, selected=None):
+    return dict(backend=backend, mode=mode, context=context, batch=batch, rounds=rounds,
+                decode_tokens_per_s=sorted(rounds)[len(rounds) // 2],
+                selected_ratio=selected)  # fmt: skip
+
+
+def write_results(folder: Path) -> None:
+    trained = {"model": "tiny (trained, 2 layers)", "decode_tokens": 256, "command": "c1", "rows": [
+        row("triton", "dense", 131072, 1, [-500.0, 100.0, 110.0]),
+        row("tactic", "dense", 131072, 1, [98.0, 99.0]),
+        row("tactic", "tactic_0.9", 131072, 1, [300.0, 320.0], selected=0.25),
+        row("triton", "dense", 131072, 8, [400.0, 420.0]),
+        row("tactic", "dense", 131072, 8, [300.0, 320.0]),
+        row("tactic", "tactic_0.9", 131072, 8, [600.0, 640.0], selected=0.3),
+        row("tactic-eager", "tactic_0.9", 131072, 8, [200.0, 220.0], selected=0.3),
+    ]}  # fmt: skip
+    flat = {"model": "8B dummy", "decode_tokens": 64, "command": "c2", "tactic_graphs": False,
+            "rows": [row("triton", "dense", 65536, 1, [30.0]),
+                     row("tactic", "dense", 65536, 1, [31.0]),
+                     row("tactic", "tactic_0.9", 65536, 1, [10.0], selected=0.99),
+                     dict(backend="triton", context=131072, batch=8, skipped="too big")]}
+    equality = {"model": "tiny, float32", "tokens": 32,
+                "runs": {"tactic_0.999": {"tokens_equal_before_first_difference": [32, 32, 5]}}}
+    (folder / "sglang_throughput_trained_dev.json").write_text(json.dumps(trained))
+    (folder / "sglang_throughput_flat_dev.json").write_text(json.dumps(flat))
+    (folder / "sglang_equality_float32_dev.json").write_text(json.dumps(equality))
+
+
+def test_rows_ratios_and_goals(tmp_path):
+    report = load_report()
+    write_results(tmp_path)
+    summary = report.build("dev", tmp_path)
+    runs = {run["file"]: run for run in summary["runs"]}
+    trained = runs["sglang_throughput_trained_dev.json"]
+    assert trained["trained"] and not runs["sglang_throughput_flat_dev.json"]["trained"]
+    b1, b8 = trained["lines"]
+    assert b1["triton"] == 105.0 and b1["invalid_rounds"] == {"triton": 1}  # median of 100, 110
+    assert b1["graphs / triton"] == 310.0 / 105.0
+    assert b8["graphs / triton"] == 620.0 / 410.0
+    assert b8["tactic P = 0.9, eager"] == 210.0 and b8["selected"] == 0.3
+    assert abs(b8["overhead at P = 1"] - (1 - 310.0 / 410.0)) < 1e-12
+
+    flat = runs["sglang_throughput_flat_dev.json"]["lines"]
+    assert flat[0]["tactic P = 0.9, eager"] == 10.0  # before the graphs: not a graph row
+    assert "tactic P = 0.9, graphs" not in flat[0]
+    assert flat[1]["skipped"] == "too big"
+
+    goals = summary["goals"]
+    speedup = goals["speedup_at_128k_sparse"]
+    assert [m["value"] for m in speedup["measured"]] == [310.0 / 105.0, 620.0 / 410.0]
+    assert speedup["verdict"] == "met in part"  # 2.95x at batch 1, 1.51x at batch 8
+    overhead = goals["overhead_at_p1"]
+    # the batch-1 line with a negative round is left out; 8B at P = 1 is 3% faster
+    assert [(m["context"], m["batch"]) for m in overhead["measured"]] == [(65536, 1),
+                                                                           (131072, 8)]
+    assert overhead["verdict"] == "met in part"
+    assert goals["greedy_equality_p0999"]["measured"][0] | {"file": None} == dict(
+        file=None, dtype="float32", prompts=3, equal=2)
+    assert goals["greedy_equality_p0999"]["verdict"] == "missed"
+
+
+def test_main_writes_json_markdown_and_plot(tmp_path):
+    report = load_report()
+    write_results(tmp_path)
+    assert report.main(["--device", "dev", "--results", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "sglang_dev.json").read_text())
+    markdown = (tmp_path / "sglang_dev.md").read_text()
+    assert "| 131,072 | 1 | 105.0 (*) | 98.5 | 310.0 | - | 25.0% | 2.95x | 3.15x | 6.2% |" \
+        in markdown
+    assert "**met in part**" in markdown and summary["device"] == "dev"
+    plot = tmp_path / "sglang_dev_throughput.png"
+    assert not plot.exists() or plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_committed_summary_is_what_the_results_make():
+    report = load_report()
+    committed = json.loads((ROOT / "benchmarks" / "results" / "sglang_h200.json").read_text())
+    assert report.build("h200") == committed
+    assert committed["goals"]["greedy_equality_p0999"]["verdict"] == "met in float32"
