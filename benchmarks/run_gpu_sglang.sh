@@ -14,6 +14,9 @@
 #                      $CONTEXTS (default 131072), $BACKENDS (default triton tactic), 256 new
 #                      tokens a round (64 understate batch 8: README); an engine may take 110 s
 #                      to start on a machine that just unpacked SGLang
+#   profile     300 s  where a decode step's time goes: SGLang's torch profiler over 32 decode
+#                      steps of the trained model at 128k, batch 8, triton and tactic (dense
+#                      requests and P = 0.9), each trace summarised (trace_summary.py)
 #   load        420 s  issue 7: every load scenario against the embedded engine on the GPU and
 #                      against --engine sglang, SIGTERM drain
 #   STEPS="serve equality trained" bash benchmarks/run_gpu_sglang.sh
@@ -52,6 +55,10 @@ for step in ${STEPS:-serve equality trained}; do
         --contexts ${CONTEXTS:-131072} --backends ${BACKENDS:-triton tactic} \
         --batches 1 8 --repeats 3 --tokens 256 \
         --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
+    profile)
+      if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
+      timeout 300 python3 benchmarks/sglang_gpu.py profile --model "$model" --context 131072 \
+        --batch 8 --out "$out/sglang_profile.json" >"$out/profile.log" 2>&1 ;;
     load)
       timeout 420 python3 loadtests/full_run.py --engines embedded sglang --device cuda \
         ${model:+--model "$model"} --out "$out" >"$out/load.log" 2>&1 ;;

@@ -8,6 +8,9 @@
               sizes, on a Llama-3.1-8B-shaped config with load_format="dummy" (flat attention)
               or, with --model, on a trained checkpoint and passkey prompts of source code
               (its real attention; contexts beyond its positions are allowed)
+  profile     one stretch of decoding per backend and mode under SGLang's torch profiler, each
+              trace summarised by benchmarks/trace_summary.py (GPU busy share, kernels, runtime
+              calls, CUDA graph launches), to see where a decode step's time goes
 
 Each engine is started once per backend; prompts are random token ids, prefilled once (the radix
 cache keeps them), so a timed round is decode only: time(1 + T new tokens) - time(1 new token).
@@ -15,6 +18,7 @@ Usage (GPU machine, after `source scripts/gpu_env.sh`):
   python benchmarks/sglang_gpu.py equality --out results.json
   python benchmarks/sglang_gpu.py throughput --contexts 32768 65536 131072 --batches 1 8 \
       --out t.json
+  python benchmarks/sglang_gpu.py profile --model DIR --context 131072 --batch 8 --out p.json
 """
 
 from __future__ import annotations
@@ -178,23 +182,37 @@ MODES = {"triton": [("dense", None)], "tactic": [("dense", None), ("tactic_0.9",
          "tactic-eager": [("tactic_0.9", 0.9)]}  # fmt: skip
 
 
-def throughput(args, save) -> dict:
+def benchmark_model(args, max_context: int) -> tuple[Path, str, dict]:
+    """--model (a trained checkpoint; contexts beyond its positions allowed) or the Llama-3.1-8B
+    config with dummy weights: its folder, its name in the results, and sglang.Engine's extra
+    arguments."""
     import os
 
     if args.model:
-        model_dir, extra = Path(args.model), {}
+        model_dir = Path(args.model)
         config = json.loads((model_dir / "config.json").read_text())
-        name = f"{model_dir.name} (trained, {config['num_hidden_layers']} layers), bf16"
-        if max(args.contexts) > config["max_position_embeddings"]:
+        if max_context > config["max_position_embeddings"]:
             os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
-    else:
-        model_dir = Path(tempfile.mkdtemp()) / "llama8b"
-        model_dir.mkdir(parents=True)
-        (model_dir / "config.json").write_text(json.dumps(LLAMA8B))
-        config, name, extra = LLAMA8B, MODEL_8B, {"load_format": "dummy"}
-    # a row's context is the sequence length its last decode step attends to: prompts are
-    # shorter by the new tokens, so 131,072 fits the config's positions
+        return model_dir, f"{model_dir.name} (trained, {config['num_hidden_layers']} layers), " \
+            "bf16", {}
+    model_dir = Path(tempfile.mkdtemp()) / "llama8b"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps(LLAMA8B))
+    return model_dir, MODEL_8B, {"load_format": "dummy"}
+
+
+def benchmark_prompts(args, model_dir: Path, count: int, context: int) -> list[list[int]]:
+    """Prompts whose last decode step of args.tokens attends to `context` positions (so 131,072
+    fits the config's positions)."""
+    length = context - args.tokens - 2
+    if args.model:
+        return text_prompts(model_dir, count, length, seed=context)
+    return random_prompts(count, length, 128000, seed=context)
+
+
+def throughput(args, save) -> dict:
     max_context = max(args.contexts)
+    model_dir, name, extra = benchmark_model(args, max_context)
     rows = []
     for backend in args.backends:
         engine = start(
@@ -211,10 +229,7 @@ def throughput(args, save) -> dict:
                                  skipped=f"{b} x {context} tokens exceed the KV pool"))  # fmt: skip
             if not batches:
                 continue
-            length = context - args.tokens - 2
-            prompts = (text_prompts(model_dir, max(batches), length, seed=context) if args.model
-                       else random_prompts(max(batches), length, 128000,
-                                           seed=context))  # fmt: skip
+            prompts = benchmark_prompts(args, model_dir, max(batches), context)
             for mode, target in MODES[backend]:
                 began = time.perf_counter()
                 generate(engine, prompts[: max(batches)], 1, target)  # prefill (and clustering)
@@ -244,6 +259,46 @@ def throughput(args, save) -> dict:
     return {"model": name, "decode_tokens": args.tokens, "rows": rows}
 
 
+def profile(args, save) -> dict:
+    """One stretch of decoding per backend and mode under SGLang's torch profiler (CPU and GPU),
+    after the same stretch once untimed; each trace lands in a folder beside --out and its
+    summary (benchmarks/trace_summary.py) in the results."""
+    from trace_summary import format_summary, summarize
+
+    model_dir, name, extra = benchmark_model(args, args.context)
+    folder = Path(args.out).resolve().parent
+    rows = []
+    for backend in args.backends:
+        engine = start(
+            model_dir, backend, args.context, mem_fraction_static=args.mem_fraction,
+            max_running_requests=args.batch, cuda_graph_max_bs=args.batch, tp_size=args.tp,
+            **extra,
+        )  # fmt: skip
+        prompts = benchmark_prompts(args, model_dir, args.batch, args.context)
+        for mode, target in MODES[backend]:
+            generate(engine, prompts, 1 + args.tokens, target)  # prefill, clustering, capture
+            traces = folder / f"trace_{backend}_{mode}"
+            engine.start_profile(output_dir=str(traces), activities=["CPU", "GPU"],
+                                 with_stack=False, record_shapes=False)  # fmt: skip
+            began = time.perf_counter()
+            outputs = generate(engine, prompts, 1 + args.tokens, target)
+            seconds = time.perf_counter() - began
+            engine.stop_profile()
+            found = sorted(traces.glob("*.trace.json*"))
+            summary = summarize(found[-1]) if found else None
+            ratio = [s["selected_ratio"] for s in map(tactic_means, outputs) if s]
+            rows.append(dict(backend=backend, mode=mode, context=args.context, batch=args.batch,
+                             tokens=args.tokens, seconds_profiled=seconds,
+                             selected_ratio=statistics.mean(ratio) if ratio else None,
+                             trace=str(found[-1].relative_to(folder)) if found else None,
+                             summary=summary))  # fmt: skip
+            save({"model": name, "rows": rows})
+            log(f"{backend} {mode}: {seconds:.2f} s profiled\n"
+                + (format_summary(summary) if summary else "no trace written"))  # fmt: skip
+        engine.shutdown()
+    return {"model": name, "rows": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -260,7 +315,14 @@ def main() -> int:
     tp.add_argument("--tokens", type=int, default=64)
     tp.add_argument("--repeats", type=int, default=2)
     tp.add_argument("--mem-fraction", type=float, default=0.85)
-    for sub in (eq, tp):
+    pf = commands.add_parser("profile")
+    pf.add_argument("--context", type=int, default=131072)
+    pf.add_argument("--batch", type=int, default=8)
+    pf.add_argument("--backends", nargs="+", choices=tuple(MODES), default=["triton", "tactic"])
+    pf.add_argument("--model", help="a trained checkpoint (default: Llama-3.1-8B, dummy)")
+    pf.add_argument("--tokens", type=int, default=32)
+    pf.add_argument("--mem-fraction", type=float, default=0.85)
+    for sub in (eq, tp, pf):
         sub.add_argument("--out", required=True)
         sub.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
     args = parser.parse_args()
@@ -271,7 +333,10 @@ def main() -> int:
     def save(part: dict) -> None:  # after every row, so a run cut short keeps what it measured
         Path(args.out).write_text(json.dumps(result | part, indent=1))
 
-    save(equality(args) if args.command == "equality" else throughput(args, save))
+    if args.command == "equality":
+        save(equality(args))
+    else:
+        save((throughput if args.command == "throughput" else profile)(args, save))
     log(f"wrote {args.out}")
     return 0
 
