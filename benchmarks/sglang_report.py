@@ -29,10 +29,8 @@ SPEEDUP_GOAL, OVERHEAD_GOAL = 2.0, 0.05
 
 def row_value(row: dict) -> tuple[float | None, int]:
     """The median of a row's valid rounds and how many were not."""
-    rounds = row.get("rounds") or []
+    rounds = row["rounds"]
     valid = [r for r in rounds if r > 0]
-    if not rounds and row.get("decode_tokens_per_s") is not None:
-        return row["decode_tokens_per_s"], 0  # rows saved before rounds were recorded
     return (statistics.median(valid) if valid else None), len(rounds) - len(valid)
 
 
