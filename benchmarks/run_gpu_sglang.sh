@@ -8,7 +8,8 @@
 #   serve       300 s  (a) serve --engine sglang answers the openai client; SIGTERM exits 0
 #   equality    240 s  (b) greedy equality at P = 0.999 with the triton backend, float32
 #   throughput  540 s  (c) triton vs tactic (graphs) vs tactic-eager, Llama-3.1-8B dummy,
-#                      $CONTEXTS (default 32768 65536 131072), batches 1 and 8
+#                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default all three),
+#                      $TOKENS new tokens a round (default 64), batches 1 and 8
 #   trained     420 s  (c) the same on the trained model $MODEL (default the repo's bundled
 #                      one, else /tmp/run-code/model), where attention is really sparse:
 #                      $CONTEXTS (default 131072), $BACKENDS (default triton tactic), 256 new
@@ -47,6 +48,7 @@ for step in ${STEPS:-serve equality trained}; do
       # shellcheck disable=SC2086  # CONTEXTS is a list of words
       timeout 540 python3 benchmarks/sglang_gpu.py throughput \
         --contexts ${CONTEXTS:-32768 65536 131072} --batches 1 8 --repeats 2 \
+        --backends ${BACKENDS:-triton tactic tactic-eager} --tokens ${TOKENS:-64} \
         --out "$out/sglang_throughput.json" >"$out/throughput.log" 2>&1 ;;
     trained)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi

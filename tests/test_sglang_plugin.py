@@ -315,6 +315,41 @@ def test_backend_decode_through_a_forward_batch_against_sglangs_triton_backend(m
     assert stats[0, 1] >= 0.9 - 1e-3 and stats[1, 1] >= 0.999 - 1e-4  # estimated masses
 
 
+def test_statistics_travel_through_sglangs_per_token_path_as_numpy_rows(monkeypatch):
+    """What SGLang's scheduler does with a step's statistics (maybe_collect_customized_info:
+    one row per request and token), pickled as they are sent to the tokenizer process when the
+    request ends: plain numpy rows, each a fraction of the bytes of a pickled torch tensor (which
+    goes through torch.save per row), and the usage read from them is the running means."""
+    import pickle
+
+    import numpy as np
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.managers.scheduler_output_processor_mixin import (
+        SchedulerOutputProcessorMixin,
+    )
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from tactic_server.sglang_engine import tactic_usage
+
+    monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
+    stats = decode_on_rank()
+    assert isinstance(stats, np.ndarray) and stats.shape == (3, 4)
+    req = Req("r0", "", [1, 2, 3], SamplingParams())
+    steps = 257
+    for _ in range(steps):
+        output = LogitsProcessorOutput(next_token_logits=None, customized_info={"tactic": stats})
+        SchedulerOutputProcessorMixin.maybe_collect_customized_info(None, 0, req, output)
+    entries = req.customized_info["tactic"]
+    assert len(entries) == steps and all(isinstance(e, np.ndarray) for e in entries)
+    sent = pickle.dumps(entries)
+    as_tensors = pickle.dumps([torch.from_numpy(e.copy()) for e in entries])
+    assert 4 * len(sent) < len(as_tensors)
+    usage = tactic_usage({"tactic": pickle.loads(sent)})
+    assert usage.selected_ratio == pytest.approx(stats[0, 0] / stats[0, 3])
+    assert usage.estimated_mass == pytest.approx(stats[0, 1] / stats[0, 3])
+
+
 def test_backend_decode_as_its_cuda_graph_records_it(monkeypatch):
     """The Tactic graph family's decode (sizes from the context bound; SGLang's padded batch)
     equals the torch reference, and the padding row adds nothing to the live request whose

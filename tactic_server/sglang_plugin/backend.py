@@ -101,13 +101,16 @@ class TacticAttnBackend(TritonAttnBackend):
         self.batch_graph_family = ("tactic" if all(selecting) else None) if any(selecting) \
             else "dense"
 
-    def request_stats(self, req_pool_indices: torch.Tensor) -> torch.Tensor:
-        """Running sums [batch, 4] of the batch's requests, copied to pinned host memory
-        without waiting (SGLang reads them after its own copy of the step's results)."""
+    def request_stats(self, req_pool_indices: torch.Tensor):
+        """Running sums [batch, 4] of the batch's requests as a numpy view of pinned host
+        memory, copied without waiting (SGLang reads them after its own copy of the step's
+        results). SGLang keeps one row per request and token and pickles them all to the
+        tokenizer process when the request ends: numpy rows, because a torch tensor pickles
+        through torch.save, which cost hundreds of milliseconds a batch of long answers."""
         rows = self.side.stats[req_pool_indices.long()]
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=rows.is_cuda)
         host.copy_(rows, non_blocking=True)
-        return host
+        return host.numpy()
 
     # SGLang's hooks
 
