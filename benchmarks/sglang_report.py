@@ -3,7 +3,9 @@ run and every `equality` run of benchmarks/results/ for that device, per run sid
 (triton backend, tactic backend with dense requests, Tactic at P = 0.9 with and without its CUDA
 graphs; a run whose JSON says "tactic_graphs": false predates them, so its tactic rows are
 eager), and the issue's goals judged only within a run (never a number of one run against a
-number of another). Writes sglang_<device>.json, .md and, with matplotlib, _throughput.png.
+number of another) and only on runs of the current code: a run whose JSON says "superseded"
+(why, in words) stays in the tables, marked, and out of the goals and the plot. Writes
+sglang_<device>.json, .md and, with matplotlib, _throughput.png.
 
     python benchmarks/sglang_report.py --device h200
 
@@ -65,13 +67,15 @@ def summarize_run(name: str, report: dict) -> dict:
         if triton and dense:
             line["overhead at P = 1"] = 1.0 - dense / triton
     return {"file": name, "model": report.get("model"), "command": report.get("command"),
+            "superseded": report.get("superseded"),
             "decode_tokens": report.get("decode_tokens"), "trained": "trained" in
             str(report.get("model")), "lines": sorted(cells.values(), key=lambda x: (
                 x["context"], x["batch"]))}  # fmt: skip
 
 
 def judge(runs: list[dict], equality: list[dict]) -> dict:
-    """The goals, each from lines where both sides ran in the same run."""
+    """The goals, each from lines where both sides ran in the same run of the current code."""
+    runs = [r for r in runs if not r["superseded"]]
     speedups = [dict(file=r["file"], batch=line["batch"], value=line["graphs / triton"])
                 for r in runs if r["trained"] for line in r["lines"]
                 if line["context"] == SPARSE_CONTEXT and "graphs / triton" in line]  # fmt: skip
@@ -117,9 +121,11 @@ def markdown(summary: dict) -> str:
     out = [f"# SGLang with the tactic backend on {summary['device']}", ""]
     for run in summary["runs"]:
         out += [f"## {run['file']}", "", f"{run['model']}; {run['decode_tokens']} new tokens a "
-                f"round; `{run['command']}`", "",
-                "| context | batch | " + " | ".join(titles) + " |",
-                "|---|---|" + "---|" * len(titles)]  # fmt: skip
+                f"round; `{run['command']}`", ""]
+        if run["superseded"]:
+            out += [f"Superseded, not in the goals: {run['superseded']}", ""]
+        out += ["| context | batch | " + " | ".join(titles) + " |",
+                "|---|---|" + "---|" * len(titles)]
         for line in run["lines"]:
             if "skipped" in line and len(line) == 3:
                 out.append(f"| {line['context']:,} | {line['batch']} | {line['skipped']} |"
@@ -157,8 +163,8 @@ def plot(summary: dict, path: Path) -> bool:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
     titles = [title for title, _, _ in COLUMNS]
-    runs = [r for r in summary["runs"]
-            if any(line.get(t) for line in r["lines"] for t in titles)]  # fmt: skip
+    runs = [r for r in summary["runs"] if not r["superseded"]
+            and any(line.get(t) for line in r["lines"] for t in titles)]  # fmt: skip
     columns = min(3, len(runs))
     rows = -(-len(runs) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)

@@ -2,7 +2,8 @@
 `.trace.json.gz` SGLang's profiler or `export_chrome_trace` writes): the GPU's busy time (the
 union of kernel, memcpy and memset intervals) against the span from the first to the last of
 them, the kernels by total time, the host's CUDA runtime calls by total time, and the CUDA
-graph launches (one per replayed decode step).
+graph launches (one per replayed decode step) with the median time from one to the next: the
+decode step's period, which a prefill or a pause inside the profiled stretch does not move.
 
     python benchmarks/trace_summary.py TRACE.json.gz [--top 25]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -54,8 +56,12 @@ def summarize(path: Path, top: int = 25) -> dict:
     events = load(path)
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
-    launches = sum(1 for e in runtime if e["name"] == "cudaGraphLaunch")
+    starts = sorted(float(e["ts"]) for e in runtime if e["name"] == "cudaGraphLaunch")
+    launches = len(starts)
     summary = {"trace": path.name, "gpu_events": len(gpu), "graph_launches": launches}
+    if launches > 1:
+        gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+        summary["graph_launch_period_us"] = round(statistics.median(gaps), 1)
     if gpu:
         spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in gpu]
         span = max(stop for _, stop in spans) - min(start for start, _ in spans)
@@ -71,7 +77,9 @@ def summarize(path: Path, top: int = 25) -> dict:
 
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['trace']}: {summary['gpu_events']} GPU events, "
-             f"{summary['graph_launches']} CUDA graph launches"]  # fmt: skip
+             f"{summary['graph_launches']} CUDA graph launches"
+             + (f", {summary['graph_launch_period_us']:.0f} us apart (median)"
+                if "graph_launch_period_us" in summary else "")]  # fmt: skip
     if "gpu_span_us" in summary:
         lines.append(f"GPU busy {summary['gpu_busy_us']:.0f} of {summary['gpu_span_us']:.0f} us "
                      f"({summary['gpu_busy_share']:.0%})"

@@ -1,6 +1,7 @@
 """benchmarks/sglang_report.py: medians leave out rounds that came out negative, ratios and goals
-come only from rows of the same run, a run from before the Tactic graphs counts as eager, and the
-committed sglang_h200.json is what the script makes from the committed results."""
+come only from rows of the same run and never from a superseded run, a run from before the Tactic
+graphs counts as eager, and the committed sglang_h200.json is what the script makes from the
+committed results."""
 
 from __future__ import annotations
 
@@ -42,7 +43,13 @@ def write_results(folder: Path) -> None:
                      dict(backend="triton", context=131072, batch=8, skipped="too big")]}
     equality = {"model": "tiny, float32", "tokens": 32,
                 "runs": {"tactic_0.999": {"tokens_equal_before_first_difference": [32, 32, 5]}}}
+    old = {"model": "tiny (trained, 2 layers)", "decode_tokens": 256, "command": "c0",
+           "superseded": "before a fix", "rows": [
+               row("triton", "dense", 131072, 8, [400.0]),
+               row("tactic", "dense", 131072, 8, [100.0]),
+               row("tactic", "tactic_0.9", 131072, 8, [40.0], selected=0.3)]}  # fmt: skip
     (folder / "sglang_throughput_trained_dev.json").write_text(json.dumps(trained))
+    (folder / "sglang_throughput_old_dev.json").write_text(json.dumps(old))
     (folder / "sglang_throughput_flat_dev.json").write_text(json.dumps(flat))
     (folder / "sglang_equality_float32_dev.json").write_text(json.dumps(equality))
 
@@ -66,7 +73,10 @@ def test_rows_ratios_and_goals(tmp_path):
     assert "tactic P = 0.9, graphs" not in flat[0]
     assert flat[1]["skipped"] == "too big"
 
-    goals = summary["goals"]
+    old = runs["sglang_throughput_old_dev.json"]
+    assert old["superseded"] == "before a fix" and old["lines"][0]["graphs / triton"] == 0.1
+
+    goals = summary["goals"]  # the superseded run's 0.1x and 75% overhead are not in them
     speedup = goals["speedup_at_128k_sparse"]
     assert [m["value"] for m in speedup["measured"]] == [310.0 / 105.0, 620.0 / 410.0]
     assert speedup["verdict"] == "met in part"  # 2.95x at batch 1, 1.51x at batch 8
@@ -89,6 +99,7 @@ def test_main_writes_json_markdown_and_plot(tmp_path):
     assert "| 131,072 | 1 | 105.0 (*) | 98.5 | 310.0 | - | 25.0% | 2.95x | 3.15x | 6.2% |" \
         in markdown
     assert "**met in part**" in markdown and summary["device"] == "dev"
+    assert "Superseded, not in the goals: before a fix" in markdown
     plot = tmp_path / "sglang_dev_throughput.png"
     assert not plot.exists() or plot.read_bytes()[:4] == b"\x89PNG"
 

@@ -1,6 +1,6 @@
 """benchmarks/trace_summary.py on a chrome trace that torch.profiler wrote on the CPU, with GPU
 events of the kinds CUPTI records added to it: the GPU's busy time is the union of overlapping
-intervals, kernels and runtime calls are totalled by name, graph launches counted."""
+intervals, kernels and runtime calls are totalled by name, graph launches counted and timed."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def test_summary_of_a_real_trace_with_gpu_events(tmp_path):
     assert summary["gpu_busy_us"] == 70.0 + 30.0 + 10.0 + 50.0
     assert summary["gpu_busy_share"] == round(160.0 / 350.0, 4)
     assert summary["gpu_busy_us_per_graph_launch"] == 80.0
+    assert summary["graph_launch_period_us"] == 300.0  # 90 -> 390
     kernels = {row["name"]: row for row in summary["kernels"]}
     assert kernels["walk"]["count"] == 2 and kernels["walk"]["total_us"] == 100.0
     assert summary["kernels"][0]["name"] == "walk"  # largest total first
@@ -67,6 +68,7 @@ def test_summary_of_a_real_trace_with_gpu_events(tmp_path):
     assert calls[0]["name"] == "cudaStreamSynchronize" and calls[0]["share"] == round(60 / 70, 4)
     text = module.format_summary(summary)
     assert "GPU busy 160 of 350 us (46%), 80 us a graph launch" in text
+    assert "2 CUDA graph launches, 300 us apart (median)" in text
 
 
 def test_a_cpu_only_trace_has_no_gpu_numbers(tmp_path):
@@ -75,4 +77,5 @@ def test_a_cpu_only_trace_has_no_gpu_numbers(tmp_path):
     profiled_trace(path)
     summary = module.summarize(path)
     assert summary["gpu_events"] == 0 and "gpu_busy_us" not in summary
+    assert "graph_launch_period_us" not in summary
     assert summary["kernels"] == [] and "0 GPU events" in module.format_summary(summary)
