@@ -101,6 +101,31 @@ def test_shared_prefix_reuses_clusters_and_freeing_invalidates():
     assert side.cluster([(1, 2, 3)], requests.req_to_token, kv.k_buffer) == 1
 
 
+def test_request_start_and_invalidation_write_the_device_without_host_copies():
+    """What runs per request on the tactic engine, dense requests included: start_request and
+    the free hook's invalidate change the device tensors as they should, and on a GPU (sync
+    debug mode "error") without a copy from the host, which would wait for the stream."""
+    kv, requests, allocator, side = make_pools()
+    slots = allocator.alloc(200)
+    fill(kv, requests, 0, slots, "topics", seed=1)
+    assert side.cluster([(0, 0, 3)], requests.req_to_token, kv.k_buffer) == 3
+    side.stats[2] = 5.0
+    on_gpu = slots.is_cuda
+    if on_gpu:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        side.start_request(2, 0.75)
+        side.invalidate(slots[100:])  # the second and third segments end there
+    finally:
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("default")
+    assert side.targets[2].item() == 0.75 and side.stats[2].tolist() == [0.0] * 4
+    cached = torch.tensor([200], device=DEVICE)
+    _, clustered = side.segment_table(requests.req_to_token, torch.tensor([0], device=DEVICE),
+                                      cached, 3)  # fmt: skip
+    assert clustered.tolist() == [1]
+
+
 def test_decode_step_equals_torch_reference():
     """Three requests (two Tactic targets and one dense) in one decode step over the real pools:
     each layer's output equals plan_tactic + sparse_attention (Tactic) and softmax attention
