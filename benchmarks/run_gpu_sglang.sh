@@ -10,11 +10,12 @@
 #   throughput  540 s  (c) triton vs tactic (graphs) vs tactic-eager, Llama-3.1-8B dummy,
 #                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default all three),
 #                      $TOKENS new tokens a round (default 64), batches 1 and 8
-#   trained     420 s  (c) the same on the trained model $MODEL (default the repo's bundled
+#   trained     540 s  (c) the same on the trained model $MODEL (default the repo's bundled
 #                      one, else /tmp/run-code/model), where attention is really sparse:
-#                      $CONTEXTS (default 131072), $BACKENDS (default triton tactic), 256 new
-#                      tokens a round (64 understate batch 8: README); an engine may take 110 s
-#                      to start on a machine that just unpacked SGLang
+#                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default triton
+#                      tactic), 256 new tokens a round (64 understate batch 8: README); about
+#                      380 s, of which an engine may take 110 s to start on a machine that just
+#                      unpacked SGLang
 #   profile     300 s  where a decode step's time goes: SGLang's torch profiler over 32 decode
 #                      steps of the trained model at 128k, batch 8, triton and tactic (dense
 #                      requests and P = 0.9), each trace summarised (trace_summary.py)
@@ -53,8 +54,8 @@ for step in ${STEPS:-serve equality trained}; do
     trained)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
       # shellcheck disable=SC2086
-      timeout 420 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
-        --contexts ${CONTEXTS:-131072} --backends ${BACKENDS:-triton tactic} \
+      timeout 540 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
+        --contexts ${CONTEXTS:-32768 65536 131072} --backends ${BACKENDS:-triton tactic} \
         --batches 1 8 --repeats 3 --tokens 256 \
         --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
     profile)
