@@ -88,9 +88,11 @@ class ClusterSide:
         """KV slots were freed: segments ending at them are gone. index_fill_ takes the -1 as a
         kernel argument; `map[slots] = -1` would copy it from host memory first, which waits for
         the stream (the H200 profile showed two such waits per request, each stalling SGLang's
-        overlap of scheduling with the running step)."""
+        overlap of scheduling with the running step). SGLang frees device indices; host ones
+        (which indexing would have taken too) are moved first."""
         if freed_slots.numel():
-            self.last_slot_segment.index_fill_(0, freed_slots.long(), -1)
+            index = freed_slots.to(self.last_slot_segment.device).long()
+            self.last_slot_segment.index_fill_(0, index, -1)
 
     def start_request(self, request_slot: int, target: float) -> None:
         """fill_ and zero_ take their values as kernel arguments: no copy from the host, no
