@@ -25,11 +25,7 @@
 #   STEPS=throughput bash benchmarks/run_gpu_sglang.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/gpu_env.sh || exit 1
-export PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/gpu_runner_env.sh
 model=${MODEL:-}
 if [ -z "$model" ]; then
   for candidate in tactic_server/models/*/ /tmp/run-code/model; do

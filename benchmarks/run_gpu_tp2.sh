@@ -10,11 +10,7 @@
 #   STEPS="serve equality" bash benchmarks/run_gpu_tp2.sh ; STEPS=throughput bash ...
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/gpu_env.sh || exit 1
-export PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/gpu_runner_env.sh
 for step in ${STEPS:-serve equality}; do
   echo "[run_gpu_tp2] $step"
   case $step in
