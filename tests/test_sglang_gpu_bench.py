@@ -1,0 +1,40 @@
+"""benchmarks/sglang_gpu.py's steady decode rate: counted from the moment the batch's last
+request has its first token to the last token of all, so request setup and prefill (which
+vary) stay out, and a batch whose requests start apart is not credited with their lead."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its neighbours
+    try:
+        spec = importlib.util.spec_from_file_location("sglang_gpu", ROOT / "benchmarks" /
+                                                      "sglang_gpu.py")  # fmt: skip
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_one_request_counts_its_tokens_after_the_first(bench):
+    # an empty first chunk, then a slow prefill (token 1 at 5.0 s), then 10 tokens a second
+    stamps = [[(0.1, 0), (5.0, 1)] + [(5.0 + 0.1 * i, 1 + i) for i in range(1, 11)]]
+    assert bench.steady_rate(stamps) == pytest.approx(10.0)
+
+
+def test_a_batch_is_timed_while_all_of_its_requests_decode(bench):
+    # request a starts 1 s early and makes 10 tokens alone; from 2.0 s both make 20 a second
+    early = [(1.0, 1)] + [(1.0 + 0.1 * i, 1 + i) for i in range(1, 31)]  # to 4.0 s, 31 tokens
+    late = [(2.0, 1)] + [(2.0 + 0.1 * i, 1 + i) for i in range(1, 21)]  # to 4.0 s, 21 tokens
+    # in [2.0, 4.0]: early went 11 -> 31, late 1 -> 21
+    assert bench.steady_rate([early, late]) == pytest.approx(40 / 2.0)
