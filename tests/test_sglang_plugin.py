@@ -403,9 +403,11 @@ def _tp_rank(rank: int, tp_size: int, init_file: str, results) -> None:
                             world_size=tp_size)  # fmt: skip
 
     def mean_over_ranks(step):
-        step = step.clone()
-        dist.all_reduce(step)
-        return step / tp_size
+        # gloo reduces host tensors (given CUDA ones it returned garbage on the GPU machine);
+        # SGLang's own group, which the backend's tp_mean uses when serving, reduces on device
+        host = step.cpu()
+        dist.all_reduce(host)
+        return (host / tp_size).to(step.device)
 
     try:
         alone = decode_on_rank(tp_size, rank)  # this rank's heads only, for the reference

@@ -20,10 +20,11 @@ def load_report():
     return module
 
 
-def row(backend, mode, context, batch, rounds, selected=None):
-    return dict(backend=backend, mode=mode, context=context, batch=batch, rounds=rounds,
-                decode_tokens_per_s=sorted(rounds)[len(rounds) // 2],
-                selected_ratio=selected)  # fmt: skip
+def row(backend, mode, context, batch, rounds, selected=None, steady=None):
+    out = dict(backend=backend, mode=mode, context=context, batch=batch, rounds=rounds,
+               decode_tokens_per_s=sorted(rounds)[len(rounds) // 2],
+               selected_ratio=selected)  # fmt: skip
+    return out | ({"steady_rounds": steady} if steady else {})
 
 
 def write_results(folder: Path) -> None:
@@ -31,10 +32,12 @@ def write_results(folder: Path) -> None:
         row("triton", "dense", 131072, 1, [-500.0, 100.0, 110.0]),
         row("tactic", "dense", 131072, 1, [98.0, 99.0]),
         row("tactic", "tactic_0.9", 131072, 1, [300.0, 320.0], selected=0.25),
-        row("triton", "dense", 131072, 8, [400.0, 420.0]),
-        row("tactic", "dense", 131072, 8, [300.0, 320.0]),
-        row("tactic", "tactic_0.9", 131072, 8, [600.0, 640.0], selected=0.3),
-        row("tactic-eager", "tactic_0.9", 131072, 8, [200.0, 220.0], selected=0.3),
+        row("triton", "dense", 131072, 8, [400.0, 420.0], steady=[450.0, 440.0, 460.0]),
+        row("tactic", "dense", 131072, 8, [300.0, 320.0], steady=[440.0, 445.0, 430.0]),
+        row("tactic", "tactic_0.9", 131072, 8, [600.0, 640.0], selected=0.3,
+            steady=[900.0, 1000.0, 950.0]),
+        row("tactic-eager", "tactic_0.9", 131072, 8, [200.0, 220.0], selected=0.3,
+            steady=[230.0]),
     ]}  # fmt: skip
     flat = {"model": "8B dummy", "decode_tokens": 64, "command": "c2", "tactic_graphs": False,
             "rows": [row("triton", "dense", 65536, 1, [30.0]),
@@ -67,6 +70,12 @@ def test_rows_ratios_and_goals(tmp_path):
     assert b8["graphs / triton"] == 620.0 / 410.0
     assert b8["tactic P = 0.9, eager"] == 210.0 and b8["selected"] == 0.3
     assert abs(b8["overhead at P = 1"] - (1 - 310.0 / 410.0)) < 1e-12
+    # steady cells: medians of the steady rounds, eager left out, ratios of their own
+    assert "steady" not in b1
+    assert b8["steady"] == {"triton": 450.0, "tactic, dense requests": 440.0,
+                            "tactic P = 0.9, graphs": 950.0, "graphs / triton": 950.0 / 450.0,
+                            "graphs / dense requests": 950.0 / 440.0,
+                            "overhead at P = 1": 1 - 440.0 / 450.0}  # fmt: skip
 
     flat = runs["sglang_throughput_flat_dev.json"]["lines"]
     assert flat[0]["tactic P = 0.9, eager"] == 10.0  # before the graphs: not a graph row
@@ -85,6 +94,12 @@ def test_rows_ratios_and_goals(tmp_path):
     assert [(m["context"], m["batch"]) for m in overhead["measured"]] == [(65536, 1),
                                                                            (131072, 8)]
     assert overhead["verdict"] == "met in part"
+    # steady goals come from steady cells only: here the one batch-8 line
+    assert [m["value"] for m in goals["speedup_at_128k_sparse_steady"]["measured"]] == [
+        950.0 / 450.0]
+    assert goals["speedup_at_128k_sparse_steady"]["verdict"] == "met"
+    assert [m["value"] for m in goals["overhead_at_p1_steady"]["measured"]] == [1 - 440 / 450]
+    assert goals["overhead_at_p1_steady"]["verdict"] == "met"
     assert goals["greedy_equality_p0999"]["measured"][0] | {"file": None} == dict(
         file=None, dtype="float32", prompts=3, equal=2)
     assert goals["greedy_equality_p0999"]["verdict"] == "missed"
@@ -100,6 +115,7 @@ def test_main_writes_json_markdown_and_plot(tmp_path):
         in markdown
     assert "**met in part**" in markdown and summary["device"] == "dev"
     assert "Superseded, not in the goals: before a fix" in markdown
+    assert "| 131,072 | 8 | 450.0 | 440.0 | 950.0 | 2.11x | 2.2% |" in markdown
     plot = tmp_path / "sglang_dev_throughput.png"
     assert not plot.exists() or plot.read_bytes()[:4] == b"\x89PNG"
 
