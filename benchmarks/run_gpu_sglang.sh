@@ -13,9 +13,9 @@
 #   trained     540 s  (c) the same on the trained model $MODEL (default the repo's bundled
 #                      one, else /tmp/run-code/model), where attention is really sparse:
 #                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default triton
-#                      tactic), 256 new tokens a round (64 understate batch 8: README); about
-#                      380 s, of which an engine may take 110 s to start on a machine that just
-#                      unpacked SGLang
+#                      tactic), 256 new tokens a round (64 understate batch 8: README), end
+#                      to end and steady (streamed); about 310 s, of which an engine may take
+#                      95 s to start on a machine that just unpacked SGLang
 #   profile     300 s  where a decode step's time goes: SGLang's torch profiler over 32 decode
 #                      steps of the trained model at 128k, batch 8, triton and tactic (dense
 #                      requests and P = 0.9), each trace summarised (trace_summary.py)
