@@ -86,9 +86,14 @@ def tactic_params(target: float | None) -> dict:
     return {"tactic": {"target": target}}
 
 
+def sampling_params(new_tokens: int, target: float | None) -> dict:
+    """Greedy, exactly new_tokens, at Tactic's target (None: dense)."""
+    return dict(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True,
+                custom_params=tactic_params(target))  # fmt: skip
+
+
 def generate(engine, prompts, new_tokens: int, target: float | None):
-    params = [dict(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True,
-                   custom_params=tactic_params(target)) for _ in prompts]  # fmt: skip
+    params = [sampling_params(new_tokens, target) for _ in prompts]
     return engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params)
 
 
@@ -162,11 +167,9 @@ def streamed(engine, prompts, new_tokens, target) -> list[list[tuple[float, int]
     import asyncio
 
     async def one(prompt):
-        params = dict(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True,
-                      custom_params=tactic_params(target))  # fmt: skip
         stamps = []
-        stream = await engine.async_generate(input_ids=list(prompt), sampling_params=params,
-                                             stream=True)  # fmt: skip
+        stream = await engine.async_generate(input_ids=list(prompt), stream=True,
+                                             sampling_params=sampling_params(new_tokens, target))
         async for chunk in stream:
             stamps.append((time.perf_counter(), chunk["meta_info"]["completion_tokens"]))
         return stamps

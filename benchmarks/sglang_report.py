@@ -154,18 +154,10 @@ def markdown(summary: dict) -> str:
                 out.append(f"| {line['context']:,} | {line['batch']} | {line['skipped']} |"
                            + " |" * (len(titles) - 1))  # fmt: skip
                 continue
-            cells = []
-            for title in titles:
-                value = line.get(title)
-                if value is None:
-                    cells.append("-")
-                elif title in ("selected", "overhead at P = 1"):
-                    cells.append(f"{value:.1%}")
-                elif "/" in title:
-                    cells.append(f"{value:.2f}x")
-                else:
-                    mark = " (*)" if title in line.get("invalid_rounds", {}) else ""
-                    cells.append(f"{value:,.1f}{mark}")
+            invalid = line.get("invalid_rounds", {})
+            cells = [cell(title, line.get(title))
+                     + (" (*)" if title in invalid and line.get(title) is not None else "")
+                     for title in titles]  # fmt: skip
             out.append(f"| {line['context']:,} | {line['batch']} | " + " | ".join(cells) + " |")
         out.append("")
         steady = [line for line in run["lines"] if line.get("steady")]
@@ -179,17 +171,22 @@ def markdown(summary: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def cell(title: str, value: float | None) -> str:
+    """A table cell: a share, a ratio or tok/s by its column's title."""
+    if value is None:
+        return "-"
+    if title in ("selected", "overhead at P = 1"):
+        return f"{value:.1%}"
+    return f"{value:.2f}x" if "/" in title else f"{value:,.1f}"
+
+
 def steady_table(lines: list[dict]) -> list[str]:
     """A run's steady decode tok/s (the batch streamed, while all its requests decode)."""
     titles = [*STEADY_COLUMNS, "graphs / triton", "overhead at P = 1"]
     out = ["Steady decode, streamed (tok/s while every request of the batch decodes):", "",
            "| context | batch | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(titles)]
     for line in lines:
-        cells = []
-        for title in titles:
-            value = line["steady"].get(title)
-            cells.append("-" if value is None else f"{value:.1%}" if "overhead" in title
-                         else f"{value:.2f}x" if "/" in title else f"{value:,.1f}")
+        cells = [cell(title, line["steady"].get(title)) for title in titles]
         out.append(f"| {line['context']:,} | {line['batch']} | " + " | ".join(cells) + " |")
     return out + [""]
 
