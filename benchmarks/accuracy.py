@@ -210,7 +210,7 @@ def plots(result: dict, prefix: str) -> None:
     for task_name, style in zip(RETRIEVAL_TASKS, ("o-", "s--"), strict=True):
         for family in ("dense", "tactic", "oracle", "quest", "topk"):
             by_method = {}  # row method -> its rows over contexts: one point each
-            for r in result["retrieval"]:
+            for r in result.get("retrieval", ()):  # none after --attention-only
                 if r["task"] == task_name and r["method"].split("_")[0] == family:
                     by_method.setdefault(r["method"], []).append(r)
             points = sorted((statistics.mean(r["selected_ratio"] for r in rows),
@@ -352,35 +352,44 @@ def goals(result: dict) -> dict:
     """The issue's goals at P = BUDGET_TARGET, from the rows above: retrieval within 1 point of
     dense (pooled over tasks and contexts), >= 95% of (query head, step) meeting P, overshoot
     <= 1.10x the oracle (means over layers, segment-local Tactic), better than Quest at the same
-    budget (retrieval, and recall)."""
+    budget (retrieval, and recall). A result of the per-head analysis alone (--attention-only)
+    gets the attention goals, and None for those that need retrieval."""
     tactic, quest = f"tactic_{BUDGET_TARGET}", f"quest_at_tactic_{BUDGET_TARGET}"
-
-    def accuracy(method: str) -> float:
-        return statistics.fmean(r["accuracy"] for r in result["retrieval"] if r["method"] == method)
 
     def attention(method: str, key: str) -> float:
         return statistics.fmean(r[key] for r in result["attention"]
                                 if r["method"] == method and r["target"] == BUDGET_TARGET)
 
-    dense, ours, theirs = accuracy("dense"), accuracy(tactic), accuracy(quest)
     read = attention("tactic_segment", "selected_ratio") / attention("oracle", "selected_ratio")
+    meeting = attention("tactic_segment", "share_meeting_target")
+    over = attention("tactic_segment", "overshoot")
+    recall, quest_recall = (attention(m, "mean_recall") for m in ("tactic_segment", "quest"))
+    found = {
+        "target": BUDGET_TARGET,
+        "share_meeting_target": meeting, "share_meeting_target_met": meeting >= 0.95,
+        "overshoot": over, "overshoot_met": over <= 1.10,
+        "overshoot_tokens": read,  # all layers' selected tokens over the oracle's
+        "recall_tactic": recall, "recall_quest": quest_recall,
+        "retrieval_dense": None, "retrieval_tactic": None, "retrieval_quest": None,
+        "retrieval_within_1_point": None, "retrieval_by_task_and_context": None,
+        "better_than_quest": None,
+    }  # fmt: skip
+    if not result.get("retrieval"):
+        return found
+
+    def accuracy(method: str) -> float:
+        return statistics.fmean(r["accuracy"] for r in result["retrieval"] if r["method"] == method)
+
+    dense, ours, theirs = accuracy("dense"), accuracy(tactic), accuracy(quest)
     by_context = {}
     for r in result["retrieval"]:
         if r["method"] in ("dense", tactic, quest):
             cell = by_context.setdefault(f"{r['task']} {r['context']}", {})
             cell[r["method"]] = r["accuracy"]
-    meeting = attention("tactic_segment", "share_meeting_target")
-    over = attention("tactic_segment", "overshoot")
-    recall, quest_recall = (attention(m, "mean_recall") for m in ("tactic_segment", "quest"))
-    return {
-        "target": BUDGET_TARGET,
+    return found | {
         "retrieval_dense": dense, "retrieval_tactic": ours, "retrieval_quest": theirs,
         "retrieval_within_1_point": dense - ours <= 0.01,
-        "share_meeting_target": meeting, "share_meeting_target_met": meeting >= 0.95,
-        "overshoot": over, "overshoot_met": over <= 1.10,
-        "overshoot_tokens": read,  # all layers' selected tokens over the oracle's
         "retrieval_by_task_and_context": by_context,
-        "recall_tactic": recall, "recall_quest": quest_recall,
         "better_than_quest": ours >= theirs and recall > quest_recall,
     }  # fmt: skip
 
@@ -404,19 +413,25 @@ def markdown(result: dict) -> str:
         return "\n".join(lines) + "\n"
     g = result["goals"]
     mark = {True: "met", False: "missed"}
+    lines += ["", f"Goals at P = {g['target']}:"]
+    if g["retrieval_tactic"] is not None:
+        lines.append(f"- retrieval: Tactic {g['retrieval_tactic']:.1%} vs dense "
+                     f"{g['retrieval_dense']:.1%} (within 1 point: "
+                     f"{mark[g['retrieval_within_1_point']]})")  # fmt: skip
     lines += [
-        "", f"Goals at P = {g['target']}:",
-        f"- retrieval: Tactic {g['retrieval_tactic']:.1%} vs dense {g['retrieval_dense']:.1%} "
-        f"(within 1 point: {mark[g['retrieval_within_1_point']]})",
         f"- (query head, step) meeting P: {g['share_meeting_target']:.1%} "
         f"(>= 95%: {mark[g['share_meeting_target_met']]})",
         f"- overshoot over the oracle: {g['overshoot']:.2f}x, the mean of the layers' "
         f"(<= 1.10x: {mark[g['overshoot_met']]}); all layers' tokens together "
         f"{g['overshoot_tokens']:.2f}x",
-        f"- against Quest at the same budget: retrieval {g['retrieval_tactic']:.1%} vs "
-        f"{g['retrieval_quest']:.1%}, recall {g['recall_tactic']:.3f} vs {g['recall_quest']:.3f} "
-        f"(better: {mark[g['better_than_quest']]})",
     ]  # fmt: skip
+    if g["retrieval_tactic"] is None:
+        lines.append(f"- recall against Quest at the same budget: {g['recall_tactic']:.3f} vs "
+                     f"{g['recall_quest']:.3f} (no retrieval measured)")
+    else:
+        lines.append(f"- against Quest at the same budget: retrieval {g['retrieval_tactic']:.1%} "
+                     f"vs {g['retrieval_quest']:.1%}, recall {g['recall_tactic']:.3f} vs "
+                     f"{g['recall_quest']:.3f} (better: {mark[g['better_than_quest']]})")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,8 @@
 # come back) the model as it stands, a tar in 15 MiB parts (`cat model.tar.part-* | tar x` at
 # home), and its log; the accuracy call adds accuracy.json/.md and the two plots.
 # A rehearsal anywhere (CI does one on the CPU): SKIP_GPU_ENV=1 and TRAIN_ARGS / ACCURACY_ARGS
-# with a tiny shape, appended to the commands.
+# with a tiny shape, appended to the commands (`--simulated-step-seconds S` in TRAIN_ARGS makes
+# the plan and the budgets count S seconds a step, not the clock: the same steps on any machine).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ "${SKIP_GPU_ENV:-0}" != 1 ]; then

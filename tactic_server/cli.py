@@ -12,6 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .engine.types import DEFAULT_MAX_TOKENS  # torch-free, as everything --help reads
+
 
 def _eval_attention(args: argparse.Namespace) -> int:
     import torch
@@ -97,10 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .api.app import create_app
     from .engine.config import EngineConfig
-    from .engine.engine import Engine
+    from .engine.engine import Engine, default_model
 
     config = EngineConfig(
-        model_dir=args.model,
+        model_dir=args.model or str(default_model()),
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -111,7 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    progress = ProgressBar(f"loading {config.model_dir or 'the default tiny model'}")
+    progress = ProgressBar(f"loading {config.model_dir}")
     server: uvicorn.Server | None = None
 
     def load_engine():
@@ -128,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         load_engine=load_engine,
         on_load_failure=stop_serving,
         api_key=args.api_key or None,
+        default_max_tokens=args.default_max_tokens,
     )
     # On SIGTERM uvicorn stops accepting, lets open requests finish for up to this long, then the
     # app drains the engine; Kubernetes' default grace period is 30 s.
@@ -221,6 +224,14 @@ def _add_serve_parser(commands) -> None:
         help="context length in tokens, prompt plus output (default: the model's own)",
     )
     serve.add_argument(
+        "--default-max-tokens",
+        type=_integer(1),
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help="new tokens of a chat request that gives no max_tokens, at most what the context "
+        f"leaves (default {DEFAULT_MAX_TOKENS}); text completions default to 16, as OpenAI's do",
+    )
+    serve.add_argument(
         "--max-batch",
         type=_integer(1),
         default=8,
@@ -265,8 +276,7 @@ def _add_serve_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tactic.evaluation import TARGETS
-    from .tactic.workloads import WORKLOAD_KINDS
+    from .tactic.config import TARGETS, WORKLOAD_KINDS  # torch-free: --help answers at once
 
     parser = argparse.ArgumentParser(
         prog="tactic-server",
@@ -302,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument(
         "--output",
-        default="benchmarks/results/eval_attention_cpu.json",
-        help="JSON path; a .md table is written beside it",
+        default="runs/eval_attention.json",
+        help="JSON path; a .md table is written beside it (default runs/eval_attention.json, "
+        "so that a run never overwrites the committed benchmarks/results/eval_attention_cpu.json)",
     )
     evaluation.set_defaults(handler=_eval_attention)
     return parser

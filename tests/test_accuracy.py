@@ -80,3 +80,7 @@ def test_accuracy_report_covers_every_method(tmp_path):
     assert {r["method"] for r in variants["attention"]} == {
         *names, "tactic_segment cluster_size=8", "tactic_segment estimator=inverse_fit"}
     assert Path(f"{only}.md").read_text().startswith("| layer | P | method |")
+    load_accuracy().main(["--report", str(only)])  # the goals of an attention-only result
+    again = json.loads(Path(f"{only}.json").read_text())["goals"]
+    assert again["retrieval_tactic"] is None and 0 <= again["share_meeting_target"] <= 1
+    assert "(query head, step) meeting P" in Path(f"{only}.md").read_text()

@@ -20,6 +20,7 @@ from tactic_server.api import create_app
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
 from tactic_server.engine.tiny_model import make_tiny_model
+from tactic_server.engine.types import DEFAULT_MAX_TOKENS
 from tactic_server.tactic.config import TacticConfig
 
 openai = pytest.importorskip("openai")  # the dev extra installs it; the GPU machine lacks it
@@ -167,6 +168,21 @@ def test_text_completion_and_its_stream_give_the_same_text(client, engine):
     chunks = list(client.completions.create(stream=True, **options))
     assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_a_request_without_max_tokens_gets_the_route_default_within_the_context(http, engine):
+    """16 new tokens for a text completion (OpenAI's default), DEFAULT_MAX_TOKENS for a chat,
+    and never more than the context leaves."""
+    text = http.post("/v1/completions", json={"prompt": "Hello", "ignore_eos": True}).json()
+    assert text["usage"]["completion_tokens"] == 16
+    body = {"messages": [{"role": "user", "content": "Hello"}], "ignore_eos": True}
+    chat_reply = http.post("/v1/chat/completions", json=body).json()
+    assert chat_reply["usage"]["prompt_tokens"] + DEFAULT_MAX_TOKENS < MAX_MODEL_LEN
+    assert chat_reply["usage"]["completion_tokens"] == DEFAULT_MAX_TOKENS
+    body["messages"][0]["content"] = LONG_PROMPT[: len(LONG_PROMPT) * 3 // 4]
+    long_reply = http.post("/v1/chat/completions", json=body).json()["usage"]
+    assert long_reply["prompt_tokens"] > MAX_MODEL_LEN - DEFAULT_MAX_TOKENS
+    assert long_reply["completion_tokens"] == MAX_MODEL_LEN - long_reply["prompt_tokens"]
 
 
 def test_eight_concurrent_requests_are_batched_and_get_their_own_greedy_answer(url, client, engine):

@@ -1,15 +1,20 @@
 """`tactic-server serve` as a process, as the README starts it: serves the bundled default model,
-and on SIGTERM finishes the request in flight, then exits 0."""
+answers the README's own examples as the README says, and on SIGTERM finishes the request in
+flight, then exits 0."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
+import pytest
 
 from loadtests.inprocess import free_port, wait_for
 
@@ -37,3 +42,51 @@ def test_sigterm_drains_the_stream_in_flight_and_exits_zero(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def readme_block(language: str, containing: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    return next(block for block in blocks if containing in block)
+
+
+def test_the_readme_examples_find_the_pass_key(tmp_path):
+    """The first two requests a newcomer sends, copied from the README: the curl body and the
+    openai snippet, run as they stand against `tactic-server serve` on the bundled model."""
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tactic_server.cli", "serve", "--port", str(port)],
+            stderr=sink, env=os.environ | {"TACTIC_SERVER_CACHE": str(tmp_path)},
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/ready", process)
+        curl = readme_block("bash", "/v1/completions")
+        body = json.loads(re.search(r"-d '(.*?)'\n", curl, flags=re.S).group(1))
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["text"] == " 58213"
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert 0 < reply["usage"]["tactic"]["selected_ratio"] < 1
+
+        snippet = readme_block("python", "OpenAI(")
+        scope = {"OpenAI": openai.OpenAI, "print": lambda *values: None}
+        exec(snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace(
+            "from openai import OpenAI\n", ""), scope)  # fmt: skip
+        reply = scope["reply"]
+        assert reply.choices[0].text == " 58213"
+        assert reply.usage.prompt_tokens > 7000  # a long prompt, of which Tactic reads a part
+        assert reply.usage.tactic["selected_ratio"] < 0.6
+
+        # without max_tokens: OpenAI's 16 for text completions (ignore_eos: exactly that many)
+        short = {"prompt": "import numpy as np\n", "ignore_eos": True}
+        reply = httpx.post(f"{url}/v1/completions", json=short, timeout=60).json()
+        assert reply["usage"]["completion_tokens"] == 16
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert "loading " in log.read_text() and "tactic-code-13m" in log.read_text()

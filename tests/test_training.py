@@ -96,26 +96,33 @@ def test_prefetched_batches_are_the_batches_of_their_steps(tmp_path):
 
 
 def test_planned_steps_fill_the_minutes_and_survive_a_resume(tmp_path):
-    config = tiny(tmp_path / "run", steps=10_000, warmup=8, plan_minutes=0.05)
+    # a step counts as 0.125 s whatever the machine: warm-up times steps 2..8 (0.75 s), so the
+    # 3 s of the plan leave (3 - 1.0) / 0.125 = 16 steps after step 8, and this run's own 1.2 s
+    # stop it after step 10 (1.25 s)
+    config = tiny(tmp_path / "run", steps=10_000, warmup=8, plan_minutes=0.05,
+                  simulated_step_seconds=0.125)  # fmt: skip
     lines = []
     first = train(dataclasses.replace(config, max_minutes=0.02), log=lines.append)
-    planned = first["planned_steps"]
-    assert any(f"{planned} steps fill 0.05 min" in line for line in lines)
-    assert 8 < planned < 10_000 and first["steps"] == planned
-    assert first["step"] < planned  # this run's own budget stopped it first
+    assert first["planned_steps"] == first["steps"] == 24
+    assert any("0.125 s a step: 24 steps fill 0.05 min" in line for line in lines)
+    assert first["step"] == 10  # this run's own budget stopped it first
     resumed = train(config, resume=True, log=lambda line: None)
-    assert resumed["step"] == resumed["steps"] == planned
-    assert len(resumed["losses"]) == planned
+    assert resumed["step"] == resumed["steps"] == 24
+    assert len(resumed["losses"]) == 24
 
 
 def test_the_gpu_training_runner_rehearsed_on_the_cpu(tmp_path):
     """benchmarks/run_gpu_training.sh, its three stages at a tiny shape: the model comes back
-    as tar parts that unpack into a servable checkpoint, and the accuracy report is complete."""
+    as tar parts that unpack into a servable checkpoint, and the accuracy report is complete.
+    A step counts as 0.25 s (so the verdict does not hang on this machine's speed): the plan of
+    4.8 s leaves 11 steps after the 8 of warm-up (2 s), 19 in all; the first call's 2.4 s stop
+    it at step 10, the first resume does the other 9 and the second finds nothing left."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, SKIP_GPU_ENV="1", PYTHON=sys.executable, RUN=str(tmp_path / "run"),
                OUT=str(tmp_path / "out"), PLAN="0.08", MINUTES="0.04",
                TRAIN_ARGS="--seq-len 256 --batch 2 --layers 2 --hidden 64 --heads 2 --kv-heads 1 "
                           "--head-dim 32 --intermediate 128 --vocab-size 500 --warmup 8 "
+                          "--simulated-step-seconds 0.25 "
                           f"--roots {root / 'tactic_server'} {root / 'tests'} "
                           "--max-position-embeddings 2048",
                ACCURACY_ARGS="--lengths 512 --trials 1 --attention-prompts 1 --device cpu "
@@ -128,12 +135,12 @@ def test_the_gpu_training_runner_rehearsed_on_the_cpu(tmp_path):
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         logs.setdefault(stage, []).append(done.stdout)
-    assert "paused at step" in logs["train"][0]
-    assert "done: all" in logs["resume"][-1]
+    assert "paused at step 10 of 19" in logs["train"][0]
+    assert "done: all 19 steps" in logs["resume"][0] and "done: all 19 steps" in logs["resume"][1]
     parts = sorted((tmp_path / "out").glob("model.tar.part-*"))
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as archive:
         archive.extractall(tmp_path / "home", filter="data")
     card = json.loads((tmp_path / "home" / "model" / "training.json").read_text())
-    assert card["training"]["steps"] == card["training"]["planned_steps"] > 8
+    assert card["training"]["steps"] == card["training"]["planned_steps"] == 19
     report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     assert report["complete"] and {r["context"] for r in report["retrieval"]} == {512}

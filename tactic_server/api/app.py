@@ -17,6 +17,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from tactic_server.engine.types import DEFAULT_MAX_TOKENS
+
 from .auth import require_api_key
 from .completions import ChatFormat, EngineCall, TextFormat, complete, generation_request, stream
 from .errors import RETRY_AFTER_SECONDS, APIError, install_error_handlers
@@ -70,10 +72,12 @@ def create_app(
     on_load_failure: Callable[[BaseException], None] | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> FastAPI:
     """Serve `engine`, or the engine `load_engine()` returns (the app then owns it and shuts it
     down, finishing requests in flight, when the server stops). If loading fails, /health
-    answers 503 and `on_load_failure` is called (the CLI stops the server)."""
+    answers 503 and `on_load_failure` is called (the CLI stops the server). A chat request
+    without max_tokens generates at most `default_max_tokens`."""
     if (engine is None) == (load_engine is None):
         raise ValueError("pass either an engine or load_engine")
     started = int(time.time())
@@ -166,8 +170,9 @@ def create_app(
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         prompt_ids = await asyncio.to_thread(prompt_token_ids)
         generation = generation_request(
-            body, request_id, prompt_ids, engine.max_model_len, engine.config.default_tactic_target
-        )
+            body, request_id, prompt_ids, engine.max_model_len,
+            engine.config.default_tactic_target, default_max_tokens,
+        )  # fmt: skip
         logger.debug(
             "%s: %d prompt tokens, %s, %s",
             request_id,

@@ -52,9 +52,15 @@ def generation_request(
     prompt_token_ids: list[int],
     max_model_len: int,
     default_target: float,
+    default_max_tokens: int,
 ) -> GenerationRequest:
-    """Without max_tokens a request may fill the rest of the context, as with OpenAI."""
-    max_tokens = body.token_limit or max(1, max_model_len - len(prompt_token_ids))
+    """A request without max_tokens gets its route's default (16 for text completions, as
+    OpenAI documents it), else the server's, and never more than the context leaves; a request
+    that asks for more than fits is refused by the engine (413)."""
+    max_tokens = body.token_limit
+    if max_tokens is None:
+        default = body.route_max_tokens or default_max_tokens
+        max_tokens = max(1, min(default, max_model_len - len(prompt_token_ids)))
     sampling = SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,

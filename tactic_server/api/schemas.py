@@ -3,7 +3,7 @@ and the responses and stream chunks the server sends back."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -94,6 +94,8 @@ class GenerationFields(BaseModel):
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
         return self
 
+    route_max_tokens: ClassVar[int | None] = None  # the route's own default of max_tokens
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -125,6 +127,10 @@ class ChatCompletionRequest(GenerationFields):
 
 class CompletionRequest(GenerationFields):
     prompt: str = Field(min_length=1)
+
+    # OpenAI's documented default for text completions, which vLLM keeps too; a chat request
+    # without max_tokens gets the server's --default-max-tokens
+    route_max_tokens: ClassVar[int | None] = 16
 
 
 class TacticUsageReport(BaseModel):

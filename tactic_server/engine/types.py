@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# new tokens of a request that gives no limit (the API's chat route, --default-max-tokens):
+# OpenAI's "the rest of the context" would keep a CPU busy for minutes at 32k
+DEFAULT_MAX_TOKENS = 256
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -13,7 +17,7 @@ class SamplingParams:
     reproducible per request; generation stops at max_tokens, at EOS (unless ignore_eos), or
     when the text ends with one of `stop` (the stop string is not returned)."""
 
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

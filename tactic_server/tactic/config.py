@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# The synthetic workloads (tactic.workloads) and the target masses that the evaluation runs by
+# default: kept here, beside the configuration, so that the CLI lists them without importing torch.
+WORKLOAD_KINDS = ("topics", "needles", "needles_isotropic", "recency_sink", "flat")
+TARGETS = (0.5, 0.75, 0.9, 0.95, 0.99)
+
 Estimator = Literal["lognormal", "inverse_fit"]
 TailPolicy = Literal["score", "attend"]
 

@@ -13,7 +13,7 @@ import torch
 
 from .baselines import plan_oracle, plan_quest, plan_topk
 from .clustering import build_cluster_index
-from .config import WHOLE_CONTEXT, TacticConfig
+from .config import TARGETS, WHOLE_CONTEXT, TacticConfig
 from .plan import SelectionPlan
 from .quality import output_error, overshoot, recall
 from .selection import plan_tactic
@@ -22,7 +22,6 @@ from .workloads import WORKLOAD_KINDS, Workload, generate_workload
 RECALL_TOLERANCE = 0.01
 """A query head meets the target P when its recall is at least P - RECALL_TOLERANCE."""
 
-TARGETS = (0.5, 0.75, 0.9, 0.95, 0.99)
 METHODS = ("tactic_segment", "tactic_whole", "tactic_inverse_fit", "oracle", "quest", "topk")
 
 

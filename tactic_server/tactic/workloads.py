@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-WORKLOAD_KINDS = ("topics", "needles", "needles_isotropic", "recency_sink", "flat")
+from .config import WORKLOAD_KINDS
+
 ROPE_BASE = 10000.0
 
 

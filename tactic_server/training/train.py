@@ -44,6 +44,10 @@ class TrainConfig:
     # the step time measured during warm-up, whose learning rates do not depend on the total;
     # `steps` then caps the plan
     plan_minutes: float | None = None
+    # when given, every step counts as this many seconds for the budget and the plan instead of
+    # the wall clock's reading: a rehearsal (or a test) then plans and stops at the same steps on
+    # any machine, however loaded
+    simulated_step_seconds: float | None = None
     seq_len: int = 16384
     batch: int = 4
     lr: float = 1.5e-3
@@ -145,6 +149,21 @@ class Prefetched:
         self.pool.shutdown(wait=True)
 
 
+class StepClock:
+    """The seconds that the time budget and the step plan count: the wall clock's, or
+    `per_step` seconds for every finished step (TrainConfig.simulated_step_seconds)."""
+
+    def __init__(self, per_step: float | None = None) -> None:
+        self.per_step, self.simulated = per_step, 0.0
+
+    def now(self) -> float:
+        return time.monotonic() if self.per_step is None else self.simulated
+
+    def step_done(self) -> None:
+        if self.per_step is not None:
+            self.simulated += self.per_step
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
@@ -203,12 +222,14 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     log(f"[train] {parameters / 1e6:.1f}M parameters, {config.batch} x {config.seq_len} tokens "
         f"a step, steps {state['step']}..{config.steps} on {config.device}")  # fmt: skip
-    began, autocast = time.monotonic(), config.device == "cuda"
+    clock, autocast = StepClock(config.simulated_step_seconds), config.device == "cuda"
+    began = clock.now()
     try:
-        config = run_steps(config, model, optimizer, batches, state, checkpoint, autocast, log)
+        config = run_steps(config, model, optimizer, batches, state, checkpoint, autocast, clock,
+                           log)  # fmt: skip
     finally:
         batches.close()
-    state["minutes"] += (time.monotonic() - began) / 60
+    state["minutes"] += (clock.now() - began) / 60
     state["steps"] = config.steps
     save_checkpoint(checkpoint, model, optimizer, state, 0.0)
     export(config, model, tokenizer, sources, state, parameters)
@@ -216,18 +237,18 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
 
 
 def run_steps(config: TrainConfig, model, optimizer, batches, state: dict, checkpoint: Path,
-              autocast: bool, log) -> TrainConfig:  # fmt: skip
+              autocast: bool, clock: StepClock, log) -> TrainConfig:  # fmt: skip
     """Steps until config.steps or the time budget (a checkpoint then, and every
     checkpoint_every steps). Returns the config with the planned steps (plan_minutes)."""
-    began, first_tokens = time.monotonic(), state["tokens_seen"]
+    began, first_tokens = clock.now(), state["tokens_seen"]
     timed_from, plan_at = None, min(config.warmup, 40)
     while state["step"] < config.steps:
         if config.plan_minutes is not None and "planned_steps" not in state:
             if state["step"] == plan_at // 4:  # after the first steps' one-off costs
-                timed_from = (time.monotonic(), state["step"])
+                timed_from = (clock.now(), state["step"])
             elif state["step"] == plan_at and timed_from is not None:
-                seconds = (time.monotonic() - timed_from[0]) / (state["step"] - timed_from[1])
-                spent = state["minutes"] * 60 + time.monotonic() - began
+                seconds = (clock.now() - timed_from[0]) / (state["step"] - timed_from[1])
+                spent = state["minutes"] * 60 + clock.now() - began
                 left = max(0, int((config.plan_minutes * 60 - spent) / seconds))
                 state["planned_steps"] = min(config.steps, state["step"] + left)
                 config = dataclasses.replace(config, steps=state["planned_steps"])
@@ -244,7 +265,8 @@ def run_steps(config: TrainConfig, model, optimizer, batches, state: dict, check
         state["step"] += 1
         state["tokens_seen"] += tokens[:, :-1].numel()
         state["losses"].append(round(loss.item(), 4))
-        elapsed = (time.monotonic() - began) / 60
+        clock.step_done()
+        elapsed = (clock.now() - began) / 60
         if state["step"] % config.log_every == 0 or state["step"] == config.steps:
             recent = state["losses"][-config.log_every :]
             rate = (state["tokens_seen"] - first_tokens) / (elapsed * 60 + 1e-9)
@@ -333,7 +355,7 @@ def main(argv=None) -> int:
         if item.name in ("out", "roots"):
             continue
         value = getattr(defaults, item.name)
-        kind = float if item.name in ("max_minutes", "plan_minutes") else type(value)
+        kind = float if value is None else type(value)  # the optional fields are floats
         parser.add_argument(f"--{item.name.replace('_', '-')}", type=kind, default=value)
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
