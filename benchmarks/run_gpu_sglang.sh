@@ -7,13 +7,13 @@
 # them home to benchmarks/results/). Steps, with their limits:
 #   serve       300 s  (a) serve --engine sglang answers the openai client; SIGTERM exits 0
 #   equality    240 s  (b) greedy equality at P = 0.999 with the triton backend, float32
-#   throughput  540 s  (c) triton vs tactic (graphs) vs tactic-eager, Llama-3.1-8B dummy,
-#                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default all three),
+#   throughput  540 s  (c) flashinfer and triton vs tactic (graphs) vs tactic-eager, Llama-3.1-8B
+#                      dummy, $CONTEXTS (default 32768 65536 131072), $BACKENDS (default all),
 #                      $TOKENS new tokens a round (default 64), batches 1 and 8
 #   trained     540 s  (c) the same on the trained model $MODEL (default the repo's bundled
 #                      one, else /tmp/run-code/model), where attention is really sparse:
-#                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default triton
-#                      tactic), 256 new tokens a round (64 understate batch 8: README), end
+#                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default flashinfer
+#                      triton tactic), 256 new tokens a round (64 understate batch 8: README), end
 #                      to end and steady (streamed); about 310 s, of which an engine may take
 #                      95 s to start on a machine that just unpacked SGLang
 #   profile     300 s  where a decode step's time goes: SGLang's torch profiler over 32 decode
@@ -45,14 +45,15 @@ for step in ${STEPS:-serve equality trained}; do
       # shellcheck disable=SC2086  # CONTEXTS is a list of words
       timeout 540 python3 benchmarks/sglang_gpu.py throughput \
         --contexts ${CONTEXTS:-32768 65536 131072} --batches 1 8 --repeats 2 \
-        --backends ${BACKENDS:-triton tactic tactic-eager} --tokens ${TOKENS:-64} \
+        --backends ${BACKENDS:-flashinfer triton tactic tactic-eager} --tokens ${TOKENS:-64} \
         --out "$out/sglang_throughput.json" >"$out/throughput.log" 2>&1 ;;
     trained)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
       # shellcheck disable=SC2086
       timeout 540 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
-        --contexts ${CONTEXTS:-32768 65536 131072} --backends ${BACKENDS:-triton tactic} \
-        --batches 1 8 --repeats 3 --tokens 256 \
+        --contexts ${CONTEXTS:-32768 65536 131072} \
+        --backends ${BACKENDS:-flashinfer triton tactic} --batches 1 8 --repeats ${REPEATS:-3} \
+        --tokens 256 \
         --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
     profile)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi

@@ -1,7 +1,8 @@
 """benchmarks/sglang_report.py: medians leave out rounds that came out negative, ratios and goals
-come only from rows of the same run and never from a superseded run, a run from before the Tactic
-graphs counts as eager, and the committed sglang_h200.json is what the script makes from the
-committed results."""
+come only from rows of the same run and never from a superseded run, Tactic's speed is judged
+against the fastest dense backend of its line (and not in runs that measured triton alone), a run
+from before the Tactic graphs counts as eager, and the committed sglang_h200.json is what the
+script makes from the committed results."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def row(backend, mode, context, batch, rounds, selected=None, steady=None):
 
 def write_results(folder: Path) -> None:
     trained = {"model": "tiny (trained, 2 layers)", "decode_tokens": 256, "command": "c1", "rows": [
+        row("flashinfer", "dense", 131072, 1, [150.0]),
+        row("flashinfer", "dense", 131072, 8, [500.0], steady=[400.0]),
         row("triton", "dense", 131072, 1, [-500.0, 100.0, 110.0]),
         row("tactic", "dense", 131072, 1, [98.0, 99.0]),
         row("tactic", "tactic_0.9", 131072, 1, [300.0, 320.0], selected=0.25),
@@ -68,18 +71,24 @@ def test_rows_ratios_and_goals(tmp_path):
     assert b1["triton"] == 105.0 and b1["invalid_rounds"] == {"triton": 1}  # median of 100, 110
     assert b1["graphs / triton"] == 310.0 / 105.0
     assert b8["graphs / triton"] == 620.0 / 410.0
+    # against the fastest dense backend of the line: flashinfer end to end, triton steady at b8
+    assert (b1["fastest dense"], b1["graphs / fastest dense"]) == ("flashinfer", 310.0 / 150.0)
+    assert (b8["fastest dense"], b8["graphs / fastest dense"]) == ("flashinfer", 620.0 / 500.0)
     assert b8["tactic P = 0.9, eager"] == 210.0 and b8["selected"] == 0.3
     assert abs(b8["overhead at P = 1"] - (1 - 310.0 / 410.0)) < 1e-12
     # steady cells: medians of the steady rounds, eager left out, ratios of their own
     assert "steady" not in b1
-    assert b8["steady"] == {"triton": 450.0, "tactic, dense requests": 440.0,
-                            "tactic P = 0.9, graphs": 950.0, "graphs / triton": 950.0 / 450.0,
+    assert b8["steady"] == {"flashinfer": 400.0, "triton": 450.0, "tactic, dense requests": 440.0,
+                            "tactic P = 0.9, graphs": 950.0, "fastest dense": "triton",
+                            "graphs / fastest dense": 950.0 / 450.0,
+                            "graphs / triton": 950.0 / 450.0,
                             "graphs / dense requests": 950.0 / 440.0,
                             "overhead at P = 1": 1 - 440.0 / 450.0}  # fmt: skip
 
     flat = runs["sglang_throughput_flat_dev.json"]["lines"]
     assert flat[0]["tactic P = 0.9, eager"] == 10.0  # before the graphs: not a graph row
     assert "tactic P = 0.9, graphs" not in flat[0]
+    assert "fastest dense" not in flat[0]  # triton alone: nobody's fastest choice
     assert flat[1]["skipped"] == "too big"
 
     old = runs["sglang_throughput_old_dev.json"]
@@ -87,8 +96,9 @@ def test_rows_ratios_and_goals(tmp_path):
 
     goals = summary["goals"]  # the superseded run's 0.1x and 75% overhead are not in them
     speedup = goals["speedup_at_128k_sparse"]
-    assert [m["value"] for m in speedup["measured"]] == [310.0 / 105.0, 620.0 / 410.0]
-    assert speedup["verdict"] == "met in part"  # 2.95x at batch 1, 1.51x at batch 8
+    assert [(m["value"], m["against"]) for m in speedup["measured"]] == [
+        (310.0 / 150.0, "flashinfer"), (620.0 / 500.0, "flashinfer")]
+    assert speedup["verdict"] == "met in part"  # 2.07x at batch 1, 1.24x at batch 8
     overhead = goals["overhead_at_p1"]
     # the batch-1 line with a negative round is left out; 8B at P = 1 is 3% faster
     assert [(m["context"], m["batch"]) for m in overhead["measured"]] == [(65536, 1),
@@ -111,11 +121,13 @@ def test_main_writes_json_markdown_and_plot(tmp_path):
     assert report.main(["--device", "dev", "--results", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "sglang_dev.json").read_text())
     markdown = (tmp_path / "sglang_dev.md").read_text()
-    assert "| 131,072 | 1 | 105.0 (*) | 98.5 | 310.0 | - | 25.0% | 2.95x | 3.15x | 6.2% |" \
-        in markdown
+    assert ("| 131,072 | 1 | 150.0 | - | 105.0 (*) | 98.5 | 310.0 | - | 25.0% | flashinfer "
+            "| 2.07x | 2.95x | 3.15x | 6.2% |") in markdown  # fmt: skip
     assert "**met in part**" in markdown and summary["device"] == "dev"
     assert "Superseded, not in the goals: before a fix" in markdown
-    assert "| 131,072 | 8 | 450.0 | 440.0 | 950.0 | 2.11x | 2.2% |" in markdown
+    assert "| 131,072 | 8 | 400.0 | - | 450.0 | 440.0 | 950.0 | triton | 2.11x | 2.11x | 2.2% |" \
+        in markdown
+    assert "(2.07 vs flashinfer, 1.24 vs flashinfer)" in markdown
     plot = tmp_path / "sglang_dev_throughput.png"
     assert not plot.exists() or plot.read_bytes()[:4] == b"\x89PNG"
 
