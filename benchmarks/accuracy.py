@@ -222,7 +222,8 @@ def plots(result: dict, prefix: str) -> None:
     left.set_ylim(-0.03, 1.03)
     left.set_xlabel("selected ratio (budget)")
     left.set_ylabel("retrieval accuracy (contexts pooled)")
-    left.legend(fontsize=7, ncol=2)
+    if left.lines:  # none after --attention-only
+        left.legend(fontsize=7, ncol=2)
     for method in ("tactic_segment", "tactic_whole", "quest", "topk", "oracle"):
         by_target = {}  # target -> the layers' records: one point per target, layers averaged
         for r in result["attention"]:

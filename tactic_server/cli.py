@@ -118,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     def load_engine():
         if args.engine == "sglang":
-            from .sglang_engine import SGLangEngine
+            from .sglang_plugin.engine import SGLangEngine
 
             return SGLangEngine(config, tp_size=args.tp)
         return Engine.from_config(config, progress=progress)

@@ -97,6 +97,16 @@ def test_targets_change_the_selected_ratio(engine):
     assert 0 < ratios[0] < ratios[1] <= 1
 
 
+def test_a_target_of_one_is_dense_attention(engine):
+    """The rule both engines share (tactic.config.selects): a target of 1 attends to every
+    token, as a request with Tactic off does; no selection runs, so no Tactic usage."""
+    prompt = prompt_ids(150, seed=7)
+    dense = run(engine, GenerationRequest("d", prompt, GREEDY, DENSE))
+    one = run(engine, GenerationRequest("o", prompt, GREEDY, TacticParams(True, 1.0)))
+    assert one[0] == dense[0]
+    assert one[2].tactic is None and dense[2].tactic is None
+
+
 def test_chunked_prefill_and_batching_change_nothing(llama_dir, engine):
     prompts = [prompt_ids(n, seed=n) for n in (5, 40, 130, 77)]
     alone = [run(engine, GenerationRequest(f"a{i}", p, GREEDY, DENSE))[0]

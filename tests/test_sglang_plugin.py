@@ -363,7 +363,7 @@ def test_statistics_travel_through_sglangs_per_token_path_as_numpy_rows(monkeypa
     )
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    from tactic_server.sglang_engine import tactic_usage
+    from tactic_server.sglang_plugin.engine import tactic_usage
 
     monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
     stats = decode_on_rank()

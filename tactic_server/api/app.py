@@ -33,7 +33,7 @@ from .schemas import (
 )
 
 if TYPE_CHECKING:
-    from tactic_server.engine.engine import Engine
+    from tactic_server.engine.types import InferenceEngine
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def refuse_before_tokenizing(
 
 
 def create_app(
-    engine: Engine | None = None,
+    engine: InferenceEngine | None = None,
     *,
-    load_engine: Callable[[], Engine] | None = None,
+    load_engine: Callable[[], InferenceEngine] | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -107,12 +107,12 @@ def create_app(
             return
         attach(loading.result())
 
-    def attach(loaded: Engine) -> None:
+    def attach(loaded: InferenceEngine) -> None:
         loaded.observer = metrics
         app.state.engine = loaded
         logger.info("serving %s (context %d tokens)", loaded.model_name, loaded.max_model_len)
 
-    def ready_engine(model: str | None = None) -> Engine:
+    def ready_engine(model: str | None = None) -> InferenceEngine:
         engine = app.state.engine
         if engine is None:
             raise APIError(
@@ -171,7 +171,7 @@ def create_app(
         prompt_ids = await asyncio.to_thread(prompt_token_ids)
         generation = generation_request(
             body, request_id, prompt_ids, engine.max_model_len,
-            engine.config.default_tactic_target, default_max_tokens,
+            engine.default_target, default_max_tokens,
         )  # fmt: skip
         logger.debug(
             "%s: %d prompt tokens, %s, %s",
@@ -225,8 +225,8 @@ def create_app(
     async def prometheus_metrics() -> Response:
         body = metrics.exposition()
         engine = app.state.engine
-        if engine is not None and hasattr(engine, "metrics_exposition"):
-            body += engine.metrics_exposition()  # SGLang's own families, beside ours
+        if engine is not None:
+            body += engine.metrics()  # the engine's own families (SGLang's), beside ours
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

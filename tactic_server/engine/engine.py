@@ -25,7 +25,7 @@ from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .tiny_model import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .tokenizer import TextStream, Tokenizer
 from .types import (
     EngineObserver,
     EngineStats,
@@ -43,15 +43,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class _Stream:
-    """Where a request's outputs go, and the text it has produced and sent so far."""
+    """Where a request's outputs go, its text, and the tokens sent so far."""
 
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
-    detokenizer: IncrementalDetokenizer
-    text: str = ""
-    sent_text: int = 0
+    text: TextStream
     sent_tokens: int = 0
-    stop_at: int | None = None
 
 
 class Engine:
@@ -155,7 +152,7 @@ class Engine:
                 f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len}"
             )
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
-                         IncrementalDetokenizer(self.tokenizer))  # fmt: skip
+                         TextStream(self.tokenizer, request.sampling.stop))  # fmt: skip
         sequence = Sequence(request, list(request.prompt_token_ids), self.pool.num_layers)
         if request.sampling.seed is not None:
             sequence.generator = torch.Generator().manual_seed(request.sampling.seed)
@@ -176,8 +173,20 @@ class Engine:
                 yield output
         finally:
             if not finished:
-                self._commands.put(("abort", request.request_id))
-                self._wake.set()
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """End a request (its stream gets "abort") and free its KV, at the next step."""
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    @property
+    def default_target(self) -> float:
+        return self.config.default_tactic_target
+
+    def metrics(self) -> bytes:
+        """None of its own: the front end's families say everything about this engine."""
+        return b""
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Finish the requests in flight (up to timeout seconds), then stop the engine thread."""
@@ -241,13 +250,8 @@ class Engine:
         sampling = sequence.request.sampling
         reason = None
         is_eos = token in self.tokenizer.eos_token_ids and not sampling.ignore_eos
-        if is_eos:
+        if is_eos or stream.text.add(token):
             reason = "stop"
-        else:
-            stream.text += stream.detokenizer.add(token)
-            hits = [stream.text.find(stop) for stop in sampling.stop if stop in stream.text]
-            if hits:
-                stream.stop_at, reason = min(hits), "stop"
         if reason is None and (sequence.completion_tokens >= sampling.max_tokens
                                or len(sequence.token_ids) >= self.max_model_len):  # fmt: skip
             reason = "length"
@@ -257,13 +261,6 @@ class Engine:
             self._finish(sequence, reason)
 
     def _send(self, sequence: Sequence, stream: _Stream, reason: str | None, error=None) -> None:
-        if reason is None:
-            # hold back text that may be the start of a stop string
-            holdback = max((len(s) for s in sequence.request.sampling.stop), default=1) - 1
-            end = max(stream.sent_text, len(stream.text) - holdback)
-        else:
-            end = stream.stop_at if stream.stop_at is not None else len(stream.text)
-            end = max(end, stream.sent_text)
         tally = sequence.tally
         usage = None
         if sequence.request.tactic.enabled and tally.steps:
@@ -273,14 +270,14 @@ class Engine:
         output = GenerationOutput(
             request_id=sequence.request_id,
             token_ids=tuple(sequence.token_ids[sequence.prompt_len + stream.sent_tokens :]),
-            text=stream.text[stream.sent_text : end],
+            text=stream.text.take(finished=reason is not None),
             finish_reason=reason,
             prompt_tokens=sequence.prompt_len,
             completion_tokens=sequence.completion_tokens,
             tactic=usage,
             error=error,
         )
-        stream.sent_tokens, stream.sent_text = sequence.completion_tokens, end
+        stream.sent_tokens = sequence.completion_tokens
         stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, output)
 
     def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:

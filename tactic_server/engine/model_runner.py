@@ -48,7 +48,7 @@ class ModelRunner:
         if self.pool.segment_pools:  # the kernels decode: Tactic by select_rows, dense in full
             decodes = [part for part in slices if part.is_decode]
             tactic = [part for part in decodes if part.sequence.request.tactic.kernels]
-            dense = [part for part in decodes if not part.sequence.request.tactic.enabled]
+            dense = [part for part in decodes if not part.sequence.request.tactic.selects]
             context.tactic_decodes = self._tactic_decodes(tactic) if tactic else None
             context.dense_decodes = self._dense_decodes(dense) if dense else None
         for part in context.torch_slices:  # the kernels read req_to_token instead

@@ -198,3 +198,38 @@ class IncrementalDetokenizer:
             return ""
         self._prefix_start, self._read_start = self._read_start, len(self.token_ids)
         return window[len(emitted) :]
+
+
+class TextStream:
+    """A request's text as its tokens arrive, the one place both engines stream it through:
+    decoded incrementally, ended at the first stop string, and sent with a hold-back, since text
+    that may be the start of a stop string must not reach the client before it is known not to
+    be one."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.sent = 0  # characters of text already taken
+        self.stop_at: int | None = None  # where the first stop string starts, once one appears
+
+    def add(self, token_id: int) -> bool:
+        """Decode one token (EOS stays out: the caller knows its own); True once the text holds
+        a stop string."""
+        self.text += self.detokenizer.add(token_id)
+        hits = [self.text.find(s) for s in self.stop if s in self.text]
+        if hits:
+            self.stop_at = min(hits)
+        return self.stop_at is not None
+
+    def take(self, finished: bool) -> str:
+        """The text not taken yet: while generating, all but the hold-back; once finished, all
+        of it up to the stop string."""
+        if finished:
+            end = len(self.text) if self.stop_at is None else self.stop_at
+        else:
+            end = len(self.text) - self.holdback
+        end = max(end, self.sent)
+        piece, self.sent = self.text[self.sent : end], end
+        return piece

@@ -3,8 +3,14 @@ requests, streamed outputs, statistics, errors, and the observer the engine repo
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from tactic_server.tactic.config import selects
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 # new tokens of a request that gives no limit (the API's chat route, --default-max-tokens):
 # OpenAI's "the rest of the context" would keep a CPU busy for minutes at 32k
@@ -51,9 +57,15 @@ class TacticParams:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
 
     @property
+    def selects(self) -> bool:
+        """The one rule of both engines: a request selects unless its attention is dense, i.e.
+        Tactic is off or its target is 1 (every token); a baseline always selects."""
+        return self.enabled and (selects(self.target) or self.method != "tactic")
+
+    @property
     def kernels(self) -> bool:
         """Whether the selection kernels can run it (Tactic itself; baselines run in torch)."""
-        return self.enabled and self.method == "tactic"
+        return self.selects and self.method == "tactic"
 
 
 @dataclass(frozen=True)
@@ -117,3 +129,27 @@ class EngineObserver(Protocol):
     def on_clustering(self, seconds: float) -> None: ...
 
     def on_decode_step(self, seconds: float, batch_size: int) -> None: ...
+
+
+class InferenceEngine(Protocol):
+    """What the HTTP front end needs of an engine; the embedded Engine and SGLangEngine both
+    provide it. generate streams one request (closing the stream aborts it); abort ends one by
+    id; metrics is the engine's own Prometheus text beside the front end's (b"" for none)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+    observer: EngineObserver | None
+
+    @property
+    def default_target(self) -> float: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def metrics(self) -> bytes: ...
+
+    async def shutdown(self, timeout: float = 30.0) -> None: ...

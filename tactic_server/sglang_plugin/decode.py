@@ -12,7 +12,7 @@ import torch
 
 from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
 from tactic_server.kernels.selection import select_rows
-from tactic_server.tactic.config import TacticConfig
+from tactic_server.tactic.config import TacticConfig, selects
 
 from .clusters import ClusterSide
 
@@ -79,10 +79,10 @@ class TacticDecoder:
         targets_cpu: list[float],
     ) -> DecodePlan | None:
         """None when no row selects (every target >= 1): the caller's dense path runs."""
-        chosen = [i for i, target in enumerate(targets_cpu) if target < 1.0]
+        chosen = [i for i, target in enumerate(targets_cpu) if selects(target)]
         if not chosen:
             return None
-        others = [i for i, target in enumerate(targets_cpu) if target >= 1.0]
+        others = [i for i, target in enumerate(targets_cpu) if not selects(target)]
         tactic = self._rows(TacticRows, chosen, req_to_token, request_slots, seq_lens, seq_lens_cpu)
         self._selection_inputs(tactic, req_to_token)
         dense = None
@@ -166,7 +166,7 @@ class TacticDecoder:
         ratio = attended / tactic.seq_lens.float()
         step = torch.stack([ratio, mass, attended, torch.ones_like(ratio)], dim=1)
         # only rows that select (a graph's batch also holds dense rows and padding)
-        step = step * ((tactic.seq_lens > 1) & (tactic.targets < 1.0))[:, None]
+        step = step * ((tactic.seq_lens > 1) & selects(tactic.targets))[:, None]
         if self.combine_ranks is not None:
             step = self.combine_ranks(step)
         self.side.stats.index_add_(0, tactic.request_slots, step)

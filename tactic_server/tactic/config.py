@@ -10,6 +10,14 @@ from typing import Literal
 WORKLOAD_KINDS = ("topics", "needles", "needles_isotropic", "recency_sink", "flat")
 TARGETS = (0.5, 0.75, 0.9, 0.95, 0.99)
 
+
+
+def selects(target_mass: float) -> bool:
+    """The one rule both engines decide dense attention by: a target mass below 1 selects;
+    1 (all of the mass) attends to every token."""
+    return target_mass < 1.0
+
+
 Estimator = Literal["lognormal", "inverse_fit"]
 TailPolicy = Literal["score", "attend"]
 

@@ -163,7 +163,7 @@ class Attention(nn.Module):
             new = slice(part.row, part.row + part.end - part.start)
             keys, values = k_cache[part.slots], v_cache[part.slots]
             tactic = part.sequence.request.tactic
-            if part.is_decode and tactic.enabled:
+            if part.is_decode and tactic.selects:
                 out[new] = self._tactic(q[new][0], keys, values, part, context).to(q.dtype)
             else:
                 out[new] = self._causal(q[new], keys, values, part.start)

@@ -1,5 +1,6 @@
-"""`serve --engine sglang`: sglang.Engine in this process behind the same interface as the embedded
-engine (generate / stats / shutdown), so the front end's routes, errors and metrics are the same.
+"""`serve --engine sglang`: sglang.Engine in this process behind the engine contract the embedded
+engine keeps too (engine.types.InferenceEngine), so the front end's routes, errors and metrics are
+the same.
 
 Tokenisation, chat templates, stop strings and detokenisation stay ours (SGLang runs with
 skip_tokenizer_init and gets token ids); Tactic's per-request target travels in custom_params and
@@ -14,10 +15,10 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 
-from .engine.config import EngineConfig
-from .engine.model_config import ModelConfig
-from .engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from .engine.types import (
+from tactic_server.engine.config import EngineConfig
+from tactic_server.engine.model_config import ModelConfig
+from tactic_server.engine.tokenizer import TextStream, Tokenizer
+from tactic_server.engine.types import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
@@ -53,7 +54,7 @@ class SGLangEngine:
     ):
         import sglang
 
-        from .sglang_plugin.settings import Settings
+        from .settings import Settings
 
         if config.model_dir is None:
             raise ValueError("--engine sglang needs --model (a Hugging Face checkpoint folder)")
@@ -98,8 +99,8 @@ class SGLangEngine:
         )  # fmt: skip
         if sampling.seed is not None:
             params["sampling_seed"] = sampling.seed
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        text, sent_text, seen, finished, usage = "", 0, 0, False, None
+        text = TextStream(self.tokenizer, sampling.stop)
+        seen, finished, usage = 0, False, None
         self._in_flight += 1
         self._keep_our_sigterm()
         try:
@@ -112,31 +113,33 @@ class SGLangEngine:
                 new, seen = ids[seen:], max(seen, len(ids))
                 for token in new:
                     if token not in self.tokenizer.eos_token_ids or sampling.ignore_eos:
-                        text += detokenizer.add(token)
+                        text.add(token)
                 meta = chunk.get("meta_info", {})
                 reason = (meta.get("finish_reason") or {}).get("type")
-                stop_at = min((text.find(s) for s in sampling.stop if s in text), default=-1)
-                if stop_at >= 0:
+                if text.stop_at is not None:
                     reason = "stop"
-                holdback = max((len(s) for s in sampling.stop), default=1) - 1
-                end = stop_at if stop_at >= 0 else (
-                    len(text) if reason else max(sent_text, len(text) - holdback))  # fmt: skip
                 finished = reason is not None
                 # streamed chunks carry only their own tokens' entries: keep the latest sums
                 usage = tactic_usage(meta) or usage
                 yield GenerationOutput(
                     request_id=request.request_id, token_ids=tuple(new),
-                    text=text[sent_text:end], finish_reason=_reason(reason),
+                    text=text.take(finished), finish_reason=_reason(reason),
                     prompt_tokens=prompt_len, completion_tokens=seen,
                     tactic=usage if request.tactic.enabled else None,
                 )  # fmt: skip
-                sent_text = max(sent_text, end)
                 if finished:
                     break
         finally:
             self._in_flight -= 1
             if not finished:
-                self.engine.tokenizer_manager.abort_request(request.request_id)
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.tokenizer_manager.abort_request(request_id)
+
+    @property
+    def default_target(self) -> float:
+        return self.config.default_tactic_target
 
     def _keep_our_sigterm(self) -> None:
         """SGLang's tokenizer manager, on its first request in the main thread's loop, takes
@@ -163,7 +166,7 @@ class SGLangEngine:
             kv_slots_total=int(gauges.get("sglang:max_total_num_tokens", 0)),
         )
 
-    def metrics_exposition(self) -> bytes:
+    def metrics(self) -> bytes:
         """SGLang's own metrics (written by its scheduler processes), for our /metrics."""
         return self._metrics.exposition()
 
