@@ -16,8 +16,7 @@ sglang = pytest.importorskip("sglang")
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 
-from tactic_server.sglang_plugin.clusters import ClusterSide  # noqa: E402
-from tactic_server.sglang_plugin.decode import TacticDecoder  # noqa: E402
+from tactic_server.decode import ClusterSide, TacticDecoder  # noqa: E402
 from tactic_server.sglang_plugin.settings import request_target  # noqa: E402
 from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic  # noqa: E402
 from tactic_server.tactic.attention import dense_attention, sparse_attention  # noqa: E402

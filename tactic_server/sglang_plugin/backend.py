@@ -15,8 +15,8 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 
-from .clusters import ClusterSide
-from .decode import TacticDecoder
+from tactic_server.decode import ClusterSide, TacticDecoder
+
 from .settings import Settings, request_target
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,9 @@ import time
 
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
+from tactic_server.decode import ClusterSide, metadata_bytes_per_token
+
 from . import BACKEND
-from .clusters import ClusterSide, metadata_bytes_per_token
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
