@@ -17,7 +17,7 @@ import logging
 import torch
 
 from tactic_server.kernels.cluster_pool import ClusterPool
-from tactic_server.tactic.clustering import build_cluster_index, spherical_kmeans
+from tactic_server.tactic.clustering import ClusterIndex, build_cluster_index, spherical_kmeans
 from tactic_server.tactic.config import TacticConfig
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class ClusterSide:
         self._free = list(range(num_segment_slots - 1, -1, -1))
         self.targets = torch.ones(max_requests, device=device)
         self.stats = torch.zeros(max_requests, STATS, device=device)
+        self.clustered = 0  # segments clustered (one per layer set), in all
         if self.device.type == "cuda":
             from tactic_server.kernels.kmeans import segment_kmeans
 
@@ -133,6 +134,59 @@ class ClusterSide:
         for segment_slot, last_slot in zip(segment_slots, chosen[:, -1].tolist(), strict=True):
             self._owner[segment_slot] = last_slot
         return len(new)
+
+    def cluster_requests(self, entries, req_to_token: torch.Tensor, k_buffers) -> list[int]:
+        """Per (request_slot, segments clustered so far, cached positions): cluster the full
+        segments of its cached positions that are new since (those another request already
+        clustered, a shared prefix, are found, not redone); returns the requests' clustered
+        segment counts, and how many segments were clustered here is `self.clustered`."""
+        size = self.segment_size
+        done = [min(clustered, cached // size) for _, clustered, cached in entries]
+        work = [(slot, first, cached // size)
+                for (slot, _, cached), first in zip(entries, done, strict=True)
+                if cached // size > first]  # fmt: skip
+        self.clustered += self.cluster(work, req_to_token, k_buffers) if work else 0
+        return [cached // size for _, _, cached in entries]
+
+    def cluster_index(self, layer: int, req_to_token: torch.Tensor, request_slot: int,
+                      seq_len: int) -> ClusterIndex | None:  # fmt: skip
+        """What select_rows reads for one request, as the ClusterIndex of the torch reference
+        (tactic.selection.plan_tactic): its leading clustered full segments among the cached
+        positions before seq_len - 1, members as positions from 0. Exact: members are stored
+        in position order within their cluster, as build_cluster_index orders them. For the
+        torch path (it reads the count back to the host)."""
+        slots = torch.tensor([request_slot], device=self.device)
+        cached = torch.tensor([seq_len - 1], device=self.device)
+        table, clustered = self.segment_table(req_to_token, slots, cached,
+                                              (seq_len - 1) // self.segment_size)  # fmt: skip
+        count = int(clustered[0])
+        if count == 0:
+            return None
+        pool, size = self.pools[layer], self.segment_size
+        chosen = table[0, :count].long()
+        clusters = pool.clusters_per_segment
+        first_position = (torch.arange(count, device=self.device) * size)[:, None, None]
+
+        def per_head(tensor: torch.Tensor) -> torch.Tensor:
+            """[segments, H_kv, X, ...] -> [H_kv, segments * X, ...]"""
+            return tensor.transpose(0, 1).reshape(tensor.shape[1], -1, *tensor.shape[3:])
+
+        offsets = pool.cluster_offsets[chosen].long()  # [segments, H_kv, C + 1], from 0
+        local_cluster = pool.token_cluster[chosen].long()  # [segments, H_kv, S]
+        order = torch.argsort(local_cluster * size + torch.arange(size, device=self.device),
+                              dim=-1)  # fmt: skip
+        heads = offsets.shape[1]
+        end = torch.full((heads, 1), count * size, dtype=torch.long, device=self.device)
+        return ClusterIndex(
+            seq_len=seq_len,
+            clustered_len=count * size,
+            centroids=per_head(pool.centroids[chosen]).float(),
+            spreads=per_head(pool.spreads[chosen]),
+            cluster_sizes=per_head(offsets[:, :, 1:] - offsets[:, :, :-1]),
+            cluster_offsets=torch.cat([per_head(offsets[:, :, :-1] + first_position), end], 1),
+            token_positions=per_head(order + first_position),
+            token_cluster=per_head(local_cluster + first_position // size * clusters),
+        )
 
     def _reclaim(self) -> None:
         """Segment slots whose last KV slot was freed since (the map no longer points back)."""

@@ -1,6 +1,7 @@
-"""One Tactic decode step over SGLang's pools: which rows select (target < 1) and which attend to
-everything, the per-step inputs of the kernels (built once, shared by all layers), each layer's
-attention, and the statistics summed on the device."""
+"""One Tactic decode step over a paged KV pool in SGLang's layout (req_to_token, per-layer K and V
+[num_slots, H_kv, d]), for either engine: which rows select (tactic.config.selects) and which
+attend to everything, the per-step inputs of the kernels (built once, shared by all layers), each
+layer's attention, and the statistics summed on the device."""
 
 from __future__ import annotations
 
@@ -77,18 +78,26 @@ class TacticDecoder:
         seq_lens: torch.Tensor,
         seq_lens_cpu: list[int],
         targets_cpu: list[float],
+        batch_rows: list[int] | None = None,
+        dense_too: bool = False,
     ) -> DecodePlan | None:
-        """None when no row selects (every target >= 1): the caller's dense path runs."""
+        """The decode of the given requests (request_slots, seq_lens [n] on the device, their
+        lengths and targets on the host), request i at row batch_rows[i] of the step's batch
+        (default i). None when no row selects, unless dense_too (an engine without a dense
+        decode of its own): the caller's dense path runs."""
         chosen = [i for i, target in enumerate(targets_cpu) if selects(target)]
-        if not chosen:
+        if not chosen and not dense_too:
             return None
         others = [i for i, target in enumerate(targets_cpu) if not selects(target)]
-        tactic = self._rows(TacticRows, chosen, req_to_token, request_slots, seq_lens, seq_lens_cpu)
-        self._selection_inputs(tactic, req_to_token)
+        batch_rows = list(range(len(targets_cpu))) if batch_rows is None else batch_rows
+        rows = (batch_rows, req_to_token, request_slots, seq_lens, seq_lens_cpu)
+        tactic = None
+        if chosen:
+            tactic = self._rows(TacticRows, chosen, *rows)
+            self._selection_inputs(tactic, req_to_token)
         dense = None
         if others:
-            dense = self._rows(DenseRows, others, req_to_token, request_slots, seq_lens,
-                               seq_lens_cpu)  # fmt: skip
+            dense = self._rows(DenseRows, others, *rows)
             dense.indptr, dense.indices = dense_rows(
                 dense.req_to_token, dense.compact, dense.seq_lens, self.num_kv_heads,
                 dense.max_seq_len,
@@ -121,20 +130,23 @@ class TacticDecoder:
             (tactic.max_seq_len - 1) // self.side.segment_size,
         )  # fmt: skip
 
-    def _rows(self, kind, chosen, req_to_token, request_slots, seq_lens, seq_lens_cpu):
+    def _rows(self, kind, chosen, batch_rows, req_to_token, request_slots, seq_lens,
+              seq_lens_cpu):  # fmt: skip
         device = seq_lens.device
-        rows = torch.tensor(chosen, dtype=torch.long, device=device)
-        slots = request_slots[rows].long()
+        entries = torch.tensor(chosen, dtype=torch.long, device=device)
+        rows = torch.tensor([batch_rows[i] for i in chosen], dtype=torch.long, device=device)
+        slots = request_slots[entries].long()
         max_len = max(seq_lens_cpu[i] for i in chosen)
         return kind(rows=rows, request_slots=slots, req_to_token=req_to_token[slots, :max_len],
-                    seq_lens=seq_lens[rows].int(), max_seq_len=max_len)  # fmt: skip
+                    seq_lens=seq_lens[entries].int(), max_seq_len=max_len)  # fmt: skip
 
     def attend(
         self, plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        layer: int,
+        layer: int, out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Attention output [batch, H_q, d] of one layer (q [batch, H_q, d])."""
-        out = torch.empty_like(q)
+        """Attention output [batch, H_q, d] of one layer (q [batch, H_q, d]) at the plan's rows,
+        written into `out` when given (its other rows are left as they are)."""
+        out = torch.empty_like(q) if out is None else out
         if (tactic := plan.tactic) is not None:
             queries = q[tactic.rows].to(k_cache.dtype).contiguous()
             pool = dataclasses.replace(self.side.pools[layer], req_to_segment=tactic.req_to_segment)
@@ -161,13 +173,23 @@ class TacticDecoder:
         layers = len(tactic.selections)
         indptr = torch.stack([indptr for indptr, _ in tactic.selections])
         lengths = (indptr[:, 1:] - indptr[:, :-1]).view(layers, tactic.rows.shape[0], -1)
-        attended = lengths.float().mean(dim=2).mean(dim=0)  # [n]
-        mass = torch.stack([m for _, m in tactic.selections]).mean(dim=2).mean(dim=0)
-        ratio = attended / tactic.seq_lens.float()
-        step = torch.stack([ratio, mass, attended, torch.ones_like(ratio)], dim=1)
+        mass = torch.stack([m for _, m in tactic.selections]).mean(dim=2)  # [L, n]
         # only rows that select (a graph's batch also holds dense rows and padding)
-        step = step * ((tactic.seq_lens > 1) & selects(tactic.targets))[:, None]
+        counted = (tactic.seq_lens > 1) & selects(tactic.targets)
+        self.add_statistics(tactic.request_slots, tactic.seq_lens, lengths.float().mean(dim=2),
+                            mass, counted)  # fmt: skip
+        tactic.selections.clear()
+
+    def add_statistics(self, request_slots: torch.Tensor, seq_lens: torch.Tensor,
+                       attended: torch.Tensor, mass: torch.Tensor,
+                       counted: torch.Tensor) -> None:  # fmt: skip
+        """One decode step of n requests: attended tokens and estimated mass [L, n] per layer
+        (means over KV heads), into the running sums of the rows in `counted` [n] (selected
+        ratio, estimated mass and attended tokens, each a mean over the layers; steps)."""
+        attended, mass = attended.mean(dim=0), mass.mean(dim=0)
+        ratio = attended / seq_lens.float()
+        step = torch.stack([ratio, mass, attended, torch.ones_like(ratio)], dim=1)
+        step = step * counted[:, None]
         if self.combine_ranks is not None:
             step = self.combine_ranks(step)
-        self.side.stats.index_add_(0, tactic.request_slots, step)
-        tactic.selections.clear()
+        self.side.stats.index_add_(0, request_slots, step)

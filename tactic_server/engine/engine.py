@@ -21,8 +21,7 @@ from .loader import load_state_dict
 from .model_config import ModelConfig, rope_inverse_frequencies
 from .model_runner import ModelRunner
 from .models.llama import LlamaForCausalLM
-from .sampler import sample
-from .scheduler import Scheduler
+from .scheduler import Scheduler, Step
 from .sequence import Sequence, Status
 from .tiny_model import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from .tokenizer import TextStream, Tokenizer
@@ -33,7 +32,6 @@ from .types import (
     GenerationRequest,
     PromptTooLong,
     QueueFull,
-    TacticUsage,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,20 +65,19 @@ class Engine:
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
-        segment_size = config.tactic.segment_size
-        clusters = -(-segment_size // config.tactic.cluster_size) if backend == "triton" else 0
         self.pool = KVPool(
             model_config.num_hidden_layers, kv_slots, model_config.num_key_value_heads,
-            model_config.head_dim, model.lm_head.weight.dtype, device, segment_size, clusters,
+            model_config.head_dim, model.lm_head.weight.dtype, device, config.tactic.segment_size,
         )  # fmt: skip
+        self.runner = ModelRunner(model, self.pool, config.tactic, device, backend,
+                                  config.max_batch, max_model_len)  # fmt: skip
         logger.info(
             "KV pool: %d slots, %.1f MiB of KV plus %.1f MiB of cluster metadata (%.1f%%)",
-            kv_slots, self.pool.kv_bytes / 2**20, self.pool.cluster_bytes / 2**20,
-            100 * self.pool.cluster_bytes / self.pool.kv_bytes,
+            kv_slots, self.pool.kv_bytes / 2**20, self.runner.side.nbytes / 2**20,
+            100 * self.runner.side.nbytes / self.pool.kv_bytes,
         )  # fmt: skip
         self.scheduler = Scheduler(self.pool, config.max_batch, config.max_waiting,
                                    config.prefill_chunk, max_model_len)  # fmt: skip
-        self.runner = ModelRunner(model, self.pool, config.tactic, device)
         self._streams: dict[str, _Stream] = {}
         self._sequences: dict[str, Sequence] = {}
         self._commands: queue.Queue = queue.Queue()
@@ -153,7 +150,7 @@ class Engine:
             )
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
                          TextStream(self.tokenizer, request.sampling.stop))  # fmt: skip
-        sequence = Sequence(request, list(request.prompt_token_ids), self.pool.num_layers)
+        sequence = Sequence(request, list(request.prompt_token_ids))
         if request.sampling.seed is not None:
             sequence.generator = torch.Generator().manual_seed(request.sampling.seed)
         with self._lock:
@@ -230,9 +227,10 @@ class Engine:
             if sequence is not None:
                 self._finish(sequence, "abort")
 
-    def _step(self, step) -> None:
+    def _step(self, step: Step) -> None:
+        """Run the scheduled step, then emit each sequence's new token."""
         started = time.perf_counter()
-        logits = self.runner.run(step)
+        tokens = self.runner.run(step)
         if step.decode and self.observer is not None:
             self.observer.on_decode_step(time.perf_counter() - started, len(step.decode))
         for sequence, _, end in step.prefill:
@@ -240,8 +238,7 @@ class Engine:
                 sequence.status = Status.DECODE
                 with self._lock:
                     self.runner.share_prompt_segments(sequence)
-        for sequence, row_logits in logits.items():
-            token = sample(row_logits, sequence.request.sampling, sequence.generator)
+        for sequence, token in tokens.items():
             sequence.token_ids.append(token)
             self._emit(sequence, token)
 
@@ -261,12 +258,6 @@ class Engine:
             self._finish(sequence, reason)
 
     def _send(self, sequence: Sequence, stream: _Stream, reason: str | None, error=None) -> None:
-        tally = sequence.tally
-        usage = None
-        if sequence.request.tactic.enabled and tally.steps:
-            steps = tally.steps
-            usage = TacticUsage(tally.selected_ratio / steps, tally.estimated_mass / steps,
-                                tally.attended_tokens / steps)  # fmt: skip
         output = GenerationOutput(
             request_id=sequence.request_id,
             token_ids=tuple(sequence.token_ids[sequence.prompt_len + stream.sent_tokens :]),
@@ -274,7 +265,7 @@ class Engine:
             finish_reason=reason,
             prompt_tokens=sequence.prompt_len,
             completion_tokens=sequence.completion_tokens,
-            tactic=usage,
+            tactic=sequence.usage,
             error=error,
         )
         stream.sent_tokens = sequence.completion_tokens

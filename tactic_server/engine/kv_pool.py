@@ -1,27 +1,25 @@
 """Paged KV cache in SGLang's layout (per layer K and V [num_slots, H_kv, d], one slot per token)
-and a prefix cache of full segments: a finished segment keeps its KV slots and its per-layer Tactic
-clusters, and a later request whose prompt starts with the same tokens reuses both."""
+and a prefix cache of full segments: a finished segment keeps its KV slots, and a later request
+whose prompt starts with the same tokens reuses them, and with them the segment's clusters (the
+cluster store, decode.ClusterSide, names a segment by its last KV slot and forgets it when
+`on_free` reports that slot freed)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from tactic_server.kernels.cluster_pool import ClusterPool
-
-from tactic_server.tactic.clustering import ClusterIndex
 
 
 @dataclass
 class CachedSegment:
-    """segment_size consecutive positions (aligned to 0) of some prompt: their KV slots and, per
-    layer, their clusters. Requests using it hold a reference; unreferenced ones are evictable."""
+    """segment_size consecutive positions (aligned to 0) of some prompt and their KV slots.
+    Requests using it hold a reference; unreferenced ones are evictable."""
 
     key: bytes
     slots: torch.Tensor  # [segment_size] int64
-    clusters: list[ClusterIndex]
-    pool_slot: int = -1  # its slot in the per-layer ClusterPools, when the kernels are used
     references: int = 0
     last_used: int = 0
 
@@ -45,10 +43,9 @@ class KVPool:
     dtype: torch.dtype
     device: torch.device
     segment_size: int
-    clusters_per_segment: int = 0  # > 0 keeps cluster metadata in ClusterPools for the kernels
+    on_free: Callable[[list[int]], None] | None = None  # told of every slot freed
     k: list[torch.Tensor] = field(init=False)
     v: list[torch.Tensor] = field(init=False)
-    segment_pools: list[ClusterPool] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         shape = (self.num_slots, self.num_kv_heads, self.head_dim)
@@ -59,35 +56,12 @@ class KVPool:
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)
         ]
         self._free: list[int] = list(range(self.num_slots - 1, -1, -1))
-        # every full segment holds segment_size KV slots, so this many segment slots suffice
-        num_segment_slots = self.num_slots // self.segment_size + 1
-        self._free_segments: list[int] = list(range(num_segment_slots - 1, -1, -1))
-        if self.clusters_per_segment:
-            self.segment_pools = [
-                ClusterPool.allocate(
-                    num_segment_slots,
-                    max_reqs=1,
-                    max_segments=1,
-                    num_kv_heads=self.num_kv_heads,
-                    head_dim=self.head_dim,
-                    segment_size=self.segment_size,
-                    clusters_per_segment=self.clusters_per_segment,
-                    dtype=self.dtype,
-                    device=self.device,
-                )  # fmt: skip
-                for _ in range(self.num_layers)
-            ]
         self._segments: dict[bytes, CachedSegment] = {}
         self._clock = 0
 
     @property
     def kv_bytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self.k)
-
-    @property
-    def cluster_bytes(self) -> int:
-        """Device bytes of the cluster metadata beside the KV (0 without the kernels)."""
-        return sum(pool.segment_bytes for pool in self.segment_pools)
 
     def evictable_slots(self) -> int:
         return sum(self.segment_size for s in self._segments.values() if s.references == 0)
@@ -108,8 +82,7 @@ class KVPool:
             for segment in sorted(self._segments.values(), key=lambda s: s.last_used):
                 if segment.references == 0:
                     del self._segments[segment.key]
-                    self._free.extend(segment.slots.tolist())
-                    self.release_segments([segment.pool_slot])
+                    self.release(segment.slots.tolist())
                     if len(self._free) >= count:
                         break
         taken = self._free[-count:] if count else []
@@ -118,20 +91,8 @@ class KVPool:
 
     def release(self, slots: list[int]) -> None:
         self._free.extend(slots)
-
-    def store_segment(self, indexes: list[ClusterIndex], slots: torch.Tensor) -> int:
-        """Write one segment's per-layer clusters (member positions mapped to its KV `slots`)
-        into the ClusterPools; returns its segment slot (-1 when the kernels are not used)."""
-        if not self.segment_pools:
-            return -1
-        segment_slot = self._free_segments.pop()
-        where = torch.tensor([segment_slot])
-        for pool, index in zip(self.segment_pools, indexes, strict=True):
-            pool.write_segments(index, slots, where)
-        return segment_slot
-
-    def release_segments(self, segment_slots: list[int]) -> None:
-        self._free_segments.extend(slot for slot in segment_slots if slot >= 0)
+        if self.on_free is not None and slots:
+            self.on_free(slots)
 
     def match_prefix(self, token_ids, limit: int) -> list[CachedSegment]:
         """Cached segments that start token_ids, at most `limit` of them; each gains a reference."""
@@ -144,17 +105,14 @@ class KVPool:
         self._touch(found, +1)
         return found
 
-    def register(
-        self, key: bytes, slots: list[int], clusters: list[ClusterIndex], pool_slot: int = -1
-    ) -> CachedSegment:
+    def register(self, key: bytes, slots: list[int]) -> CachedSegment:
         """Hand a request's full segment to the cache (the request keeps one reference). If an
         equal segment is cached already, the request's slots are freed and that one is used."""
         segment = self._segments.get(key)
         if segment is not None:
             self.release(slots)
-            self.release_segments([pool_slot])
         else:
-            segment = CachedSegment(key, torch.tensor(slots, dtype=torch.long), clusters, pool_slot)
+            segment = CachedSegment(key, torch.tensor(slots, dtype=torch.long))
             self._segments[key] = segment
         self._touch([segment], +1)
         return segment

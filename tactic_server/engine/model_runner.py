@@ -1,40 +1,56 @@
-"""Runs one scheduled step through the model: lays the step's tokens out as one batch, writes
-their KV, returns next-token logits, then clusters newly completed segments and hands full prompt
-segments to the prefix cache."""
+"""Runs one scheduled step: lays the step's tokens out as one batch, plans its attention once (the
+decodes the kernels run through the shared Tactic decoder, the rest in torch), runs the model,
+adds the step's Tactic statistics and reads them back once, and samples the next tokens; then
+clusters the segments the step completed and hands full prompt segments to the prefix cache."""
 
 from __future__ import annotations
 
 import time
 
 import torch
-from tactic_server.kernels.decode_attention import dense_rows
 
-from tactic_server.tactic.clustering import build_cluster_index
+from tactic_server.decode import ClusterSide, DecodePlan, TacticDecoder
+from tactic_server.tactic.config import TacticConfig
 
+from .attention import SequenceSlice, StepContext
 from .kv_pool import KVPool, segment_keys
-from .models.llama import (
-    AttentionContext,
-    DenseDecodes,
-    LlamaForCausalLM,
-    SequenceSlice,
-    TacticDecodes,
-)
+from .models.llama import LlamaForCausalLM
+from .sampler import sample
 from .scheduler import Step
 from .sequence import Sequence
-from .types import EngineObserver
+from .types import EngineObserver, TacticUsage
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, tactic, device) -> None:
+    """backend "triton": decodes through the kernels (Tactic by select_rows, dense over every
+    position), the evaluation's baselines in torch; "torch": every decode in torch, Tactic by
+    its reference (tactic.selection.plan_tactic) over the same cluster store. max_requests:
+    the scheduler's request slots (rows of req_to_token)."""
+
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, tactic: TacticConfig, device,
+                 backend: str, max_requests: int, max_model_len: int) -> None:  # fmt: skip
         self.model = model
         self.pool = pool
-        self.tactic = tactic
         self.device = torch.device(device)
+        self.kernels = backend == "triton"
+        self.side = ClusterSide(pool.num_slots, pool.num_layers, pool.num_kv_heads,
+                                pool.head_dim, pool.dtype, self.device, tactic,
+                                max_requests)  # fmt: skip
+        pool.on_free = lambda slots: self.side.invalidate(torch.tensor(slots))
+        self.decoder = TacticDecoder(self.side, tactic, pool.num_kv_heads)
+        # SGLang's ReqToTokenPool: row r holds the KV slots of the request in request slot r
+        self.req_to_token = torch.zeros(max_requests, max_model_len, dtype=torch.int32,
+                                        device=self.device)  # fmt: skip
+        self._owners: list[Sequence | None] = [None] * max_requests
         self.observer: EngineObserver | None = None
-        self.clustered_segments = 0  # segments clustered (per layer set), in all
 
-    def run(self, step: Step) -> dict[Sequence, torch.Tensor]:
-        """Logits [vocab] for every sequence whose next token this step decides."""
+    @property
+    def clustered_segments(self) -> int:
+        """Segments clustered (per layer set), in all."""
+        return self.side.clustered
+
+    def run(self, step: Step) -> dict[Sequence, int]:
+        """The next token of every sequence whose next token this step decides."""
         token_ids, positions, slices, wanted = [], [], [], []
         ranges = [(s, len(s.token_ids) - 1, len(s.token_ids)) for s in step.decode]
         for sequence, start, end in ranges + step.prefill:
@@ -43,104 +59,118 @@ class ModelRunner:
             positions.extend(range(start, end))
             if end == len(sequence.token_ids):  # the last known token: its logits pick the next
                 wanted.append((sequence, len(token_ids) - 1))
-        new_slots = torch.cat([part.slots[part.start :] for part in slices])
-        context = AttentionContext(slices, self.pool, self.tactic, new_slots.to(self.device))
-        if self.pool.segment_pools:  # the kernels decode: Tactic by select_rows, dense in full
-            decodes = [part for part in slices if part.is_decode]
-            tactic = [part for part in decodes if part.sequence.request.tactic.kernels]
-            dense = [part for part in decodes if not part.sequence.request.tactic.selects]
-            context.tactic_decodes = self._tactic_decodes(tactic) if tactic else None
-            context.dense_decodes = self._dense_decodes(dense) if dense else None
-        for part in context.torch_slices:  # the kernels read req_to_token instead
-            part.slots = part.slots.to(self.device)
+        context = self._plan(slices)
         logits = self.model(
             torch.tensor(token_ids, device=self.device),
             torch.tensor(positions, device=self.device),
             context,
             torch.tensor([row for _, row in wanted], dtype=torch.long, device=self.device),
         )
-        if (batch := context.tactic_decodes) is not None:  # one read of the layers' sums
-            layers = len(self.pool.k)
-            for part, sums in zip(batch.slices, batch.layer_sums(), strict=True):
-                part.sequence.tally.add(*sums, steps=layers)
+        self._statistics(context)
         for part in slices:
             part.sequence.computed = part.end
-            self._cluster_new_segments(part.sequence)
-        return {sequence: logits[i] for i, (sequence, _) in enumerate(wanted)}
+        self._cluster_new_segments([part.sequence for part in slices])
+        return {sequence: sample(logits[i], sequence.request.sampling, sequence.generator)
+                for i, (sequence, _) in enumerate(wanted)}  # fmt: skip
 
-    def _req_to_token(self, chosen) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """req_to_token [n, max_len] int32 and seq_lens [n] int32 on the device for the slices
-        (their slots still on the host), built on the host and copied once."""
-        max_len = max(part.end for part in chosen)
-        req_to_token = torch.zeros(len(chosen), max_len, dtype=torch.int32)
-        for i, part in enumerate(chosen):
-            req_to_token[i, : part.end] = part.slots
-        seq_lens = torch.tensor([part.end for part in chosen], dtype=torch.int32)
-        return req_to_token.to(self.device), seq_lens.to(self.device), max_len
+    def _plan(self, slices: list[SequenceSlice]) -> StepContext:
+        """The step's attention, decided once for all layers."""
+        for part in slices:
+            sequence = part.sequence
+            if self._owners[sequence.request_slot] is not sequence:  # its first step
+                self._owners[sequence.request_slot] = sequence
+                params = sequence.request.tactic
+                self.side.start_request(sequence.request_slot,
+                                        params.target if params.selects else 1.0)  # fmt: skip
+        self._write_table(slices)
+        new_slots = torch.cat([part.slots[part.start :] for part in slices]).to(self.device)
+        context = StepContext(slices, self.pool.k, self.pool.v, new_slots, self.side,
+                              self.decoder, self.req_to_token)  # fmt: skip
+        kernels = [part for part in slices if part.is_decode and self.kernels
+                   and part.sequence.request.tactic.method == "tactic"]  # fmt: skip
+        context.plan = self._kernel_plan(kernels) if kernels else None
+        context.torch_slices = [part for part in slices if all(part is not k for k in kernels)]
+        for part in context.torch_slices:  # the kernels read req_to_token instead
+            part.slots = part.slots.to(self.device)
+        return context
 
-    def _rows(self, chosen) -> torch.Tensor:
-        return torch.tensor([part.row for part in chosen], device=self.device)
+    def _write_table(self, slices: list[SequenceSlice]) -> None:
+        """req_to_token up to each slice's end, from where its sequence's row may be stale
+        (its new positions, or the whole row once a shared prefix replaced its slots): one
+        copy to the device for the step."""
+        rows, columns, slots = [], [], []
+        for part in slices:
+            sequence = part.sequence
+            first = min(sequence.table_from, part.start)
+            rows.extend([sequence.request_slot] * (part.end - first))
+            columns.extend(range(first, part.end))
+            slots.append(part.slots[first : part.end])
+            sequence.table_from = part.end
+        where = torch.tensor([rows, columns], dtype=torch.long).to(self.device)
+        self.req_to_token[where[0], where[1]] = torch.cat(slots).int().to(self.device)
 
-    def _tactic_decodes(self, chosen) -> TacticDecodes:
-        """The device inputs of select_rows for this step's Tactic decodes."""
-        req_to_token, seq_lens, max_len = self._req_to_token(chosen)
-        segments = [part.sequence.pool_segment_slots for part in chosen]
-        req_to_segment = torch.zeros(len(chosen), max(1, max(map(len, segments))),
-                                     dtype=torch.int32)  # fmt: skip
-        for i, slots in enumerate(segments):
-            req_to_segment[i, : len(slots)] = torch.tensor(slots, dtype=torch.int32)
-        device = self.device
-        return TacticDecodes(
-            slices=chosen,
-            rows=self._rows(chosen),
-            seq_lens=seq_lens,
-            max_seq_len=max_len,
-            pool_indices=torch.arange(len(chosen), dtype=torch.int32, device=device),
-            req_to_token=req_to_token,
-            req_to_segment=req_to_segment.to(device),
-            clustered_segments=torch.tensor(
-                list(map(len, segments)), dtype=torch.int32, device=device
-            ),  # fmt: skip
-            targets=torch.tensor(
-                [part.sequence.request.tactic.target for part in chosen],
-                dtype=torch.float32,
-                device=device,
-            ),  # fmt: skip
-        )
+    def _kernel_plan(self, chosen: list[SequenceSlice]) -> DecodePlan:
+        seq_lens = [part.end for part in chosen]
+        targets = [part.sequence.request.tactic.target if part.selects else 1.0 for part in chosen]
+        request_slots = torch.tensor([part.sequence.request_slot for part in chosen],
+                                     device=self.device)  # fmt: skip
+        return self.decoder.plan(
+            self.req_to_token, request_slots,
+            torch.tensor(seq_lens, dtype=torch.int32, device=self.device), seq_lens, targets,
+            batch_rows=[part.row for part in chosen], dense_too=True,
+        )  # fmt: skip
 
-    def _dense_decodes(self, chosen) -> DenseDecodes:
-        """Every position of every KV head, as CSR rows shared by all layers of the step."""
-        req_to_token, seq_lens, max_len = self._req_to_token(chosen)
-        pool_indices = torch.arange(len(chosen), dtype=torch.int32, device=self.device)
-        indptr, indices = dense_rows(req_to_token, pool_indices, seq_lens, self.pool.num_kv_heads,
-                                     max_len)  # fmt: skip
-        return DenseDecodes(chosen, self._rows(chosen), seq_lens, max_len,
-                            indptr, indices)  # fmt: skip
-
-    def _cluster_new_segments(self, sequence: Sequence) -> None:
-        size = self.pool.segment_size
-        done = len(sequence.clusters[0])
-        if sequence.computed // size <= done:
+    def _statistics(self, context: StepContext) -> None:
+        """The step's selections into the running sums (device), then one read of the sums of
+        every request that selected."""
+        if context.plan is not None:
+            self.decoder.finish(context.plan)
+        selecting = context.torch_selecting
+        if selecting:
+            attended = torch.stack([torch.stack(layer) for layer in context.torch_attended])
+            mass = torch.stack([torch.stack(layer) for layer in context.torch_mass])
+            self.decoder.add_statistics(
+                torch.tensor([part.sequence.request_slot for part in selecting],
+                             device=self.device),
+                torch.tensor([part.end for part in selecting], device=self.device),
+                attended, mass, torch.ones(len(selecting), dtype=torch.bool, device=self.device),
+            )  # fmt: skip
+        chosen = [part.sequence for part in context.slices if part.selects]
+        if not chosen:
             return
-        started = time.perf_counter()
-        config = self.tactic
-        for segment in range(done, sequence.computed // size):
-            slots = sequence.slots[segment * size : (segment + 1) * size].to(self.device)
-            indexes = [build_cluster_index(k[slots], config) for k in self.pool.k]
-            for layer, index in enumerate(indexes):
-                sequence.clusters[layer].append(index)
-            sequence.segment_slots.append(self.pool.store_segment(indexes, slots))
-            self.clustered_segments += 1
-        if self.observer is not None:
+        slots = torch.tensor([sequence.request_slot for sequence in chosen], device=self.device)
+        for sequence, (ratio, mass, attended, steps) in zip(
+            chosen, self.side.stats[slots].tolist(), strict=True
+        ):
+            if steps > 0:
+                sequence.usage = TacticUsage(ratio / steps, mass / steps, attended / steps)
+
+    def _cluster_new_segments(self, sequences: list[Sequence]) -> None:
+        """The full segments of selecting requests, once computed (a dense request's are
+        clustered when a selecting one first reads them, e.g. through a shared prefix)."""
+        chosen = [s for s in sequences if s.request.tactic.selects
+                  and s.request.tactic.method == "tactic"
+                  and s.computed // self.pool.segment_size > s.clustered]  # fmt: skip
+        if not chosen:
+            return
+        started, before = time.perf_counter(), self.side.clustered
+        entries = [(s.request_slot, s.clustered, s.computed) for s in chosen]
+        counts = self.side.cluster_requests(entries, self.req_to_token, self.pool.k)
+        for sequence, count in zip(chosen, counts, strict=True):
+            sequence.clustered = count
+        if self.observer is not None and self.side.clustered > before:
             self.observer.on_clustering(time.perf_counter() - started)
 
     def share_prompt_segments(self, sequence: Sequence) -> None:
-        """Once a prompt is computed, its full segments (and their clusters) join the prefix
-        cache, so a later request starting with the same tokens skips them."""
+        """Once a prompt is computed, its full segments join the prefix cache, so a later
+        request starting with the same tokens skips them (and finds their clusters). Where an
+        equal segment was cached already, the request moves to its slots."""
         size = self.pool.segment_size
         keys = segment_keys(sequence.request.prompt_token_ids, size)
-        for index in range(len(sequence.shared), min(len(keys), len(sequence.clusters[0]))):
+        for index in range(len(sequence.shared), len(keys)):
             slots, sequence.own_slots = sequence.own_slots[:size], sequence.own_slots[size:]
-            clusters = [layer_clusters[index] for layer_clusters in sequence.clusters]
-            pool_slot = sequence.segment_slots.pop(0)
-            sequence.shared.append(self.pool.register(keys[index], slots, clusters, pool_slot))
+            segment = self.pool.register(keys[index], slots)
+            if segment.slots.tolist() != slots:
+                sequence.table_from = min(sequence.table_from, index * size)
+                sequence.clustered = min(sequence.clustered, index)
+            sequence.shared.append(segment)

@@ -32,6 +32,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # a running request's row in the runner's req_to_token and the cluster store's tables,
+        # as SGLang's req_pool_idx
+        self.free_request_slots = list(range(max_batch - 1, -1, -1))
         self.reused_tokens = 0  # prompt positions served from the prefix cache, in all
 
     def can_queue(self) -> bool:
@@ -60,10 +63,8 @@ class Scheduler:
             self.waiting.popleft()
             sequence.own_slots = slots
             sequence.computed = sequence.shared_len
+            sequence.request_slot = self.free_request_slots.pop()
             self.reused_tokens += sequence.shared_len
-            for segment in sequence.shared:
-                for layer, clusters in enumerate(segment.clusters):
-                    sequence.clusters[layer].append(clusters)
             sequence.status = Status.PREFILL
             self.running.append(sequence)
 
@@ -85,7 +86,8 @@ class Scheduler:
         elif sequence in self.waiting:
             self.waiting.remove(sequence)
         self.pool.release(sequence.own_slots)
-        self.pool.release_segments(sequence.segment_slots)
         self.pool.unreference(sequence.shared)
-        sequence.own_slots, sequence.shared, sequence.segment_slots = [], [], []
+        if sequence.request_slot >= 0:
+            self.free_request_slots.append(sequence.request_slot)
+        sequence.own_slots, sequence.shared, sequence.request_slot = [], [], -1
         sequence.status = Status.FINISHED

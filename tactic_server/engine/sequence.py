@@ -1,18 +1,14 @@
-"""One request inside the engine: its tokens, where its KV lives, its Tactic clusters per layer,
-and what it has streamed so far."""
+"""One request inside the engine: its tokens, where its KV lives, and its Tactic statistics."""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
 
 import torch
 
-from tactic_server.tactic.clustering import ClusterIndex, concatenate_segments
-
 from .kv_pool import CachedSegment
-from .types import GenerationRequest
+from .types import GenerationRequest, TacticUsage
 
 
 class Status(enum.Enum):
@@ -22,44 +18,22 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
-class TacticTally:
-    """Running sums over decode steps x layers for the usage report."""
-
-    steps: int = 0
-    selected_ratio: float = 0.0
-    estimated_mass: float = 0.0
-    attended_tokens: float = 0.0
-
-    def add(
-        self, selected_ratio: float, estimated_mass: float, attended_tokens: float, steps: int = 1
-    ) -> None:
-        """Sums over `steps` (decode step, layer) pairs."""
-        self.steps += steps
-        self.selected_ratio += selected_ratio
-        self.estimated_mass += estimated_mass
-        self.attended_tokens += attended_tokens
-
-
 @dataclass(eq=False)  # identity: sequences key dictionaries
 class Sequence:
     request: GenerationRequest
     token_ids: list[int]
-    num_layers: int
     status: Status = Status.WAITING
     shared: list[CachedSegment] = field(default_factory=list)  # prefix segments from the cache
     own_slots: list[int] = field(default_factory=list)  # slots of the positions after them
-    segment_slots: list[int] = field(default_factory=list)  # ClusterPool slots of own segments
     computed: int = 0  # positions whose KV is in the cache
-    clusters: list[list[ClusterIndex]] = field(default_factory=list)  # per layer, per segment
-    tally: TacticTally = field(default_factory=TacticTally)
+    # its row in the runner's req_to_token and in the cluster store's targets and statistics,
+    # while running (-1 before); req_to_token holds its slots from position 0 to table_from
+    request_slot: int = -1
+    table_from: int = 0
+    clustered: int = 0  # leading full segments whose clusters the store has
+    usage: TacticUsage | None = None  # means over its decode steps so far
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    joined: dict[int, ClusterIndex] = field(default_factory=dict)  # per layer, all segments
-
-    def __post_init__(self) -> None:
-        if not self.clusters:
-            self.clusters = [[] for _ in range(self.num_layers)]
 
     @property
     def request_id(self) -> str:
@@ -82,20 +56,5 @@ class Sequence:
         return torch.cat(parts)
 
     @property
-    def pool_segment_slots(self) -> list[int]:
-        """ClusterPool slot of every clustered segment, shared prefix first."""
-        return [segment.pool_slot for segment in self.shared] + self.segment_slots
-
-    @property
     def shared_len(self) -> int:
         return sum(segment.slots.numel() for segment in self.shared)
-
-    def cluster_index(self, layer: int, seq_len: int) -> ClusterIndex | None:
-        """This layer's clusters of all full segments so far, for a context of seq_len."""
-        segments = self.clusters[layer]
-        if not segments:
-            return None
-        joined = self.joined.get(layer)
-        if joined is None or joined.clustered_len != len(segments) * segments[0].clustered_len:
-            joined = self.joined[layer] = concatenate_segments(segments, seq_len)
-        return dataclasses.replace(joined, seq_len=seq_len)

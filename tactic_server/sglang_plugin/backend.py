@@ -16,6 +16,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 
 from tactic_server.decode import ClusterSide, TacticDecoder
+from tactic_server.tactic.config import selects
 
 from .settings import Settings, request_target
 
@@ -96,7 +97,7 @@ class TacticAttnBackend(TritonAttnBackend):
                 req._tactic_clustered = 0
                 self.host_targets[req.req_pool_idx] = target
                 self.side.start_request(req.req_pool_idx, target)
-        selecting = [self.host_targets[req.req_pool_idx] < 1.0 for req in reqs]
+        selecting = [selects(self.host_targets[req.req_pool_idx]) for req in reqs]
         self.batch_selects = any(selecting)
         self.batch_graph_family = ("tactic" if all(selecting) else None) if any(selecting) \
             else "dense"
@@ -167,19 +168,15 @@ class TacticAttnBackend(TritonAttnBackend):
     def _cluster(self, reqs, cached: list[int]) -> None:
         """Cluster the Tactic requests' full segments not clustered yet (dense ones need none;
         one that later shares their prefix finds them)."""
-        size = self.side.segment_size
-        work = []
-        for req, length in zip(reqs, cached, strict=True):
-            if self.host_targets[req.req_pool_idx] >= 1.0:
-                continue
-            done = min(getattr(req, "_tactic_clustered", 0), length // size)
-            if length // size > done:
-                work.append((req, done, length // size))
-        if work:
-            self.side.cluster([(r.req_pool_idx, a, b) for r, a, b in work], self.req_to_token,
-                              self.k_buffers)  # fmt: skip
-            for req, _, end in work:
-                req._tactic_clustered = end
+        chosen = [(req, length) for req, length in zip(reqs, cached, strict=True)
+                  if selects(self.host_targets[req.req_pool_idx])]  # fmt: skip
+        if not chosen:
+            return
+        entries = [(req.req_pool_idx, getattr(req, "_tactic_clustered", 0), length)
+                   for req, length in chosen]  # fmt: skip
+        counts = self.side.cluster_requests(entries, self.req_to_token, self.k_buffers)
+        for (req, _), count in zip(chosen, counts, strict=True):
+            req._tactic_clustered = count
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if self.graph_capture and layer.layer_id == 0:

@@ -1,0 +1,62 @@
+"""The cluster store both engines share (decode.ClusterSide) on CPU tensors: what the torch path
+reads back (cluster_index) is exactly the index build_cluster_index makes of the same keys, a
+prefix two requests share is clustered once, and freeing a segment's last KV slot forgets it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tactic_server.decode import ClusterSide
+from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic
+
+SEGMENT = 32
+CONFIG = TacticConfig(segment_size=SEGMENT, cluster_size=8)
+NUM_SLOTS, HEADS, DIM = 600, 2, 16
+
+
+def store_and_tables(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(NUM_SLOTS, HEADS, DIM, generator=generator)
+    side = ClusterSide(NUM_SLOTS, 1, HEADS, DIM, torch.float32, "cpu", CONFIG, max_requests=2)
+    order = torch.randperm(NUM_SLOTS, generator=generator)
+    req_to_token = torch.zeros(2, 300, dtype=torch.int32)
+    req_to_token[0, :200] = order[:200].int()
+    req_to_token[1, : 3 * SEGMENT] = order[: 3 * SEGMENT].int()  # shares three segments
+    own = 250 - 3 * SEGMENT  # then slots of its own
+    req_to_token[1, 3 * SEGMENT : 250] = order[200 : 200 + own].int()
+    return side, keys, req_to_token
+
+
+def test_the_torch_path_reads_back_exactly_the_index_of_the_same_keys():
+    side, keys, req_to_token = store_and_tables()
+    seq_len = 200  # 6 full segments and a tail of 8
+    assert side.cluster_requests([(0, 0, seq_len)], req_to_token, [keys]) == [6]
+    assert side.clustered == 6
+    got = side.cluster_index(0, req_to_token, 0, seq_len + 1)
+    want = build_cluster_index(keys[req_to_token[0, :seq_len].long()], CONFIG)
+    assert got.clustered_len == want.clustered_len == 6 * SEGMENT and got.seq_len == seq_len + 1
+    for name in ("cluster_sizes", "cluster_offsets", "token_positions", "token_cluster"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.centroids, want.centroids) and torch.equal(got.spreads, want.spreads)
+    query = torch.randn(4, DIM, generator=torch.Generator().manual_seed(1))
+    context = keys[req_to_token[0, : seq_len + 1].long()]
+    ours = plan_tactic(query, context, 0.9, got, CONFIG)
+    reference = plan_tactic(query, context, 0.9, dataclasses.replace(want, seq_len=seq_len + 1),
+                            CONFIG)  # fmt: skip
+    assert torch.equal(ours.selected_counts, reference.selected_counts)
+
+
+def test_a_shared_prefix_is_clustered_once_and_a_freed_slot_forgets_its_segment():
+    side, keys, req_to_token = store_and_tables()
+    side.cluster_requests([(0, 0, 200)], req_to_token, [keys])
+    # the second request's first three segments are the first's: only its own are clustered
+    assert side.cluster_requests([(1, 0, 250)], req_to_token, [keys]) == [250 // SEGMENT]
+    assert side.clustered == 6 + (250 // SEGMENT - 3)
+    # a segment a request reaches later is clustered then; one already clustered is not again
+    assert side.cluster_requests([(1, 7, 250)], req_to_token, [keys]) == [7]
+    assert side.clustered == 6 + 4
+    side.invalidate(req_to_token[0, 3 * SEGMENT - 1 : 3 * SEGMENT].clone())  # segment 2's end
+    assert side.cluster_index(0, req_to_token, 0, 201).clustered_len == 2 * SEGMENT
+    assert side.cluster_index(0, req_to_token, 1, 251).clustered_len == 2 * SEGMENT
