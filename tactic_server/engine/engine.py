@@ -30,8 +30,8 @@ from .types import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
-    PromptTooLong,
     QueueFull,
+    check_prompt,
 )
 
 logger = logging.getLogger(__name__)
@@ -141,13 +141,7 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs. Raises PromptTooLong or QueueFull before any output;
         leaving the loop early (or cancellation) aborts the request and frees its KV."""
-        prompt_len = len(request.prompt_token_ids)
-        if prompt_len == 0:
-            raise PromptTooLong("the prompt is empty")
-        if prompt_len + 1 > self.max_model_len:
-            raise PromptTooLong(
-                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len}"
-            )
+        check_prompt(request, self.max_model_len)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
                          TextStream(self.tokenizer, request.sampling.stop))  # fmt: skip
         sequence = Sequence(request, list(request.prompt_token_ids))

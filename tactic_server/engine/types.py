@@ -123,6 +123,19 @@ class PromptTooLong(EngineError):
     """The prompt plus max_tokens does not fit the model's context (413)."""
 
 
+def check_prompt(request: GenerationRequest, max_model_len: int) -> int:
+    """The prompt's length, if at least one new token fits after it (else PromptTooLong):
+    both engines refuse the same prompts with the same words."""
+    prompt_len = len(request.prompt_token_ids)
+    if prompt_len == 0:
+        raise PromptTooLong("the prompt is empty")
+    if prompt_len + 1 > max_model_len:
+        raise PromptTooLong(
+            f"the prompt has {prompt_len} tokens; this model's context is {max_model_len}"
+        )
+    return prompt_len
+
+
 class EngineObserver(Protocol):
     """Timings the engine reports as they happen (the front end turns them into metrics)."""
 

@@ -22,9 +22,9 @@ from tactic_server.engine.types import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
-    PromptTooLong,
     QueueFull,
     TacticUsage,
+    check_prompt,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,13 +79,7 @@ class SGLangEngine:
         self._metrics = _SchedulerMetrics()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        prompt_len = len(request.prompt_token_ids)
-        if prompt_len == 0:
-            raise PromptTooLong("the prompt is empty")
-        if prompt_len + 1 > self.max_model_len:
-            raise PromptTooLong(
-                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len}"
-            )
+        prompt_len = check_prompt(request, self.max_model_len)
         if self._in_flight >= self.config.max_batch + self.config.max_waiting:
             raise QueueFull("too many requests are waiting; retry later")
         sampling = request.sampling
