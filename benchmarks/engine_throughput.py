@@ -27,9 +27,9 @@ from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
 from tactic_server.engine.model_config import ModelConfig, rope_inverse_frequencies
 from tactic_server.engine.models.llama import LlamaForCausalLM
-from tactic_server.engine.tiny_model import make_tiny_model
 from tactic_server.engine.tokenizer import Tokenizer
 from tactic_server.engine.types import GenerationRequest, SamplingParams, TacticParams
+from tactic_server.testing.tiny_model import make_tiny_model
 
 SHAPES = {
     # a small long-context model: head_dim 128 and 4 query heads per KV head, like Llama-3.1-8B

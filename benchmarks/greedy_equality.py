@@ -19,8 +19,8 @@ import torch
 
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
-from tactic_server.engine.tiny_model import PEAKED_LLAMA, make_tiny_model
 from tactic_server.engine.types import GenerationRequest, SamplingParams, TacticParams
+from tactic_server.testing.tiny_model import PEAKED_LLAMA, make_tiny_model
 
 
 def first_difference(left: list[int], right: list[int]) -> int:

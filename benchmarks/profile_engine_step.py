@@ -18,8 +18,8 @@ from engine_throughput import SHAPES, one_round, random_engine
 
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
-from tactic_server.engine.tiny_model import make_tiny_model
 from tactic_server.engine.types import TacticParams
+from tactic_server.testing.tiny_model import make_tiny_model
 
 
 def main() -> int:

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from greedy_equality import first_difference  # benchmarks/, this script's folder
 
-from tactic_server.engine.tiny_model import PEAKED_LLAMA, make_tiny_model
 from tactic_server.sglang_plugin.engine import tactic_usage
+from tactic_server.testing.tiny_model import PEAKED_LLAMA, make_tiny_model
 
 LLAMA8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,

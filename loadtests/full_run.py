@@ -34,7 +34,7 @@ def log(message: str) -> None:
 
 
 def tiny_model(device: str) -> str:
-    from tactic_server.engine.tiny_model import PEAKED_LLAMA, make_tiny_model
+    from tactic_server.testing.tiny_model import PEAKED_LLAMA, make_tiny_model
 
     return str(make_tiny_model(
         Path(tempfile.mkdtemp()) / "tiny", "llama", seed=0,

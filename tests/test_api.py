@@ -19,9 +19,9 @@ from loadtests.inprocess import serving
 from tactic_server.api import create_app
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
-from tactic_server.engine.tiny_model import make_tiny_model
 from tactic_server.engine.types import DEFAULT_MAX_TOKENS
 from tactic_server.tactic.config import TacticConfig
+from tactic_server.testing.tiny_model import make_tiny_model
 
 openai = pytest.importorskip("openai")  # the dev extra installs it; the GPU machine lacks it
 

@@ -31,8 +31,8 @@ from tactic_server.api import create_app
 from tactic_server.cli import build_parser
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
-from tactic_server.engine.tiny_model import make_tiny_model
 from tactic_server.tactic.config import TacticConfig
+from tactic_server.testing.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "deploy" / "docker"

@@ -9,7 +9,6 @@ import torch
 
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
-from tactic_server.engine.tiny_model import make_tiny_model
 from tactic_server.engine.types import (
     GenerationRequest,
     PromptTooLong,
@@ -18,6 +17,7 @@ from tactic_server.engine.types import (
     TacticParams,
 )
 from tactic_server.tactic.config import TacticConfig
+from tactic_server.testing.tiny_model import make_tiny_model
 
 transformers = pytest.importorskip("transformers")
 

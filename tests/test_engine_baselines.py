@@ -10,9 +10,9 @@ import torch
 
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
-from tactic_server.engine.tiny_model import make_tiny_model
 from tactic_server.engine.types import GenerationRequest, SamplingParams, TacticParams
 from tactic_server.tactic.config import TacticConfig
+from tactic_server.testing.tiny_model import make_tiny_model
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 

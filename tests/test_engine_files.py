@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 
 from tactic_server.engine.loader import load_state_dict
 from tactic_server.engine.model_config import ModelConfig, rope_cos_sin, rope_inverse_frequencies
-from tactic_server.engine.tiny_model import (
+from tactic_server.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from tactic_server.testing.tiny_model import (
     DEFAULT_MODEL_NAME,
     default_model_dir,
     ensure_default_model,
     make_tiny_model,
 )
-from tactic_server.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

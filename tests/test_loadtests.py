@@ -20,8 +20,8 @@ from loadtests.inprocess import serving
 from tactic_server.api import create_app
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
-from tactic_server.engine.tiny_model import make_tiny_model
 from tactic_server.tactic.config import TacticConfig
+from tactic_server.testing.tiny_model import make_tiny_model
 
 MAX_MODEL_LEN = 512
 MAX_BATCH, MAX_WAITING = 4, 8

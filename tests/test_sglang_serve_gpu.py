@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.inprocess import free_port, wait_for
-from tactic_server.engine.tiny_model import PEAKED_LLAMA, make_tiny_model
+from tactic_server.testing.tiny_model import PEAKED_LLAMA, make_tiny_model
 
 pytestmark = pytest.mark.gpu
 openai = pytest.importorskip("openai")

@@ -15,6 +15,12 @@ from pathlib import Path
 
 import torch
 
+from tactic_server.testing.tiny_model import (
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    ensure_default_model,
+)
+
 from .config import EngineConfig
 from .kv_pool import KVPool
 from .loader import load_state_dict
@@ -23,7 +29,6 @@ from .model_runner import ModelRunner
 from .models.llama import LlamaForCausalLM
 from .scheduler import Scheduler, Step
 from .sequence import Sequence, Status
-from .tiny_model import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from .tokenizer import TextStream, Tokenizer
 from .types import (
     EngineObserver,

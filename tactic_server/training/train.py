@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from tactic_server.engine.tiny_model import EOS_TOKEN, train_tokenizer, write_tokenizer
 from tactic_server.training.data import TASKS, SourceFiles, find_sources, read_text, task
+from tactic_server.training.tokenizer import EOS_TOKEN, train_tokenizer, write_tokenizer
 
 CHARS_PER_TOKEN = 3.5  # what the 8k BPE averages on Python source (sizes the synthetic tasks)
 # of the synthetic documents; passkey retrieval at the training length is the model's bar

@@ -1,5 +1,6 @@
 """Tiny random Llama, Qwen2 and Mistral checkpoints written as real Hugging Face files (config,
-safetensors, byte-level BPE tokenizer, chat template), for tests and the bundled default model."""
+safetensors, byte-level BPE tokenizer, chat template): the models tests, benchmarks and load runs
+make, and the default model where an install left the bundled one out."""
 
 from __future__ import annotations
 
@@ -7,13 +8,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
-import tokenizers
 import torch
 from safetensors.torch import save_file
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from tactic_server.training.tokenizer import BOS_TOKEN, EOS_TOKEN, train_tokenizer, write_tokenizer
 
 DEFAULT_MODEL_NAME = "tactic-tiny-random"
 # bump when the default model's recipe changes, so that cached copies are rebuilt
@@ -31,19 +31,6 @@ ARCHITECTURES = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|end_of_text|>"
-SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, "<|user|>", "<|assistant|>", "<|system|>")  # ids 0..4
-TOKENIZER_VOCAB_SIZE = 512
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('roles are system, user and assistant, not ' + message['role']) }}"
-    "{% endif %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 # Multiplies the q and k projections with sparse_attention: attention scores, about unit
 # variance with these weights, get a standard deviation of about GAIN**2 (4), and 90% of a
 # query's mass sits on about 5% of 200 keys. The keys are random (nothing for clusters to find):
@@ -215,48 +202,6 @@ def ensure_default_model() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model_dir
-
-
-def write_tokenizer(model_dir: Path, tokenizer: tokenizers.Tokenizer, max_length: int) -> None:
-    """tokenizer.json and a tokenizer_config.json (BOS, EOS, the chat template) as Hugging Face
-    writes them."""
-    tokenizer.save(str(model_dir / "tokenizer.json"))
-    _write_json(
-        model_dir / "tokenizer_config.json",
-        {
-            "add_bos_token": True,
-            "bos_token": BOS_TOKEN,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": EOS_TOKEN,
-            "model_max_length": max_length,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-        },
-    )
-
-
-def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = TOKENIZER_VOCAB_SIZE
-) -> tokenizers.Tokenizer:
-    """A byte-level BPE like Llama 3's (every byte is a token, so any text encodes), trained on
-    texts, that puts BOS before a text when asked for special tokens."""
-    tokenizer = tokenizers.Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    bos_id = tokenizer.token_to_id(BOS_TOKEN)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
-        special_tokens=[(BOS_TOKEN, bos_id)],
-    )
-    return tokenizer
 
 
 def _random_weights(config: dict, seed: int, sparse_attention: bool) -> dict[str, torch.Tensor]:

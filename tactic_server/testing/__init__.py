@@ -1,0 +1,1 @@
+"""What tests, benchmarks and load runs build on: tiny random checkpoints (tiny_model)."""
