@@ -127,8 +127,10 @@ class ModelRunner:
             self.decoder.finish(context.plan)
         selecting = context.torch_selecting
         if selecting:
+            # the reference's counts may sit on the host (the kernels' never do)
             attended = torch.stack([torch.stack(layer) for layer in context.torch_attended])
             mass = torch.stack([torch.stack(layer) for layer in context.torch_mass])
+            attended, mass = attended.to(self.device), mass.to(self.device)
             self.decoder.add_statistics(
                 torch.tensor([part.sequence.request_slot for part in selecting],
                              device=self.device),
