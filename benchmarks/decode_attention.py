@@ -170,25 +170,27 @@ def oracle_and_recall(query, keys, rows):
 
 
 def build_pool(keys, batch, context, config):
-    """Cluster every request's keys and store them in a ClusterPool; returns the pool and the
-    seconds spent clustering (all requests, one layer)."""
+    """Cluster every request's keys and store them in a ClusterPool; returns the pool, the
+    requests' segment tables and the seconds spent clustering (all requests, one layer)."""
     size = config.segment_size
     clusters = size // config.cluster_size
     segments = context // size
     pool = ClusterPool.allocate(
-        num_segment_slots=max(1, batch * segments), max_reqs=batch, max_segments=segments + 1,
-        num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, segment_size=size,
-        clusters_per_segment=clusters, dtype=DTYPE, device="cuda",
+        num_segment_slots=max(1, batch * segments), num_kv_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM, segment_size=size, clusters_per_segment=clusters, dtype=DTYPE,
+        device="cuda",
     )  # fmt: skip
+    req_to_segment = torch.zeros(batch, segments + 1, dtype=torch.int32, device="cuda")
     torch.cuda.synchronize()
     started = time.perf_counter()
     for request in range(batch):
         slots = torch.arange(request * context, (request + 1) * context, device="cuda")
         index = build_cluster_index(keys[slots], config, kmeans=segment_kmeans)
         segment_slots = torch.arange(request * segments, (request + 1) * segments, device="cuda")
-        pool.write(request, index, slots, segment_slots)
+        pool.write_segments(index, slots, segment_slots)
+        req_to_segment[request, :segments] = segment_slots.int()
     torch.cuda.synchronize()
-    return pool, time.perf_counter() - started
+    return pool, req_to_segment, time.perf_counter() - started
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -222,7 +224,7 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     pool_indices = torch.arange(batch, device="cuda", dtype=torch.int32)
     seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
     targets = torch.full((batch,), TARGET, device="cuda")
-    pool, _ = build_pool(keys, batch, context, config)
+    pool, req_to_segment, _ = build_pool(keys, batch, context, config)
     record = {"context": context, "batch": batch, "target": TARGET}
 
     # dense: SDPA over contiguous [batch, H_kv, context, d], ours and FlashInfer over full rows
@@ -256,7 +258,8 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     # Tactic: device selection, then attention over the selected rows
     def select():
         return select_rows(
-            q, keys, pool, req_to_token, pool_indices, seq_lens, targets, context, config
+            q, keys, pool, req_to_segment, req_to_token, pool_indices, seq_lens, targets, context,
+            config,
         )
 
     record["select_ms"] = bench_ms(select)

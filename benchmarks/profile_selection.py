@@ -36,11 +36,11 @@ def main() -> int:
     pool_indices = torch.arange(batch, device="cuda", dtype=torch.int32)
     seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
     targets = torch.full((batch,), TARGET, device="cuda")
-    pool, _ = build_pool(keys, batch, context, config)
+    pool, req_to_segment, _ = build_pool(keys, batch, context, config)
 
     def step():
-        selected = select_rows(q, keys, pool, req_to_token, pool_indices, seq_lens, targets,
-                               context, config)  # fmt: skip
+        selected = select_rows(q, keys, pool, req_to_segment, req_to_token, pool_indices,
+                               seq_lens, targets, context, config)  # fmt: skip
         return sparse_decode(q, keys, values, selected.indptr, selected.indices, context, 256)
 
     for _ in range(3):

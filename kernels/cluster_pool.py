@@ -2,8 +2,9 @@
 
 A segment (segment_size consecutive positions of one request, aligned to position 0) is clustered
 once and never changes, so its metadata lives in a segment slot that requests sharing the prefix
-can share (req_to_segment maps a request's segment index to its slot, as req_to_token maps its
-positions to KV slots). Member lists hold KV slots, so selection needs no position lookup.
+can share; a request's segment table (req_to_segment [requests, segments] int32, which the
+caller builds and passes to the selection) maps its segment index to that slot, as req_to_token
+maps its positions to KV slots. Member lists hold KV slots, so selection needs no position lookup.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ class ClusterPool:
     centroids [S_cap, H_kv, C, d] (kv dtype), spreads [S_cap, H_kv, C] float32,
     cluster_offsets [S_cap, H_kv, C + 1] int32 (into the segment's member list),
     member_slots [S_cap, H_kv, segment_size] int32 KV slots in cluster order,
-    token_cluster [S_cap, H_kv, segment_size] int32 cluster of each position of the segment,
-    req_to_segment [max_reqs, max_segments] int32."""
+    token_cluster [S_cap, H_kv, segment_size] int32 cluster of each position of the segment."""
 
     segment_size: int
     clusters_per_segment: int
@@ -31,14 +31,11 @@ class ClusterPool:
     cluster_offsets: torch.Tensor
     member_slots: torch.Tensor
     token_cluster: torch.Tensor
-    req_to_segment: torch.Tensor
 
     @classmethod
     def allocate(
         cls,
         num_segment_slots: int,
-        max_reqs: int,
-        max_segments: int,
         num_kv_heads: int,
         head_dim: int,
         segment_size: int,
@@ -59,7 +56,6 @@ class ClusterPool:
             ),
             member_slots=torch.zeros(*shape, segment_size, dtype=torch.int32, device=device),
             token_cluster=torch.zeros(*shape, segment_size, dtype=torch.int32, device=device),
-            req_to_segment=torch.zeros(max_reqs, max_segments, dtype=torch.int32, device=device),
         )
 
     @staticmethod
@@ -70,7 +66,7 @@ class ClusterPool:
         clusters_per_segment: int,
         dtype: torch.dtype,
     ) -> int:
-        """Device bytes of one segment slot (every tensor but req_to_segment): what a KV pool
+        """Device bytes of one segment slot: what a KV pool
         must count beside the KV of the segment_size tokens it describes."""
         element = torch.empty((), dtype=dtype).element_size()
         per_cluster = head_dim * element + 4 + 4  # centroid, spread, offset
@@ -84,25 +80,12 @@ class ClusterPool:
                    self.token_cluster)  # fmt: skip
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def write(
-        self,
-        request_slot: int,
-        index: ClusterIndex,
-        token_slots: torch.Tensor,
-        segment_slots: torch.Tensor,
-    ) -> None:
-        """Store the full segments of a request's ClusterIndex and map the request to them."""
-        self.write_segments(index, token_slots, segment_slots)
-        self.req_to_segment[request_slot, : len(segment_slots)] = segment_slots.to(
-            self.req_to_segment.device
-        ).int()
-
     def write_segments(
         self, index: ClusterIndex, token_slots: torch.Tensor, segment_slots: torch.Tensor
     ) -> None:
         """Store the full segments of a ClusterIndex (built with this pool's segment size) at
         segment_slots [num_segments]; token_slots [seq_len] maps the index's positions to KV
-        slots. Requests find them through req_to_segment, which the caller maintains."""
+        slots. Requests find them through their segment tables, which the caller keeps."""
         size, clusters = self.segment_size, self.clusters_per_segment
         num_segments = index.clustered_len // size
         if index.num_clusters != num_segments * clusters or len(segment_slots) != num_segments:

@@ -515,6 +515,7 @@ def select_rows(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     pool: ClusterPool,
+    req_to_segment: torch.Tensor,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -527,6 +528,7 @@ def select_rows(
     write_units_per_program: int = 16,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
+    req_to_segment [max_reqs, max_segments] int32: each request's segment slots in the pool;
     req_pool_indices, seq_lens [batch] on the device; targets [max_reqs] float32 on the device,
     the target mass P of each request by its pool index; max_seq_len (host) bounds seq_lens.
     clustered_segments [batch]: full segments whose clusters are in the pool (default all,
@@ -563,10 +565,10 @@ def select_rows(
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
     _score_units_kernel[(rows, triton.cdiv(max_units, block_units))](
-        q, k_cache, pool.centroids, pool.spreads, pool.cluster_offsets, pool.req_to_segment,
+        q, k_cache, pool.centroids, pool.spreads, pool.cluster_offsets, req_to_segment,
         req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
         pool.token_cluster,
-        q.stride(0), q.stride(1), pool.req_to_segment.stride(0), req_to_token.stride(0),
+        q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=block_units,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
@@ -587,9 +589,9 @@ def select_rows(
         GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
     )  # fmt: skip
     _exact_units_kernel[(rows, triton.cdiv(max_units, exact_units_per_program))](
-        q, k_cache, pool.member_slots, pool.cluster_offsets, pool.req_to_segment,
+        q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment,
         req_pool_indices, clustered_segments, exact, listed_units, listed, token_start, log_mass,
-        q.stride(0), q.stride(1), pool.req_to_segment.stride(0),
+        q.stride(0), q.stride(1), req_to_segment.stride(0),
         num_kv_heads, max_units, scale,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=exact_units_per_program, BLOCK_M=16, **common,
     )  # fmt: skip
@@ -611,9 +613,9 @@ def select_rows(
     indptr[1:] = row_tokens.cumsum(dim=0)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
     _write_rows_kernel[(rows, triton.cdiv(max_units, write_units_per_program))](
-        pool.member_slots, pool.cluster_offsets, pool.req_to_segment, req_to_token,
+        pool.member_slots, pool.cluster_offsets, req_to_segment, req_to_token,
         req_pool_indices, clustered_segments, listed_units, listed, token_start, indptr, indices,
-        pool.req_to_segment.stride(0), req_to_token.stride(0), num_kv_heads, max_units,
+        req_to_segment.stride(0), req_to_token.stride(0), num_kv_heads, max_units,
         SEGMENT=size, CLUSTERS=clusters, BLOCK_U=write_units_per_program, BLOCK_M=32,
     )  # fmt: skip
     return SelectedRows(

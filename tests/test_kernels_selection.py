@@ -23,13 +23,14 @@ def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dty
     req_to_token = torch.zeros(max_reqs, max_context, dtype=torch.int32)
     segment_size = config.segment_size
     pool = ClusterPool.allocate(
-        num_segment_slots=64, max_reqs=max_reqs, max_segments=max_context // segment_size + 1,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, segment_size=segment_size,
-        clusters_per_segment=segment_size // config.cluster_size, dtype=dtype, device="cpu",
+        num_segment_slots=64, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        segment_size=segment_size, clusters_per_segment=segment_size // config.cluster_size,
+        dtype=dtype, device="cpu",
     )  # fmt: skip
     # requests sit in pool slots in reverse order, segments in shuffled slots
     pool_indices = torch.arange(len(lengths)).flip(0) + 1
     segment_slots = torch.randperm(64, generator=generator)
+    req_to_segment = torch.zeros(max_reqs, max_context // segment_size + 1, dtype=torch.int32)
     queries, references, used_slots, used_segments = [], [], 0, 0
     for request, (length, kind) in enumerate(zip(lengths, kinds, strict=True)):
         workload = generate_workload(kind, length, num_kv_heads * group, num_kv_heads, head_dim,
@@ -41,15 +42,17 @@ def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dty
         req_to_token[pool_indices[request], :length] = slots.int()
         index = build_cluster_index(keys, config)
         num_segments = length // segment_size
-        pool.write(int(pool_indices[request]), index, slots,
-                   segment_slots[used_segments : used_segments + num_segments])  # fmt: skip
+        mine = segment_slots[used_segments : used_segments + num_segments]
+        pool.write_segments(index, slots, mine)
+        req_to_segment[pool_indices[request], :num_segments] = mine.int()
         used_segments += num_segments
         # the reference sees the centroids as the pool stores them
         index = type(index)(**{**index.__dict__, "centroids": index.centroids.to(dtype).float()})
         query = workload.query.to(dtype)
         queries.append(query)
         references.append((query, keys, index, slots))
-    return k_cache, req_to_token, pool, pool_indices, torch.stack(queries), references
+    return (k_cache, req_to_token, pool, req_to_segment, pool_indices, torch.stack(queries),
+            references)
 
 
 def to_device(pool):
@@ -69,12 +72,14 @@ def test_selection_matches_reference(config):
     # a context shorter than a segment, one of exactly one segment, and ones with tails
     lengths = [300, 64, 5, 257, 1]
     kinds = ["topics", "needles", "flat", "recency_sink", "topics"]
-    k_cache, req_to_token, pool, pool_indices, q, references = make_batch(lengths, kinds, config)
+    batch = make_batch(lengths, kinds, config)
+    k_cache, req_to_token, pool, req_to_segment, pool_indices, q, references = batch
     targets = torch.zeros(len(lengths) + 2)
     targets[pool_indices] = torch.tensor([0.9, 0.5, 0.99, 0.75, 1.0])
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
     selected = select_rows(
-        q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_token.to(DEVICE),
+        q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_segment.to(DEVICE),
+        req_to_token.to(DEVICE),
         pool_indices.to(DEVICE), seq_lens.to(DEVICE), targets.to(DEVICE),
         max_seq_len=300, config=config, block_units=16, exact_units_per_program=4,
     )  # fmt: skip
@@ -92,12 +97,13 @@ def test_selection_matches_reference(config):
 
 def test_selection_on_bfloat16_cache():
     config = TacticConfig(segment_size=64)
-    k_cache, req_to_token, pool, pool_indices, q, references = make_batch(
+    k_cache, req_to_token, pool, req_to_segment, pool_indices, q, references = make_batch(
         [200, 130], ["needles", "topics"], config, dtype=torch.bfloat16
     )
     targets = torch.full((4,), 0.9)
     selected = select_rows(
-        q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_token.to(DEVICE),
+        q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_segment.to(DEVICE),
+        req_to_token.to(DEVICE),
         pool_indices.to(DEVICE), torch.tensor([200, 130], dtype=torch.int32, device=DEVICE),
         targets.to(DEVICE), max_seq_len=200, config=config, block_units=16,
     )  # fmt: skip
@@ -111,10 +117,12 @@ def test_selection_on_bfloat16_cache():
 
 def test_segment_size_must_match_pool():
     config = TacticConfig(segment_size=64)
-    k_cache, req_to_token, pool, pool_indices, q, _ = make_batch([70], ["topics"], config)
+    k_cache, req_to_token, pool, req_to_segment, pool_indices, q, _ = make_batch(
+        [70], ["topics"], config)  # fmt: skip
     with pytest.raises(ValueError, match="segment_size"):
-        select_rows(q, k_cache, pool, req_to_token, pool_indices, torch.tensor([70]),
-                    torch.ones(3), 70, TacticConfig(segment_size=128))  # fmt: skip
+        select_rows(q, k_cache, pool, req_to_segment, req_to_token, pool_indices,
+                    torch.tensor([70]), torch.ones(3), 70,
+                    TacticConfig(segment_size=128))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -124,7 +132,7 @@ def test_cluster_pool_bytes_are_counted(dtype):
     config = TacticConfig()
     clusters = config.segment_size // config.cluster_size
     pool = ClusterPool.allocate(
-        num_segment_slots=3, max_reqs=1, max_segments=1, num_kv_heads=8, head_dim=128,
+        num_segment_slots=3, num_kv_heads=8, head_dim=128,
         segment_size=config.segment_size, clusters_per_segment=clusters, dtype=dtype,
         device="cpu",
     )  # fmt: skip

@@ -62,7 +62,7 @@ class ClusterSide:
         clusters = -(-self.segment_size // config.cluster_size)
         self.pools = [
             ClusterPool.allocate(
-                num_segment_slots, max_reqs=1, max_segments=1, num_kv_heads=num_kv_heads,
+                num_segment_slots, num_kv_heads=num_kv_heads,
                 head_dim=head_dim, segment_size=self.segment_size,
                 clusters_per_segment=clusters, dtype=dtype, device=device,
             )  # fmt: skip

@@ -5,7 +5,6 @@ layer's attention, and the statistics summed on the device."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -149,9 +148,9 @@ class TacticDecoder:
         out = torch.empty_like(q) if out is None else out
         if (tactic := plan.tactic) is not None:
             queries = q[tactic.rows].to(k_cache.dtype).contiguous()
-            pool = dataclasses.replace(self.side.pools[layer], req_to_segment=tactic.req_to_segment)
             selected = select_rows(
-                queries, k_cache, pool, tactic.req_to_token, tactic.compact, tactic.seq_lens,
+                queries, k_cache, self.side.pools[layer], tactic.req_to_segment,
+                tactic.req_to_token, tactic.compact, tactic.seq_lens,
                 tactic.targets, tactic.max_seq_len, self.config, tactic.clustered,
             )  # fmt: skip
             attended = sparse_decode(queries, k_cache, v_cache, selected.indptr,
