@@ -9,6 +9,7 @@ import torch
 
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
+from tactic_server.engine.sampler import sample
 from tactic_server.engine.types import (
     GenerationRequest,
     PromptTooLong,
@@ -152,6 +153,25 @@ def test_sampling_seed_top_k_and_stop_strings(engine):
     with_stop = dataclasses.replace(GREEDY, stop=(stop,))
     _, stopped, last = run(engine, GenerationRequest("s6", prompt, with_stop))
     assert stopped == text[: text.index(stop)] and last.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("extreme", [dict(temperature=1e-38), dict(temperature=1e-6),
+                                     dict(top_p=1e-45), dict(top_p=5e-324),
+                                     dict(temperature=2.0, top_p=1e-30, top_k=1)])
+def test_extreme_sampling_values_are_greedy_and_fail_no_one(engine, extreme):
+    """A temperature near 0 is greedy and a top_p near 0 keeps the top token, as in vLLM and
+    SGLang; decoded in the same steps as an ordinary request, neither fails the other."""
+    prompt = prompt_ids(40, seed=12)
+    odd = dataclasses.replace(GREEDY, **({"temperature": 1.0} | extreme))
+    assert sample(torch.tensor([0.5, 3.0, -1.0, float("-inf")]), odd, None) == 1
+
+    async def together():
+        return await asyncio.gather(collect(engine, GenerationRequest("x", prompt, odd)),
+                                    collect(engine, GenerationRequest("g", prompt, GREEDY)))
+
+    (odd_tokens, _, odd_last), (greedy_tokens, _, greedy_last) = asyncio.run(together())
+    assert odd_last.finish_reason == greedy_last.finish_reason == "length"
+    assert odd_tokens == greedy_tokens  # greedy either way on this model's peaked logits
 
 
 def test_cancellation_frees_kv(engine):

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # new tokens of a request that gives no limit (the API's chat route, --default-max-tokens):
 # OpenAI's "the rest of the context" would keep a CPU busy for minutes at 32k
 DEFAULT_MAX_TOKENS = 256
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        """A temperature this close to 0 divides logits into infinities: it means greedy, as in
+        vLLM and SGLang (both engines follow this)."""
+        return self.temperature < GREEDY_BELOW
 
 
 SELECTION_METHODS = ("tactic", "oracle", "quest", "topk")

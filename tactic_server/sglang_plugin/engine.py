@@ -85,7 +85,7 @@ class SGLangEngine:
         sampling = request.sampling
         params = dict(
             max_new_tokens=min(sampling.max_tokens, self.max_model_len - prompt_len),
-            temperature=sampling.temperature, top_p=sampling.top_p,
+            temperature=0.0 if sampling.greedy else sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, ignore_eos=sampling.ignore_eos,
             stop_token_ids=list(self.tokenizer.eos_token_ids),
             custom_params={"tactic": {"enabled": request.tactic.enabled,
