@@ -5,6 +5,7 @@ that client would refuse to)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -128,6 +129,11 @@ def scrape(url: str) -> dict[str, float]:
     return samples
 
 
+def post_json(http, path: str, body: dict) -> httpx.Response:
+    """As a client's JSON library writes it, \\u escapes and all (httpx would write text)."""
+    return http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+
 def test_chat_completion_answers_with_usage_and_tactic_report(client, engine):
     completion = chat(client, engine, LONG_PROMPT, extra_body={"ignore_eos": True})
     assert completion.id.startswith("chatcmpl-")
@@ -183,6 +189,18 @@ def test_a_request_without_max_tokens_gets_the_route_default_within_the_context(
     long_reply = http.post("/v1/chat/completions", json=body).json()["usage"]
     assert long_reply["prompt_tokens"] > MAX_MODEL_LEN - DEFAULT_MAX_TOKENS
     assert long_reply["completion_tokens"] == MAX_MODEL_LEN - long_reply["prompt_tokens"]
+
+
+def test_a_lone_surrogate_prompt_is_400_and_the_developer_role_is_system(http):
+    """Current OpenAI SDKs send "developer" where "system" was; the template sees "system"."""
+    error = assert_error(post_json(http, "/v1/completions", {"prompt": "a\ud800"}), 400, "prompt")
+    assert error["type"] == "invalid_request_error"
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    reply = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    messages[0]["role"] = "system"
+    system = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert reply.json()["usage"]["prompt_tokens"] == system.json()["usage"]["prompt_tokens"]
 
 
 def test_eight_concurrent_requests_are_batched_and_get_their_own_greedy_answer(url, client, engine):
@@ -254,10 +272,15 @@ VALID_CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         ({"n": 2}, "n"),
         ({"seed": -1}, "seed"),
         ({"messages": None}, "messages"),
+        # a lone surrogate is no character: in content, a content part or a stop string
+        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+         "messages.0.content"),
+        ({"stop": "x\ud83d"}, "stop"),
     ],
 )
 def test_invalid_chat_fields_answer_400(http, change, param):
-    error = assert_error(http.post("/v1/chat/completions", json=VALID_CHAT | change), 400, param)
+    error = assert_error(post_json(http, "/v1/chat/completions", VALID_CHAT | change), 400, param)
     assert error["type"] == "invalid_request_error"
 
 

@@ -192,7 +192,8 @@ def create_app(
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+        messages = [{"role": message.template_role, "content": message.text()}
+                    for message in body.messages]  # fmt: skip
         return await run(body, messages, ChatFormat, "chatcmpl", request)
 
     @v1.post("/completions")

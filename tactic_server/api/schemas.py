@@ -5,27 +5,52 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 # Strict types, as OpenAI answers: "5" is not a number and 1 is not a boolean. Fields the server
 # does not implement (logprobs, penalties, tools, user, ...) are ignored rather than refused, so
 # that clients which always send them keep working.
 _REQUEST = ConfigDict(strict=True, extra="ignore")
 
+
+
+def _unicode(text: str) -> str:
+    """JSON may carry a lone surrogate (\\ud800), which is no character: refused here (400),
+    before a tokenizer meets it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate, which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 TargetMass = Annotated[float, Field(gt=0.0, le=1.0)]
-StopString = Annotated[str, Field(min_length=1)]
+StopString = Annotated[Text, Field(min_length=1)]
 
 
 class TextPart(BaseModel):
     model_config = _REQUEST
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = _REQUEST
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart]
+
+    @property
+    def template_role(self) -> str:
+        """The role chat templates know: current OpenAI SDKs send "developer" for "system"."""
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -126,7 +151,7 @@ class ChatCompletionRequest(GenerationFields):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
 
     # OpenAI's documented default for text completions, which vLLM keeps too; a chat request
     # without max_tokens gets the server's --default-max-tokens
