@@ -346,6 +346,33 @@ def test_unexpected_error_answers_500_with_an_id_and_the_server_goes_on(
     assert chat(client, engine).choices[0].finish_reason in ("stop", "length")
 
 
+def test_every_response_carries_a_request_id(http, url):
+    reply = http.post("/v1/chat/completions", json=VALID_CHAT)
+    assert reply.json()["id"] == f"chatcmpl-{reply.headers['x-request-id']}"
+    traced = {"X-Request-Id": "trace-7.a"}
+    mine = http.post("/v1/chat/completions", json=VALID_CHAT, headers=traced)
+    assert mine.headers["x-request-id"] == "trace-7.a" and mine.json()["id"] != reply.json()["id"]
+    again = http.post("/v1/chat/completions", json=VALID_CHAT, headers=traced)
+    assert again.status_code == 200 and again.json()["id"] != mine.json()["id"]  # ours stay unique
+    odd = httpx.get(f"{url}/health", headers={"X-Request-Id": "x" * 500})
+    assert len(odd.headers["x-request-id"]) == 32  # not echoed: ours instead
+    refused = post_json(http, "/v1/chat/completions", VALID_CHAT | {"n": 3})
+    assert refused.status_code == 400 and refused.headers["x-request-id"]
+
+
+def test_a_failed_step_answers_500_without_its_exception_text(http, client, engine, monkeypatch):
+    def failing(step):
+        raise RuntimeError("shape [3, 7] at /secret/path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.runner, "run", failing)
+        error = assert_error(http.post("/v1/chat/completions", json=VALID_CHAT), 500)
+    assert error["code"] == "generation_failed" and "request chatcmpl-" in error["message"]
+    assert "secret" not in error["message"] and "shape" not in error["message"]
+    assert engine.stats().kv_slots_in_use == 0
+    assert chat(client, engine).choices[0].finish_reason in ("stop", "length")
+
+
 def test_metrics_count_what_was_sent(url, http, client, engine):
     before = scrape(url)
     completions = [

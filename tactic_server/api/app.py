@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from .completions import ChatFormat, EngineCall, TextFormat, complete, generatio
 from .errors import RETRY_AFTER_SECONDS, APIError, install_error_handlers
 from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import CountRequests, ServerMetrics
+from .request_id import RequestId
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -140,6 +140,7 @@ def create_app(
     # the last added runs first: count every completion request, even one refused for its size
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics, paths=COMPLETION_PATHS)
+    app.add_middleware(RequestId)  # outermost: even a refusal by size carries the id
 
     async def run(
         body: GenerationFields,
@@ -167,7 +168,7 @@ def create_app(
                 ) from exc
             return tokenizer.encode(text)  # the template writes BOS itself
 
-        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}-{request.state.request_id}"
         prompt_ids = await asyncio.to_thread(prompt_token_ids)
         generation = generation_request(
             body, request_id, prompt_ids, engine.max_model_len,

@@ -113,7 +113,9 @@ class EngineCall:
                     )
                     raise APIError(
                         500,
-                        f"generation failed: {last.error or last.finish_reason}",
+                        # what failed stays in the log, under the request's id: exception text
+                        # can carry internals (paths, shapes, other requests' state)
+                        f"generation failed (request {last.request_id}; the server log has why)",
                         code="generation_failed",
                     )
                 yield last
