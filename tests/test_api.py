@@ -450,3 +450,35 @@ def test_full_queue_answers_429_and_a_client_leaving_mid_stream_frees_its_kv(mod
             assert scrape(url)["tactic_requests_total{status=499}"] == 1
     finally:
         asyncio.run(engine.shutdown())
+
+
+def test_a_client_leaving_while_queued_is_aborted_before_its_prefill(model_dir, monkeypatch):
+    """One batch place: a second request queues behind a long one; its client gives up. The
+    request leaves the queue at once and is never prefilled (steps are slowed so that the long
+    one surely outlasts the wait, on any machine)."""
+    engine = Engine.from_config(engine_config(model_dir, max_batch=1, max_waiting=4))
+    prefilled, run = [], engine.runner.run
+
+    def slow_run(step):
+        prefilled.extend(sequence.request_id for sequence, _, _ in step.prefill)
+        time.sleep(0.02)
+        return run(step)
+
+    monkeypatch.setattr(engine.runner, "run", slow_run)
+    app = create_app(engine)
+    long_generation = VALID_CHAT | {"max_tokens": 400, "ignore_eos": True, "stream": True}
+    try:
+        with serving(app) as url, httpx.Client(base_url=url) as http:
+            with http.stream("POST", "/v1/chat/completions", json=long_generation) as stream:
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: ")
+                with pytest.raises(httpx.ReadTimeout):  # 400 steps of >= 20 ms are ahead of it
+                    http.post("/v1/chat/completions", json=VALID_CHAT, timeout=httpx.Timeout(
+                        10.0, read=0.5))  # fmt: skip
+                wait_until(lambda: engine.stats().waiting_requests == 0)
+                assert engine.stats().running_requests == 1  # the long one goes on
+            wait_until(lambda: engine.stats().kv_slots_in_use == 0)
+            assert len(prefilled) == 1  # the long one's prompt only
+            assert scrape(url)["tactic_requests_total{status=499}"] == 2
+    finally:
+        asyncio.run(engine.shutdown())

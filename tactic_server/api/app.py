@@ -19,7 +19,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tactic_server.engine.types import DEFAULT_MAX_TOKENS
 
 from .auth import require_api_key
-from .completions import ChatFormat, EngineCall, TextFormat, complete, generation_request, stream
+from .completions import (
+    CLIENT_CLOSED_REQUEST,
+    ChatFormat,
+    ClientLeft,
+    EngineCall,
+    TextFormat,
+    complete,
+    generation_request,
+    stream,
+    unless_client_leaves,
+)
 from .errors import RETRY_AFTER_SECONDS, APIError, install_error_handlers
 from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import CountRequests, ServerMetrics
@@ -181,7 +191,12 @@ def create_app(
             generation.sampling,
             generation.tactic,
         )
-        call = await EngineCall.start(engine, generation, metrics.track(generation.tactic))
+        try:  # a request still queued when its client leaves is aborted there, not prefilled
+            call = await unless_client_leaves(
+                request, EngineCall.start(engine, generation, metrics.track(generation.tactic))
+            )
+        except ClientLeft:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         format = format_type(request_id, int(time.time()), engine.model_name)
         if body.stream:
             return stream(call, format, body.include_usage, request.state)

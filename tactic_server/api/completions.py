@@ -208,21 +208,35 @@ class TextFormat:
         )
 
 
+class ClientLeft(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def unless_client_leaves(request: Request, awaitable):
+    """awaitable's result, or ClientLeft as soon as the client disconnects; the awaitable is
+    then cancelled, which closes its engine stream and so aborts the engine request (queued or
+    running) and frees what it held."""
+    work = asyncio.ensure_future(awaitable)
+    client_left = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((work, client_left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        client_left.cancel()
+        if not work.done():
+            work.cancel()
+    if work in done:
+        return work.result()
+    raise ClientLeft
+
+
 async def complete(
     call: EngineCall, format: ChatFormat | TextFormat, request: Request
 ) -> BaseModel | Response:
     """The whole answer; generation stops if the client disconnects while waiting for it."""
-    answer = asyncio.ensure_future(_collect(call, format))
-    client_left = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait((answer, client_left), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        client_left.cancel()
-        if not answer.done():
-            answer.cancel()  # closes the engine stream: the request is aborted
-    if answer in done:
-        return answer.result()
-    return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return await unless_client_leaves(request, _collect(call, format))
+    except ClientLeft:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 async def _collect(call: EngineCall, format: ChatFormat | TextFormat) -> BaseModel:
