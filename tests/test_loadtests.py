@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests import loadgen
 from loadtests.inprocess import serving
@@ -132,6 +135,27 @@ def test_inputs_meant_to_hurt_get_a_4xx(engine, url):
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_tokens"
     reply = httpx.post(f"{url}/v1/completions", json={"prompt": "x" * 10**5, "max_tokens": 1})
     assert reply.status_code == 413
+    assert_nothing_held(engine, url)
+
+
+def test_a_partial_body_then_a_closed_connection_counts_as_499(engine, url):
+    """The client announced 1,000 bytes, sent 10 and hung up: nobody was answered, nothing
+    failed on our side, so it is 499, not 500."""
+    def count(status: str) -> float:
+        text = httpx.get(f"{url}/metrics").text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "tactic_requests_total" and s.labels["status"] == status)
+
+    before_499, before_500 = count("499"), count("500")
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                           b'{"message')  # fmt: skip
+    deadline = time.monotonic() + 10
+    while count("499") == before_499 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count("499") == before_499 + 1 and count("500") == before_500
     assert_nothing_held(engine, url)
 
 

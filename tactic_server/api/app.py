@@ -20,7 +20,6 @@ from tactic_server.engine.types import DEFAULT_MAX_TOKENS
 
 from .auth import require_api_key
 from .completions import (
-    CLIENT_CLOSED_REQUEST,
     ChatFormat,
     ClientLeft,
     EngineCall,
@@ -30,7 +29,12 @@ from .completions import (
     stream,
     unless_client_leaves,
 )
-from .errors import RETRY_AFTER_SECONDS, APIError, install_error_handlers
+from .errors import (
+    CLIENT_CLOSED_REQUEST,
+    RETRY_AFTER_SECONDS,
+    APIError,
+    install_error_handlers,
+)
 from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import CountRequests, ServerMetrics
 from .request_id import RequestId

@@ -25,7 +25,7 @@ from tactic_server.engine.types import (
     TacticParams,
 )
 
-from .errors import APIError, unexpected_error
+from .errors import CLIENT_CLOSED_REQUEST, APIError, unexpected_error
 from .metrics import RequestTracker
 from .schemas import (
     ChatChoice,
@@ -43,7 +43,6 @@ from .schemas import (
 
 logger = logging.getLogger(__name__)
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
 
 def generation_request(

@@ -33,6 +33,9 @@ RETRY_AFTER_SECONDS = 1
 _TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+
+
 def error_type(status: int) -> str:
     if status >= 500:
         return "server_error"

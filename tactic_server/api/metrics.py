@@ -21,6 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tactic_server.engine.types import EngineStats, GenerationOutput, TacticParams
 
+from .errors import CLIENT_CLOSED_REQUEST
+
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1)
 STEP_SECONDS_BUCKETS = (
     1e-4,
@@ -188,15 +190,24 @@ class CountRequests:
             await self.app(scope, receive, send)
             return
         status = "500"  # unless a response starts: an exception escaped to the server
+        started = client_left = False
+
+        async def receive_watching() -> Message:
+            nonlocal client_left
+            message = await receive()
+            client_left = client_left or message["type"] == "http.disconnect"
+            return message
 
         async def send_recording_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = str(message["status"])
+                status, started = str(message["status"]), True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_recording_status)
+            await self.app(scope, receive_watching, send_recording_status)
         finally:
+            if not started and client_left:  # e.g. a partial body, then the connection closed
+                status = str(CLIENT_CLOSED_REQUEST)
             status = scope.get("state", {}).get("status", status)
             self.metrics.requests.labels(status=status).inc()
