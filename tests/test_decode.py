@@ -34,7 +34,7 @@ def test_the_torch_path_reads_back_exactly_the_index_of_the_same_keys():
     seq_len = 200  # 6 full segments and a tail of 8
     assert side.cluster_requests([(0, 0, seq_len)], req_to_token, [keys]) == [6]
     assert side.clustered == 6
-    got = side.cluster_index(0, req_to_token, 0, seq_len + 1)
+    got = side.cluster_index(0, side.leading_segments(req_to_token, 0, seq_len + 1), seq_len + 1)
     want = build_cluster_index(keys[req_to_token[0, :seq_len].long()], CONFIG)
     assert got.clustered_len == want.clustered_len == 6 * SEGMENT and got.seq_len == seq_len + 1
     for name in ("cluster_sizes", "cluster_offsets", "token_positions", "token_cluster"):
@@ -58,5 +58,6 @@ def test_a_shared_prefix_is_clustered_once_and_a_freed_slot_forgets_its_segment(
     assert side.cluster_requests([(1, 7, 250)], req_to_token, [keys]) == [7]
     assert side.clustered == 6 + 4
     side.invalidate(req_to_token[0, 3 * SEGMENT - 1 : 3 * SEGMENT].clone())  # segment 2's end
-    assert side.cluster_index(0, req_to_token, 0, 201).clustered_len == 2 * SEGMENT
-    assert side.cluster_index(0, req_to_token, 1, 251).clustered_len == 2 * SEGMENT
+    for request_slot, seq_len in ((0, 201), (1, 251)):
+        segments = side.leading_segments(req_to_token, request_slot, seq_len)
+        assert side.cluster_index(0, segments, seq_len).clustered_len == 2 * SEGMENT

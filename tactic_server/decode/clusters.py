@@ -148,22 +148,27 @@ class ClusterSide:
         self.clustered += self.cluster(work, req_to_token, k_buffers) if work else 0
         return [cached // size for _, _, cached in entries]
 
-    def cluster_index(self, layer: int, req_to_token: torch.Tensor, request_slot: int,
-                      seq_len: int) -> ClusterIndex | None:  # fmt: skip
-        """What select_rows reads for one request, as the ClusterIndex of the torch reference
-        (tactic.selection.plan_tactic): its leading clustered full segments among the cached
-        positions before seq_len - 1, members as positions from 0. Exact: members are stored
-        in position order within their cluster, as build_cluster_index orders them. For the
-        torch path (it reads the count back to the host)."""
+    def leading_segments(self, req_to_token: torch.Tensor, request_slot: int,
+                         seq_len: int) -> torch.Tensor:  # fmt: skip
+        """The segment slots [count] of a request's leading clustered full segments among its
+        cached positions before seq_len - 1: what select_rows reads for it, once per step for
+        every layer. For the torch path (it reads the count back to the host)."""
         slots = torch.tensor([request_slot], device=self.device)
         cached = torch.tensor([seq_len - 1], device=self.device)
         table, clustered = self.segment_table(req_to_token, slots, cached,
                                               (seq_len - 1) // self.segment_size)  # fmt: skip
-        count = int(clustered[0])
+        return table[0, : int(clustered[0])].long()
+
+    def cluster_index(self, layer: int, segments: torch.Tensor,
+                      seq_len: int) -> ClusterIndex | None:  # fmt: skip
+        """One layer's clusters of those segments (leading_segments) as the ClusterIndex of the
+        torch reference (tactic.selection.plan_tactic), members as positions from 0; None
+        without any. Exact: members are stored in position order within their cluster, as
+        build_cluster_index orders them."""
+        count = segments.numel()
         if count == 0:
             return None
-        pool, size = self.pools[layer], self.segment_size
-        chosen = table[0, :count].long()
+        pool, size, chosen = self.pools[layer], self.segment_size, segments
         clusters = pool.clusters_per_segment
         first_position = (torch.arange(count, device=self.device) * size)[:, None, None]
 

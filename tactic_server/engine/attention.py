@@ -33,6 +33,8 @@ class SequenceSlice:
     end: int
     row: int
     slots: torch.Tensor
+    # a torch-path Tactic decode's clustered segments in the store, found once for all layers
+    segments: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -112,8 +114,7 @@ class PagedAttention(nn.Module):
             context.torch_attended.append(attended)
             context.torch_mass.append(mass)
         if context.plan is not None:
-            queries = q.to(k_cache.dtype)
-            context.decoder.attend(context.plan, queries, k_cache, v_cache, self.layer, out=out)
+            context.decoder.attend(context.plan, q, k_cache, v_cache, self.layer, out=out)
         return out
 
     def _select(self, query, keys, part: SequenceSlice, context: StepContext):
@@ -122,8 +123,7 @@ class PagedAttention(nn.Module):
         params = part.sequence.request.tactic
         if params.method != "tactic":
             return plan_baseline(params.method, query, keys, params.target, params.budget)
-        index = context.side.cluster_index(self.layer, context.req_to_token,
-                                           part.sequence.request_slot, part.end)  # fmt: skip
+        index = context.side.cluster_index(self.layer, part.segments, part.end)
         if index is None:
             index = empty_index(self.num_kv_heads, self.head_dim, part.end, keys.device)
         return plan_tactic(query, keys, params.target, index, context.side.config)

@@ -79,19 +79,23 @@ class ModelRunner:
             sequence = part.sequence
             if self._owners[sequence.request_slot] is not sequence:  # its first step
                 self._owners[sequence.request_slot] = sequence
-                params = sequence.request.tactic
-                self.side.start_request(sequence.request_slot,
-                                        params.target if params.selects else 1.0)  # fmt: skip
+                self.side.start_request(sequence.request_slot, sequence.request.tactic.target_mass)
         self._write_table(slices)
         new_slots = torch.cat([part.slots[part.start :] for part in slices]).to(self.device)
         context = StepContext(slices, self.pool.k, self.pool.v, new_slots, self.side,
                               self.decoder, self.req_to_token)  # fmt: skip
-        kernels = [part for part in slices if part.is_decode and self.kernels
-                   and part.sequence.request.tactic.method == "tactic"]  # fmt: skip
+        kernels = []
+        for part in slices:
+            tactic = part.sequence.request.tactic
+            if part.is_decode and self.kernels and tactic.method == "tactic":
+                kernels.append(part)
+                continue
+            part.slots = part.slots.to(self.device)  # the kernels read req_to_token instead
+            if part.selects and tactic.method == "tactic":
+                part.segments = self.side.leading_segments(
+                    self.req_to_token, part.sequence.request_slot, part.end)  # fmt: skip
+            context.torch_slices.append(part)
         context.plan = self._kernel_plan(kernels) if kernels else None
-        context.torch_slices = [part for part in slices if all(part is not k for k in kernels)]
-        for part in context.torch_slices:  # the kernels read req_to_token instead
-            part.slots = part.slots.to(self.device)
         return context
 
     def _write_table(self, slices: list[SequenceSlice]) -> None:
@@ -111,7 +115,7 @@ class ModelRunner:
 
     def _kernel_plan(self, chosen: list[SequenceSlice]) -> DecodePlan:
         seq_lens = [part.end for part in chosen]
-        targets = [part.sequence.request.tactic.target if part.selects else 1.0 for part in chosen]
+        targets = [part.sequence.request.tactic.target_mass for part in chosen]
         request_slots = torch.tensor([part.sequence.request_slot for part in chosen],
                                      device=self.device)  # fmt: skip
         return self.decoder.plan(
@@ -150,8 +154,7 @@ class ModelRunner:
     def _cluster_new_segments(self, sequences: list[Sequence]) -> None:
         """The full segments of selecting requests, once computed (a dense request's are
         clustered when a selecting one first reads them, e.g. through a shared prefix)."""
-        chosen = [s for s in sequences if s.request.tactic.selects
-                  and s.request.tactic.method == "tactic"
+        chosen = [s for s in sequences if s.request.tactic.kernels
                   and s.computed // self.pool.segment_size > s.clustered]  # fmt: skip
         if not chosen:
             return

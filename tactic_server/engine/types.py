@@ -70,6 +70,11 @@ class TacticParams:
         return self.enabled and (selects(self.target) or self.method != "tactic")
 
     @property
+    def target_mass(self) -> float:
+        """The target the decoder reads: 1 (every token) when the request is dense."""
+        return self.target if self.selects else 1.0
+
+    @property
     def kernels(self) -> bool:
         """Whether the selection kernels can run it (Tactic itself; baselines run in torch)."""
         return self.selects and self.method == "tactic"
