@@ -1,11 +1,13 @@
-"""Tactic's state beside SGLang's KV pool: per-layer cluster metadata of full segments, keyed so
-that the radix cache's prefix sharing reuses it and freeing KV invalidates it; per request slot,
-the target and the running statistics. Written against tensors only (req_to_token, the K
-buffers, freed slot indices), so it is tested with SGLang's real pools on the CPU.
+"""Tactic's state beside a KV pool in SGLang's layout (SGLang's own, or the embedded engine's):
+per-layer cluster metadata of full segments, keyed so that prefix sharing reuses it and freeing
+KV invalidates it; per request slot, the target and the running statistics. Written against
+tensors only (req_to_token, the K buffers, freed slot indices), so it is tested with SGLang's
+real pools on the CPU.
 
 Keying: a segment (positions [jS, (j+1)S) of a request) is named by the KV slot of its last
-position. SGLang hands out KV slots along its radix tree, so two requests hold the same slot at
-position p only if they share every slot up to p: equal last slots mean equal segments. When
+position. Both engines hand out KV slots along their prefix caches (SGLang's radix tree, the
+embedded engine's segment cache), so two requests hold the same slot at position p only if they
+share every slot up to p: equal last slots mean equal segments. When
 that slot is freed (request end without caching, radix eviction), `invalidate` drops the
 segment; its metadata slot is reclaimed at the next clustering.
 """
@@ -139,13 +141,13 @@ class ClusterSide:
         """Per (request_slot, segments clustered so far, cached positions): cluster the full
         segments of its cached positions that are new since (those another request already
         clustered, a shared prefix, are found, not redone); returns the requests' clustered
-        segment counts, and how many segments were clustered here is `self.clustered`."""
+        segment counts, and adds the segments clustered here to `self.clustered`."""
         size = self.segment_size
         done = [min(clustered, cached // size) for _, clustered, cached in entries]
         work = [(slot, first, cached // size)
                 for (slot, _, cached), first in zip(entries, done, strict=True)
                 if cached // size > first]  # fmt: skip
-        self.clustered += self.cluster(work, req_to_token, k_buffers) if work else 0
+        self.clustered += self.cluster(work, req_to_token, k_buffers)
         return [cached // size for _, _, cached in entries]
 
     def leading_segments(self, req_to_token: torch.Tensor, request_slot: int,
