@@ -1,9 +1,13 @@
 """Tactic selection on the device for a batch of requests: score every unit (cluster or tail
-position), score the top units exactly, walk units by mass per token until each query head's
-target is reached, and write one CSR row of flat KV rows per (request, KV head).
+position) into per-(request, KV head, query head) histograms over log mass per token, score the
+densest bins exactly, walk the bins from the densest down until each query head's target is
+reached, and write one CSR row of flat KV rows per (request, KV head).
 
 It computes the same function as tactic_server.tactic.selection.plan_tactic (the reference), with
 no host synchronisation: buffers are sized from host-side bounds, counts stay on the device.
+Every kernel is one pass, parallel over (row, unit block) or (row, query head): the thresholds
+come from histograms (a few thousand bins), not from sorting or bisecting over the units, so the
+step is bounded by the bytes it reads rather than by serial passes at small batches.
 Units of a request: clusters of its full segments in (segment, cluster) order, then its tail.
 """
 
@@ -17,6 +21,7 @@ import triton
 import triton.language as tl
 
 from tactic_server.tactic.config import TacticConfig
+from tactic_server.tactic.selection import MAX_RELATIVE_LOG_MASS
 
 from .cluster_pool import ClusterPool
 from .decode_attention import dot_dtype, dot_precision, load_group_queries
@@ -38,6 +43,8 @@ def _score_units_kernel(
     unit_size_ptr,
     forced_ptr,
     token_cluster_ptr,
+    mass_hist_ptr,
+    token_hist_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
@@ -47,6 +54,9 @@ def _score_units_kernel(
     scale,
     recent_window,
     sink_tokens,
+    lowest_density,
+    inverse_bin_width,
+    bin_width,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SEGMENT: tl.constexpr,
@@ -56,13 +66,16 @@ def _score_units_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_F: tl.constexpr,
     ATTEND_TAIL: tl.constexpr,
+    BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     capped log-normal estimate of tactic.selection for clusters and the exact score
-    for tail positions (-inf for padding); each unit's size; and whether it holds an
-    always-attended position (recent window, sinks, the tail when ATTEND_TAIL)."""
+    for tail positions (-inf for padding); each unit's size; whether it holds an
+    always-attended position (recent window, sinks, the tail when ATTEND_TAIL); and the
+    units' share of the row's density histograms: estimated mass and tokens of the units the
+    walk may take (plane 0 of mass_hist, token_hist), mass of the forced ones (plane 2)."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
@@ -124,8 +137,9 @@ def _score_units_kernel(
     ceiling = tl.sqrt(score_variance * 2.0 * log_size)
     log_mass = log_size + scores + tl.minimum(score_variance * 0.5, ceiling)
     log_mass = tl.where((size > 0)[None, :], log_mass, float("-inf"))
+    stored = head_mask[:, None] & in_range[None, :]
     out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
-    tl.store(log_mass_ptr + out, log_mass, mask=head_mask[:, None] & in_range[None, :])
+    tl.store(log_mass_ptr + out, log_mass, mask=stored)
     tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
 
     # the units of the always-attended positions: the last recent_window, the first sink_tokens
@@ -159,189 +173,131 @@ def _score_units_kernel(
         forced = forced | is_tail
     tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=in_range)
 
+    occupied = size > 0
+    bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
+    relative = _relative_mass(log_mass, bins, lowest_density, bin_width)
+    candidate = in_range & occupied & ~forced
+    for head in tl.static_range(GROUP):
+        # one query head's row of the tile; atomics per distinct bin, not per unit
+        pick = heads[:, None] == head
+        head_bins = tl.sum(tl.where(pick, bins, 0), axis=0)
+        head_mass = tl.sum(tl.where(pick, relative, 0.0), axis=0)
+        planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS
+        _histogram_add(planes, head_bins, head_mass, candidate, BLOCK_U)
+        _histogram_add(token_hist_ptr + (row * GROUP + head) * BINS, head_bins, size, candidate,
+                       BLOCK_U)  # fmt: skip
+        _histogram_add(planes + 2 * BINS, head_bins, head_mass, in_range & occupied & forced,
+                       BLOCK_U)  # fmt: skip
+
 
 @triton.jit
-def _order_key(values):
-    """int32 keys that order like the float32 values (flip the magnitude bits of negatives)."""
-    bits = values.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+def _histogram_add(hist_ptr, bins, values, mask, BLOCK_U: tl.constexpr):
+    """hist[bins[i]] += values[i] where mask, with one atomic per distinct bin of the block:
+    lanes sharing a bin are summed first (neighbouring clusters often score alike, and atomics
+    on one address serialise)."""
+    same = (bins[:, None] == bins[None, :]) & mask[None, :]
+    lanes = tl.arange(0, BLOCK_U)
+    first = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1) == 0
+    total = tl.sum(tl.where(same, values[None, :], 0), axis=1)
+    tl.atomic_add(hist_ptr + bins, total, mask=mask & first, sem="relaxed")
+
+
+RELATIVE_LOG_MASS_CAP = tl.constexpr(MAX_RELATIVE_LOG_MASS)
+
+
+@triton.jit
+def _density_bin(log_mass, size, lowest_density, inverse_bin_width, BINS: tl.constexpr):
+    """int32 bin of log mass per token, clamped into [0, BINS) (tactic.selection.density_bin)."""
+    density = log_mass - tl.log(tl.maximum(size, 1).to(tl.float32))
+    bins = tl.floor((density - lowest_density) * inverse_bin_width)
+    return tl.minimum(tl.maximum(bins, 0.0), BINS - 1).to(tl.int32)
+
+
+@triton.jit
+def _relative_mass(log_mass, bins, lowest_density, bin_width):
+    """exp(log_mass - the lower edge of the bin) (tactic.selection.bin_relative_mass)."""
+    edge = lowest_density + bins.to(tl.float32) * bin_width
+    return tl.exp(tl.minimum(log_mass - edge, RELATIVE_LOG_MASS_CAP))
 
 
 @triton.jit
 def _exact_threshold_kernel(
-    log_mass_ptr,
-    unit_size_ptr,
+    token_hist_ptr,
     seq_lens_ptr,
-    exact_ptr,
+    exact_threshold_ptr,
     num_kv_heads,
-    max_units,
     exact_fraction,
     GROUP: tl.constexpr,
-    UNITS_PAD: tl.constexpr,
+    BINS: tl.constexpr,
 ):
-    """Program (row, query head): mark the units whose estimated mass per token is so high that
-    fewer than exact_fraction * seq_len tokens lie in denser units; they are scored exactly.
-    Bisection on the order key finds the density threshold without sorting."""
+    """Program (row, query head): the first bin scored exactly, the lowest bin b such that the
+    bins from b up hold at most exact_fraction * seq_len tokens (BINS: none), in one pass over
+    the row's token histogram."""
     row = tl.program_id(0)
     head = tl.program_id(1)
-    units = tl.arange(0, UNITS_PAD)
-    valid_unit = units < max_units
-    size = tl.load(unit_size_ptr + row * max_units + units, mask=valid_unit, other=0)
-    log_mass = tl.load(
-        log_mass_ptr + (row * GROUP + head) * max_units + units, mask=valid_unit, other=0.0
-    )
-    occupied = size > 0
-    key = _order_key(log_mass - tl.log(tl.maximum(size, 1).to(tl.float32)))
+    bins = tl.arange(0, BINS)
+    tokens = tl.load(token_hist_ptr + (row * GROUP + head) * BINS + bins)
+    at_or_above = tl.sum(tokens, axis=0) - (tl.cumsum(tokens, axis=0) - tokens)
     budget = exact_fraction * tl.load(seq_lens_ptr + row // num_kv_heads).to(tl.float32)
-    # find the smallest threshold t with sum(size[key > t]) < budget; exact = key >= t
-    low = tl.min(tl.where(occupied, key, 2147483647), axis=0).to(tl.int64) - 1
-    high = tl.max(tl.where(occupied, key, -2147483647), axis=0).to(tl.int64)
-    all_below = tl.sum(tl.where(occupied, size, 0), axis=0) < budget
-    for _ in range(34):
-        middle = low + (high - low) // 2
-        denser = tl.sum(tl.where(occupied & (key > middle), size, 0), axis=0)
-        searching = high - low > 1
-        low = tl.where(searching & (denser >= budget), middle, low)
-        high = tl.where(searching & (denser < budget), middle, high)
-    threshold = tl.where(all_below, low, high)
-    threshold = tl.where(budget > 0, threshold, 1 << 40)  # a zero budget scores nothing exactly
-    exact = occupied & (key >= threshold)
-    tl.store(
-        exact_ptr + (row * GROUP + head) * max_units + units, exact.to(tl.int8), mask=valid_unit
-    )
+    threshold = tl.sum((at_or_above.to(tl.float32) > budget).to(tl.int32), axis=0)
+    tl.store(exact_threshold_ptr + row * GROUP + head, threshold)
 
 
 @triton.jit
-def _walk_kernel(
+def _exact_list_kernel(
     log_mass_ptr,
     unit_size_ptr,
     forced_ptr,
-    targets_ptr,
-    req_pool_ptr,
-    selected_ptr,
-    counts_ptr,
-    estimated_mass_ptr,
+    clustered_ptr,
+    exact_threshold_ptr,
+    mass_hist_ptr,
+    exact_units_ptr,
+    exact_count_ptr,
     num_kv_heads,
     max_units,
+    lowest_density,
+    inverse_bin_width,
+    bin_width,
     GROUP: tl.constexpr,
-    UNITS_PAD: tl.constexpr,
-):
-    """Program (row, query head): the densest units (always-attended ones first) whose mass
-    reaches the request's target share of the total: the shortest prefix of the units ordered
-    by mass per token, found by bisection on the order key instead of a sort."""
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    units = tl.arange(0, UNITS_PAD)
-    valid_unit = units < max_units
-    size = tl.load(unit_size_ptr + row * max_units + units, mask=valid_unit, other=0)
-    log_mass = tl.load(
-        log_mass_ptr + (row * GROUP + head) * max_units + units,
-        mask=valid_unit,
-        other=float("-inf"),
-    )
-    forced = tl.load(forced_ptr + row * max_units + units, mask=valid_unit, other=0) > 0
-    occupied = size > 0
-    key = _order_key(log_mass - tl.log(tl.maximum(size, 1).to(tl.float32)))
-    key = tl.where(forced, 2147483647, tl.where(occupied, key, -2147483647))
-    mass = tl.where(occupied, tl.exp(log_mass - tl.max(log_mass, axis=0)), 0.0)
-    total = tl.sum(mass, axis=0)
-    target = tl.load(targets_ptr + tl.load(req_pool_ptr + row // num_kv_heads))
-    need = target * total
-    # find the largest threshold t with sum(mass[key >= t]) >= need; selected = key >= t
-    low = tl.min(tl.where(occupied, key, 2147483647), axis=0).to(tl.int64)
-    high = tl.max(key, axis=0).to(tl.int64) + 1
-    for _ in range(34):
-        middle = low + (high - low) // 2
-        covered = tl.sum(tl.where(key >= middle, mass, 0.0), axis=0)
-        searching = high - low > 1
-        low = tl.where(searching & (covered >= need), middle, low)
-        high = tl.where(searching & (covered < need), middle, high)
-    threshold = tl.where(target >= 1.0, -2147483647, low)
-    # empty units (padding, empty clusters) hold no token: never list them
-    selected = (key >= threshold) & occupied
-    tl.store(
-        selected_ptr + (row * GROUP + head) * max_units + units,
-        selected.to(tl.int8),
-        mask=valid_unit,
-    )
-    tl.store(counts_ptr + row * GROUP + head, tl.sum(tl.where(selected, size, 0), axis=0))
-    covered = tl.sum(tl.where(selected, mass, 0.0), axis=0)
-    tl.store(estimated_mass_ptr + row * GROUP + head, covered / total)
-
-
-@triton.jit
-def _compact_kernel(
-    flags_ptr,
-    unit_size_ptr,
-    units_ptr,
-    token_start_ptr,
-    count_ptr,
-    row_tokens_ptr,
-    max_units,
-    GROUP: tl.constexpr,
-    UNITS_PAD: tl.constexpr,
-):
-    """Program (row): the units flagged ([rows, GROUP, max_units] int8) for any query head of the
-    row, listed in unit order: units[row, :count], each one's first token within the row
-    token_start[row, :count] (prefix sum of sizes), count[row] and the row's tokens."""
-    row = tl.program_id(0)
-    units = tl.arange(0, UNITS_PAD)
-    valid_unit = units < max_units
-    flagged = tl.zeros([UNITS_PAD], dtype=tl.int32)
-    for head in tl.static_range(GROUP):
-        flag = tl.load(
-            flags_ptr + (row * GROUP + head) * max_units + units, mask=valid_unit, other=0
-        )
-        flagged = tl.maximum(flagged, flag.to(tl.int32))
-    tokens = tl.where(
-        flagged > 0, tl.load(unit_size_ptr + row * max_units + units, mask=valid_unit, other=0), 0
-    )
-    slot = tl.cumsum(flagged, axis=0) - flagged
-    keep = flagged > 0
-    tl.store(units_ptr + row * max_units + slot, units, mask=keep)
-    tl.store(
-        token_start_ptr + row * max_units + slot, tl.cumsum(tokens, axis=0) - tokens, mask=keep
-    )
-    tl.store(count_ptr + row, tl.sum(flagged, axis=0))
-    tl.store(row_tokens_ptr + row, tl.sum(tokens, axis=0))
-
-
-@triton.jit
-def _unit_members(
-    listed_units_ptr,
-    token_start_ptr,
-    req_to_segment_ptr,
-    offsets_ptr,
-    row,
-    kv_head,
-    pool_index,
-    listed,
-    num_cluster_units,
-    stride_req_segment,
-    num_kv_heads,
-    max_units,
     CLUSTERS: tl.constexpr,
+    BINS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_U: tl.constexpr,
 ):
-    """The BLOCK_U listed units of this program: unit ids, whether each is a cluster or a tail
-    position, the segment row and first member of clusters, member counts, and token starts."""
-    entries = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
-    live = entries < listed
-    unit = tl.load(listed_units_ptr + row * max_units + entries, mask=live, other=0)
-    token_start = tl.load(token_start_ptr + row * max_units + entries, mask=live, other=0)
-    is_cluster = live & (unit < num_cluster_units)
-    is_tail = live & (unit >= num_cluster_units)
-    segment_slot = tl.load(
-        req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS,
-        mask=is_cluster,
-        other=0,
-    ).to(tl.int64)
-    segment_row = segment_slot * num_kv_heads + kv_head
-    local = segment_row * (CLUSTERS + 1) + unit % CLUSTERS
-    start = tl.load(offsets_ptr + local, mask=is_cluster, other=0)
-    end = tl.load(offsets_ptr + local + 1, mask=is_cluster, other=0)
-    count = tl.where(is_cluster, end - start, tl.where(is_tail, 1, 0))
-    return unit, token_start, is_cluster, is_tail, segment_row, start, count
+    """Program (row, unit block): the units whose estimated bin is at or above a query head's
+    exact threshold. Clusters among them are appended to the row's list for exact scoring
+    (exact_units [rows, max_units], in no particular order); tail positions are exact already
+    and move to the exact plane (1) of the row's histogram at once."""
+    row = tl.program_id(0)
+    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    in_range = units < max_units
+    heads = tl.arange(0, BLOCK_H)
+    head_mask = heads < GROUP
+    hist_row = (row * GROUP + heads)[:, None]
+    num_cluster_units = tl.load(clustered_ptr + row // num_kv_heads) * CLUSTERS
+    thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
+    size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
+    forced = tl.load(forced_ptr + row * max_units + units, mask=in_range, other=1) > 0
+    estimated = tl.load(
+        log_mass_ptr + hist_row * max_units + units[None, :],
+        mask=head_mask[:, None] & in_range[None, :],
+        other=float("-inf"),
+    )
+    bins = _density_bin(estimated, size[None, :], lowest_density, inverse_bin_width, BINS)
+    flagged = (
+        head_mask[:, None]
+        & ((size > 0) & ~forced)[None, :]
+        & (bins >= thresholds[:, None])
+    )  # fmt: skip
+    tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 1) * BINS + bins,
+                  _relative_mass(estimated, bins, lowest_density, bin_width),
+                  mask=flagged & (units >= num_cluster_units)[None, :], sem="relaxed")  # fmt: skip
+    wanted = ((tl.max(flagged.to(tl.int32), axis=0) > 0) & (units < num_cluster_units)).to(tl.int32)
+    count = tl.sum(wanted, axis=0)
+    if count > 0:
+        first = tl.atomic_add(exact_count_ptr + row, count, sem="relaxed")
+        slot = first + tl.cumsum(wanted, axis=0) - wanted
+        tl.store(exact_units_ptr + row * max_units + slot, units, mask=wanted > 0)
 
 
 @triton.jit
@@ -352,88 +308,202 @@ def _exact_units_kernel(
     offsets_ptr,
     req_to_segment_ptr,
     req_pool_ptr,
-    clustered_ptr,
-    exact_ptr,
+    log_mass_ptr,
+    unit_size_ptr,
+    exact_threshold_ptr,
+    mass_hist_ptr,
     exact_units_ptr,
     exact_count_ptr,
-    token_start_ptr,
-    log_mass_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
     num_kv_heads,
     max_units,
     scale,
+    lowest_density,
+    inverse_bin_width,
+    bin_width,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SEGMENT: tl.constexpr,
     CLUSTERS: tl.constexpr,
+    BINS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_U: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Program (row, block of BLOCK_U entries of the row's list of exactly scored units): the
-    exact log-mass of each listed cluster, for every query head that flagged it (exact [rows,
-    GROUP, max_units] int8), members of all BLOCK_U clusters read as one tile per step."""
+    """Program (row, p) of P per row: every P-th group of BLOCK_E clusters of the row's exact
+    list, scored over their members (one [BLOCK_E * BLOCK_M, d] tile per step), so the work of
+    a row spreads evenly over its programs; each cluster's exact log-mass replaces the estimate
+    for the query heads that flagged it, and its mass goes into the exact plane."""
     row = tl.program_id(0)
-    listed = tl.load(exact_count_ptr + row)
-    if tl.program_id(1) * BLOCK_U >= listed:
-        return
-    request = row // num_kv_heads
-    kv_head = row % num_kv_heads
-    pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-    num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
-    unit, _, is_cluster, _, segment_row, start, count = _unit_members(
-        exact_units_ptr, token_start_ptr, req_to_segment_ptr, offsets_ptr, row, kv_head,
-        pool_index, listed, num_cluster_units, stride_req_segment, num_kv_heads, max_units,
-        CLUSTERS, BLOCK_U,
-    )  # fmt: skip
+    programs = tl.num_programs(1)
+    count = tl.load(exact_count_ptr + row)
+    if tl.program_id(1) * BLOCK_E < count:
+        request = row // num_kv_heads
+        kv_head = row % num_kv_heads
+        pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
+        heads = tl.arange(0, BLOCK_H)
+        head_mask = heads < GROUP
+        hist_row = (row * GROUP + heads)[:, None]
+        thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask,
+                             other=BINS)  # fmt: skip
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        q = load_group_queries(
+            q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H,
+            BLOCK_D,
+        ).to(DOT_DTYPE)  # fmt: skip
+        members = tl.arange(0, BLOCK_M)
+        for first in range(tl.program_id(1) * BLOCK_E, count, programs * BLOCK_E):
+            entries = first + tl.arange(0, BLOCK_E)
+            live = entries < count
+            unit = tl.load(exact_units_ptr + row * max_units + entries, mask=live, other=0)
+            segment_slot = tl.load(
+                req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS,
+                mask=live,
+                other=0,
+            ).to(tl.int64)
+            segment_row = segment_slot * num_kv_heads + kv_head
+            local = segment_row * (CLUSTERS + 1) + unit % CLUSTERS
+            start = tl.load(offsets_ptr + local, mask=live, other=0)
+            members_count = tl.load(offsets_ptr + local + 1, mask=live, other=0) - start
+            unit_size = tl.load(unit_size_ptr + row * max_units + unit, mask=live, other=0)
+            unit_estimate = tl.load(log_mass_ptr + hist_row * max_units + unit[None, :],
+                                    mask=head_mask[:, None] & live[None, :], other=0.0)  # fmt: skip
+            unit_bins = _density_bin(unit_estimate, unit_size[None, :], lowest_density,
+                                     inverse_bin_width, BINS)  # fmt: skip
+            flags = head_mask[:, None] & live[None, :] & (unit_bins >= thresholds[:, None])
+            running_max = tl.full([BLOCK_H, BLOCK_E], float("-inf"), dtype=tl.float32)
+            running_sum = tl.zeros([BLOCK_H, BLOCK_E], dtype=tl.float32)
+            for member_start in range(0, tl.max(members_count, axis=0), BLOCK_M):
+                member_mask = (member_start + members)[None, :] < members_count[:, None]
+                slots = tl.load(
+                    member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None]
+                    + member_start + members[None, :],
+                    mask=member_mask,
+                    other=0,
+                ).to(tl.int64)  # fmt: skip
+                rows_3d = (slots * num_kv_heads + kv_head)[:, :, None] * HEAD_DIM + dims[
+                    None, None, :
+                ]
+                keys = tl.load(
+                    k_ptr + rows_3d, mask=member_mask[:, :, None] & dim_mask[None, None, :],
+                    other=0.0,
+                ).to(DOT_DTYPE)  # fmt: skip
+                keys = tl.reshape(keys, (BLOCK_E * BLOCK_M, BLOCK_D))
+                scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
+                scores = tl.reshape(scores, (BLOCK_H, BLOCK_E, BLOCK_M))
+                scores = tl.where(member_mask[None, :, :], scores, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(scores, axis=2))
+                safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+                running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
+                    tl.exp(scores - safe_max[:, :, None]), axis=2
+                )
+                running_max = new_max
+            exact = running_max + tl.log(tl.where(running_sum > 0, running_sum, 1.0))
+            tl.store(log_mass_ptr + hist_row * max_units + unit[None, :], exact, mask=flags)
+            exact_bins = _density_bin(exact, unit_size[None, :], lowest_density,
+                                      inverse_bin_width, BINS)  # fmt: skip
+            tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 1) * BINS + exact_bins,
+                          _relative_mass(exact, exact_bins, lowest_density, bin_width),
+                          mask=flags, sem="relaxed")  # fmt: skip
+
+
+@triton.jit
+def _walk_threshold_kernel(
+    mass_hist_ptr,
+    exact_threshold_ptr,
+    targets_ptr,
+    req_pool_ptr,
+    walk_threshold_ptr,
+    estimated_mass_ptr,
+    num_kv_heads,
+    bin_width,
+    GROUP: tl.constexpr,
+    BINS: tl.constexpr,
+):
+    """Program (row, query head): the lowest bin the walk takes, so that the forced mass plus
+    the bins from the densest down to it reach the request's target share of the total (BINS:
+    the forced units alone reach it); and the share of the estimated mass that covers."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    bins = tl.arange(0, BINS)
+    planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins
+    exact_threshold = tl.load(exact_threshold_ptr + row * GROUP + head)
+    walk = tl.where(bins < exact_threshold, tl.load(planes), 0.0) + tl.load(planes + BINS)
+    forced = tl.load(planes + 2 * BINS)
+    top = tl.max(tl.where((walk > 0) | (forced > 0), bins, -1), axis=0)
+    scale = tl.exp(tl.minimum((bins - top).to(tl.float32) * bin_width, 0.0))
+    walk = walk * scale
+    forced_total = tl.sum(forced * scale, axis=0)
+    walk_total = tl.sum(walk, axis=0)
+    total = forced_total + walk_total
+    target = tl.load(targets_ptr + tl.load(req_pool_ptr + row // num_kv_heads))
+    need = target * total
+    covered = forced_total + (walk_total - (tl.cumsum(walk, axis=0) - walk))
+    threshold = tl.maximum(tl.sum((covered >= need).to(tl.int32), axis=0) - 1, 0)
+    threshold = tl.where(forced_total >= need, BINS, threshold)
+    threshold = tl.where(target >= 1.0, 0, threshold)
+    share = tl.where(
+        threshold == BINS, forced_total, tl.sum(tl.where(bins == threshold, covered, 0.0), axis=0)
+    )
+    tl.store(walk_threshold_ptr + row * GROUP + head, threshold)
+    tl.store(estimated_mass_ptr + row * GROUP + head, share / tl.maximum(total, 1e-38))
+
+
+@triton.jit
+def _mark_kernel(
+    log_mass_ptr,
+    unit_size_ptr,
+    forced_ptr,
+    walk_threshold_ptr,
+    selected_ptr,
+    block_tokens_ptr,
+    row_tokens_ptr,
+    head_tokens_ptr,
+    max_units,
+    num_blocks,
+    lowest_density,
+    inverse_bin_width,
+    GROUP: tl.constexpr,
+    BINS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+):
+    """Program (row, unit block): which units the row reads (forced, or at or above a query
+    head's walk threshold), the block's and the row's token counts, and each query head's own."""
+    row = tl.program_id(0)
+    block = tl.program_id(1)
+    units = block * BLOCK_U + tl.arange(0, BLOCK_U)
+    in_range = units < max_units
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP
-    flags = tl.load(
-        exact_ptr + (row * GROUP + heads)[:, None] * max_units + unit[None, :],
-        mask=head_mask[:, None] & is_cluster[None, :],
-        other=0,
-    )  # [BLOCK_H, BLOCK_U]
-    count = tl.where(tl.max(flags, axis=0) > 0, count, 0)
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
-    q = load_group_queries(
-        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
-    ).to(DOT_DTYPE)
-    running_max = tl.full([BLOCK_H, BLOCK_U], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([BLOCK_H, BLOCK_U], dtype=tl.float32)
-    members = tl.arange(0, BLOCK_M)
-    for member_start in range(0, tl.max(count, axis=0), BLOCK_M):
-        member_mask = (member_start + members)[None, :] < count[:, None]  # [BLOCK_U, BLOCK_M]
-        slots = tl.load(
-            member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None] + member_start
-            + members[None, :],
-            mask=member_mask,
-            other=0,
-        ).to(tl.int64)  # fmt: skip
-        rows_3d = (slots * num_kv_heads + kv_head)[:, :, None] * HEAD_DIM + dims[None, None, :]
-        keys = tl.load(
-            k_ptr + rows_3d, mask=member_mask[:, :, None] & dim_mask[None, None, :], other=0.0
-        ).to(DOT_DTYPE)
-        keys = tl.reshape(keys, (BLOCK_U * BLOCK_M, BLOCK_D))
-        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
-        scores = tl.reshape(scores, (BLOCK_H, BLOCK_U, BLOCK_M))
-        scores = tl.where(member_mask[None, :, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=2))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
-            tl.exp(scores - safe_max[:, :, None]), axis=2
-        )
-        running_max = new_max
-    tl.store(
-        log_mass_ptr + (row * GROUP + heads)[:, None] * max_units + unit[None, :],
-        running_max + tl.log(tl.where(running_sum > 0, running_sum, 1.0)),
-        mask=flags > 0,
+    size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
+    forced = tl.load(forced_ptr + row * max_units + units, mask=in_range, other=0) > 0
+    log_mass = tl.load(
+        log_mass_ptr + (row * GROUP + heads)[:, None] * max_units + units[None, :],
+        mask=head_mask[:, None] & in_range[None, :],
+        other=float("-inf"),
     )
+    bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
+    thresholds = tl.load(walk_threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
+    by_head = (
+        head_mask[:, None]
+        & (size > 0)[None, :]
+        & (forced[None, :] | (bins >= thresholds[:, None]))
+    )  # fmt: skip
+    selected = tl.max(by_head.to(tl.int32), axis=0) > 0
+    tl.store(selected_ptr + row * max_units + units, selected.to(tl.int8), mask=in_range)
+    tokens = tl.sum(tl.where(selected, size, 0), axis=0)
+    tl.store(block_tokens_ptr + row * num_blocks + block, tokens)
+    tl.atomic_add(row_tokens_ptr + row, tokens, sem="relaxed")
+    tl.atomic_add(head_tokens_ptr + row * GROUP + heads,
+                  tl.sum(tl.where(by_head, size[None, :], 0), axis=1), mask=head_mask,
+                  sem="relaxed")  # fmt: skip
 
 
 @triton.jit
@@ -444,57 +514,92 @@ def _write_rows_kernel(
     req_to_token_ptr,
     req_pool_ptr,
     clustered_ptr,
-    selected_units_ptr,
-    selected_count_ptr,
-    token_start_ptr,
+    unit_size_ptr,
+    selected_ptr,
+    block_tokens_ptr,
+    row_tokens_ptr,
     indptr_ptr,
     indices_ptr,
     stride_req_segment,
     stride_req_token,
+    num_rows,
     num_kv_heads,
     max_units,
+    num_blocks,
     SEGMENT: tl.constexpr,
     CLUSTERS: tl.constexpr,
     BLOCK_U: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
-    """Program (row, block of BLOCK_U entries of the row's list of selected units): copy each
-    listed unit's KV rows (slot * H_kv + kv_head) to indices[indptr[row] + token_start:...]."""
+    """Program (row, unit block): the CSR offsets (rows before this one, blocks before this one,
+    units before each unit of the block), then each selected unit's KV rows (slot * H_kv +
+    kv_head) at its place in indices; block 0 writes indptr[row + 1]."""
     row = tl.program_id(0)
-    listed = tl.load(selected_count_ptr + row)
-    if tl.program_id(1) * BLOCK_U >= listed:
-        return
-    request = row // num_kv_heads
-    kv_head = row % num_kv_heads
-    pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-    num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
-    tail_start = tl.load(clustered_ptr + request) * SEGMENT
-    unit, token_start, is_cluster, is_tail, segment_row, start, count = _unit_members(
-        selected_units_ptr, token_start_ptr, req_to_segment_ptr, offsets_ptr, row, kv_head,
-        pool_index, listed, num_cluster_units, stride_req_segment, num_kv_heads, max_units,
-        CLUSTERS, BLOCK_U,
-    )  # fmt: skip
-    tail_slot = tl.load(
-        req_to_token_ptr + pool_index * stride_req_token + tail_start + unit - num_cluster_units,
-        mask=is_tail,
-        other=0,
+    block = tl.program_id(1)
+    earlier_rows = tl.arange(0, BLOCK_R)
+    row_start = tl.sum(
+        tl.load(row_tokens_ptr + earlier_rows, mask=earlier_rows < row, other=0), axis=0
     )
-    destination = tl.load(indptr_ptr + row) + token_start
-    members = tl.arange(0, BLOCK_M)
-    for member_start in range(0, tl.max(count, axis=0), BLOCK_M):
-        member_mask = (member_start + members)[None, :] < count[:, None]
-        member_slot = tl.load(
-            member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None] + member_start
-            + members[None, :],
-            mask=member_mask & is_cluster[:, None],
+    if block == 0:
+        tl.store(indptr_ptr + row + 1, row_start + tl.load(row_tokens_ptr + row))
+        if row == 0:
+            tl.store(indptr_ptr, 0)
+    if tl.load(block_tokens_ptr + row * num_blocks + block) > 0:
+        earlier_blocks = tl.arange(0, BLOCK_B)
+        block_start = tl.sum(
+            tl.load(block_tokens_ptr + row * num_blocks + earlier_blocks,
+                    mask=earlier_blocks < block, other=0),
+            axis=0,
+        )  # fmt: skip
+        request = row // num_kv_heads
+        kv_head = row % num_kv_heads
+        pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
+        num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
+        tail_start = tl.load(clustered_ptr + request) * SEGMENT
+        units = block * BLOCK_U + tl.arange(0, BLOCK_U)
+        in_range = units < max_units
+        selected = tl.load(selected_ptr + row * max_units + units, mask=in_range, other=0) > 0
+        count = tl.where(
+            selected, tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0), 0
+        )
+        destination = row_start + block_start + tl.cumsum(count, axis=0) - count
+        is_cluster = selected & (units < num_cluster_units)
+        is_tail = selected & (units >= num_cluster_units)
+        segment_slot = tl.load(
+            req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
+            mask=is_cluster,
+            other=0,
+        ).to(tl.int64)
+        segment_row = segment_slot * num_kv_heads + kv_head
+        start = tl.load(offsets_ptr + segment_row * (CLUSTERS + 1) + units % CLUSTERS,
+                        mask=is_cluster, other=0)  # fmt: skip
+        tail_slot = tl.load(
+            req_to_token_ptr + pool_index * stride_req_token + tail_start + units
+            - num_cluster_units,
+            mask=is_tail,
             other=0,
         )  # fmt: skip
-        slot = tl.where(is_cluster[:, None], member_slot, tail_slot[:, None])
-        tl.store(
-            indices_ptr + destination[:, None] + member_start + members[None, :],
-            slot * num_kv_heads + kv_head,
-            mask=member_mask,
-        )
+        members = tl.arange(0, BLOCK_M)
+        for member_start in range(0, tl.max(count, axis=0), BLOCK_M):
+            member_mask = (member_start + members)[None, :] < count[:, None]
+            member_slot = tl.load(
+                member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None]
+                + member_start + members[None, :],
+                mask=member_mask & is_cluster[:, None],
+                other=0,
+            )  # fmt: skip
+            slot = tl.where(is_cluster[:, None], member_slot, tail_slot[:, None])
+            tl.store(
+                indices_ptr + destination[:, None] + member_start + members[None, :],
+                slot * num_kv_heads + kv_head,
+                mask=member_mask,
+            )
+
+
+EXACT_PROGRAMS_PER_BATCH = 2048
+"""Programs that score a batch's exact clusters, shared among its rows (at least one each)."""
 
 
 @dataclass(frozen=True)
@@ -523,9 +628,9 @@ def select_rows(
     max_seq_len: int,
     config: TacticConfig | None = None,
     clustered_segments: torch.Tensor | None = None,
-    block_units: int = 64,
-    exact_units_per_program: int = 8,
-    write_units_per_program: int = 16,
+    score_units_per_program: int = 64,
+    units_per_program: int = 256,
+    exact_units_per_program: int = 4,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_to_segment [max_reqs, max_segments] int32: each request's segment slots in the pool;
@@ -534,8 +639,15 @@ def select_rows(
     clustered_segments [batch]: full segments whose clusters are in the pool (default all,
     seq_lens // segment_size); a segment completed but not yet clustered (at most one) is
     scored token by token with the tail.
-    block_units: units scored per program; exact_units_per_program, write_units_per_program:
-    listed units whose members an exact-scoring or row-writing program reads as one tile."""
+    score_units_per_program: units one scoring program reads; units_per_program: units of one
+    program of the lighter unit-parallel kernels (listing, marking, writing: more units per
+    program keeps large batches from paying per-program latency many times over);
+    exact_units_per_program: clusters whose members one exact-scoring step reads as one tile.
+
+    Seven launches, each a single pass in parallel over (row, unit block) or (row, query head):
+    score every unit into per-(row, head) density histograms; find the exact threshold bin;
+    list the clusters above it; score them exactly; find the walk's threshold bin; mark the
+    selected units; write the CSR rows."""
     config = config or TacticConfig()
     if config.segment_size != pool.segment_size:
         raise ValueError("config.segment_size must equal the cluster pool's segment_size")
@@ -547,80 +659,99 @@ def select_rows(
     size, clusters = pool.segment_size, pool.clusters_per_segment
     # clusters of the full segments, plus a tail of up to two segments (one not clustered yet)
     max_units = (max_seq_len // size) * clusters + 2 * size
+    num_blocks = triton.cdiv(max_units, units_per_program)
     if clustered_segments is None:
         clustered_segments = seq_lens // size
     clustered_segments = clustered_segments.to(torch.int32)
-    units_pad = triton.next_power_of_2(max_units)
     scale = 1.0 / math.sqrt(head_dim)
+    bins = config.density_bins
+    binning = dict(lowest_density=config.lowest_density,
+                   inverse_bin_width=1.0 / config.density_bin_width)  # fmt: skip
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
     common = dict(
-        GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters,
+        GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters, BINS=bins,
         DOT_DTYPE=dot_dtype(k_cache.dtype),
         DOT_PRECISION=dot_precision(k_cache.dtype),
     )  # fmt: skip
-    walk_warps = max(4, min(16, units_pad // 1024))
+    grid = (rows, num_blocks)
+    wide = dict(BLOCK_U=units_per_program, num_warps=8 if units_per_program >= 256 else 4)
+
+    # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
+    # bins] float32, token histogram [rows, group, bins], then int32 counters: row tokens
+    # [rows], head tokens [rows, group], listed exact clusters [rows]
+    hist_len = rows * group * bins
+    workspace = torch.zeros(4 * hist_len + rows * (group + 2), dtype=torch.int32, device=device)
+    mass_hist = workspace[: 3 * hist_len].view(torch.float32)
+    token_hist = workspace[3 * hist_len : 4 * hist_len]
+    row_tokens, head_tokens, exact_count = workspace[4 * hist_len :].split(
+        [rows, rows * group, rows]
+    )
 
     log_mass = torch.empty(rows, group, max_units, device=device)
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
-    _score_units_kernel[(rows, triton.cdiv(max_units, block_units))](
+    _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
         q, k_cache, pool.centroids, pool.spreads, pool.cluster_offsets, req_to_segment,
         req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
-        pool.token_cluster,
+        pool.token_cluster, mass_hist, token_hist,
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=block_units,
+        bin_width=config.density_bin_width, **binning,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", **common,
     )  # fmt: skip
 
-    exact = torch.empty(rows, group, max_units, dtype=torch.int8, device=device)
+    exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
     _exact_threshold_kernel[(rows, group)](
-        log_mass, unit_size, seq_lens, exact, num_kv_heads, max_units, config.exact_fraction,
-        GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
+        token_hist, seq_lens, exact_threshold, num_kv_heads, config.exact_fraction,
+        GROUP=group, BINS=bins,
     )  # fmt: skip
-    listed_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
-    token_start = torch.empty(rows, max_units, dtype=torch.int32, device=device)
-    listed = torch.empty(rows, dtype=torch.int32, device=device)
-    row_tokens = torch.empty(rows, dtype=torch.int32, device=device)
-    _compact_kernel[(rows,)](
-        exact, unit_size, listed_units, token_start, listed, row_tokens, max_units,
-        GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
+    exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
+    _exact_list_kernel[grid](
+        log_mass, unit_size, forced, clustered_segments, exact_threshold, mass_hist, exact_units,
+        exact_count, num_kv_heads, max_units, bin_width=config.density_bin_width, **binning,
+        GROUP=group, CLUSTERS=clusters, BINS=bins, BLOCK_H=block_h, **wide,
     )  # fmt: skip
-    _exact_units_kernel[(rows, triton.cdiv(max_units, exact_units_per_program))](
-        q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment,
-        req_pool_indices, clustered_segments, exact, listed_units, listed, token_start, log_mass,
-        q.stride(0), q.stride(1), req_to_segment.stride(0),
-        num_kv_heads, max_units, scale,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=exact_units_per_program, BLOCK_M=16, **common,
+    # a fixed number of programs per row, each taking every P-th group of listed clusters
+    exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
+                                EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
+    _exact_units_kernel[(rows, exact_programs)](
+        q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
+        log_mass, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
+        q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
+        bin_width=config.density_bin_width, **binning,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program, BLOCK_M=32,
+        **common,
     )  # fmt: skip
 
-    selected = torch.empty(rows, group, max_units, dtype=torch.int8, device=device)
-    counts = torch.empty(rows, group, dtype=torch.int32, device=device)
+    walk_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
     estimated_mass = torch.empty(rows, group, device=device)
-    _walk_kernel[(rows, group)](
-        log_mass, unit_size, forced, targets, req_pool_indices, selected, counts, estimated_mass,
-        num_kv_heads, max_units, GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
+    _walk_threshold_kernel[(rows, group)](
+        mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold, estimated_mass,
+        num_kv_heads, config.density_bin_width, GROUP=group, BINS=bins,
     )  # fmt: skip
 
-    # the list, token offsets and counts are reused for the selected units (the union over heads)
-    _compact_kernel[(rows,)](
-        selected, unit_size, listed_units, token_start, listed, row_tokens, max_units,
-        GROUP=group, UNITS_PAD=units_pad, num_warps=walk_warps,
+    selected = torch.empty(rows, max_units, dtype=torch.int8, device=device)
+    block_tokens = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
+    _mark_kernel[grid](
+        log_mass, unit_size, forced, walk_threshold, selected, block_tokens, row_tokens,
+        head_tokens, max_units, num_blocks, **binning,
+        GROUP=group, BINS=bins, BLOCK_H=block_h, **wide,
     )  # fmt: skip
-    indptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
-    indptr[1:] = row_tokens.cumsum(dim=0)
+    indptr = torch.empty(rows + 1, dtype=torch.int32, device=device)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
-    _write_rows_kernel[(rows, triton.cdiv(max_units, write_units_per_program))](
+    _write_rows_kernel[grid](
         pool.member_slots, pool.cluster_offsets, req_to_segment, req_to_token,
-        req_pool_indices, clustered_segments, listed_units, listed, token_start, indptr, indices,
-        req_to_segment.stride(0), req_to_token.stride(0), num_kv_heads, max_units,
-        SEGMENT=size, CLUSTERS=clusters, BLOCK_U=write_units_per_program, BLOCK_M=32,
+        req_pool_indices, clustered_segments, unit_size, selected, block_tokens, row_tokens,
+        indptr, indices, req_to_segment.stride(0), req_to_token.stride(0), rows, num_kv_heads,
+        max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters, BLOCK_M=32, **wide,
+        BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=triton.next_power_of_2(num_blocks),
     )  # fmt: skip
     return SelectedRows(
         indptr=indptr,
         indices=indices,
-        query_head_counts=counts.reshape(batch, num_q_heads).long(),
+        query_head_counts=head_tokens.reshape(batch, num_q_heads).long(),
         estimated_mass=estimated_mass.reshape(batch, num_q_heads),
     )

@@ -81,7 +81,8 @@ def test_selection_matches_reference(config):
         q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_segment.to(DEVICE),
         req_to_token.to(DEVICE),
         pool_indices.to(DEVICE), seq_lens.to(DEVICE), targets.to(DEVICE),
-        max_seq_len=300, config=config, block_units=16, exact_units_per_program=4,
+        max_seq_len=300, config=config, score_units_per_program=16, units_per_program=32,
+        exact_units_per_program=4,
     )  # fmt: skip
     indptr, indices = selected.indptr.cpu(), selected.indices.cpu()
     for request, (query, keys, index, slots) in enumerate(references):
@@ -105,7 +106,8 @@ def test_selection_on_bfloat16_cache():
         q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_segment.to(DEVICE),
         req_to_token.to(DEVICE),
         pool_indices.to(DEVICE), torch.tensor([200, 130], dtype=torch.int32, device=DEVICE),
-        targets.to(DEVICE), max_seq_len=200, config=config, block_units=16,
+        targets.to(DEVICE), max_seq_len=200, config=config, score_units_per_program=16,
+        units_per_program=32,
     )  # fmt: skip
     for request, (query, keys, index, slots) in enumerate(references):
         plan = plan_tactic(query, keys, 0.9, index, config)

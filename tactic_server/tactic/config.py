@@ -38,14 +38,20 @@ class TacticConfig:
         the correction capped at the expected largest of n normal scores;
         "inverse_fit" is the paper's y = a/x + b fitted on two sampled stretches of the
         centroid-ordered token list.
-    exact_fraction: share of the context, taken from the top of the estimated order, whose
-        scores are computed exactly (the paper's top 1-2%).
+    exact_fraction: most of the context, taken in whole density bins from the top of the
+        estimated order, whose scores are computed exactly (the paper's top 1-2%).
     tail_policy: positions after the last full segment are not clustered; "score" scores them
         exactly and selects them token by token like singleton clusters, "attend" always
         attends all of them.
     recent_window: most recent positions that are always attended.
     sink_tokens: first positions that are always attended (attention sinks).
     sample_fraction: width of each sampled stretch of the inverse fit, as a share of the list.
+    density_bins, density_bin_width: units are ranked by their log mass per token (density) in
+        bins of this width (nats), centred on 0 (2048 bins of 1/16 cover -64..64; densities
+        outside fall into the end bins). Selection takes whole bins: the exact top and the walk
+        each find their threshold in one pass over a histogram instead of sorting the units,
+        which is what lets the device do it in a few bandwidth-bound launches. A bin is a mass
+        step of at most exp(width) = 6.5%; the last bin a walk takes is its overshoot.
     """
 
     segment_size: int | None = 1024
@@ -58,6 +64,8 @@ class TacticConfig:
     recent_window: int = 16
     sink_tokens: int = 0
     sample_fraction: float = 0.01
+    density_bins: int = 2048
+    density_bin_width: float = 0.0625
 
     def __post_init__(self) -> None:
         if self.segment_size is not None and self.segment_size < self.cluster_size:
@@ -83,6 +91,15 @@ class TacticConfig:
             raise ValueError("recent_window and sink_tokens must be >= 0")
         if not 0.0 < self.sample_fraction <= 0.5:
             raise ValueError(f"sample_fraction must be in (0, 0.5], got {self.sample_fraction}")
+        if self.density_bins < 2 or self.density_bins & (self.density_bins - 1):
+            raise ValueError(f"density_bins must be a power of two >= 2, got {self.density_bins}")
+        if not self.density_bin_width > 0:
+            raise ValueError(f"density_bin_width must be > 0, got {self.density_bin_width}")
+
+    @property
+    def lowest_density(self) -> float:
+        """Lower edge of the first density bin (the bins are centred on 0)."""
+        return -self.density_bins * self.density_bin_width / 2
 
 
 WHOLE_CONTEXT = TacticConfig(segment_size=None)

@@ -95,6 +95,30 @@ def _rank_within_unit(unit_of_position: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
 
 
+def density_bin(log_mass: torch.Tensor, sizes: torch.Tensor, config: TacticConfig):
+    """int64 bin of each unit's log mass per token (clamped into the end bins), as the kernels
+    compute it: floor((log_mass - log size - lowest) / width)."""
+    density = log_mass - sizes.clamp_min(1).log()
+    bins = ((density - config.lowest_density) * (1.0 / config.density_bin_width)).floor()
+    return bins.nan_to_num(0.0).clamp(0, config.density_bins - 1).long()
+
+
+MAX_RELATIVE_LOG_MASS = 80.0
+"""A unit's mass is summed relative to its bin's lower edge, exp(log_mass - edge): at most
+size * exp(width) inside the range; capped for densities clamped into the top bin."""
+
+
+def bin_relative_mass(log_mass: torch.Tensor, bins: torch.Tensor, config: TacticConfig):
+    """exp(log_mass - lower edge of the unit's bin), what a bin's histogram entry sums."""
+    edge = config.lowest_density + bins.float() * config.density_bin_width
+    return torch.exp((log_mass - edge).clamp_max(MAX_RELATIVE_LOG_MASS)).nan_to_num(0.0)
+
+
+def _suffix_sums(values: torch.Tensor) -> torch.Tensor:
+    """[..., b] -> sum of values[..., b:], as total - exclusive prefix (the kernels' formula)."""
+    return values.sum(dim=-1, keepdim=True) - (values.cumsum(dim=-1) - values)
+
+
 def plan_tactic(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -137,27 +161,15 @@ def plan_tactic(
     grouped_query = query.float().reshape(num_kv_heads, group, dim)
     centroid_scores = torch.einsum("hgd,hcd->hgc", grouped_query, index.centroids) / math.sqrt(dim)
     tail_exact = exact_log_mass[..., num_clusters:]
-    log_sizes = _log(unit_sizes)[:, None, :]
     if config.estimator == "lognormal":
         clusters = _lognormal_estimate(grouped_query, index, centroid_scores)
-        estimated = torch.cat([clusters, tail_exact], dim=-1)
-        rank_key = estimated - log_sizes
     else:
-        rank_key = torch.cat([centroid_scores, tail_exact], dim=-1)
-        estimated = _inverse_fit_estimate(
-            scores, peak, unit_of_position, rank_key, unit_sizes, config
-        )
-        estimated = torch.cat([estimated[..., :num_clusters], tail_exact], dim=-1)
-    rank_key = torch.where(
-        unit_sizes[:, None, :] > 0, rank_key, torch.full_like(rank_key, -math.inf)
-    )
-
-    # score exactly the units at the top of the estimated order, up to exact_fraction of the context
-    by_rank = torch.argsort(rank_key, dim=-1, descending=True)
-    sorted_sizes = torch.gather(unit_sizes[:, None, :].expand_as(rank_key), 2, by_rank)
-    exact_in_rank = (sorted_sizes.cumsum(dim=-1) - sorted_sizes) < config.exact_fraction * seq_len
-    scored_exactly = torch.zeros_like(exact_in_rank).scatter_(2, by_rank, exact_in_rank)
-    log_mass = torch.where(scored_exactly, exact_log_mass, estimated)
+        # the fit lists tokens by their unit's centroid score (tail positions by their own)
+        list_rank_key = torch.cat([centroid_scores, tail_exact], dim=-1)
+        clusters = _inverse_fit_estimate(
+            scores, peak, unit_of_position, list_rank_key, unit_sizes, config
+        )[..., :num_clusters]
+    estimated = torch.cat([clusters, tail_exact], dim=-1)  # [H_kv, group, U] log-mass
 
     forced = torch.zeros(num_kv_heads, num_units, dtype=torch.bool, device=device)
     forced_positions = [
@@ -169,23 +181,45 @@ def plan_tactic(
     for positions in forced_positions:
         forced.scatter_(1, unit_of_position[:, positions], True)
     forced = forced[:, None, :].expand(-1, group, -1)
+    occupied = (unit_sizes > 0)[:, None, :].expand(-1, group, -1)
+    candidate = occupied & ~forced  # units the walk may take or leave
+    sizes = unit_sizes[:, None, :].expand(-1, group, -1)
+    bins = config.density_bins
 
-    # walk units in order of (estimated) mass per token, always-attended ones first
-    walk_key = torch.where(unit_sizes[:, None, :] > 0, log_mass - log_sizes, -math.inf)
-    walk_key = torch.where(forced, math.inf, walk_key)
-    walk_order = torch.argsort(walk_key, dim=-1, descending=True)
-    walk_mass = torch.gather(log_mass, 2, walk_order)
-    walk_mass = torch.exp(walk_mass - walk_mass.amax(dim=-1, keepdim=True)).nan_to_num(0.0)
-    cumulative = walk_mass.cumsum(dim=-1)
-    total = cumulative[..., -1:]
+    def by_bin(values, unit_bins, mask):
+        return torch.zeros(num_kv_heads, group, bins, device=device).scatter_add_(
+            2, unit_bins, torch.where(mask, values, 0.0)
+        )
+
+    # score exactly the units of the densest estimated bins, as many bins as hold at most
+    # exact_fraction of the context
+    estimated_bins = density_bin(estimated, sizes, config)
+    at_or_above = _suffix_sums(by_bin(sizes, estimated_bins, candidate))
+    budget = config.exact_fraction * seq_len
+    exact_threshold = (at_or_above > budget).sum(dim=-1, keepdim=True)
+    scored_exactly = candidate & (estimated_bins >= exact_threshold)
+    log_mass = torch.where(scored_exactly, exact_log_mass, estimated)
+
+    # walk the bins from the densest down, always-attended units first, until the target
+    final_bins = density_bin(log_mass, sizes, config)
+    relative = bin_relative_mass(log_mass, final_bins, config)
+    walk_mass = by_bin(relative, final_bins, candidate)
+    forced_mass = by_bin(relative, final_bins, forced & occupied)
+    nonempty = (walk_mass > 0) | (forced_mass > 0)
+    positions = torch.arange(bins, device=device)
+    top = torch.where(nonempty, positions, -1).amax(dim=-1, keepdim=True)
+    scale = torch.exp(((positions - top) * config.density_bin_width).clamp_max(0.0))
+    walk_mass, forced_total = walk_mass * scale, (forced_mass * scale).sum(-1, keepdim=True)
+    total = forced_total + walk_mass.sum(-1, keepdim=True)
+    covered = forced_total + _suffix_sums(walk_mass)  # [H_kv, group, bins]: bins >= b taken
+    need = target * total
+    walk_threshold = ((covered >= need).sum(dim=-1, keepdim=True) - 1).clamp_min(0)
+    walk_threshold = torch.where(forced_total >= need, bins, walk_threshold)
     if target >= 1.0:
-        taken = torch.full((num_kv_heads, group, 1), num_units, dtype=torch.long, device=device)
-    else:
-        taken = (cumulative < target * total).sum(dim=-1, keepdim=True) + 1
-    taken = torch.maximum(taken, forced.sum(dim=-1, keepdim=True)).clamp_max(num_units)
-    in_walk = torch.arange(num_units, device=device) < taken
-    selected_units = torch.zeros_like(in_walk).scatter_(2, walk_order, in_walk)
-    estimated_share = torch.gather(cumulative, 2, taken - 1) / total.clamp_min(1e-38)
+        walk_threshold = torch.zeros_like(walk_threshold)
+    selected_units = occupied & (forced | (final_bins >= walk_threshold))
+    covered = torch.cat([covered, forced_total], dim=-1).gather(2, walk_threshold)
+    estimated_share = covered / total.clamp_min(1e-38)
 
     query_head_selected = torch.gather(selected_units, 2, expanded_units)
     return plan_from_mask(query_head_selected.any(dim=1), query_head_selected, estimated_share)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the GPU machine (device call with carry [".whl"]): the selection and decode kernel tests on
+# CUDA, the profile of one selection step, and the decode benchmark with the given arguments.
+# Everything lands in $OUT.  Usage: PROFILE="131072:1 131072:16" bash benchmarks/run_gpu_selection.sh \
+#     --contexts 32768 131072 --batches 1 16 --fractions 0.01 0.03 0.1 0.3
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/gpu_env.sh >/dev/null 2>&1 || { echo "gpu_env failed"; exit 1; }
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  python3 -m pytest -q tests/test_kernels_selection.py tests/test_kernels_decode.py \
+    >"$OUT/gpu_kernel_tests.log" 2>&1
+  tail -3 "$OUT/gpu_kernel_tests.log"
+fi
+for shape in ${PROFILE:-}; do
+  python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
+    >"$OUT/profile_selection_${shape%%:*}_b${shape##*:}.txt" 2>&1
+  tail -1 "$OUT/profile_selection_${shape%%:*}_b${shape##*:}.txt"
+done
+if [ $# -gt 0 ]; then
+  PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/decode_attention.json" \
+    "$@" >"$OUT/decode_attention.log" 2>&1
+  tail -30 "$OUT/decode_attention.log"
+fi
