@@ -44,7 +44,6 @@ def _score_units_kernel(
     forced_ptr,
     token_cluster_ptr,
     mass_hist_ptr,
-    token_hist_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
@@ -74,8 +73,9 @@ def _score_units_kernel(
     capped log-normal estimate of tactic.selection for clusters and the exact score
     for tail positions (-inf for padding); each unit's size; whether it holds an
     always-attended position (recent window, sinks, the tail when ATTEND_TAIL); and the
-    units' share of the row's density histograms: estimated mass and tokens of the units the
-    walk may take (plane 0 of mass_hist, token_hist), mass of the forced ones (plane 2)."""
+    units' share of the row's density histograms: estimated mass of the units the walk may take
+    (plane 0 of mass_hist), mass of the forced ones (plane 2). One atomic per (query head,
+    unit): at large batches atomics bound this kernel as much as the centroids it reads."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
@@ -176,30 +176,12 @@ def _score_units_kernel(
     occupied = size > 0
     bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
     relative = _relative_mass(log_mass, bins, lowest_density, bin_width)
-    candidate = in_range & occupied & ~forced
-    for head in tl.static_range(GROUP):
-        # one query head's row of the tile; atomics per distinct bin, not per unit
-        pick = heads[:, None] == head
-        head_bins = tl.sum(tl.where(pick, bins, 0), axis=0)
-        head_mass = tl.sum(tl.where(pick, relative, 0.0), axis=0)
-        planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS
-        _histogram_add(planes, head_bins, head_mass, candidate, BLOCK_U)
-        _histogram_add(token_hist_ptr + (row * GROUP + head) * BINS, head_bins, size, candidate,
-                       BLOCK_U)  # fmt: skip
-        _histogram_add(planes + 2 * BINS, head_bins, head_mass, in_range & occupied & forced,
-                       BLOCK_U)  # fmt: skip
-
-
-@triton.jit
-def _histogram_add(hist_ptr, bins, values, mask, BLOCK_U: tl.constexpr):
-    """hist[bins[i]] += values[i] where mask, with one atomic per distinct bin of the block:
-    lanes sharing a bin are summed first (neighbouring clusters often score alike, and atomics
-    on one address serialise)."""
-    same = (bins[:, None] == bins[None, :]) & mask[None, :]
-    lanes = tl.arange(0, BLOCK_U)
-    first = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1) == 0
-    total = tl.sum(tl.where(same, values[None, :], 0), axis=1)
-    tl.atomic_add(hist_ptr + bins, total, mask=mask & first, sem="relaxed")
+    hist_row = (row * GROUP + heads)[:, None]
+    candidate = stored & (occupied & ~forced)[None, :]
+    tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 0) * BINS + bins, relative, mask=candidate,
+                  sem="relaxed")  # fmt: skip
+    tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
+                  mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
 
 
 RELATIVE_LOG_MASS_CAP = tl.constexpr(MAX_RELATIVE_LOG_MASS)
@@ -222,24 +204,27 @@ def _relative_mass(log_mass, bins, lowest_density, bin_width):
 
 @triton.jit
 def _exact_threshold_kernel(
-    token_hist_ptr,
+    mass_hist_ptr,
     seq_lens_ptr,
     exact_threshold_ptr,
     num_kv_heads,
     exact_fraction,
+    tokens_per_relative_mass,
     GROUP: tl.constexpr,
     BINS: tl.constexpr,
 ):
     """Program (row, query head): the first bin scored exactly, the lowest bin b such that the
     bins from b up hold at most exact_fraction * seq_len tokens (BINS: none), in one pass over
-    the row's token histogram."""
+    the row's estimated-mass plane. A bin's tokens are its relative mass times
+    exp(-width / 2): each unit's relative mass is its size times exp(0..width)."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     bins = tl.arange(0, BINS)
-    tokens = tl.load(token_hist_ptr + (row * GROUP + head) * BINS + bins)
+    tokens = tl.load(mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins)
+    tokens = tokens * tokens_per_relative_mass
     at_or_above = tl.sum(tokens, axis=0) - (tl.cumsum(tokens, axis=0) - tokens)
     budget = exact_fraction * tl.load(seq_lens_ptr + row // num_kv_heads).to(tl.float32)
-    threshold = tl.sum((at_or_above.to(tl.float32) > budget).to(tl.int32), axis=0)
+    threshold = tl.sum((at_or_above > budget).to(tl.int32), axis=0)
     tl.store(exact_threshold_ptr + row * GROUP + head, threshold)
 
 
@@ -629,7 +614,7 @@ def select_rows(
     config: TacticConfig | None = None,
     clustered_segments: torch.Tensor | None = None,
     score_units_per_program: int = 64,
-    units_per_program: int = 256,
+    units_per_program: int = 64,
     exact_units_per_program: int = 4,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
@@ -676,15 +661,15 @@ def select_rows(
     )  # fmt: skip
     grid = (rows, num_blocks)
     wide = dict(BLOCK_U=units_per_program, num_warps=8 if units_per_program >= 256 else 4)
+    group_pad = triton.next_power_of_2(group)  # kernels without tl.dot need no 16-row tile
 
     # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
-    # bins] float32, token histogram [rows, group, bins], then int32 counters: row tokens
-    # [rows], head tokens [rows, group], listed exact clusters [rows]
-    hist_len = rows * group * bins
-    workspace = torch.zeros(4 * hist_len + rows * (group + 2), dtype=torch.int32, device=device)
-    mass_hist = workspace[: 3 * hist_len].view(torch.float32)
-    token_hist = workspace[3 * hist_len : 4 * hist_len]
-    row_tokens, head_tokens, exact_count = workspace[4 * hist_len :].split(
+    # bins] float32, then int32 counters: row tokens [rows], head tokens [rows, group], listed
+    # exact clusters [rows]
+    hist_len = 3 * rows * group * bins
+    workspace = torch.zeros(hist_len + rows * (group + 2), dtype=torch.int32, device=device)
+    mass_hist = workspace[:hist_len].view(torch.float32)
+    row_tokens, head_tokens, exact_count = workspace[hist_len:].split(
         [rows, rows * group, rows]
     )
 
@@ -694,7 +679,7 @@ def select_rows(
     _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
         q, k_cache, pool.centroids, pool.spreads, pool.cluster_offsets, req_to_segment,
         req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
-        pool.token_cluster, mass_hist, token_hist,
+        pool.token_cluster, mass_hist,
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
         bin_width=config.density_bin_width, **binning,
@@ -703,28 +688,32 @@ def select_rows(
         ATTEND_TAIL=config.tail_policy == "attend", **common,
     )  # fmt: skip
 
-    exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
-    _exact_threshold_kernel[(rows, group)](
-        token_hist, seq_lens, exact_threshold, num_kv_heads, config.exact_fraction,
-        GROUP=group, BINS=bins,
-    )  # fmt: skip
-    exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
-    _exact_list_kernel[grid](
-        log_mass, unit_size, forced, clustered_segments, exact_threshold, mass_hist, exact_units,
-        exact_count, num_kv_heads, max_units, bin_width=config.density_bin_width, **binning,
-        GROUP=group, CLUSTERS=clusters, BINS=bins, BLOCK_H=block_h, **wide,
-    )  # fmt: skip
-    # a fixed number of programs per row, each taking every P-th group of listed clusters
-    exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
-                                EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
-    _exact_units_kernel[(rows, exact_programs)](
-        q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
-        log_mass, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
-        q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
-        bin_width=config.density_bin_width, **binning,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program, BLOCK_M=32,
-        **common,
-    )  # fmt: skip
+    if config.exact_fraction > 0:
+        exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
+        _exact_threshold_kernel[(rows, group)](
+            mass_hist, seq_lens, exact_threshold, num_kv_heads, config.exact_fraction,
+            math.exp(-config.density_bin_width / 2), GROUP=group, BINS=bins,
+        )  # fmt: skip
+        exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
+        _exact_list_kernel[grid](
+            log_mass, unit_size, forced, clustered_segments, exact_threshold, mass_hist,
+            exact_units, exact_count, num_kv_heads, max_units,
+            bin_width=config.density_bin_width, **binning,
+            GROUP=group, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **wide,
+        )  # fmt: skip
+        # a fixed number of programs per row, each taking every P-th group of listed clusters
+        exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
+                                    EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
+        _exact_units_kernel[(rows, exact_programs)](
+            q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
+            log_mass, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
+            q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
+            bin_width=config.density_bin_width, **binning,
+            BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program, BLOCK_M=32,
+            **common,
+        )  # fmt: skip
+    else:  # nothing is scored exactly: no bin reaches the threshold
+        exact_threshold = torch.full((rows, group), bins, dtype=torch.int32, device=device)
 
     walk_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
     estimated_mass = torch.empty(rows, group, device=device)
@@ -738,7 +727,7 @@ def select_rows(
     _mark_kernel[grid](
         log_mass, unit_size, forced, walk_threshold, selected, block_tokens, row_tokens,
         head_tokens, max_units, num_blocks, **binning,
-        GROUP=group, BINS=bins, BLOCK_H=block_h, **wide,
+        GROUP=group, BINS=bins, BLOCK_H=group_pad, **wide,
     )  # fmt: skip
     indptr = torch.empty(rows + 1, dtype=torch.int32, device=device)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)

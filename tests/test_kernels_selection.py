@@ -66,6 +66,8 @@ def to_device(pool):
         TacticConfig(segment_size=64),
         TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5),
         TacticConfig(segment_size=32, exact_fraction=0.1, outlier_share=0.0),
+        TacticConfig(segment_size=64, exact_fraction=0.0, density_bin_width=0.25,
+                     density_bins=256),
     ],
 )
 def test_selection_matches_reference(config):

@@ -192,11 +192,14 @@ def plan_tactic(
         )
 
     # score exactly the units of the densest estimated bins, as many bins as hold at most
-    # exact_fraction of the context
+    # exact_fraction of the context; a bin's tokens are read off its relative mass (each
+    # unit's is its size times exp(0..width)), so one histogram serves both thresholds
     estimated_bins = density_bin(estimated, sizes, config)
-    at_or_above = _suffix_sums(by_bin(sizes, estimated_bins, candidate))
+    estimated_relative = by_bin(bin_relative_mass(estimated, estimated_bins, config),
+                                estimated_bins, candidate)  # fmt: skip
+    tokens = estimated_relative * math.exp(-config.density_bin_width / 2)
     budget = config.exact_fraction * seq_len
-    exact_threshold = (at_or_above > budget).sum(dim=-1, keepdim=True)
+    exact_threshold = (_suffix_sums(tokens) > budget).sum(dim=-1, keepdim=True)
     scored_exactly = candidate & (estimated_bins >= exact_threshold)
     log_mass = torch.where(scored_exactly, exact_log_mass, estimated)
 
