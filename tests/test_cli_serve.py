@@ -1,6 +1,7 @@
-"""`tactic-server serve` as a process, as the README starts it: serves the bundled default model,
-answers the README's own examples as the README says, and on SIGTERM finishes the request in
-flight, then exits 0."""
+"""`tactic-server serve` as a process, as the README starts it: without --model and with nothing
+pulled it serves the bundled model; started with `--model tactic-code-13m` as the README's
+pass-key examples say, it answers them as the README says; on SIGTERM it finishes the request
+in flight, then exits 0."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from loadtests.inprocess import free_port, wait_for
 
 def test_sigterm_drains_the_stream_in_flight_and_exits_zero(tmp_path):
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tactic_server.cli", "serve", "--port", str(port)],
-        env=os.environ | {"TACTIC_SERVER_CACHE": str(tmp_path)},
-    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tactic_server.cli", "serve", "--port", str(port)],
+            stderr=sink, env=os.environ | {"TACTIC_SERVER_CACHE": str(tmp_path)},
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/ready", process)
@@ -42,6 +45,8 @@ def test_sigterm_drains_the_stream_in_flight_and_exits_zero(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+    assert "gemma-3-270m is not pulled" in log.read_text()  # an empty cache: the bundled model
+    assert "serving the bundled tactic-code-13m" in log.read_text()
 
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -60,7 +65,8 @@ def test_the_readme_examples_find_the_pass_key(tmp_path):
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tactic_server.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "tactic_server.cli", "serve", "--model", "tactic-code-13m",
+             "--port", str(port)],
             stderr=sink, env=os.environ | {"TACTIC_SERVER_CACHE": str(tmp_path)},
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -2,7 +2,9 @@
 by the runner) and the attention module every model file wires its layers to. Decodes the
 kernels can run go through the shared Tactic decoder (tactic_server.decode); prefill, and every
 decode without the kernels (CPU, the evaluation's baselines), run here in torch over the same
-cluster store."""
+cluster store. A sliding-window layer (Gemma 3's local layers) attends densely to the last
+`window` positions, itself included, in prefill and decode; Tactic selects on the other layers
+only, whose clusters are the store's (a sliding layer has none). Its KV stays full length."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tactic_server.kernels.decode_attention import sparse_decode
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from tactic_server.decode import ClusterSide, DecodePlan, TacticDecoder
+from tactic_server.decode.decoder import DenseRows
 from tactic_server.tactic.attention import sparse_attention
 from tactic_server.tactic.baselines import plan_baseline
 from tactic_server.tactic.clustering import ClusterIndex
@@ -51,7 +55,8 @@ class StepContext:
     order), the pool, and how each slice attends. `plan` holds the decodes the kernels run (the
     shared decoder's plan); `torch_slices` everything else, whose selections add their
     statistics per layer to `torch_attended` / `torch_mass` (device tensors, read once when the
-    step ends)."""
+    step ends). `window_plan`: the rows of `plan`'s decodes over their last `window` positions,
+    which the kernels read on sliding-window layers."""
 
     slices: list[SequenceSlice]
     k_cache: list[torch.Tensor]
@@ -61,6 +66,7 @@ class StepContext:
     decoder: TacticDecoder
     req_to_token: torch.Tensor
     plan: DecodePlan | None = None
+    window_plan: DenseRows | None = None
     torch_slices: list[SequenceSlice] = field(default_factory=list)
     torch_attended: list[list[torch.Tensor]] = field(default_factory=list)  # per layer, slice
     torch_mass: list[list[torch.Tensor]] = field(default_factory=list)
@@ -87,12 +93,17 @@ def empty_index(num_kv_heads: int, head_dim: int, seq_len: int, device) -> Clust
 
 class PagedAttention(nn.Module):
     """Attention of one layer over the paged KV: writes the step's new K and V, then attends
-    each row as the step's context says (q, k, v [rows, heads, d] after RoPE)."""
+    each row as the step's context says (q, k, v [rows, heads, d] after RoPE, scores scaled by
+    1/sqrt(d)). window: the positions a sliding-window layer sees (None: all of them);
+    cluster_layer: this layer's place among the cluster store's layers (default: layer)."""
 
-    def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 window: int | None = None, cluster_layer: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.window = window
+        self.cluster_layer = layer if cluster_layer is None else cluster_layer
 
     def forward(self, q, k, v, context: StepContext) -> torch.Tensor:
         k_cache, v_cache = context.k_cache[self.layer], context.v_cache[self.layer]
@@ -102,6 +113,11 @@ class PagedAttention(nn.Module):
         attended, mass = [], []
         for part in context.torch_slices:
             new = slice(part.row, part.row + part.end - part.start)
+            if self.window is not None:
+                first = max(0, part.start - self.window + 1)
+                keys, values = k_cache[part.slots[first:]], v_cache[part.slots[first:]]
+                out[new] = self._causal(q[new], keys, values, part.start, first)
+                continue
             keys, values = k_cache[part.slots], v_cache[part.slots]
             if part.selects:
                 plan = self._select(q[new][0], keys, part, context)
@@ -109,12 +125,17 @@ class PagedAttention(nn.Module):
                 attended.append(plan.selected_counts.float().mean())
                 mass.append(plan.estimated_mass.mean())
             else:
-                out[new] = self._causal(q[new], keys, values, part.start)
+                out[new] = self._causal(q[new], keys, values, part.start, 0)
         if attended:
             context.torch_attended.append(attended)
             context.torch_mass.append(mass)
-        if context.plan is not None:
-            context.decoder.attend(context.plan, q, k_cache, v_cache, self.layer, out=out)
+        if context.plan is not None and self.window is not None:
+            rows = context.window_plan
+            queries = q[rows.rows].to(k_cache.dtype).contiguous()
+            out[rows.rows] = sparse_decode(queries, k_cache, v_cache, rows.indptr, rows.indices,
+                                           rows.max_seq_len).to(q.dtype)  # fmt: skip
+        elif context.plan is not None:
+            context.decoder.attend(context.plan, q, k_cache, v_cache, self.cluster_layer, out=out)
         return out
 
     def _select(self, query, keys, part: SequenceSlice, context: StepContext):
@@ -123,27 +144,30 @@ class PagedAttention(nn.Module):
         params = part.sequence.request.tactic
         if params.method != "tactic":
             return plan_baseline(params.method, query, keys, params.target, params.budget)
-        index = context.side.cluster_index(self.layer, part.segments, part.end)
+        index = context.side.cluster_index(self.cluster_layer, part.segments, part.end)
         if index is None:
             index = empty_index(self.num_kv_heads, self.head_dim, part.end, keys.device)
         return plan_tactic(query, keys, params.target, index, context.side.config)
 
-    def _causal(self, q, keys, values, start: int) -> torch.Tensor:
-        """Dense attention of the new positions start.. over the context up to each of them."""
+    def _causal(self, q, keys, values, start: int, first: int) -> torch.Tensor:
+        """Dense attention of the new positions start.. over the keys of positions first..
+        that each sees: every one up to itself, or within the layer's window."""
         new, context_len = q.shape[0], keys.shape[0]
         queries = q.transpose(0, 1)[None]
         keys = keys.transpose(0, 1)[None].to(q.dtype)
         values = values.transpose(0, 1)[None].to(q.dtype)
-        if q.is_cuda:  # a fused kernel (no mask tensor); it wants the heads of K/V repeated
-            group = self.num_heads // self.num_kv_heads
+        if q.is_cuda and self.window is None:  # a fused kernel (no mask tensor); it wants the
+            group = self.num_heads // self.num_kv_heads  # heads of K/V repeated
             keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
             out = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=causal_lower_right(new, context_len)
             )
             return out[0].transpose(0, 1)
-        visible = torch.arange(context_len, device=q.device)[None, :] <= (
-            start + torch.arange(new, device=q.device)[:, None]
-        )
+        key_positions = first + torch.arange(context_len, device=q.device)[None, :]
+        query_positions = start + torch.arange(new, device=q.device)[:, None]
+        visible = key_positions <= query_positions
+        if self.window is not None:
+            visible &= key_positions > query_positions - self.window
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible,
                                              enable_gqa=True)  # fmt: skip
         return out[0].transpose(0, 1)

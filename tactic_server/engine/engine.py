@@ -24,9 +24,9 @@ from tactic_server.testing.tiny_model import (
 from .config import EngineConfig
 from .kv_pool import KVPool
 from .loader import load_state_dict
-from .model_config import ModelConfig, rope_inverse_frequencies
+from .model_config import ModelConfig
 from .model_runner import ModelRunner
-from .models.llama import LlamaForCausalLM
+from .models import CausalLM, build_model
 from .scheduler import Scheduler, Step
 from .sequence import Sequence, Status
 from .tokenizer import TextStream, Tokenizer
@@ -55,7 +55,7 @@ class _Stream:
 
 
 class Engine:
-    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, config: EngineConfig,
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig,
                  model_name: str, max_model_len: int) -> None:  # fmt: skip
         self.config = config
         self.model_name = model_name
@@ -105,7 +105,7 @@ class Engine:
                 str(model_config.torch_dtype).removeprefix("torch."), torch.bfloat16
             )
         with torch.device("meta"):
-            model = LlamaForCausalLM(model_config)
+            model = build_model(model_config)
         state = load_state_dict(model_dir, dtype, config.device, progress)
         if model_config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -116,7 +116,7 @@ class Engine:
         if missing:
             raise ValueError(f"the checkpoint in {model_dir} lacks {', '.join(missing[:5])}")
         # buffers were made on the meta device with the module; compute the real ones
-        model.inv_freq = rope_inverse_frequencies(model_config).to(config.device)
+        model.reset_rotary(config.device)
         model.eval()
         max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                             model_config.max_position_embeddings)  # fmt: skip

@@ -1,5 +1,6 @@
 """What the engine needs from a Hugging Face checkpoint's config.json (and generation_config.json),
-validated against what our Llama-family model supports, and the rotary embedding it implies."""
+validated against what our model files support (the Llama family, Gemma 3), and the rotary
+embeddings it implies."""
 
 from __future__ import annotations
 
@@ -11,19 +12,40 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
+)  # fmt: skip
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # transformers' defaults where a config.json leaves a key out
 DEFAULT_ROPE_THETA = 10_000.0
 DEFAULT_SLIDING_WINDOW = 4096  # Mistral and Qwen2
 DEFAULT_QWEN2_MAX_WINDOW_LAYERS = 28
+# Gemma3TextConfig's defaults, for the keys a saved config.json may leave out (save_pretrained
+# drops tie_word_embeddings=True, the base class's default too)
+GEMMA3_DEFAULTS = {
+    "tie_word_embeddings": True,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 131_072,
+}
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """rope_scaling is None (plain RoPE) or a dict with its "rope_type" ("linear" or "llama3") and
     that type's parameters. attention_bias: q/k/v projections have a bias (always for Qwen2).
-    torch_dtype is the checkpoint's dtype name ("bfloat16", ...) or None where unstated."""
+    torch_dtype is the checkpoint's dtype name ("bfloat16", ...) or None where unstated.
+    sliding_window: the keys a sliding layer's query sees, itself included (transformers'
+    convention: position p sees p - sliding_window + 1 .. p), for the layers in sliding_layers;
+    None where no window binds. Gemma 3's sliding layers rotate with their own RoPE base,
+    local_rope_theta (no scaling); its scores are q.k / sqrt(query_pre_attn_scalar)."""
 
     architecture: str
     vocab_size: int
@@ -43,6 +65,16 @@ class ModelConfig:
     torch_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    hidden_act: str = "silu"
+    sliding_layers: tuple[int, ...] = ()
+    local_rope_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
+
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        """The layers that attend to every position: those Tactic selects on."""
+        return tuple(i for i in range(self.num_hidden_layers) if i not in self.sliding_layers)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -52,10 +84,11 @@ class ModelConfig:
             raise FileNotFoundError(f"no config.json in {model_dir}")
         raw = json.loads(config_file.read_text())
         architecture = _architecture(raw)
-        if raw.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
-        if raw.get("mlp_bias", False):
-            raise ValueError("mlp_bias is not supported")
+        if architecture == "Gemma3ForCausalLM":
+            raw = GEMMA3_DEFAULTS | raw
+            family = _gemma3(raw)
+        else:
+            family = _llama_family(raw, architecture)
         num_heads = raw["num_attention_heads"]
         num_kv_heads = raw.get("num_key_value_heads") or num_heads
         if num_heads % num_kv_heads:
@@ -64,13 +97,7 @@ class ModelConfig:
                 f"num_key_value_heads {num_kv_heads}"
             )
         max_positions = raw.get("max_position_embeddings", 2048)
-        rope_theta, rope_scaling = _rope(raw, max_positions)
-        sliding_window = _sliding_window(raw, architecture)
-        if sliding_window is not None and sliding_window < max_positions:
-            raise ValueError(
-                f"sliding-window attention is not supported (window {sliding_window} < "
-                f"max_position_embeddings {max_positions})"
-            )
+        rope_theta, rope_scaling = _rope(family.pop("full_rope", raw), max_positions)
         generation = read_generation_config(model_dir)
         return cls(
             architecture=architecture,
@@ -87,12 +114,69 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             attention_bias=architecture == "Qwen2ForCausalLM" or raw.get("attention_bias", False),
-            sliding_window=sliding_window,
             # transformers 5 writes "dtype", earlier versions "torch_dtype"
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             bos_token_id=_first_set(generation.get("bos_token_id"), raw.get("bos_token_id")),
             eos_token_ids=eos_token_ids(model_dir),
+            **family,
         )
+
+
+def _llama_family(raw: dict, architecture: str) -> dict[str, Any]:
+    """Llama, Qwen2 and Mistral: checked against what models/llama.py runs (no window binds)."""
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+    if raw.get("mlp_bias", False):
+        raise ValueError("mlp_bias is not supported")
+    sliding_window = _sliding_window(raw, architecture)
+    max_positions = raw.get("max_position_embeddings", 2048)
+    if sliding_window is not None and sliding_window < max_positions:
+        raise ValueError(
+            f"sliding-window attention is not supported (window {sliding_window} < "
+            f"max_position_embeddings {max_positions})"
+        )
+    return {"sliding_window": sliding_window}
+
+
+def _gemma3(raw: dict) -> dict[str, Any]:
+    """Gemma 3's own fields, checked: its layer types (from layer_types, or every
+    sliding_window_pattern-th layer full as older configs say), the RoPE of each type (from
+    transformers 5's rope_parameters per layer type, or rope_theta / rope_scaling and
+    rope_local_base_freq), and its scalars. "full_rope" is what _rope reads for full layers."""
+    activation = raw.get("hidden_activation") or raw.get("hidden_act")
+    if activation != "gelu_pytorch_tanh":
+        raise ValueError(f"hidden_activation {activation!r} is not supported (gelu_pytorch_tanh)")
+    for refused in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if raw.get(refused):
+            raise ValueError(f"{refused} is not supported")
+    layers = raw["num_hidden_layers"]
+    pattern = raw["sliding_window_pattern"]
+    layer_types = raw.get("layer_types") or [
+        FULL if (i + 1) % pattern == 0 else SLIDING for i in range(layers)
+    ]
+    unknown = set(layer_types) - {SLIDING, FULL}
+    if unknown or len(layer_types) != layers:
+        raise ValueError(f"layer_types {layer_types} must name {layers} layers, each "
+                         f"{SLIDING!r} or {FULL!r}")  # fmt: skip
+    parameters = raw.get("rope_parameters") or {}
+    if FULL in parameters:
+        full_rope = {"rope_parameters": parameters[FULL]}
+        local_theta, local_scaling = _rope(
+            {"rope_parameters": parameters[SLIDING]}, raw["max_position_embeddings"]
+        )
+        if local_scaling is not None:
+            raise ValueError("RoPE scaling on sliding layers is not supported")
+    else:
+        full_rope, local_theta = raw, float(raw["rope_local_base_freq"])
+    return {
+        "hidden_act": activation,
+        "sliding_window": raw["sliding_window"],
+        "sliding_layers": tuple(i for i, kind in enumerate(layer_types) if kind == SLIDING),
+        "local_rope_theta": local_theta,
+        "query_pre_attn_scalar": float(raw["query_pre_attn_scalar"]),
+        "final_logit_softcapping": raw.get("final_logit_softcapping"),
+        "full_rope": full_rope,
+    }
 
 
 def read_generation_config(model_dir: str | Path) -> dict[str, Any]:
@@ -167,13 +251,15 @@ def _sliding_window(raw: dict, architecture: str) -> int | None:
     return None
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
     """[head_dim / 2] float32: the rotary frequency of each pair of dimensions, as transformers
-    computes it for plain, "linear" and "llama3" RoPE."""
+    computes it for plain, "linear" and "llama3" RoPE; local: that of Gemma 3's sliding layers
+    (plain RoPE of base local_rope_theta)."""
     dim = config.head_dim
+    theta = config.local_rope_theta if local else config.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    inv_freq = 1.0 / (config.rope_theta**exponents)
-    scaling = config.rope_scaling
+    inv_freq = 1.0 / (theta**exponents)
+    scaling = None if local else config.rope_scaling
     if scaling is None:
         return inv_freq
     factor = scaling["factor"]

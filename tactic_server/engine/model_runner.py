@@ -8,13 +8,15 @@ from __future__ import annotations
 import time
 
 import torch
+from tactic_server.kernels.decode_attention import dense_rows
 
 from tactic_server.decode import ClusterSide, DecodePlan, TacticDecoder
+from tactic_server.decode.decoder import DenseRows
 from tactic_server.tactic.config import TacticConfig
 
 from .attention import SequenceSlice, StepContext
 from .kv_pool import KVPool, segment_keys
-from .models.llama import LlamaForCausalLM
+from .models import CausalLM
 from .sampler import sample
 from .scheduler import Step
 from .sequence import Sequence
@@ -25,15 +27,17 @@ class ModelRunner:
     """backend "triton": decodes through the kernels (Tactic by select_rows, dense over every
     position), the evaluation's baselines in torch; "torch": every decode in torch, Tactic by
     its reference (tactic.selection.plan_tactic) over the same cluster store. max_requests:
-    the scheduler's request slots (rows of req_to_token)."""
+    the scheduler's request slots (rows of req_to_token). Clusters are kept for the model's
+    global layers only (Tactic selects there; sliding-window layers attend to their window)."""
 
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, tactic: TacticConfig, device,
+    def __init__(self, model: CausalLM, pool: KVPool, tactic: TacticConfig, device,
                  backend: str, max_requests: int, max_model_len: int) -> None:  # fmt: skip
         self.model = model
         self.pool = pool
         self.device = torch.device(device)
         self.kernels = backend == "triton"
-        self.side = ClusterSide(pool.num_slots, pool.num_layers, pool.num_kv_heads,
+        self.global_layers = model.config.global_layers
+        self.side = ClusterSide(pool.num_slots, len(self.global_layers), pool.num_kv_heads,
                                 pool.head_dim, pool.dtype, self.device, tactic,
                                 max_requests)  # fmt: skip
         pool.on_free = lambda slots: self.side.invalidate(torch.tensor(slots))
@@ -96,6 +100,8 @@ class ModelRunner:
                     self.req_to_token, part.sequence.request_slot, part.end)  # fmt: skip
             context.torch_slices.append(part)
         context.plan = self._kernel_plan(kernels) if kernels else None
+        if kernels and self.model.config.sliding_layers:
+            context.window_plan = self._window_rows(kernels)
         return context
 
     def _write_table(self, slices: list[SequenceSlice]) -> None:
@@ -123,6 +129,27 @@ class ModelRunner:
             torch.tensor(seq_lens, dtype=torch.int32, device=self.device), seq_lens, targets,
             batch_rows=[part.row for part in chosen], dense_too=True,
         )  # fmt: skip
+
+    def _window_rows(self, chosen: list[SequenceSlice]) -> DenseRows:
+        """The decodes' last sliding_window positions (what a sliding-window layer reads) as
+        dense rows over a table of those positions' slots."""
+        window = self.model.config.sliding_window
+        starts = [max(0, part.end - window) for part in chosen]
+        lengths = [part.end - start for part, start in zip(chosen, starts, strict=True)]
+        width = max(lengths)
+        request_slots = torch.tensor([part.sequence.request_slot for part in chosen],
+                                     device=self.device)  # fmt: skip
+        columns = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
+            width, device=self.device)  # fmt: skip
+        columns = columns.clamp(max=self.req_to_token.shape[1] - 1)  # past a row's end: unread
+        table = self.req_to_token[request_slots[:, None], columns]  # [n, width]
+        seq_lens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        compact = torch.arange(len(chosen), dtype=torch.int32, device=self.device)
+        indptr, indices = dense_rows(table, compact, seq_lens, self.pool.num_kv_heads, width)
+        rows = torch.tensor([part.row for part in chosen], dtype=torch.long, device=self.device)
+        return DenseRows(rows=rows, request_slots=request_slots, req_to_token=table,
+                         seq_lens=seq_lens, max_seq_len=width, indptr=indptr,
+                         indices=indices)  # fmt: skip
 
     def _statistics(self, context: StepContext) -> None:
         """The step's selections into the running sums (device), then one read of the sums of
@@ -160,7 +187,8 @@ class ModelRunner:
             return
         started, before = time.perf_counter(), self.side.clustered
         entries = [(s.request_slot, s.clustered, s.computed) for s in chosen]
-        counts = self.side.cluster_requests(entries, self.req_to_token, self.pool.k)
+        k_buffers = [self.pool.k[layer] for layer in self.global_layers]
+        counts = self.side.cluster_requests(entries, self.req_to_token, k_buffers)
         for sequence, count in zip(chosen, counts, strict=True):
             sequence.clustered = count
         if self.observer is not None and self.side.clustered > before:

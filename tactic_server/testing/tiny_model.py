@@ -5,7 +5,6 @@ make, and the default model where an install left the bundled one out."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tactic_server.models import cache_root
 from tactic_server.training.tokenizer import BOS_TOKEN, EOS_TOKEN, train_tokenizer, write_tokenizer
 
 DEFAULT_MODEL_NAME = "tactic-tiny-random"
@@ -163,8 +163,7 @@ def make_tiny_model(
 
 def default_model_dir() -> Path:
     """Where the bundled default model lives: $TACTIC_SERVER_CACHE, else ~/.cache/tactic-server."""
-    cache = os.environ.get("TACTIC_SERVER_CACHE") or Path.home() / ".cache" / "tactic-server"
-    return Path(cache) / f"{DEFAULT_MODEL_NAME}-v{DEFAULT_MODEL_VERSION}"
+    return cache_root() / f"{DEFAULT_MODEL_NAME}-v{DEFAULT_MODEL_VERSION}"
 
 
 def ensure_default_model() -> Path:

