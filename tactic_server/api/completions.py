@@ -122,7 +122,7 @@ class EngineCall:
 
     def __init__(
         self,
-        engine,
+        engine: InferenceEngine,
         outputs: AsyncIterator[GenerationOutput],
         first: GenerationOutput,
         tracker: RequestTracker,
@@ -287,7 +287,9 @@ class TextFormat:
         )
 
 
-def answer_logprobs(output: GenerationOutput, eos_token_ids: tuple[int, ...]):
+def answer_logprobs(
+    output: GenerationOutput, eos_token_ids: tuple[int, ...]
+) -> tuple[TokenLogprob, ...]:
     """The output's logprobs of tokens that are text: not of the EOS that ended the request."""
     entries = output.logprobs
     if output.finish_reason == "stop" and entries and entries[-1].token_id in eos_token_ids:
