@@ -46,6 +46,7 @@ from .schemas import (
     GenerationFields,
     ModelCard,
     ModelList,
+    chat_request_model,
 )
 
 if TYPE_CHECKING:
@@ -60,20 +61,12 @@ def refuse_before_tokenizing(
     body: GenerationFields,
     prompt: str | list[dict],
     engine: InferenceEngine,
-    max_messages: int,
 ) -> None:
-    """What cannot fit is refused at once, not after seconds of rendering and tokenising: more
-    than max_messages messages (400), max_tokens alone beyond the context (400), a logit_bias
-    for a token the vocabulary lacks (400), or a prompt with more characters than max_model_len
-    tokens could hold (413)."""
+    """What cannot fit is refused at once, not after seconds of rendering and tokenising (too
+    many messages were refused while parsing): max_tokens alone beyond the context (400), a
+    logit_bias for a token the vocabulary lacks (400), or a prompt with more characters than
+    max_model_len tokens could hold (413)."""
     max_model_len = engine.max_model_len
-    if isinstance(prompt, list) and len(prompt) > max_messages:
-        raise APIError(
-            400,
-            f"{len(prompt)} messages; this server takes at most {max_messages} in a request",
-            param="messages",
-            code="too_many_messages",
-        )
     if body.token_limit is not None and body.token_limit >= max_model_len:
         raise APIError(
             400,
@@ -194,7 +187,7 @@ def create_app(
         and streams go on meanwhile), then run on the engine."""
         engine = ready_engine(body.model)
         tokenizer = engine.tokenizer
-        refuse_before_tokenizing(body, prompt, engine, limits.max_messages)
+        refuse_before_tokenizing(body, prompt, engine)
 
         def prompt_token_ids() -> list[int]:
             if isinstance(prompt, str):  # a plain prompt gets BOS, as transformers adds it
@@ -240,11 +233,14 @@ def create_app(
         prefix="/v1", dependencies=[Depends(require_api_key(api_key))] if api_key else []
     )
 
-    @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = [{"role": message.template_role, "content": message.text()}
                     for message in body.messages]  # fmt: skip
         return await run(body, messages, ChatFormat, "chatcmpl", request)
+
+    # FastAPI parses the body as its annotation says: this app's model, with its message limit
+    chat_completions.__annotations__["body"] = chat_request_model(limits.max_messages)
+    v1.post("/chat/completions")(chat_completions)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):

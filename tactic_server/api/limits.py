@@ -1,6 +1,6 @@
 """What one request may cost the server before anything parses it: its body's bytes and the time
-the body may take to arrive; and, before its chat template is rendered and tokenised, its number
-of messages. A body over the byte limit is refused with 413 (at once when Content-Length declares
+the body may take to arrive; and, as it is parsed (schemas.chat_request_model), its number of
+messages. A body over the byte limit is refused with 413 (at once when Content-Length declares
 too much, else as soon as a chunked body passes the limit); one that is still arriving when its
 time is up, with 408."""
 

@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -228,6 +229,17 @@ class ChatCompletionRequest(GenerationFields):
     @property
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def chat_request_model(max_messages: int) -> type[ChatCompletionRequest]:
+    """ChatCompletionRequest with at most max_messages messages: a longer list is refused as it
+    is parsed, before its messages are validated one by one (70,000 of them would hold the event
+    loop for most of a second), and the limit shows in the OpenAPI schema."""
+    return create_model(
+        "ChatCompletionRequest",
+        __base__=ChatCompletionRequest,
+        messages=(list[ChatMessage], Field(min_length=1, max_length=max_messages)),
+    )
 
 
 class CompletionRequest(GenerationFields):
