@@ -186,6 +186,9 @@ def _model_dir(text: str) -> str:
 
 
 def _add_serve_parser(commands) -> None:
+    from .api.limits import RequestLimits  # torch-free, as uvicorn and FastAPI are
+    from .api.server import ServerSettings
+
     serve = commands.add_parser(
         "serve",
         help="serve an OpenAI-compatible HTTP API (chat and text completions, /metrics)",
@@ -262,7 +265,7 @@ def _add_serve_parser(commands) -> None:
     limits.add_argument(
         "--max-body-bytes",
         type=_integer(1),
-        default=2 * 1024 * 1024,
+        default=RequestLimits.max_body_bytes,
         metavar="N",
         help="request body size, refused (413) before parsing (default 2 MiB: 350k characters "
         "of JSON-escaped text; raise it for contexts beyond some 100k tokens)",
@@ -270,48 +273,49 @@ def _add_serve_parser(commands) -> None:
     limits.add_argument(
         "--max-messages",
         type=_integer(1),
-        default=2048,
+        default=RequestLimits.max_messages,
         metavar="N",
-        help="messages in a chat request, refused (400) before its template and tokenizer run "
-        "(default 2048, OpenAI's own limit)",
+        help="messages in a chat request, refused (400) as the request is parsed, before its "
+        "template and tokenizer run (default %(default)s, OpenAI's own limit)",
     )
     limits.add_argument(
         "--body-timeout",
         type=_seconds,
-        default=30.0,
+        default=RequestLimits.body_timeout,
         metavar="S",
-        help="seconds from a request's head to the end of its body, else 408 (default 30)",
+        help="seconds from a request's head to the end of its body, else 408 "
+        "(default %(default)g)",
     )
     limits.add_argument(
         "--header-timeout",
         type=_seconds,
-        default=10.0,
+        default=ServerSettings.header_timeout,
         metavar="S",
         help="seconds a connection may take to send a complete request head, from its start or "
-        "its previous response; then it is closed (default 10)",
+        "its previous response; then it is closed (default %(default)g)",
     )
     limits.add_argument(
         "--keep-alive-timeout",
         type=_seconds,
-        default=5.0,
+        default=ServerSettings.keep_alive_timeout,
         metavar="S",
-        help="seconds an idle connection stays open after a response (default 5)",
+        help="seconds an idle connection stays open after a response (default %(default)g)",
     )
     limits.add_argument(
         "--max-connections",
         type=_integer(1),
-        default=512,
+        default=ServerSettings.max_connections,
         metavar="N",
-        help="connections (and requests) at once; beyond it, 503 (default 512)",
+        help="connections (and requests) at once; beyond it, 503 (default %(default)s)",
     )
     limits.add_argument(
         "--drain-seconds",
         type=_seconds,
-        default=25.0,
+        default=ServerSettings.drain_seconds,
         metavar="S",
         help="on SIGTERM, how long requests in flight may run on; those still running then "
-        "end with a 503 error (streams: an error event, then [DONE]) (default 25; Kubernetes "
-        "allows 30 by default)",
+        "end with a 503 error (streams: an error event, then [DONE]) (default %(default)g; "
+        "Kubernetes allows 30 by default)",
     )
     serve.add_argument(
         "--device",
