@@ -10,15 +10,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
-import uvicorn
+
+from tactic_server.api.server import ServerSettings, make_server
 
 
 @contextmanager
-def serving(app) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 (a free port); yields its URL and stops the server after."""
+def serving(app, settings: ServerSettings | None = None) -> Iterator[str]:
+    """Serve `app` (made by create_app) on 127.0.0.1 (a free port) as `tactic-server serve`
+    serves it (settings None: its defaults); yields its URL and stops the server after."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = make_server(app, settings or ServerSettings(), log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -86,7 +86,6 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
 
     import torch
-    import uvicorn
 
     if args.engine == "sglang":
         if args.model is None:
@@ -98,6 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
         sys.exit("tactic-server serve: error: --device cuda: no CUDA device is available")
 
     from .api.app import create_app
+    from .api.limits import RequestLimits
+    from .api.server import ServerSettings, make_server
     from .engine.config import EngineConfig
     from .engine.engine import Engine
 
@@ -114,7 +115,6 @@ def _serve(args: argparse.Namespace) -> int:
         default_tactic_target=args.tactic_target,
     )
     progress = ProgressBar(f"loading {config.model_dir}")
-    server: uvicorn.Server | None = None
 
     def load_engine():
         if args.engine == "sglang":
@@ -130,13 +130,12 @@ def _serve(args: argparse.Namespace) -> int:
         load_engine=load_engine,
         on_load_failure=stop_serving,
         api_key=args.api_key or None,
+        limits=RequestLimits(args.max_body_bytes, args.body_timeout, args.max_messages),
         default_max_tokens=args.default_max_tokens,
     )
-    # On SIGTERM uvicorn stops accepting, lets open requests finish for up to this long, then the
-    # app drains the engine; Kubernetes' default grace period is 30 s.
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=25)
-    )
+    settings = ServerSettings(args.header_timeout, args.keep_alive_timeout,
+                              args.max_connections, args.drain_seconds)  # fmt: skip
+    server = make_server(app, settings, host=args.host, port=args.port)
     # uvicorn raises the signal that stopped it again once it has drained, under the handler
     # that was there before it: a no-op here, so a drained server exits 0, not -SIGTERM
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -193,6 +192,16 @@ def _integer(low: int, high: int | None = None):
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return value
+
+
 def _target_mass(text: str) -> float:
     try:
         value = float(text)
@@ -223,6 +232,9 @@ def _model_dir(text: str) -> str:
 
 
 def _add_serve_parser(commands) -> None:
+    from .api.limits import RequestLimits  # torch-free, as uvicorn and FastAPI are
+    from .api.server import ServerSettings
+
     serve = commands.add_parser(
         "serve",
         help="serve an OpenAI-compatible HTTP API (chat and text completions, /metrics)",
@@ -232,7 +244,7 @@ def _add_serve_parser(commands) -> None:
         "server-sent events), /health, /ready and Prometheus /metrics. Decode attention is "
         "Tactic at the --tactic-target mass unless a request asks otherwise "
         '(\'"tactic": {"target": 0.8}\' or \'"tactic": {"enabled": false}\' for dense). '
-        "SIGTERM drains requests in flight, then stops.",
+        "SIGTERM drains requests in flight (--drain-seconds), then stops.",
     )
     serve.add_argument(
         "--model",
@@ -292,6 +304,66 @@ def _add_serve_parser(commands) -> None:
         default=64,
         metavar="N",
         help="requests queued beyond the batch before answering 429 (default 64)",
+    )
+    limits = serve.add_argument_group(
+        "limits on clients",
+        "what one client may cost the server; over a limit: 400, 408, 413 or 503 "
+        "(see the README's reliability table)",
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=_integer(1),
+        default=RequestLimits.max_body_bytes,
+        metavar="N",
+        help="request body size, refused (413) before parsing (default 2 MiB: 350k characters "
+        "of JSON-escaped text; raise it for contexts beyond some 100k tokens)",
+    )
+    limits.add_argument(
+        "--max-messages",
+        type=_integer(1),
+        default=RequestLimits.max_messages,
+        metavar="N",
+        help="messages in a chat request, refused (400) as the request is parsed, before its "
+        "template and tokenizer run (default %(default)s, OpenAI's own limit)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=_seconds,
+        default=RequestLimits.body_timeout,
+        metavar="S",
+        help="seconds from a request's head to the end of its body, else 408 "
+        "(default %(default)g)",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=ServerSettings.header_timeout,
+        metavar="S",
+        help="seconds a connection may take to send a complete request head, from its start or "
+        "its previous response; then it is closed (default %(default)g)",
+    )
+    limits.add_argument(
+        "--keep-alive-timeout",
+        type=_seconds,
+        default=ServerSettings.keep_alive_timeout,
+        metavar="S",
+        help="seconds an idle connection stays open after a response (default %(default)g)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=_integer(1),
+        default=ServerSettings.max_connections,
+        metavar="N",
+        help="connections (and requests) at once; beyond it, 503 (default %(default)s)",
+    )
+    limits.add_argument(
+        "--drain-seconds",
+        type=_seconds,
+        default=ServerSettings.drain_seconds,
+        metavar="S",
+        help="on SIGTERM, how long requests in flight may run on; those still running then "
+        "end with a 503 error (streams: an error event, then [DONE]) (default %(default)g; "
+        "Kubernetes allows 30 by default)",
     )
     serve.add_argument(
         "--device",

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.inprocess import serving
 from tactic_server.api import create_app
+from tactic_server.api.limits import RequestLimits
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
 from tactic_server.engine.types import DEFAULT_MAX_TOKENS
@@ -73,7 +74,7 @@ def server(model_dir):
     app = create_app(
         load_engine=partial(Engine.from_config, engine_config(model_dir)),
         api_key=API_KEY,
-        max_body_bytes=MAX_BODY_BYTES,
+        limits=RequestLimits(max_body_bytes=MAX_BODY_BYTES),
     )
     with serving(app) as url:
         wait_until(lambda: httpx.get(f"{url}/ready").status_code == 200, timeout=60)

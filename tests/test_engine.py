@@ -163,7 +163,7 @@ def test_extreme_sampling_values_are_greedy_and_fail_no_one(engine, extreme):
     SGLang; decoded in the same steps as an ordinary request, neither fails the other."""
     prompt = prompt_ids(40, seed=12)
     odd = dataclasses.replace(GREEDY, **({"temperature": 1.0} | extreme))
-    assert sample(torch.tensor([0.5, 3.0, -1.0, float("-inf")]), odd, None) == 1
+    assert sample(torch.tensor([0.5, 3.0, -1.0, float("-inf")]), odd, None, []).token_id == 1
 
     async def together():
         return await asyncio.gather(collect(engine, GenerationRequest("x", prompt, odd)),

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtests import loadgen
 from loadtests.inprocess import serving
 from tactic_server.api import create_app
+from tactic_server.api.limits import RequestLimits
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
 from tactic_server.tactic.config import TacticConfig
@@ -45,7 +46,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(engine):
-    with serving(create_app(engine, max_body_bytes=1024 * 1024)) as url:
+    with serving(create_app(engine, limits=RequestLimits(max_body_bytes=1024 * 1024))) as url:
         yield url
 
 

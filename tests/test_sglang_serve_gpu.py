@@ -70,3 +70,38 @@ def test_metrics_hold_ours_and_sglangs(server):
     names = {family.name for family in text_string_to_metric_families(text)}
     assert "tactic_selected_token_ratio" in names and "tactic_requests" in names
     assert any(name.startswith("sglang:") for name in names), sorted(names)
+
+
+def test_openai_sampling_parameters_reach_sglang(server):
+    """logprobs (chat and text, streamed or not), logit_bias and a penalty through SGLang; the
+    parameters the server does not implement are refused as on the embedded engine."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    short = PROMPT[:400]
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": short}], max_tokens=6,
+        temperature=0.0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-3)
+
+    options = dict(model=model, prompt=short, max_tokens=6, temperature=0.0, logprobs=2,
+                   extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**options).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**options, stream=True)
+              if c.choices and c.choices[0].logprobs]  # fmt: skip
+    assert [t for c in chunks for t in c.tokens] == whole.tokens and len(whole.tokens) == 6
+    assert [p for c in chunks for p in c.token_logprobs] == pytest.approx(whole.token_logprobs,
+                                                                          abs=1e-3)  # fmt: skip
+
+    forced = client.completions.create(**options | {"logprobs": 0}, logit_bias={"65": 100})
+    assert len(set(forced.choices[0].logprobs.tokens)) == 1  # one token, said six times
+    plain = client.completions.create(**options | {"max_tokens": 24}).choices[0].text
+    penalised = client.completions.create(**options | {"max_tokens": 24},
+                                          frequency_penalty=2.0).choices[0].text  # fmt: skip
+    assert penalised != plain
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=model, prompt="x", max_tokens=2, echo=True)

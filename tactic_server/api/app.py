@@ -23,6 +23,7 @@ from .completions import (
     ChatFormat,
     ClientLeft,
     EngineCall,
+    InFlight,
     TextFormat,
     complete,
     generation_request,
@@ -35,7 +36,8 @@ from .errors import (
     APIError,
     install_error_handlers,
 )
-from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
+from .limits import BodyLimits, RequestLimits
+from .logprobs import TokenText
 from .metrics import CountRequests, ServerMetrics
 from .request_id import RequestId
 from .schemas import (
@@ -44,6 +46,7 @@ from .schemas import (
     GenerationFields,
     ModelCard,
     ModelList,
+    chat_request_model,
 )
 
 if TYPE_CHECKING:
@@ -55,11 +58,15 @@ COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def refuse_before_tokenizing(
-    body: GenerationFields, prompt: str | list[dict], max_model_len: int, max_token_chars: int
+    body: GenerationFields,
+    prompt: str | list[dict],
+    engine: InferenceEngine,
 ) -> None:
-    """What cannot fit is refused at once, not after seconds of tokenising: max_tokens alone
-    beyond the context (400), or a prompt with more characters than max_model_len tokens could
-    hold (413)."""
+    """What cannot fit is refused at once, not after seconds of rendering and tokenising (too
+    many messages were refused while parsing): max_tokens alone beyond the context (400), a
+    logit_bias for a token the vocabulary lacks (400), or a prompt with more characters than
+    max_model_len tokens could hold (413)."""
+    max_model_len = engine.max_model_len
     if body.token_limit is not None and body.token_limit >= max_model_len:
         raise APIError(
             400,
@@ -68,9 +75,18 @@ def refuse_before_tokenizing(
             param="max_tokens",
             code="context_length_exceeded",
         )
+    vocab_size = engine.tokenizer.vocab_size
+    unknown = [token for token, _ in body.token_bias if token >= vocab_size]
+    if unknown:
+        raise APIError(
+            400,
+            f"logit_bias names token {unknown[0]}; the vocabulary has {vocab_size} tokens",
+            param="logit_bias",
+            code="invalid_logit_bias",
+        )
     texts = [prompt] if isinstance(prompt, str) else [message["content"] for message in prompt]
     characters = sum(len(text) for text in texts)
-    if characters > max_model_len * max_token_chars:
+    if characters > max_model_len * engine.tokenizer.max_token_chars:
         raise APIError(
             413,
             f"the prompt has {characters} characters, more than {max_model_len} tokens can hold",
@@ -85,15 +101,18 @@ def create_app(
     load_engine: Callable[[], InferenceEngine] | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
     api_key: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: RequestLimits | None = None,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> FastAPI:
     """Serve `engine`, or the engine `load_engine()` returns (the app then owns it and shuts it
     down, finishing requests in flight, when the server stops). If loading fails, /health
     answers 503 and `on_load_failure` is called (the CLI stops the server). A chat request
-    without max_tokens generates at most `default_max_tokens`."""
+    without max_tokens generates at most `default_max_tokens`; limits None: the defaults.
+    `app.state.in_flight` is what a stopping server ends after its drain period
+    (server.make_server)."""
     if (engine is None) == (load_engine is None):
         raise ValueError("pass either an engine or load_engine")
+    limits = limits or RequestLimits()
     started = int(time.time())
 
     @asynccontextmanager
@@ -147,12 +166,13 @@ def create_app(
     app = FastAPI(title="Tactic Server", version="0.1.0", lifespan=lifespan)
     app.state.engine = None
     app.state.load_error = None
+    app.state.in_flight = in_flight = InFlight()
     metrics = ServerMetrics(lambda: app.state.engine.stats() if app.state.engine else None)
     if engine is not None:
         attach(engine)
     install_error_handlers(app)
     # the last added runs first: count every completion request, even one refused for its size
-    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(BodyLimits, limits=limits)
     app.add_middleware(CountRequests, metrics=metrics, paths=COMPLETION_PATHS)
     app.add_middleware(RequestId)  # outermost: even a refusal by size carries the id
 
@@ -163,10 +183,11 @@ def create_app(
         id_prefix: str,
         request: Request,
     ):
-        """Tokenise (off the event loop: long prompts take a while), then run on the engine."""
+        """Render and tokenise in a worker thread (the tokenizer lets go of the GIL, so probes
+        and streams go on meanwhile), then run on the engine."""
         engine = ready_engine(body.model)
         tokenizer = engine.tokenizer
-        refuse_before_tokenizing(body, prompt, engine.max_model_len, tokenizer.max_token_chars)
+        refuse_before_tokenizing(body, prompt, engine)
 
         def prompt_token_ids() -> list[int]:
             if isinstance(prompt, str):  # a plain prompt gets BOS, as transformers adds it
@@ -197,11 +218,13 @@ def create_app(
         )
         try:  # a request still queued when its client leaves is aborted there, not prefilled
             call = await unless_client_leaves(
-                request, EngineCall.start(engine, generation, metrics.track(generation.tactic))
+                request,
+                EngineCall.start(engine, generation, metrics.track(generation.tactic), in_flight),
             )
         except ClientLeft:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        format = format_type(request_id, int(time.time()), engine.model_name)
+        tokens = None if body.logprobs_wanted is None else TokenText(tokenizer)
+        format = format_type(request_id, int(time.time()), engine.model_name, tokens)
         if body.stream:
             return stream(call, format, body.include_usage, request.state)
         return await complete(call, format, request)
@@ -210,11 +233,14 @@ def create_app(
         prefix="/v1", dependencies=[Depends(require_api_key(api_key))] if api_key else []
     )
 
-    @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = [{"role": message.template_role, "content": message.text()}
                     for message in body.messages]  # fmt: skip
         return await run(body, messages, ChatFormat, "chatcmpl", request)
+
+    # FastAPI parses the body as its annotation says: this app's model, with its message limit
+    chat_completions.__annotations__["body"] = chat_request_model(limits.max_messages)
+    v1.post("/chat/completions")(chat_completions)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):

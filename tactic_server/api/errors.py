@@ -2,15 +2,19 @@
 "code"}}, with one status per cause:
 
   400  malformed JSON and every invalid field (OpenAI answers 400 for both, and its clients raise
-       BadRequestError on it; FastAPI's default 422 is not used), max_tokens alone beyond the
-       model's context
+       BadRequestError on it; FastAPI's default 422 is not used), a parameter the server does not
+       implement (echo, best_of > 1, tools, ...: named in `param`), more messages than the limit,
+       max_tokens alone beyond the model's context, a logit_bias token outside the vocabulary
   401  missing or wrong API key
   404  unknown model or route
+  408  request body still arriving when its deadline passed
   413  request body over the byte limit; a prompt (checked by its length before tokenising, then
        by its tokens) or prompt plus max_tokens beyond the model's context
   429  engine queue full (with Retry-After)
   500  anything unexpected (the message carries an id that is also in the log; the server goes on)
-  503  model still loading (with Retry-After)
+  503  model still loading, or the server stopped before the request finished (both with
+       Retry-After); uvicorn's own plain 503 beyond the connection limit
+A stream that fails after its 200 ends with the error object as an event, then [DONE].
 """
 
 from __future__ import annotations

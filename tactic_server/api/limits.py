@@ -1,42 +1,74 @@
-"""Request bodies over a byte limit are refused with 413 before anything parses them: at once when
-Content-Length declares too much, else as soon as a streamed (chunked) body passes the limit."""
+"""What one request may cost the server before anything parses it: its body's bytes and the time
+the body may take to arrive; and, as it is parsed (schemas.chat_request_model), its number of
+messages. A body over the byte limit is refused with 413 (at once when Content-Length declares
+too much, else as soon as a chunked body passes the limit); one that is still arriving when its
+time is up, with 408."""
 
 from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, error_response
 
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # about 2M tokens of JSON-escaped text
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # 350k characters even in JSON's \u escapes
 
 
-class BodySizeLimit:
-    """ASGI middleware: reads the whole body (it is parsed in one piece anyway), counting, then
-    hands it to the app; the connection's later messages (disconnect) pass through."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """max_body_bytes bounds the JSON parsed on the event loop (a few MiB of tiny objects take
+    a tenth of a second); body_timeout (seconds) is the time from the request's headers to the
+    end of its body; max_messages is OpenAI's own limit of a chat request (2,048)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout: float = 30.0
+    max_messages: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1 or self.body_timeout <= 0 or self.max_messages < 1:
+            raise ValueError("request limits must be positive")
+
+
+class BodyLimits:
+    """ASGI middleware: reads the whole body (it is parsed in one piece anyway), counting bytes
+    against the limit and time against the deadline, then hands it to the app; the connection's
+    later messages (disconnect) pass through."""
+
+    def __init__(self, app: ASGIApp, limits: RequestLimits) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limits.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._refuse(scope, receive, send)
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(413, f"request body exceeds {limit} bytes", "request_too_large",
+                               scope, receive, send)  # fmt: skip
             return
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # nobody is left to answer
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # nobody is left to answer
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        await self._refuse(413, f"request body exceeds {limit} bytes",
+                                           "request_too_large", scope, receive, send)  # fmt: skip
+                        return
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            message = (f"the request body did not arrive within {self.limits.body_timeout:g} s "
+                       f"({len(body)} bytes came)")  # fmt: skip
+            await self._refuse(408, message, "request_timeout", scope, receive, send)
+            return
 
         replayed = False
 
@@ -49,8 +81,8 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = APIError(
-            413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large"
-        )
+    async def _refuse(self, status: int, message: str, code: str, scope: Scope,
+                      receive: Receive, send: Send) -> None:  # fmt: skip
+        # the rest of the body is not read: the connection cannot carry another request
+        error = APIError(status, message, code=code, headers={"Connection": "close"})
         await error_response(error)(scope, receive, send)

@@ -237,8 +237,10 @@ class Engine:
                 sequence.status = Status.DECODE
                 with self._lock:
                     self.runner.share_prompt_segments(sequence)
-        for sequence, token in tokens.items():
+        for sequence, (token, logprob) in tokens.items():
             sequence.token_ids.append(token)
+            if logprob is not None:
+                sequence.logprobs.append(logprob)
             self._emit(sequence, token)
 
     def _emit(self, sequence: Sequence, token: int) -> None:
@@ -266,6 +268,7 @@ class Engine:
             completion_tokens=sequence.completion_tokens,
             tactic=sequence.usage,
             error=error,
+            logprobs=tuple(sequence.logprobs[stream.sent_tokens :]),
         )
         stream.sent_tokens = sequence.completion_tokens
         stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, output)

@@ -17,7 +17,7 @@ from tactic_server.tactic.config import TacticConfig
 from .attention import SequenceSlice, StepContext
 from .kv_pool import KVPool, segment_keys
 from .models import CausalLM
-from .sampler import sample
+from .sampler import SampledToken, sample
 from .scheduler import Step
 from .sequence import Sequence
 from .types import EngineObserver, TacticUsage
@@ -53,7 +53,7 @@ class ModelRunner:
         """Segments clustered (per layer set), in all."""
         return self.side.clustered
 
-    def run(self, step: Step) -> dict[Sequence, int]:
+    def run(self, step: Step) -> dict[Sequence, SampledToken]:
         """The next token of every sequence whose next token this step decides."""
         token_ids, positions, slices, wanted = [], [], [], []
         ranges = [(s, len(s.token_ids) - 1, len(s.token_ids)) for s in step.decode]
@@ -74,7 +74,8 @@ class ModelRunner:
         for part in slices:
             part.sequence.computed = part.end
         self._cluster_new_segments([part.sequence for part in slices])
-        return {sequence: sample(logits[i], sequence.request.sampling, sequence.generator)
+        return {sequence: sample(logits[i], sequence.request.sampling, sequence.generator,
+                                 sequence.output_token_ids)
                 for i, (sequence, _) in enumerate(wanted)}  # fmt: skip
 
     def _plan(self, slices: list[SequenceSlice]) -> StepContext:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_pool import CachedSegment
-from .types import GenerationRequest, TacticUsage
+from .types import GenerationRequest, TacticUsage, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -34,6 +34,7 @@ class Sequence:
     usage: TacticUsage | None = None  # means over its decode steps so far
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked
 
     @property
     def request_id(self) -> str:
@@ -42,6 +43,10 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
 
     @property
     def completion_tokens(self) -> int:

@@ -98,7 +98,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Special tokens written in the text (e.g. by a chat template) always become their ids;
         add_special_tokens adds those the tokenizer puts around a text (BOS), once."""
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode holds it: seconds of a long
+        # prompt would stop the server's event loop even from a worker thread)
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         wants_bos = add_special_tokens and self.add_bos_token and self.bos_token_id is not None
         if wants_bos and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)

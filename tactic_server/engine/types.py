@@ -22,7 +22,14 @@ GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 class SamplingParams:
     """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters; seed makes sampling
     reproducible per request; generation stops at max_tokens, at EOS (unless ignore_eos), or
-    when the text ends with one of `stop` (the stop string is not returned)."""
+    when the text ends with one of `stop` (the stop string is not returned).
+
+    Before choosing, as OpenAI defines them: each token generated so far has its logit lowered
+    by frequency_penalty per occurrence and presence_penalty once; logit_bias, (token id, bias)
+    pairs, adds to those tokens' logits (-100 bans a token, 100 forces it). logprobs None returns
+    none; n returns each chosen token's log-probability and the n most likely tokens', from the
+    model's own distribution (before penalties, bias, temperature and filters, as vLLM returns
+    them by default)."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
@@ -31,6 +38,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -98,10 +109,21 @@ class TacticUsage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the `top` most likely tokens' (id, log-probability)
+    pairs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationOutput:
-    """One streamed event of a request: the tokens and text added since the previous event.
-    finish_reason is None while generating, then "stop" (EOS or a stop string), "length"
-    (max_tokens or the context), "abort" (cancelled) or "error"."""
+    """One streamed event of a request: the tokens and text added since the previous event, and,
+    when the request asked for them, one TokenLogprob per token. finish_reason is None while
+    generating, then "stop" (EOS or a stop string), "length" (max_tokens or the context),
+    "abort" (cancelled) or "error"."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -111,6 +133,7 @@ class GenerationOutput:
     completion_tokens: int
     tactic: TacticUsage | None = None
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

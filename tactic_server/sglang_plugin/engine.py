@@ -4,13 +4,17 @@ the same.
 
 Tokenisation, chat templates, stop strings and detokenisation stay ours (SGLang runs with
 skip_tokenizer_init and gets token ids); Tactic's per-request target travels in custom_params and
-its statistics come back in meta_info["tactic"] (running sums from the tactic backend)."""
+its statistics come back in meta_info["tactic"] (running sums from the tactic backend). Penalties
+and logit_bias are SGLang's own sampling parameters; logprobs come back in meta_info, taken
+before temperature (SGLANG_RETURN_ORIGINAL_LOGPROB) but, as SGLang applies them to the logits
+first, after penalties and logit_bias."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -23,7 +27,10 @@ from tactic_server.engine.types import (
     GenerationOutput,
     GenerationRequest,
     QueueFull,
+    SamplingParams,
+    TacticParams,
     TacticUsage,
+    TokenLogprob,
     check_prompt,
 )
 
@@ -39,6 +46,42 @@ def tactic_usage(meta_info: dict) -> TacticUsage | None:
     if len(sums) != 4 or sums[3] <= 0:
         return None
     return TacticUsage(sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3])
+
+
+def sglang_sampling_params(
+    sampling: SamplingParams, tactic: TacticParams, max_new_tokens: int, eos_token_ids
+) -> dict:
+    """The keyword arguments of SGLang's SamplingParams for one request."""
+    params = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=0.0 if sampling.greedy else sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k > 0 else -1, ignore_eos=sampling.ignore_eos,
+        stop_token_ids=list(eos_token_ids),
+        frequency_penalty=sampling.frequency_penalty, presence_penalty=sampling.presence_penalty,
+        custom_params={"tactic": {"enabled": tactic.enabled, "target": tactic.target}},
+    )  # fmt: skip
+    if sampling.logit_bias:
+        params["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    if sampling.seed is not None:
+        params["sampling_seed"] = sampling.seed
+    return params
+
+
+def token_logprobs(meta_info: dict, start: int, end: int) -> tuple[TokenLogprob, ...]:
+    """Output tokens start..end's logprobs from a chunk's meta_info, whose lists hold every
+    output token so far: output_token_logprobs (logprob, token id, text) per token and
+    output_top_logprobs a list of such (or None) per token."""
+    chosen = meta_info.get("output_token_logprobs") or []
+    top = meta_info.get("output_top_logprobs") or []
+    return tuple(
+        TokenLogprob(
+            int(chosen[i][1]),
+            float(chosen[i][0]),
+            tuple((int(token), float(logprob)) for logprob, token, _ in top[i] or ())
+            if i < len(top) else (),
+        )
+        for i in range(start, min(end, len(chosen)))
+    )  # fmt: skip
 
 
 class SGLangEngine:
@@ -66,6 +109,8 @@ class SGLangEngine:
         self.observer = None
         Settings(config.default_tactic_target,
                  dataclasses.replace(config.tactic)).export()  # fmt: skip
+        # logprobs before temperature, as the embedded engine's (its schedulers read this)
+        os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
         args = dict(
             model_path=config.model_dir, skip_tokenizer_init=True,
             attention_backend=attention_backend, context_length=self.max_model_len,
@@ -83,16 +128,11 @@ class SGLangEngine:
         if self._in_flight >= self.config.max_batch + self.config.max_waiting:
             raise QueueFull("too many requests are waiting; retry later")
         sampling = request.sampling
-        params = dict(
-            max_new_tokens=min(sampling.max_tokens, self.max_model_len - prompt_len),
-            temperature=0.0 if sampling.greedy else sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1, ignore_eos=sampling.ignore_eos,
-            stop_token_ids=list(self.tokenizer.eos_token_ids),
-            custom_params={"tactic": {"enabled": request.tactic.enabled,
-                                      "target": request.tactic.target}},
+        params = sglang_sampling_params(
+            sampling, request.tactic, min(sampling.max_tokens, self.max_model_len - prompt_len),
+            self.tokenizer.eos_token_ids,
         )  # fmt: skip
-        if sampling.seed is not None:
-            params["sampling_seed"] = sampling.seed
+        logprobs = dict(return_logprob=True, top_logprobs_num=sampling.logprobs)
         text = TextStream(self.tokenizer, sampling.stop)
         seen, finished, usage = 0, False, None
         self._in_flight += 1
@@ -100,11 +140,11 @@ class SGLangEngine:
         try:
             stream = await self.engine.async_generate(
                 input_ids=list(request.prompt_token_ids), sampling_params=params, stream=True,
-                rid=request.request_id,
+                rid=request.request_id, **(logprobs if sampling.logprobs is not None else {}),
             )  # fmt: skip
             async for chunk in stream:
                 ids = chunk.get("output_ids") or []
-                new, seen = ids[seen:], max(seen, len(ids))
+                before, new, seen = seen, ids[seen:], max(seen, len(ids))
                 for token in new:
                     if token not in self.tokenizer.eos_token_ids or sampling.ignore_eos:
                         text.add(token)
@@ -120,6 +160,7 @@ class SGLangEngine:
                     text=text.take(finished), finish_reason=_reason(reason),
                     prompt_tokens=prompt_len, completion_tokens=seen,
                     tactic=usage if request.tactic.enabled else None,
+                    logprobs=token_logprobs(meta, before, seen),
                 )  # fmt: skip
                 if finished:
                     break
