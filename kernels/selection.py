@@ -286,6 +286,22 @@ def _exact_list_kernel(
 
 
 @triton.jit
+def _cluster_span(
+    req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, mask, stride_req_segment,
+    num_kv_heads, CLUSTERS: tl.constexpr,
+):  # fmt: skip
+    """For cluster units (where mask): their segment row (segment slot * H_kv + kv_head), the
+    first member and the member count in that segment's member list."""
+    segment_slot = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS, mask=mask, other=0
+    ).to(tl.int64)
+    segment_row = segment_slot * num_kv_heads + kv_head
+    local = segment_row * (CLUSTERS + 1) + unit % CLUSTERS
+    start = tl.load(offsets_ptr + local, mask=mask, other=0)
+    return segment_row, start, tl.load(offsets_ptr + local + 1, mask=mask, other=0) - start
+
+
+@triton.jit
 def _exact_units_kernel(
     q_ptr,
     k_ptr,
@@ -347,15 +363,10 @@ def _exact_units_kernel(
             entries = first + tl.arange(0, BLOCK_E)
             live = entries < count
             unit = tl.load(exact_units_ptr + row * max_units + entries, mask=live, other=0)
-            segment_slot = tl.load(
-                req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS,
-                mask=live,
-                other=0,
-            ).to(tl.int64)
-            segment_row = segment_slot * num_kv_heads + kv_head
-            local = segment_row * (CLUSTERS + 1) + unit % CLUSTERS
-            start = tl.load(offsets_ptr + local, mask=live, other=0)
-            members_count = tl.load(offsets_ptr + local + 1, mask=live, other=0) - start
+            segment_row, start, members_count = _cluster_span(
+                req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, live,
+                stride_req_segment, num_kv_heads, CLUSTERS,
+            )  # fmt: skip
             unit_size = tl.load(unit_size_ptr + row * max_units + unit, mask=live, other=0)
             unit_estimate = tl.load(log_mass_ptr + hist_row * max_units + unit[None, :],
                                     mask=head_mask[:, None] & live[None, :], other=0.0)  # fmt: skip
@@ -552,14 +563,10 @@ def _write_rows_kernel(
         destination = row_start + block_start + tl.cumsum(count, axis=0) - count
         is_cluster = selected & (units < num_cluster_units)
         is_tail = selected & (units >= num_cluster_units)
-        segment_slot = tl.load(
-            req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
-            mask=is_cluster,
-            other=0,
-        ).to(tl.int64)
-        segment_row = segment_slot * num_kv_heads + kv_head
-        start = tl.load(offsets_ptr + segment_row * (CLUSTERS + 1) + units % CLUSTERS,
-                        mask=is_cluster, other=0)  # fmt: skip
+        segment_row, start, _ = _cluster_span(
+            req_to_segment_ptr, offsets_ptr, pool_index, kv_head, units, is_cluster,
+            stride_req_segment, num_kv_heads, CLUSTERS,
+        )  # fmt: skip
         tail_slot = tl.load(
             req_to_token_ptr + pool_index * stride_req_token + tail_start + units
             - num_cluster_units,
