@@ -9,6 +9,9 @@ Every kernel is one pass, parallel over (row, unit block) or (row, query head): 
 come from histograms (a few thousand bins), not from sorting or bisecting over the units, so the
 step is bounded by the bytes it reads rather than by serial passes at small batches.
 Units of a request: clusters of its full segments in (segment, cluster) order, then its tail.
+The histograms are summed with float atomics, in an order that varies between runs: a threshold
+can differ from the reference's only where a cumulative mass equals the target to float
+precision. The exact list's order varies too; what each listed cluster gets does not.
 """
 
 from __future__ import annotations
