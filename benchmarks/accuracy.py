@@ -129,28 +129,35 @@ def retrieval(engine: Engine, lengths, trials: int, targets, background, seed: i
 
 def capture_workloads(model_dir: str, prompts: list[list[int]], device: str, steps: int,
                       stride: int):  # fmt: skip
-    """(layer name, Workload) for each layer, prompt and decode position: the post-RoPE queries
-    of the prompt's last `steps` positions `stride` apart, each with the keys and values of the
-    positions up to it, as the model computes them (Hugging Face transformers with an
-    attention function that records its inputs)."""
-    from transformers import AttentionInterface, LlamaForCausalLM
+    """(layer name, Workload) for each layer that attends to the whole context (all of a Llama;
+    a Gemma 3's global layers, not its sliding-window ones), prompt and decode position: the
+    post-RoPE queries of the prompt's last `steps` positions `stride` apart, each with the keys
+    and values of the positions up to it, as the model computes them (Hugging Face transformers
+    with an attention function that records its inputs). The queries are scaled so that
+    1/sqrt(head_dim), which Tactic's scores use, gives the model's own softmax scale."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     captured = []
 
     def recording(module, query, key, value, attention_mask, **kwargs):
-        captured.append((module.layer_idx, query[0].float().cpu(),
-                         key[0].transpose(0, 1).float().cpu(),
-                         value[0].transpose(0, 1).float().cpu()))  # fmt: skip
+        if getattr(module, "sliding_window", None) is None:
+            rescale = kwargs.get("scaling", module.scaling) * math.sqrt(query.shape[-1])
+            queries = query[0] if abs(rescale - 1.0) < 1e-6 else query[0] * rescale
+            captured.append((module.layer_idx, queries.float().cpu(),
+                             key[0].transpose(0, 1).float().cpu(),
+                             value[0].transpose(0, 1).float().cpu()))  # fmt: skip
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("tactic_recording", recording)
-    model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="tactic_recording",
-                                             dtype=torch.float32).to(device).eval()  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="tactic_recording",
+                                                 dtype=torch.float32).to(device).eval()  # fmt: skip
     for number, ids in enumerate(prompts):
         captured.clear()
         with torch.no_grad():
-            model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+            # the decoder alone: the LM head's logits for every position are not needed (a 262k
+            # vocabulary over 8k positions is 8.6 GB of float32)
+            model.get_decoder()(input_ids=torch.tensor([ids], device=device), use_cache=False)
         positions = [len(ids) - 1 - i * stride for i in range(steps) if len(ids) - 1 >= i * stride]
         for layer, queries, keys, values in captured:
             for position in positions:
@@ -162,9 +169,9 @@ def capture_workloads(model_dir: str, prompts: list[list[int]], device: str, ste
 
 def perplexity(model_dir: str, files, device: str, tokenizer, length: int, budget: int) -> dict:
     """Dense next-token perplexity over held-out files cut into windows of `length` tokens."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     stream = []
     for path in files:
         if (text := read_text(path)) is not None:
