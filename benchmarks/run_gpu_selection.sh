@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (device call with carry [".whl"]): the selection and decode kernel tests on
-# CUDA, the profile of one selection step, and the decode benchmark with the given arguments.
+# CUDA, the profile of one selection step, and the decode benchmark with the given arguments
+# (it replaces run_gpu_kernels.sh, which ran every gpu-marked test before the benchmark: the
+# SGLang ones need the SGLang site, which a kernel run does not carry).
 # Everything lands in $OUT.  Usage: PROFILE="131072:1 131072:16" bash benchmarks/run_gpu_selection.sh \
 #     --contexts 32768 131072 --batches 1 16 --fractions 0.01 0.03 0.1 0.3
 set -uo pipefail

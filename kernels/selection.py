@@ -670,7 +670,7 @@ def select_rows(
         DOT_PRECISION=dot_precision(k_cache.dtype),
     )  # fmt: skip
     grid = (rows, num_blocks)
-    wide = dict(BLOCK_U=units_per_program, num_warps=8 if units_per_program >= 256 else 4)
+    unit_block = dict(BLOCK_U=units_per_program, num_warps=8 if units_per_program >= 256 else 4)
     group_pad = triton.next_power_of_2(group)  # kernels without tl.dot need no 16-row tile
 
     # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
@@ -709,7 +709,7 @@ def select_rows(
             log_mass, unit_size, forced, clustered_segments, exact_threshold, mass_hist,
             exact_units, exact_count, num_kv_heads, max_units,
             bin_width=config.density_bin_width, **binning,
-            GROUP=group, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **wide,
+            GROUP=group, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
         )  # fmt: skip
         # a fixed number of programs per row, each taking every P-th group of listed clusters
         exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
@@ -737,7 +737,7 @@ def select_rows(
     _mark_kernel[grid](
         log_mass, unit_size, forced, walk_threshold, selected, block_tokens, row_tokens,
         head_tokens, max_units, num_blocks, **binning,
-        GROUP=group, BINS=bins, BLOCK_H=group_pad, **wide,
+        GROUP=group, BINS=bins, BLOCK_H=group_pad, **unit_block,
     )  # fmt: skip
     indptr = torch.empty(rows + 1, dtype=torch.int32, device=device)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
@@ -745,7 +745,7 @@ def select_rows(
         pool.member_slots, pool.cluster_offsets, req_to_segment, req_to_token,
         req_pool_indices, clustered_segments, unit_size, selected, block_tokens, row_tokens,
         indptr, indices, req_to_segment.stride(0), req_to_token.stride(0), rows, num_kv_heads,
-        max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters, BLOCK_M=32, **wide,
+        max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters, BLOCK_M=32, **unit_block,
         BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=triton.next_power_of_2(num_blocks),
     )  # fmt: skip
     return SelectedRows(
