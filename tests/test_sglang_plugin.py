@@ -17,6 +17,7 @@ from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 
 from tactic_server.decode import ClusterSide, TacticDecoder  # noqa: E402
+from tactic_server.decode.clusters import STATS  # noqa: E402
 from tactic_server.sglang_plugin.settings import request_target  # noqa: E402
 from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic  # noqa: E402
 from tactic_server.tactic.attention import dense_attention, sparse_attention  # noqa: E402
@@ -118,7 +119,7 @@ def test_request_start_and_invalidation_write_the_device_without_host_copies():
     finally:
         if on_gpu:
             torch.cuda.set_sync_debug_mode("default")
-    assert side.targets[2].item() == 0.75 and side.stats[2].tolist() == [0.0] * 4
+    assert side.targets[2].item() == 0.75 and side.stats[2].tolist() == [0.0] * STATS
     cached = torch.tensor([200], device=DEVICE)
     _, clustered = side.segment_table(requests.req_to_token, torch.tensor([0], device=DEVICE),
                                       cached, 3)  # fmt: skip
@@ -333,7 +334,7 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False):
             selection = plan_tactic(query, keys, target, index, CONFIG)
             reference = sparse_attention(query, keys, values, selection)
             torch.testing.assert_close(sparse[request], reference, atol=2e-4, rtol=1e-3)
-    return tactic.request_stats(request_slots)  # [3, 4] running sums, what meta_info carries
+    return tactic.request_stats(request_slots)  # [3, STATS] running sums, what meta_info carries
 
 
 def test_backend_decode_through_a_forward_batch_against_sglangs_triton_backend(monkeypatch):
@@ -366,7 +367,7 @@ def test_statistics_travel_through_sglangs_per_token_path_as_numpy_rows(monkeypa
 
     monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
     stats = decode_on_rank()
-    assert isinstance(stats, np.ndarray) and stats.shape == (3, 4)
+    assert isinstance(stats, np.ndarray) and stats.shape == (3, STATS)
     req = Req("r0", "", [1, 2, 3], SamplingParams())
     steps = 257
     for _ in range(steps):

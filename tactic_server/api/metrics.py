@@ -55,6 +55,13 @@ class ServerMetrics:
             buckets=RATIO_BUCKETS,
             registry=registry,
         )
+        self.decode_steps = Counter(
+            "tactic_decode_steps",
+            "Decode steps of Tactic requests, by path: selected, or dense because the cost model "
+            "said selecting would not pay (dense_fallback)",
+            ["path"],
+            registry=registry,
+        )
         self.target_fraction = Histogram(
             "tactic_target_fraction",
             "Per request: the attention mass target P it ran with (Tactic requests)",
@@ -150,6 +157,9 @@ class RequestTracker:
             metrics.target_fraction.observe(self.tactic.target)
         if last.tactic is not None:
             metrics.selected_ratio.observe(last.tactic.selected_ratio)
+            dense = last.tactic.dense_fallback_steps
+            metrics.decode_steps.labels(path="selected").inc(last.tactic.decode_steps - dense)
+            metrics.decode_steps.labels(path="dense_fallback").inc(dense)
 
 
 class _EngineStatsCollector(Collector):

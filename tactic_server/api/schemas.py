@@ -277,6 +277,8 @@ class TacticUsageReport(BaseModel):
     selected_ratio: float  # attended tokens / context tokens
     estimated_mass: float  # the attention mass the selection is estimated to cover
     attended_tokens: float
+    decode_steps: int = 0
+    dense_fallback_steps: int = 0  # steps decoded dense: selecting would not have paid
 
 
 class Usage(BaseModel):

@@ -24,7 +24,10 @@ from tactic_server.tactic.config import TacticConfig
 
 logger = logging.getLogger(__name__)
 
-STATS = 4  # per request slot: sums of selected ratio, estimated mass, attended tokens; steps
+# per request slot: sums of selected ratio, estimated mass, attended tokens; steps; dense-fallback
+# steps (counted in the sums as reading every position); the selected ratio of its last
+# selecting step (what the dense-fallback cost model expects of its next)
+STATS = 6
 
 
 def metadata_bytes_per_token(

@@ -15,6 +15,7 @@ from tactic_server.kernels.selection import select_rows
 from tactic_server.tactic.config import TacticConfig, selects
 
 from .clusters import ClusterSide
+from .cost import DecodeCostModel
 
 
 @dataclass
@@ -55,8 +56,13 @@ class DecodePlan:
 
 class TacticDecoder:
     """num_kv_heads: this rank's KV heads. combine_ranks, with tensor parallelism, turns each
-    rank's per-request statistics [n, 4] into their mean over the ranks (a collective: every
-    rank calls it at the same step), so any rank's sums describe all heads."""
+    rank's per-request statistics [n, 5] into their mean over the ranks (a collective: every
+    rank calls it at the same step), so any rank's sums describe all heads.
+    cost_model (None: always select) decides per decode batch whether selecting pays
+    (`selection_pays`), from the selected ratios the engine observed (`observe`);
+    bytes_per_token: K and V bytes of one position in one layer on this rank; probe_every: after
+    that many dense-fallback steps in a row the next step selects, so that the ratios it
+    expects follow the requests' attention."""
 
     def __init__(
         self,
@@ -64,11 +70,40 @@ class TacticDecoder:
         config: TacticConfig,
         num_kv_heads: int,
         combine_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cost_model: DecodeCostModel | None = None,
+        bytes_per_token: int = 0,
+        probe_every: int = 32,
     ) -> None:
         self.side = side
         self.config = config
         self.num_kv_heads = num_kv_heads
         self.combine_ranks = combine_ranks
+        self.cost_model = cost_model
+        self.bytes_per_token = bytes_per_token
+        self.probe_every = probe_every
+        self.expected_ratio: dict[int, float] = {}  # request slot -> its last selected ratio
+        self.fallback_streak = 0
+
+    def observe(self, request_slot: int, stats_row) -> None:
+        """A request's running sums as the engine read them back (a row of side.stats): its
+        last selecting step's ratio is what the cost model expects of its next (0, selecting,
+        until one has run)."""
+        self.expected_ratio[request_slot] = float(stats_row[5])
+
+    def selection_pays(self, seq_lens_cpu: list[int], slots_cpu: list[int]) -> bool:
+        """Whether this decode batch's selecting requests (contexts, request slots) should
+        select, or decode dense (the fallback). Called once per decode step."""
+        if self.cost_model is None or not seq_lens_cpu:
+            return True
+        ratios = [self.expected_ratio.get(slot, 0.0) for slot in slots_cpu]
+        if self.cost_model.pays(seq_lens_cpu, ratios, self.bytes_per_token):
+            self.fallback_streak = 0
+            return True
+        self.fallback_streak += 1
+        if self.fallback_streak > self.probe_every:  # probe: select once, measure again
+            self.fallback_streak = 0
+            return True
+        return False
 
     def plan(
         self,
@@ -79,15 +114,22 @@ class TacticDecoder:
         targets_cpu: list[float],
         batch_rows: list[int] | None = None,
         dense_too: bool = False,
+        fallback: bool = False,
     ) -> DecodePlan | None:
         """The decode of the given requests (request_slots, seq_lens [n] on the device, their
         lengths and targets on the host), request i at row batch_rows[i] of the step's batch
         (default i). None when no row selects, unless dense_too (an engine without a dense
-        decode of its own): the caller's dense path runs."""
+        decode of its own): the caller's dense path runs. fallback (selection_pays said no):
+        the rows that would select decode dense, and their statistics count the step as one
+        that read every position."""
         chosen = [i for i, target in enumerate(targets_cpu) if selects(target)]
+        if fallback and chosen:
+            rows = torch.tensor(chosen, dtype=torch.long, device=seq_lens.device)
+            self.count_fallback(request_slots[rows], seq_lens[rows])
+            chosen = []
         if not chosen and not dense_too:
             return None
-        others = [i for i, target in enumerate(targets_cpu) if not selects(target)]
+        others = [i for i, target in enumerate(targets_cpu) if not selects(target) or fallback]
         batch_rows = list(range(len(targets_cpu))) if batch_rows is None else batch_rows
         rows = (batch_rows, req_to_token, request_slots, seq_lens, seq_lens_cpu)
         tactic = None
@@ -187,8 +229,26 @@ class TacticDecoder:
         ratio, estimated mass and attended tokens, each a mean over the layers; steps)."""
         attended, mass = attended.mean(dim=0), mass.mean(dim=0)
         ratio = attended / seq_lens.float()
-        step = torch.stack([ratio, mass, attended, torch.ones_like(ratio)], dim=1)
+        step = torch.stack([ratio, mass, attended, torch.ones_like(ratio),
+                            torch.zeros_like(ratio)], dim=1)  # fmt: skip
         step = step * counted[:, None]
         if self.combine_ranks is not None:
             step = self.combine_ranks(step)
-        self.side.stats.index_add_(0, request_slots, step)
+        self._add_step(request_slots, step, counted)
+
+    def count_fallback(self, request_slots: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """A dense-fallback step of these requests: every position read, all the mass covered
+        (no collective: every rank counts the same)."""
+        lengths = seq_lens.float()
+        ones = torch.ones_like(lengths)
+        step = torch.stack([ones, ones, lengths, ones, ones], dim=1)
+        self._add_step(request_slots.long(), step, None)
+
+    def _add_step(self, request_slots: torch.Tensor, step: torch.Tensor,
+                  selected: torch.Tensor | None) -> None:  # fmt: skip
+        """step [n, 5] into the sums; where selected, its ratio becomes the slot's last."""
+        stats = self.side.stats
+        stats[:, :5].index_add_(0, request_slots, step)
+        if selected is not None:
+            last = stats[request_slots, 5]
+            stats[request_slots, 5] = torch.where(selected, step[:, 0], last)

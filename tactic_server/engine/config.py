@@ -26,6 +26,9 @@ class EngineConfig:
     default_tactic_target: float = 0.9
     tactic: TacticConfig = field(default_factory=TacticConfig)
     attention_backend: str = "auto"  # "triton" kernels, "torch" reference, "auto": triton on CUDA
+    # "auto": a decode batch decodes dense where the cost model of this GPU (decode/cost.py)
+    # says selecting would not pay; "off": selecting requests always select
+    dense_fallback: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -46,6 +49,8 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
             )
+        if self.dense_fallback not in ("auto", "off"):
+            raise ValueError(f"dense_fallback must be auto or off, got {self.dense_fallback!r}")
         if self.tactic.segment_size is None:
             raise ValueError(
                 "the engine clusters segment by segment: tactic.segment_size is needed"

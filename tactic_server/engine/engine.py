@@ -75,7 +75,8 @@ class Engine:
             model_config.head_dim, model.lm_head.weight.dtype, device, config.tactic.segment_size,
         )  # fmt: skip
         self.runner = ModelRunner(model, self.pool, config.tactic, device, backend,
-                                  config.max_batch, max_model_len)  # fmt: skip
+                                  config.max_batch, max_model_len,
+                                  dense_fallback=config.dense_fallback == "auto")  # fmt: skip
         logger.info(
             "KV pool: %d slots, %.1f MiB of KV plus %.1f MiB of cluster metadata (%.1f%%)",
             kv_slots, self.pool.kv_bytes / 2**20, self.runner.side.nbytes / 2**20,

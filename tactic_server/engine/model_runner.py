@@ -10,9 +10,9 @@ import time
 import torch
 from tactic_server.kernels.decode_attention import dense_rows
 
-from tactic_server.decode import ClusterSide, DecodePlan, TacticDecoder
+from tactic_server.decode import ClusterSide, DecodePlan, TacticDecoder, cost
 from tactic_server.decode.decoder import DenseRows
-from tactic_server.tactic.config import TacticConfig
+from tactic_server.tactic.config import TacticConfig, selects
 
 from .attention import SequenceSlice, StepContext
 from .kv_pool import KVPool, segment_keys
@@ -28,10 +28,13 @@ class ModelRunner:
     position), the evaluation's baselines in torch; "torch": every decode in torch, Tactic by
     its reference (tactic.selection.plan_tactic) over the same cluster store. max_requests:
     the scheduler's request slots (rows of req_to_token). Clusters are kept for the model's
-    global layers only (Tactic selects there; sliding-window layers attend to their window)."""
+    global layers only (Tactic selects there; sliding-window layers attend to their window).
+    dense_fallback: the kernels' decode batches decode dense where this GPU's cost model says
+    selecting would not pay (decode/cost.py; no model on a CPU: they always select)."""
 
     def __init__(self, model: CausalLM, pool: KVPool, tactic: TacticConfig, device,
-                 backend: str, max_requests: int, max_model_len: int) -> None:  # fmt: skip
+                 backend: str, max_requests: int, max_model_len: int,
+                 dense_fallback: bool = True) -> None:  # fmt: skip
         self.model = model
         self.pool = pool
         self.device = torch.device(device)
@@ -41,7 +44,11 @@ class ModelRunner:
                                 pool.head_dim, pool.dtype, self.device, tactic,
                                 max_requests)  # fmt: skip
         pool.on_free = lambda slots: self.side.invalidate(torch.tensor(slots))
-        self.decoder = TacticDecoder(self.side, tactic, pool.num_kv_heads)
+        cost_model = cost.for_device(self.device) if dense_fallback and self.kernels else None
+        self.decoder = TacticDecoder(
+            self.side, tactic, pool.num_kv_heads, cost_model=cost_model,
+            bytes_per_token=2 * pool.num_kv_heads * pool.head_dim * pool.dtype.itemsize,
+        )  # fmt: skip
         # SGLang's ReqToTokenPool: row r holds the KV slots of the request in request slot r
         self.req_to_token = torch.zeros(max_requests, max_model_len, dtype=torch.int32,
                                         device=self.device)  # fmt: skip
@@ -123,12 +130,14 @@ class ModelRunner:
     def _kernel_plan(self, chosen: list[SequenceSlice]) -> DecodePlan:
         seq_lens = [part.end for part in chosen]
         targets = [part.sequence.request.tactic.target_mass for part in chosen]
-        request_slots = torch.tensor([part.sequence.request_slot for part in chosen],
-                                     device=self.device)  # fmt: skip
+        slots = [part.sequence.request_slot for part in chosen]
+        selecting = [i for i, target in enumerate(targets) if selects(target)]
+        pays = self.decoder.selection_pays([seq_lens[i] for i in selecting],
+                                           [slots[i] for i in selecting])  # fmt: skip
         return self.decoder.plan(
-            self.req_to_token, request_slots,
+            self.req_to_token, torch.tensor(slots, device=self.device),
             torch.tensor(seq_lens, dtype=torch.int32, device=self.device), seq_lens, targets,
-            batch_rows=[part.row for part in chosen], dense_too=True,
+            batch_rows=[part.row for part in chosen], dense_too=True, fallback=not pays,
         )  # fmt: skip
 
     def _window_rows(self, chosen: list[SequenceSlice]) -> DenseRows:
@@ -173,11 +182,12 @@ class ModelRunner:
         if not chosen:
             return
         slots = torch.tensor([sequence.request_slot for sequence in chosen], device=self.device)
-        for sequence, (ratio, mass, attended, steps) in zip(
-            chosen, self.side.stats[slots].tolist(), strict=True
-        ):
+        for sequence, row in zip(chosen, self.side.stats[slots].tolist(), strict=True):
+            self.decoder.observe(sequence.request_slot, row)
+            ratio, mass, attended, steps, dense_steps, _ = row
             if steps > 0:
-                sequence.usage = TacticUsage(ratio / steps, mass / steps, attended / steps)
+                sequence.usage = TacticUsage(ratio / steps, mass / steps, attended / steps,
+                                             int(steps), int(dense_steps))  # fmt: skip
 
     def _cluster_new_segments(self, sequences: list[Sequence]) -> None:
         """The full segments of selecting requests, once computed (a dense request's are

@@ -103,7 +103,7 @@ class TacticAttnBackend(TritonAttnBackend):
             else "dense"
 
     def request_stats(self, req_pool_indices: torch.Tensor):
-        """Running sums [batch, 4] of the batch's requests as a numpy view of pinned host
+        """Running sums [batch, STATS] of the batch's requests as a numpy view of pinned host
         memory, copied without waiting (SGLang reads them after its own copy of the step's
         results). SGLang keeps one row per request and token and pickles them all to the
         tokenizer process when the request ends: numpy rows, because a torch tensor pickles

@@ -43,9 +43,10 @@ def tactic_usage(meta_info: dict) -> TacticUsage | None:
     if not entries:
         return None
     sums = [float(x) for x in list(entries[-1])]
-    if len(sums) != 4 or sums[3] <= 0:
+    if len(sums) != 6 or sums[3] <= 0:
         return None
-    return TacticUsage(sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3])
+    return TacticUsage(sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3], int(sums[3]),
+                       int(sums[4]))  # fmt: skip
 
 
 def sglang_sampling_params(

@@ -1,0 +1,88 @@
+"""Fit the dense-fallback cost model (tactic_server/decode/cost.py) to a decode_attention.py
+run and show, cell by cell, what it picks: predicted and measured dense and Tactic times, whether
+the pick was the faster path, and the picked path against the fastest dense baseline of the run.
+
+  python benchmarks/fit_cost_model.py benchmarks/results/decode_attention_h200.json [--name H200]
+
+Prints the fitted constants (paste them into cost.py's register call) and a markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tactic_server.decode.cost import FIT_PARAMETERS, DecodeCostModel, fit  # noqa: E402
+
+
+def evaluate(model: DecodeCostModel, records: list[dict], bytes_per_token: int,
+             dense_key: str = "dense_ms") -> list[dict]:  # fmt: skip
+    rows = []
+    for r in records:
+        kv = r["batch"] * r["context"] * bytes_per_token
+        batch = r["batch"]
+        picks_tactic = model.pays([r["context"]] * batch, [r["selected_fraction"]] * batch,
+                                  bytes_per_token)  # fmt: skip
+        picked_ms = r["tactic_ms"] if picks_tactic else r[dense_key]
+        best_ms = min(r["tactic_ms"], r[dense_key])
+        rows.append({
+            "context": r["context"], "batch": r["batch"],
+            "selected": r["selected_fraction"],
+            "dense_ms": r[dense_key], "dense_predicted_ms": model.dense_ms(kv),
+            "tactic_ms": r["tactic_ms"],
+            "tactic_predicted_ms": model.tactic_ms(r["batch"], kv, kv * r["selected_fraction"]),
+            "pick": "tactic" if picks_tactic else "dense",
+            "right": picked_ms <= best_ms * 1.0001,
+            "regret": picked_ms / best_ms,
+            "fastest_dense": r["fastest_dense"],
+            "vs_fastest_dense": r["fastest_dense_ms"] / picked_ms,
+        })  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| context | batch | selected | dense ms (model) | Tactic ms (model) | pick | "
+             "right | regret | x fastest dense |", "|" + "---|" * 9]  # fmt: skip
+    for row in rows:
+        lines.append(
+            f"| {row['context']:,} | {row['batch']} | {row['selected']:.1%} | "
+            f"{row['dense_ms']:.3f} ({row['dense_predicted_ms']:.3f}) | "
+            f"{row['tactic_ms']:.3f} ({row['tactic_predicted_ms']:.3f}) | {row['pick']} | "
+            f"{'yes' if row['right'] else 'no'} | {row['regret']:.2f} | "
+            f"{row['vs_fastest_dense']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument(
+        "--bytes-per-token",
+        type=int,
+        default=8 * 128 * 2 * 2,
+        help="K and V bytes of a position in a layer (default: Llama-3.1-8B, bf16)",
+    )
+    parser.add_argument(
+        "--dense-key",
+        default="dense_ms",
+        help="the dense path the engine falls back to (default: our kernel)",
+    )
+    args = parser.parse_args()
+    run = json.loads(args.results.read_text())
+    records = [r for r in run["records"] if "select_ms" in r]
+    model = fit(records, args.bytes_per_token, args.dense_key, source=str(args.results))
+    print({name: round(getattr(model, name), 9) for name in FIT_PARAMETERS})
+    rows = evaluate(model, records, args.bytes_per_token, args.dense_key)
+    print(table(rows))
+    wrong = [r for r in rows if not r["right"]]
+    print(f"\n{len(rows) - len(wrong)} of {len(rows)} cells picked the faster path; worst regret "
+          f"{max(r['regret'] for r in rows):.2f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

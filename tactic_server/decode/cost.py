@@ -1,0 +1,139 @@
+"""When selection pays: a per-batch cost model of one layer's decode attention, dense against
+Tactic (selection, then attention over the selected share), so that a batch whose contexts are
+short or whose attention is flat decodes dense instead of paying for a selection that saves
+nothing (the dense fallback).
+
+The model is a roofline with latency floors, in the bytes a layer's decode reads:
+  dense  = smax(dense_floor, dense_per_byte * K+V bytes of the batch's contexts)
+  select = select_floor + select_per_row * batch + select_per_byte * K bytes of the contexts
+  attend = smax(attend_floor, attend_per_byte * K+V bytes selected) + attend_per_row * batch
+with smax(a, b) = (a^4 + b^4)^(1/4), a smooth max. Its constants are fitted (`fit`) to the
+records of benchmarks/decode_attention.py on one device and kept here by device name; the
+selected share of a request is the one its last selecting step measured (a request not seen yet
+is assumed to select little, so its first step selects and measures it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+FIT_PARAMETERS = ("dense_floor_ms", "dense_ms_per_gb", "select_floor_ms", "select_ms_per_row",
+                  "select_ms_per_gb", "attend_floor_ms", "attend_ms_per_gb",
+                  "attend_ms_per_row")  # fmt: skip
+
+
+def smooth_max(a, b):
+    return (a**4 + b**4) ** 0.25
+
+
+@dataclass(frozen=True)
+class DecodeCostModel:
+    """Milliseconds of one layer's decode attention over a batch (see the module docstring).
+    margin: selection must be predicted to take at most this share of the dense time (the
+    model is within about 10% of the measured times; a wrong pick near the break-even point
+    then costs little)."""
+
+    dense_floor_ms: float
+    dense_ms_per_gb: float
+    select_floor_ms: float
+    select_ms_per_row: float
+    select_ms_per_gb: float
+    attend_floor_ms: float
+    attend_ms_per_gb: float
+    attend_ms_per_row: float
+    margin: float = 0.9
+    source: str = ""
+
+    def dense_ms(self, kv_bytes: float) -> float:
+        return float(smooth_max(self.dense_floor_ms, self.dense_ms_per_gb * kv_bytes / 1e9))
+
+    def tactic_ms(self, batch: int, kv_bytes: float, selected_bytes: float) -> float:
+        # selection reads the keys' side only (centroids, and the keys it scores exactly)
+        select = self.select_floor_ms + self.select_ms_per_row * batch
+        select += self.select_ms_per_gb * kv_bytes / 2e9
+        attend = float(
+            smooth_max(self.attend_floor_ms, self.attend_ms_per_gb * selected_bytes / 1e9)
+        )
+        return select + attend + self.attend_ms_per_row * batch
+
+    def pays(self, seq_lens: Sequence[int], ratios: Sequence[float], bytes_per_token: int) -> bool:
+        """Whether selecting beats dense for a batch of contexts seq_lens whose requests select
+        the given shares; bytes_per_token: K and V bytes of one position in one layer."""
+        kv_bytes = float(sum(seq_lens)) * bytes_per_token
+        pairs = zip(seq_lens, ratios, strict=True)
+        selected = float(sum(n * min(max(r, 0.0), 1.0) for n, r in pairs))
+        tactic = self.tactic_ms(len(seq_lens), kv_bytes, selected * bytes_per_token)
+        return tactic <= self.margin * self.dense_ms(kv_bytes)
+
+
+def fit(records: Sequence[dict], bytes_per_token: int, dense_key: str = "dense_ms",
+        source: str = "") -> DecodeCostModel:  # fmt: skip
+    """Least squares on relative error over benchmark records (context, batch,
+    selected_fraction, select_ms, attend_ms and dense_key: the dense path the engine falls back
+    to), in float64 on the CPU."""
+    t = torch.tensor
+    batch = t([float(r["batch"]) for r in records], dtype=torch.float64)
+    kv_gb = t([float(r["batch"] * r["context"]) for r in records], dtype=torch.float64)
+    kv_gb = kv_gb * bytes_per_token / 1e9
+    selected_gb = kv_gb * t([float(r["selected_fraction"]) for r in records], dtype=torch.float64)
+    dense = t([float(r[dense_key]) for r in records], dtype=torch.float64)
+    select = t([float(r["select_ms"]) for r in records], dtype=torch.float64)
+    attend = t([float(r["attend_ms"]) for r in records], dtype=torch.float64)
+
+    def solve(initial, predict, measured):
+        # positive parameters through their logs; relative error, so short cells count as much
+        log_p = torch.log(t(initial, dtype=torch.float64)).requires_grad_()
+        optimizer = torch.optim.LBFGS([log_p], max_iter=500, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (((predict(log_p.exp()) - measured) / measured) ** 2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return log_p.detach().exp().tolist()
+
+    d = solve([0.02, 1.0], lambda p: smooth_max(p[0], p[1] * kv_gb), dense)
+    s = solve([0.03, 0.003, 0.2], lambda p: p[0] + p[1] * batch + p[2] * kv_gb / 2, select)
+    a = solve([0.02, 1.0, 0.001],
+              lambda p: smooth_max(p[0], p[1] * selected_gb) + p[2] * batch, attend)  # fmt: skip
+    return DecodeCostModel(*d, *s, *a, source=source)
+
+
+# fitted by `python benchmarks/fit_cost_model.py benchmarks/results/decode_attention_h200.json`
+# (Llama-3.1-8B layer: 8 KV heads of 128, bf16; the fallback is our dense decode kernel)
+MODELS: dict[str, DecodeCostModel] = {
+    "H200": DecodeCostModel(
+        dense_floor_ms=0.031986177,
+        dense_ms_per_gb=0.257157694,
+        select_floor_ms=0.035871121,
+        select_ms_per_row=0.003370284,
+        select_ms_per_gb=0.090142209,
+        attend_floor_ms=0.018243056,
+        attend_ms_per_gb=0.303331711,
+        attend_ms_per_row=0.000893972,
+        source="benchmarks/results/decode_attention_h200.json (2026-12-02, seven-launch selection)",
+    ),
+}
+
+
+def for_device(device: torch.device | str) -> DecodeCostModel | None:
+    """The model fitted on this GPU's kind (by the name CUDA gives it), the nearest one on
+    another Hopper GPU, None on a CPU (the torch path has no selection launches to amortise:
+    it always selects)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not MODELS:
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, model in MODELS.items():
+        if key in name:
+            return model
+    return MODELS.get("H200")
+
+
+def describe(model: DecodeCostModel) -> dict:
+    return asdict(model)

@@ -1,0 +1,153 @@
+"""The dense fallback: the cost model (decode/cost.py) fits known timings back, picks the faster
+path on the H200 run it was fitted to, and the decoder and the embedded engine decode dense where
+it says selecting would not pay: the same tokens as dense, the steps counted as reading every
+position and reported in usage and /metrics, a probe step after a long fallback streak."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from tactic_server.decode import ClusterSide, TacticDecoder
+from tactic_server.decode.cost import FIT_PARAMETERS, MODELS, DecodeCostModel, fit, smooth_max
+from tactic_server.engine.types import GenerationRequest, TacticParams
+from tactic_server.tactic import TacticConfig
+from tactic_server.testing.tiny_model import make_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fit_cost_model import evaluate  # noqa: E402
+from test_engine import DENSE, GREEDY, collect, make_engine, prompt_ids  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_BYTES = 8 * 128 * 2 * 2
+KNOWN = DecodeCostModel(0.03, 0.25, 0.035, 0.003, 0.09, 0.018, 0.3, 0.001)
+NEVER = dataclasses.replace(KNOWN, select_floor_ms=1e6)  # selecting never pays
+ALWAYS = dataclasses.replace(KNOWN, dense_floor_ms=1e6)  # it always does
+
+
+def synthetic_records(m: DecodeCostModel) -> list[dict]:
+    """Timings as the model's formulas give them (cost.py's docstring), over a grid of cells."""
+    records = []
+    for context in (8192, 32768, 131072, 262144):
+        for batch in (1, 4, 16):
+            for fraction in (0.01, 0.1, 0.3):
+                kv_gb = batch * context * LLAMA_BYTES / 1e9
+                select = (
+                    m.select_floor_ms + m.select_ms_per_row * batch + m.select_ms_per_gb * kv_gb / 2
+                )
+                attend = (smooth_max(m.attend_floor_ms, m.attend_ms_per_gb * kv_gb * fraction)
+                          + m.attend_ms_per_row * batch)  # fmt: skip
+                records.append({"context": context, "batch": batch, "selected_fraction": fraction,
+                                "dense_ms": m.dense_ms(kv_gb * 1e9), "select_ms": select,
+                                "attend_ms": attend})  # fmt: skip
+    return records
+
+
+def test_fit_recovers_the_timings_of_a_known_model():
+    records = synthetic_records(KNOWN)
+    fitted = fit(records, LLAMA_BYTES)
+    for record in records:
+        kv = record["batch"] * record["context"] * LLAMA_BYTES
+        assert fitted.dense_ms(kv) == pytest.approx(record["dense_ms"], rel=0.02)
+        tactic = fitted.tactic_ms(record["batch"], kv, kv * record["selected_fraction"])
+        measured = record["select_ms"] + record["attend_ms"]
+        assert tactic == pytest.approx(measured, rel=0.05)
+
+
+def test_the_h200_model_picks_the_faster_path_on_the_run_it_was_fitted_to():
+    model = MODELS["H200"]
+    run = json.loads((ROOT / model.source.split()[0]).read_text())
+    rows = evaluate(model, [r for r in run["records"] if "select_ms" in r], LLAMA_BYTES)
+    right = sum(row["right"] for row in rows)
+    assert right >= 0.9 * len(rows)
+    assert max(row["regret"] for row in rows) < 1.1
+    # short contexts at batch 1 decode dense; long sparse ones select
+    picks = {(row["context"], row["batch"], round(row["selected"], 2)): row["pick"] for row in rows}
+    assert picks[(8192, 1, 0.05)] == "dense" and picks[(131072, 16, 0.01)] == "tactic"
+    assert all(getattr(model, name) > 0 for name in FIT_PARAMETERS)
+
+
+def test_flat_attention_falls_back_and_a_probe_follows_a_streak():
+    side = ClusterSide(64, 1, 2, 16, torch.float32, "cpu", TacticConfig(segment_size=32), 4)
+    decoder = TacticDecoder(side, side.config, 2, cost_model=MODELS["H200"],
+                            bytes_per_token=LLAMA_BYTES, probe_every=3)  # fmt: skip
+    long = [131072]
+    assert decoder.selection_pays(long, [1])  # not seen yet: it selects and measures
+    row = [0.0] * 6
+    row[5] = 0.997  # flat: its last selecting step read nearly everything
+    decoder.observe(1, row)
+    assert [decoder.selection_pays(long, [1]) for _ in range(5)] == [False] * 3 + [True, False]
+    row[5] = 0.01
+    decoder.observe(1, row)
+    assert decoder.selection_pays(long, [1])
+    assert not decoder.selection_pays([4096], [2])  # short: the selection's floor dominates
+
+
+def test_a_fallback_step_counts_as_reading_everything_and_keeps_the_last_ratio():
+    side = ClusterSide(64, 1, 2, 16, torch.float32, "cpu", TacticConfig(segment_size=32), 4)
+    decoder = TacticDecoder(side, side.config, 2)
+    slots, lengths = torch.tensor([1, 3]), torch.tensor([40, 50], dtype=torch.int32)
+    attended = torch.tensor([[4.0, 10.0]])  # one layer, mean over KV heads
+    decoder.add_statistics(slots, lengths, attended, torch.tensor([[0.9, 0.95]]),
+                           torch.tensor([True, True]))  # fmt: skip
+    decoder.count_fallback(slots, lengths)
+    stats = side.stats[slots]
+    assert stats[:, 3].tolist() == [2.0, 2.0] and stats[:, 4].tolist() == [1.0, 1.0]
+    assert stats[:, 0].tolist() == pytest.approx([0.1 + 1.0, 0.2 + 1.0])
+    assert stats[:, 2].tolist() == [44.0, 60.0]
+    assert stats[:, 5].tolist() == pytest.approx([0.1, 0.2])  # the selecting step's ratios
+
+
+def run_engine(tmp_path, cost_model):
+    model_dir = make_tiny_model(tmp_path, "llama", seed=5, sparse_attention=True)
+    sampling = dataclasses.replace(GREEDY, max_tokens=8)
+    engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64), device="cpu",
+                         attention_backend="triton")  # fmt: skip
+    engine.runner.decoder.cost_model = cost_model  # the CPU has no fitted model of its own
+    requests = [GenerationRequest("k", prompt_ids(180, seed=4), sampling, TacticParams(True, 0.5)),
+                GenerationRequest("d", prompt_ids(180, seed=4), sampling, DENSE)]  # fmt: skip
+
+    async def both():
+        return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+    outputs = asyncio.run(both())
+    assert engine.stats().kv_slots_in_use == 0
+    return outputs
+
+
+def test_the_engine_decodes_dense_where_selecting_would_not_pay(tmp_path):
+    """Under the Triton interpreter: with a model by which selecting never pays, the Tactic
+    request's tokens are the dense request's, and its usage says every step fell back."""
+    (tokens, _, usage), (dense_tokens, _, _) = run_engine(tmp_path / "never", NEVER)
+    assert tokens == dense_tokens
+    tactic = usage.tactic
+    assert tactic.decode_steps > 0 and tactic.dense_fallback_steps == tactic.decode_steps
+    assert tactic.selected_ratio == pytest.approx(1.0) and tactic.estimated_mass == 1.0
+    (_, _, selecting), _ = run_engine(tmp_path / "always", ALWAYS)
+    assert selecting.tactic.dense_fallback_steps == 0
+    assert selecting.tactic.selected_ratio < 0.9
+
+
+def test_metrics_count_decode_steps_by_path():
+    from prometheus_client import generate_latest
+
+    from tactic_server.api.metrics import RequestTracker, ServerMetrics
+    from tactic_server.engine.types import TacticUsage
+
+    metrics = ServerMetrics(lambda: None)
+    request = RequestTracker(metrics, TacticParams(True, 0.9))
+    last = dataclasses.make_dataclass("Last", ["prompt_tokens", "completion_tokens", "tactic"])
+    request.finish(last(10, 7, TacticUsage(0.8, 0.95, 100.0, decode_steps=6,
+                                           dense_fallback_steps=2)))  # fmt: skip
+    text = generate_latest(metrics.registry).decode()
+    families = text_string_to_metric_families(text)
+    samples = {(s.name, s.labels.get("path")): s.value for f in families for s in f.samples}
+    assert samples[("tactic_decode_steps_total", "selected")] == 4
+    assert samples[("tactic_decode_steps_total", "dense_fallback")] == 2
