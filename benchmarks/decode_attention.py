@@ -32,6 +32,7 @@ from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
 from tactic_server.kernels.kmeans import segment_kmeans
 from tactic_server.kernels.selection import select_rows
 
+from tactic_server.decode import cost
 from tactic_server.tactic import TacticConfig, build_cluster_index
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_LAYERS = 32, 8, 128, 32
@@ -215,7 +216,8 @@ def best_split(run, splits):
     return timings[split], split
 
 
-def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed):
+def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed,
+            launch_options=({},), cost_model=None):
     generator = torch.Generator(device="cuda").manual_seed(seed)
     keys, values, q = topic_context(batch, context, fraction, generator)
     rows = batch * NUM_KV_HEADS
@@ -256,14 +258,21 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
         record["flashinfer_dense_vs_sdpa_error"] = relative_error(fi_dense, reference)
     dense_indices = None
 
-    # Tactic: device selection, then attention over the selected rows
-    def select():
+    # Tactic: device selection (each of the launch options; the fastest is the cell's), then
+    # attention over the selected rows
+    def select(options=None):
         return select_rows(
             q, keys, pool, req_to_segment, req_to_token, pool_indices, seq_lens, targets, context,
-            config,
+            config, **(options or {}),
         )
 
-    record["select_ms"] = bench_ms(select)
+    record["select_ms_by_launch"] = {}
+    for options in launch_options:
+        label = ",".join(f"{name}={value}" for name, value in options.items()) or "default"
+        record["select_ms_by_launch"][label] = bench_ms(lambda options=options: select(options))
+    fastest = min(record["select_ms_by_launch"], key=record["select_ms_by_launch"].get)
+    record["select_launch"] = fastest
+    record["select_ms"] = record["select_ms_by_launch"][fastest]
     selected = select()
     indptr = selected.indptr
     record["attend_ms"], record["attend_split_tokens"] = best_split(
@@ -301,6 +310,20 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     record["fastest_dense_ms"] = dense_times[record["fastest_dense"]]
     record["speedup_vs_fastest_dense"] = record["fastest_dense_ms"] / record["tactic_ms"]
     record["select_share"] = record["select_ms"] / record["tactic_ms"]
+    # the dense fallback: what the engine's cost model picks for this cell (its dense path is
+    # our dense kernel), against the fastest dense baseline
+    if cost_model is not None:
+        kv_bytes = rows * context * 2 * KV_ROW_BYTES
+        pays = cost_model.pays([context] * batch, [record["selected_fraction"]] * batch,
+                               NUM_KV_HEADS * 2 * KV_ROW_BYTES)  # fmt: skip
+        record["auto_path"] = "tactic" if pays else "dense"
+        record["auto_ms"] = record["tactic_ms"] if pays else record["dense_ms"]
+        record["auto_vs_fastest_dense"] = record["fastest_dense_ms"] / record["auto_ms"]
+        selected_bytes = kv_bytes * record["selected_fraction"]
+        record["auto_predicted_ms"] = {
+            "dense": cost_model.dense_ms(kv_bytes),
+            "tactic": cost_model.tactic_ms(batch, kv_bytes, selected_bytes),
+        }
 
     # bytes each must move at least
     dense_bytes = rows * context * (2 * KV_ROW_BYTES)
@@ -366,7 +389,8 @@ COLUMNS = [
     ("tactic", "tactic_ms", "{:>7.3f}"), ("x sdpa", "speedup_vs_sdpa", "{:>6.2f}"),
     ("x best", "speedup_vs_fastest_dense", "{:>6.2f}"), ("sel sh", "select_share", "{:>6.0%}"),
     ("roof x", "roofline_speedup", "{:>6.1f}"), ("dense bw", "dense_bw_fraction", "{:>6.1%}"),
-    ("tac bw", "tactic_bw_fraction", "{:>6.1%}"),
+    ("tac bw", "tactic_bw_fraction", "{:>6.1%}"), ("auto", "auto_path", "{:>6}"),
+    ("x auto", "auto_vs_fastest_dense", "{:>6.2f}"),
 ]  # fmt: skip
 
 
@@ -393,7 +417,17 @@ def main() -> int:
     parser.add_argument("--exact-fraction", type=float, default=None,
                         help="TacticConfig.exact_fraction (default: the config's)")  # fmt: skip
     parser.add_argument("--output", default=None, help="JSON path (default: by device name)")
+    parser.add_argument("--launch-options", default="default",
+                        help="select_rows launch options to time in each cell, the fastest taken: "
+                        "'default', or ';'-separated name=value,name=value sets (e.g. "
+                        "'units_per_program=64;units_per_program=256,score_units_per_program=128')")
     args = parser.parse_args()
+    launch_options = [
+        {} if spec == "default" else
+        {name: int(value) for name, value in (item.split("=") for item in spec.split(","))}
+        for spec in args.launch_options.split(";")
+    ]  # fmt: skip
+    cost_model = cost.for_device("cuda")
 
     device_name = torch.cuda.get_device_name()
     config = TacticConfig()
@@ -423,7 +457,8 @@ def main() -> int:
             for fraction in args.fractions:
                 started = time.perf_counter()
                 record = measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config,
-                                 seed=len(records))  # fmt: skip
+                                 seed=len(records), launch_options=launch_options,
+                                 cost_model=cost_model)  # fmt: skip
                 records.append(record)
                 log(f"context {context} batch {batch} fraction {fraction}: "
                     f"{time.perf_counter() - started:.1f} s")  # fmt: skip

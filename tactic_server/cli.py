@@ -113,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_waiting=args.max_waiting,
         default_tactic_target=args.tactic_target,
+        dense_fallback=args.dense_fallback,
     )
     progress = ProgressBar(f"loading {config.model_dir}")
 
@@ -269,6 +270,14 @@ def _add_serve_parser(commands) -> None:
         metavar="P",
         help="default attention mass each head must cover, in (0, 1] (default 0.9); requests "
         "may set their own",
+    )
+    serve.add_argument(
+        "--dense-fallback",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: a decode batch decodes dense where this GPU's cost model says selecting would "
+        "not pay (short contexts, flat attention; counted in /metrics); off: always select "
+        "(default auto)",
     )
     serve.add_argument(
         "--api-key",
