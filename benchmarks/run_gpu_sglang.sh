@@ -5,23 +5,30 @@
 # with the tactic backend end to end, and the full load run. Each step has its own time limit,
 # so one that fails or hangs leaves the others their time; logs and JSON land in $OUT (bring
 # them home to benchmarks/results/). Steps, with their limits:
+#   warm        300 s  FlashInfer's JIT cache, once per machine: its first compile (about
+#                      2 minutes) would otherwise land in the first flashinfer engine's start and
+#                      eat a throughput step's limit (never its timed rounds, which come after an
+#                      untimed decode); a stamp beside the cache skips it while the machine lasts
 #   serve       300 s  (a) serve --engine sglang answers the openai client; SIGTERM exits 0
 #   equality    240 s  (b) greedy equality at P = 0.999 with the triton backend, float32
-#   throughput  540 s  (c) flashinfer and triton vs tactic (graphs) vs tactic-eager, Llama-3.1-8B
-#                      dummy, $CONTEXTS (default 32768 65536 131072), $BACKENDS (default all),
+#   throughput  540 s  (c) flashinfer, fa3 and triton vs tactic (graphs) vs tactic-eager,
+#                      Llama-3.1-8B dummy, $CONTEXTS (default 32768 65536 131072), $BACKENDS
+#                      (default all; fa3 is recorded as unavailable where sgl-kernel's FA3
+#                      library was not staged: STAGE_FA3=1 scripts/stage_sglang_wheels.sh),
 #                      $TOKENS new tokens a round (default 64), batches 1 and 8
 #   trained     540 s  (c) the same on the trained model $MODEL (default the repo's bundled
 #                      one, else /tmp/run-code/model), where attention is really sparse:
 #                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default flashinfer
-#                      triton tactic), 256 new tokens a round (64 understate batch 8: README), end
-#                      to end and steady (streamed); about 310 s, of which an engine may take
-#                      95 s to start on a machine that just unpacked SGLang
+#                      fa3 triton tactic), 256 new tokens a round (64 understate batch 8:
+#                      README), end to end and steady (streamed); about 310 s without fa3, of
+#                      which an engine may take 95 s to start on a machine that just unpacked
+#                      SGLang (fa3, where staged, adds an engine: not yet timed)
 #   profile     300 s  where a decode step's time goes: SGLang's torch profiler over 32 decode
 #                      steps of the trained model at 128k, batch 8, triton and tactic (dense
 #                      requests and P = 0.9), each trace summarised (trace_summary.py)
 #   load        420 s  issue 7: every load scenario against the embedded engine on the GPU and
 #                      against --engine sglang, SIGTERM drain
-#   STEPS="serve equality trained" bash benchmarks/run_gpu_sglang.sh
+#   STEPS="warm serve equality trained" bash benchmarks/run_gpu_sglang.sh
 #   STEPS=throughput bash benchmarks/run_gpu_sglang.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,9 +39,17 @@ if [ -z "$model" ]; then
     [ -f "$candidate/config.json" ] && model=$candidate && break
   done
 fi
-for step in ${STEPS:-serve equality trained}; do
+warmed=$HOME/.cache/flashinfer/tactic_warm  # FlashInfer's cache folder (FLASHINFER_WORKSPACE_BASE)
+for step in ${STEPS:-warm serve equality trained}; do
   echo "[run_gpu_sglang] $step"
   case $step in
+    warm)
+      if [ -f "$warmed" ]; then
+        echo "flashinfer's JIT cache is already warm on this machine" >"$out/warm.log"
+      else
+        timeout 300 python3 benchmarks/sglang_gpu.py warm --out "$out/sglang_warm.json" \
+          >"$out/warm.log" 2>&1 && mkdir -p "${warmed%/*}" && touch "$warmed"
+      fi ;;
     serve)
       timeout 300 python3 -m pytest -q -p no:warnings tests/test_sglang_serve_gpu.py \
         >"$out/serve.log" 2>&1 ;;
@@ -45,14 +60,14 @@ for step in ${STEPS:-serve equality trained}; do
       # shellcheck disable=SC2086  # CONTEXTS is a list of words
       timeout 540 python3 benchmarks/sglang_gpu.py throughput \
         --contexts ${CONTEXTS:-32768 65536 131072} --batches 1 8 --repeats 2 \
-        --backends ${BACKENDS:-flashinfer triton tactic tactic-eager} --tokens ${TOKENS:-64} \
+        --backends ${BACKENDS:-flashinfer fa3 triton tactic tactic-eager} --tokens ${TOKENS:-64} \
         --out "$out/sglang_throughput.json" >"$out/throughput.log" 2>&1 ;;
     trained)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
       # shellcheck disable=SC2086
       timeout 540 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
         --contexts ${CONTEXTS:-32768 65536 131072} \
-        --backends ${BACKENDS:-flashinfer triton tactic} --batches 1 8 --repeats ${REPEATS:-3} \
+        --backends ${BACKENDS:-flashinfer fa3 triton tactic} --batches 1 8 --repeats ${REPEATS:-3} \
         --tokens 256 \
         --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
     profile)

@@ -1,16 +1,20 @@
-"""SGLang with the tactic backend on a GPU, against SGLang's own dense backends (flashinfer, the
-strongest staged here, and triton, whose decode kernel the tactic backend's dense path runs), in
-one run:
+"""SGLang with the tactic backend on a GPU, against SGLang's own dense backends (flashinfer; fa3,
+where sgl-kernel's FA3 library is staged; and triton, whose decode kernel the tactic backend's
+dense path runs), in one run:
 
   equality    greedy outputs of the tactic backend at P = 0.999 (and dense requests through it)
               against the triton backend for the first 32 tokens, on a tiny model with peaked
               attention and prompts of several clustered segments; P = 0.9 for the selected ratio
-  throughput  decode tokens/s, flashinfer and triton backends vs tactic (dense requests and
-              P = 0.9, with the Tactic CUDA graphs and, as `tactic-eager`, without), at long
-              contexts and batch
-              sizes, on a Llama-3.1-8B-shaped config with load_format="dummy" (flat attention)
-              or, with --model, on a trained checkpoint and passkey prompts of source code
-              (its real attention; contexts beyond its positions are allowed)
+  throughput  decode tokens/s, flashinfer, fa3 and triton backends vs tactic (dense requests
+              and P = 0.9, with the Tactic CUDA graphs and, as `tactic-eager`, without), at long
+              contexts and batch sizes, on a Llama-3.1-8B-shaped config with
+              load_format="dummy" (flat attention) or, with --model, on a trained checkpoint and
+              passkey prompts of source code (its real attention; contexts beyond its positions
+              are allowed); a backend this machine cannot run (fa3 without its library) is
+              recorded under "unavailable" with the reason, and the others run
+  warm        one short flashinfer decode on a one-layer model of the benchmark's attention
+              shape, so that FlashInfer's JIT compile (about 2 minutes on a fresh machine) is
+              done once per machine, outside the throughput runs' time limits
   profile     one stretch of decoding per backend and mode under SGLang's torch profiler, each
               trace summarised by benchmarks/trace_summary.py (GPU busy share, kernels, runtime
               calls, CUDA graph launches), to see where a decode step's time goes
@@ -24,12 +28,15 @@ Usage (GPU machine, after `source scripts/gpu_env.sh`):
   python benchmarks/sglang_gpu.py throughput --contexts 32768 65536 131072 --batches 1 8 \
       --out t.json
   python benchmarks/sglang_gpu.py profile --model DIR --context 131072 --batch 8 --out p.json
+  python benchmarks/sglang_gpu.py warm --out w.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import json
 import logging
 import statistics
@@ -223,10 +230,42 @@ def text_prompts(model_dir: Path, count: int, length: int, seed: int) -> list[li
 
 
 # flashinfer JIT-compiles its kernels on first use (about 2 minutes on a fresh machine; its cache
-# in ~/.cache/flashinfer lasts while the machine does)
-MODES = {"flashinfer": [("dense", None)], "triton": [("dense", None)],
+# in ~/.cache/flashinfer lasts while the machine does: `warm` fills it)
+MODES = {"flashinfer": [("dense", None)], "fa3": [("dense", None)], "triton": [("dense", None)],
          "tactic": [("dense", None), ("tactic_0.9", 0.9)],
          "tactic-eager": [("tactic_0.9", 0.9)]}  # fmt: skip
+
+FA3_NOT_STAGED = ("sgl_kernel.flash_ops not staged: 1022 MiB (260 MiB deflated in the "
+                  "sglang-kernel wheel), left out by scripts/stage_sglang_wheels.sh unless "
+                  "STAGE_FA3=1")  # fmt: skip
+
+
+def fa3_unavailable(capability: tuple[int, int]) -> str | None:
+    """Why SGLang's fa3 backend cannot run here (None: it can). It needs sgl-kernel's FA3 library
+    (sgl_kernel.flash_ops), which the staged site leaves out for its size, and, as SGLang's fa3
+    backend asserts, an sm80 to sm90 GPU (this machine's H200 is sm90)."""
+    major, minor = capability
+    if major not in (8, 9):
+        return f"FA3 runs on sm80 to sm90 only (SGLang's fa3 backend); this GPU is sm{major}{minor}"
+    try:
+        spec = importlib.util.find_spec("sgl_kernel.flash_ops")
+    except ImportError as exc:
+        return f"sgl_kernel does not import: {exc}"
+    if spec is None:
+        return FA3_NOT_STAGED
+    try:
+        importlib.import_module("sgl_kernel.flash_ops")
+    except (ImportError, OSError) as exc:
+        return f"sgl_kernel.flash_ops is staged but does not load: {exc}"
+    return None
+
+
+def runnable(backends: list[str], capability: tuple[int, int]) -> tuple[list[str], dict]:
+    """The backends to run, in order, and {backend: why not} for those this machine cannot run."""
+    unavailable = {}
+    if "fa3" in backends and (why := fa3_unavailable(capability)):
+        unavailable["fa3"] = why
+    return [b for b in backends if b not in unavailable], unavailable
 
 
 def benchmark_model(args, max_context: int) -> tuple[Path, str, dict]:
@@ -260,8 +299,12 @@ def benchmark_prompts(args, model_dir: Path, count: int, context: int) -> list[l
 def throughput(args, save) -> dict:
     max_context = max(args.contexts)
     model_dir, name, extra = benchmark_model(args, max_context)
+    backends, unavailable = runnable(args.backends, torch.cuda.get_device_capability())
+    for backend, why in unavailable.items():
+        log(f"{backend}: unavailable, not measured ({why})")
+    head = {"model": name, "decode_tokens": args.tokens, "unavailable": unavailable}
     rows = []
-    for backend in args.backends:
+    for backend in backends:
         engine = start(
             model_dir, backend, max_context, mem_fraction_static=args.mem_fraction,
             max_running_requests=max(args.batches), cuda_graph_max_bs=max(args.batches),
@@ -301,13 +344,32 @@ def throughput(args, save) -> dict:
                         selected_ratio=statistics.mean(ratio) if ratio else None,
                     )  # fmt: skip
                     rows.append(row)
-                    save({"model": name, "decode_tokens": args.tokens, "rows": rows})
+                    save(head | {"rows": rows})
                     log(f"{backend} {mode} ctx {context} batch {batch}: "
                         f"{row['decode_tokens_per_s']:.1f} tok/s (rounds {rounds}), "
                         f"steady {row['steady_tokens_per_s']:.1f} (rounds {steady}), "
                         f"selected {row['selected_ratio']}")  # fmt: skip
         engine.shutdown()
-    return {"model": name, "decode_tokens": args.tokens, "rows": rows}
+    return head | {"rows": rows}
+
+
+def warm(args) -> dict:
+    """A short flashinfer decode (batch 1 and 8) on one layer of the benchmark's attention shape
+    (bf16, 32 query and 8 KV heads of 128: the trained model's group of 4 and head size too), so
+    that FlashInfer's JIT cache holds what the throughput runs' engines compile at start."""
+    model_dir = Path(tempfile.mkdtemp()) / "llama8b-one-layer"
+    model_dir.mkdir(parents=True)
+    config = LLAMA8B | {"num_hidden_layers": 1, "vocab_size": 32000, "bos_token_id": 1,
+                        "eos_token_id": 2}  # fmt: skip
+    (model_dir / "config.json").write_text(json.dumps(config))
+    began = time.perf_counter()
+    engine = start(model_dir, "flashinfer", 4096, mem_fraction_static=0.3, load_format="dummy",
+                   max_running_requests=8, cuda_graph_max_bs=8)  # fmt: skip
+    generate(engine, random_prompts(8, 1000, 32000, seed=0), 8, None)
+    engine.shutdown()
+    seconds = time.perf_counter() - began
+    log(f"flashinfer warm in {seconds:.0f} s")
+    return {"model": "Llama-3.1-8B config, 1 layer, dummy, bf16", "seconds": seconds}
 
 
 def profile(args, save) -> dict:
@@ -318,8 +380,10 @@ def profile(args, save) -> dict:
 
     model_dir, name, extra = benchmark_model(args, args.context)
     folder = Path(args.out).resolve().parent
+    backends, unavailable = runnable(args.backends, torch.cuda.get_device_capability())
+    head = {"model": name, "unavailable": unavailable}
     rows = []
-    for backend in args.backends:
+    for backend in backends:
         engine = start(
             model_dir, backend, args.context, mem_fraction_static=args.mem_fraction,
             max_running_requests=args.batch, cuda_graph_max_bs=args.batch, tp_size=args.tp,
@@ -343,11 +407,11 @@ def profile(args, save) -> dict:
                              selected_ratio=statistics.mean(ratio) if ratio else None,
                              trace=str(found[-1].relative_to(folder)) if found else None,
                              summary=summary))  # fmt: skip
-            save({"model": name, "rows": rows})
+            save(head | {"rows": rows})
             log(f"{backend} {mode}: {seconds:.2f} s profiled\n"
                 + (format_summary(summary) if summary else "no trace written"))  # fmt: skip
         engine.shutdown()
-    return {"model": name, "rows": rows}
+    return head | {"rows": rows}
 
 
 def main() -> int:
@@ -361,7 +425,7 @@ def main() -> int:
     tp.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
     tp.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     tp.add_argument("--backends", nargs="+", choices=tuple(MODES),
-                    default=["flashinfer", "triton", "tactic", "tactic-eager"])
+                    default=["flashinfer", "fa3", "triton", "tactic", "tactic-eager"])
     tp.add_argument("--model", help="a trained checkpoint (default: Llama-3.1-8B, dummy)")
     tp.add_argument("--tokens", type=int, default=64)
     tp.add_argument("--repeats", type=int, default=2)
@@ -373,7 +437,8 @@ def main() -> int:
     pf.add_argument("--model", help="a trained checkpoint (default: Llama-3.1-8B, dummy)")
     pf.add_argument("--tokens", type=int, default=32)
     pf.add_argument("--mem-fraction", type=float, default=0.85)
-    for sub in (eq, tp, pf):
+    wm = commands.add_parser("warm")
+    for sub in (eq, tp, pf, wm):
         sub.add_argument("--out", required=True)
         sub.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
     args = parser.parse_args()
@@ -386,6 +451,8 @@ def main() -> int:
 
     if args.command == "equality":
         save(equality(args))
+    elif args.command == "warm":
+        save(warm(args))
     else:
         save((throughput if args.command == "throughput" else profile)(args, save))
     log(f"wrote {args.out}")

@@ -9,7 +9,9 @@ alone is no user's best choice); the cost of the tactic backend's dense requests
 the path they run. Goals are judged only within a run (never a number of one run against a
 number of another) and only on runs of the current code: a run whose JSON says "superseded"
 (why, in words) stays in the tables, marked, and out of the goals and the plot; a "note" is shown
-with its run. Writes sglang_<device>.json, .md and, with matplotlib, _throughput.png.
+with its run, and so are the backends the run could not measure ("unavailable": fa3 where its
+library was not staged), with the reason. Writes sglang_<device>.json, .md and, with
+matplotlib, _throughput.png.
 
     python benchmarks/sglang_report.py --device h200
 
@@ -76,6 +78,7 @@ def summarize_run(name: str, report: dict) -> dict:
             ratios(line["steady"])
     return {"file": name, "model": report.get("model"), "command": report.get("command"),
             "superseded": report.get("superseded"), "note": report.get("note"),
+            "unavailable": report.get("unavailable") or {},
             "decode_tokens": report.get("decode_tokens"), "trained": "trained" in
             str(report.get("model")), "lines": sorted(cells.values(), key=lambda x: (
                 x["context"], x["batch"]))}  # fmt: skip
@@ -164,6 +167,8 @@ def markdown(summary: dict) -> str:
             out += [f"Superseded, not in the goals: {run['superseded']}", ""]
         if run["note"]:
             out += [f"Note: {run['note']}", ""]
+        for backend, why in run["unavailable"].items():
+            out += [f"Not measured, unavailable: {backend} ({why})", ""]
         out += ["| context | batch | " + " | ".join(titles) + " |",
                 "|---|---|" + "---|" * len(titles)]
         for line in run["lines"]:

@@ -226,9 +226,13 @@ async def burst(client, settings: Settings, rng) -> list[dict]:
     )]  # fmt: skip
 
 
+async def served_model(client) -> dict:
+    """The model the server serves, as /v1/models lists it (id, max_model_len, ...)."""
+    return (await client.get("/v1/models")).json()["data"][0]
+
+
 async def long_prompts(client, settings: Settings, rng) -> list[dict]:
-    models = (await client.get("/v1/models")).json()["data"][0]
-    context = models["max_model_len"]
+    context = (await served_model(client))["max_model_len"]
     # a probe's prompt_tokens sizes the prompts (chat template included); random words vary in
     # tokens, so the probe is large and the prompts aim at 90% of what is left
     probe_words = max(50, min(2000, context // 4))
@@ -310,6 +314,7 @@ async def run(settings: Settings, scenarios=SCENARIOS, log=print) -> dict:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=settings.url, headers=headers, limits=limits,
                                  timeout=settings.timeout) as client:  # fmt: skip
+        model = (await served_model(client))["id"]
         reports = []
         for name in scenarios:
             log(f"[loadgen] {name} ...")
@@ -318,7 +323,7 @@ async def run(settings: Settings, scenarios=SCENARIOS, log=print) -> dict:
                 log(format_row(report))
         after = await settled(client)
         log(f"[loadgen] after the run: {after}")
-    return {"settings": asdict(settings), "scenarios": reports, "after": after}
+    return {"settings": asdict(settings), "model": model, "scenarios": reports, "after": after}
 
 
 def format_row(report: dict) -> str:

@@ -42,6 +42,7 @@ async def soak(url: str, minutes: float, interval: float, log=print) -> dict:
             await asyncio.sleep(interval)
 
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        model = (await loadgen.served_model(client))["id"]
         sampler = asyncio.ensure_future(sample(client))
         rounds = 0
         while time.monotonic() < deadline:
@@ -63,8 +64,8 @@ async def soak(url: str, minutes: float, interval: float, log=print) -> dict:
     half = [s["rss_bytes"] for s in samples if s["t"] <= minutes * 30 and s["rss_bytes"]]
     rest = [s["rss_bytes"] for s in samples if s["t"] > minutes * 30 and s["rss_bytes"]]
     growth = (max(rest) / half[-1] - 1.0) if half and rest else None
-    return {"minutes": minutes, "outcomes": outcomes, "after": after, "samples": samples,
-            "rss_growth_second_half": growth}  # fmt: skip
+    return {"minutes": minutes, "model": model, "outcomes": outcomes, "after": after,
+            "samples": samples, "rss_growth_second_half": growth}  # fmt: skip
 
 
 def plot(result: dict, path: Path) -> None:

@@ -39,35 +39,37 @@ _tactic_gpu_env() {
       printf '%s\n' "$wanted" >"$stamp"
     fi
   done
-  # a packed site too large to travel beside the tree travels in parts, one carried folder each
-  # (.whl-sgl-part1, .whl-sgl-part2: scripts/split_site.sh), over calls issued while the machine
-  # stays warm; the parts wait in $site.parts until every one its manifest names is there
+  # an archive too large to travel beside the tree travels in parts, one carried folder each
+  # (.whl-sgl-part1, .whl-sgl-part2: SGLang's site; .whl-fa3-part1 ...: sgl-kernel's FA3
+  # library; scripts/split_site.sh), over calls issued while the machine stays warm; the parts
+  # wait in $site.parts until every one their manifest (NAME.manifest: the archive's name and
+  # sha256, then its parts) names is there, then the archive is unpacked into $site
   local parts=$site.parts manifest archive digest missing part
   for folder in "$root"/.whl*/; do
-    [ -f "$folder/parts.manifest" ] || continue
+    compgen -G "$folder*.manifest" >/dev/null || continue
     mkdir -p "$parts" && cp "$folder"/* "$parts/" || return 1
   done
-  if [ -f "$parts/parts.manifest" ]; then
-    read -r archive digest <"$parts/parts.manifest"
+  for manifest in "$parts"/*.manifest; do
+    [ -f "$manifest" ] || continue
+    read -r archive digest <"$manifest"
     stamp=$site/.staged_parts_$archive
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
-      missing=0
-      while read -r part; do
-        [ -f "$parts/$part" ] || missing=$((missing + 1))
-      done < <(tail -n +2 "$parts/parts.manifest")
-      if [ "$missing" -gt 0 ]; then
-        echo "[gpu_env] $missing part(s) of $archive still to come: carry them in the next call"
-      else
-        echo "[gpu_env] unpacking $archive from its parts into $site"
-        (cd "$parts" && tail -n +2 parts.manifest | xargs cat >"$archive") || return 1
-        [ "$(sha256sum "$parts/$archive" | cut -d' ' -f1)" = "$digest" ] || {
-          echo "[gpu_env] $archive: the parts do not add up (sha256)" >&2; return 1; }
-        mkdir -p "$site" && tar xJf "$parts/$archive" -C "$site" || return 1
-        printf '%s\n' "$digest" >"$stamp"
-        rm -rf "$parts"
-      fi
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && continue
+    missing=0
+    while read -r part; do
+      [ -f "$parts/$part" ] || missing=$((missing + 1))
+    done < <(tail -n +2 "$manifest")
+    if [ "$missing" -gt 0 ]; then
+      echo "[gpu_env] $missing part(s) of $archive still to come: carry them in the next call"
+      continue
     fi
-  fi
+    echo "[gpu_env] unpacking $archive from its parts into $site"
+    (cd "$parts" && tail -n +2 "$manifest" | xargs cat >"$archive") || return 1
+    [ "$(sha256sum "$parts/$archive" | cut -d' ' -f1)" = "$digest" ] || {
+      echo "[gpu_env] $archive: the parts do not add up (sha256)" >&2; return 1; }
+    mkdir -p "$site" && tar xJf "$parts/$archive" -C "$site" || return 1
+    printf '%s\n' "$digest" >"$stamp"
+    (cd "$parts" && tail -n +2 "$manifest" | xargs rm -f && rm -f "$archive" "$manifest")
+  done
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   if ! python3 -c "import tactic_server.kernels" 2>/dev/null; then
     echo "[gpu_env] installing tactic-server editable"

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Splits a packed site (default .whl-sgl/site.tar.xz, 57 MiB) into PARTS (default 2) carried
-# folders, .whl-sgl-part1/ ... .whl-sgl-partN/, for when it no longer fits beside the tree in the
-# 64 MiB a device call carries (the bundled model takes 26 MB of the tree). Carry one part a
-# call, the calls issued at once (the machine keeps /tmp only while warm); scripts/gpu_env.sh
-# keeps the parts and unpacks the site once all are there, checking its sha256. Later calls on
-# the warm machine carry none. With two parts, part 1 is PART1_MIB (default 23.5) so that it
-# travels with .whl-hf (10 MiB: the embedded engine's and the server's packages) and the tree,
-# part 2 the rest (34 MiB of the 57); with more, the parts are equal, and only a tree of more
-# than 30 MiB needs more than two (then .whl-hf goes with part 1 still).
-#   bash scripts/split_site.sh [ARCHIVE]        PARTS=3 bash scripts/split_site.sh
+# Splits a packed archive (default .whl-sgl/site.tar.xz, 57 MiB) into PARTS (default 2) carried
+# folders, FOLDER1/ ... FOLDERN/ (default .whl-sgl-part1/ ...), for when it no longer fits beside
+# the tree in the 64 MiB a device call carries (the bundled model takes 26 MB of the tree). Carry
+# one part a call, the calls issued at once (the machine keeps /tmp only while warm);
+# scripts/gpu_env.sh keeps the parts and unpacks the archive into the site once all are there,
+# checking its sha256 (each folder holds NAME.manifest: NAME and the sha256, then the parts).
+# Later calls on the warm machine carry none. With two parts, part 1 is PART1_MIB (default 23.5)
+# so that it travels with .whl-hf (10 MiB: the embedded engine's and the server's packages) and
+# the tree, part 2 the rest (34 MiB of the 57); with more, the parts are equal, and only a tree
+# of more than 30 MiB needs more than two (then .whl-hf goes with part 1 still). sgl-kernel's
+# FA3 library travels the same way (scripts/stage_sglang_wheels.sh with STAGE_FA3=1).
+#   bash scripts/split_site.sh [ARCHIVE [FOLDER [NAME]]]        PARTS=3 bash scripts/split_site.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 archive=${1:-.whl-sgl/site.tar.xz}
+folder=${2:-.whl-sgl-part}
+name=${3:-sglang-site.tar.xz}
 [ -f "$archive" ] || { echo "no $archive: run scripts/stage_sglang_wheels.sh first" >&2; exit 1; }
-name=sglang-site.tar.xz
 parts=${PARTS:-2}
+[ "$parts" -ge 2 ] || { echo "PARTS must be at least 2" >&2; exit 1; }
 digest=$(sha256sum "$archive" | cut -d' ' -f1)
 size=$(stat -c %s "$archive")
 if [ "$parts" -eq 2 ]; then
@@ -23,18 +27,18 @@ else
   first=$(( (size + parts - 1) / parts ))
 fi
 rest=$(( (size - first + parts - 2) / (parts - 1) ))
-rm -rf .whl-sgl-part*
+rm -rf "$folder"[0-9]*
 offset=0
 names=()
 for i in $(seq 1 "$parts"); do
   length=$([ "$i" -eq 1 ] && echo "$first" || echo "$rest")
-  mkdir -p ".whl-sgl-part$i"
-  dd if="$archive" of=".whl-sgl-part$i/$name.part$i" bs=1M iflag=skip_bytes,count_bytes \
+  mkdir -p "$folder$i"
+  dd if="$archive" of="$folder$i/$name.part$i" bs=1M iflag=skip_bytes,count_bytes \
     skip="$offset" count="$length" status=none
   offset=$((offset + length))
   names+=("$name.part$i")
 done
 for i in $(seq 1 "$parts"); do
-  { printf '%s %s\n' "$name" "$digest"; printf '%s\n' "${names[@]}"; } >".whl-sgl-part$i/parts.manifest"
+  { printf '%s %s\n' "$name" "$digest"; printf '%s\n' "${names[@]}"; } >"$folder$i/$name.manifest"
 done
-ls -l .whl-sgl-part*
+ls -l "$folder"[0-9]*

@@ -5,7 +5,13 @@
 # into a folder for that platform and packs it as .whl-sgl/site.tar.xz (git-ignored, about
 # 57 MiB: the wheels themselves are 104 MB, over the 64 MiB a device call carries). A device call
 # names `.whl-sgl` in carry; `source scripts/gpu_env.sh` there unpacks it once per machine.
-# Usage: bash scripts/stage_gpu_wheels.sh && bash scripts/stage_sglang_wheels.sh
+# sgl-kernel's FA3 library (sgl_kernel/flash_ops.abi3.so, SGLang's fa3 backend: 1022 MiB, 260 MiB
+# deflated in the wheel) is left out of the site; with STAGE_FA3=1 it is packed on its own as
+# .whl-fa3/flash_ops.tar.xz and split (scripts/split_site.sh) into .whl-fa3-part1/ ... of at most
+# FA3_PART_MIB (default 28) each, to carry one a call beside the tree, back to back after the
+# site's parts (about 8 calls, each within the 30 s the machine keeps /tmp); gpu_env.sh unpacks
+# it into the site once every part has come.
+# Usage: bash scripts/stage_gpu_wheels.sh && [STAGE_FA3=1] bash scripts/stage_sglang_wheels.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stage=/tmp/sgl-stage
@@ -31,6 +37,25 @@ with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w", zipfile.ZIP_DE
         if not item.filename.startswith(drop) and "/_mscclpp" not in item.filename:
             zout.writestr(item, zin.read(item.filename))
 PY
+if [ "${STAGE_FA3:-0}" = 1 ]; then
+  rm -rf "$stage/fa3" .whl-fa3 && mkdir -p "$stage/fa3" .whl-fa3
+  python3 - "$stage" <<'PY'
+import glob, sys, zipfile
+stage = sys.argv[1]
+with zipfile.ZipFile(glob.glob(f"{stage}/raw/sglang_kernel-0.4.2.post2-*.whl")[0]) as wheel:
+    for item in wheel.namelist():
+        if item.startswith("sgl_kernel/flash_ops"):
+            wheel.extract(item, f"{stage}/fa3")
+PY
+  echo "[stage] packing $(du -sh "$stage/fa3" | cut -f1) of FA3 into .whl-fa3/flash_ops.tar.xz"
+  tar cf - -C "$stage/fa3" . | xz -T0 -6 >.whl-fa3/flash_ops.tar.xz
+  size=$(stat -c %s .whl-fa3/flash_ops.tar.xz)
+  part=$(python3 -c "print(int(${FA3_PART_MIB:-28} * 2**20))")
+  parts=$(( (size + part - 1) / part )) && parts=$(( parts < 2 ? 2 : parts ))
+  PARTS=$parts PART1_MIB=${FA3_PART_MIB:-28} \
+    bash scripts/split_site.sh .whl-fa3/flash_ops.tar.xz .whl-fa3-part fa3-flash-ops.tar.xz
+  echo "[stage] FA3: $((size / 1048576)) MiB in $parts parts, .whl-fa3-part1 to $parts"
+fi
 get "transformers==5.6.0" "tokenizers==0.22.2" "openai==2.6.1" "openai-harmony==0.0.4" \
   "soundfile==0.13.1" "torchao==0.17.0" "kernels==0.12.3" "torchcodec==0.11.1" \
   "cuda-tile==1.7.0" "flash-attn-4==4.0.0b15" "nvidia-cudnn-frontend==1.28.0" \

@@ -349,7 +349,8 @@ def _add_serve_parser(commands) -> None:
         default=ServerSettings.header_timeout,
         metavar="S",
         help="seconds a connection may take to send a complete request head, from its start or "
-        "its previous response; then it is closed (default %(default)g)",
+        "its previous response; then it is answered 408, or closed where it sent nothing "
+        "(default %(default)g)",
     )
     limits.add_argument(
         "--keep-alive-timeout",
@@ -363,7 +364,8 @@ def _add_serve_parser(commands) -> None:
         type=_integer(1),
         default=ServerSettings.max_connections,
         metavar="N",
-        help="connections (and requests) at once; beyond it, 503 (default %(default)s)",
+        help="connections (and requests) at once; beyond it, 503 server_overloaded "
+        "(default %(default)s)",
     )
     limits.add_argument(
         "--drain-seconds",

@@ -160,26 +160,43 @@ def test_probes_and_streams_go_on_while_a_long_prompt_is_tokenized(engine, url, 
     assert_nothing_held(engine, url)
 
 
-def trickled_until_closed(connection: socket.socket) -> bool:
-    """Sends a byte at a time, as a slow client would; True once the server has hung up."""
+def trickled_until_closed(connection: socket.socket) -> bytes:
+    """Sends a byte at a time, as a slow client would, until the server hangs up; returns what
+    it answered meanwhile (fails if it never hangs up)."""
     deadline = time.monotonic() + GENEROUS
+    received = b""
     while time.monotonic() < deadline:
         try:
             connection.sendall(b"X")
             readable, _, _ = select.select([connection], [], [], 0.05)
-            if readable and connection.recv(1) == b"":
-                return True
-        except OSError:  # reset by the server
-            return True
-    return False
+            if readable:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return received
+                received += chunk
+        except OSError:  # reset by the server: the bytes sent after its close
+            return received
+    raise AssertionError("the server never closed a connection sending a byte at a time")
 
 
-def test_a_silent_connection_and_slow_headers_are_closed(engine, url):
+def assert_request_timeout(answered: bytes) -> None:
+    head, _, body = answered.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answered
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+
+
+def test_a_silent_connection_is_closed_and_slow_headers_get_408(engine, url):
     with socket.create_connection(address(url)) as silent:
         assert closed_by_server(silent) == b""
+    with socket.create_connection(address(url)) as stalled:
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        assert_request_timeout(closed_by_server(stalled))
     with socket.create_connection(address(url)) as slow:
         slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        assert trickled_until_closed(slow)
+        answered = trickled_until_closed(slow)
+    if answered:  # the reset answering a byte sent after the close may discard the 408 before it
+        assert_request_timeout(answered)
     assert_nothing_held(engine, url)
 
 
@@ -195,25 +212,24 @@ def test_a_slow_body_gets_408_and_frees_everything(engine, url):
         connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
                            b'{"messages"')  # fmt: skip
-        answered = closed_by_server(connection)
-    head, _, body = answered.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408")
-    error = json.loads(body)["error"]
-    assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+        assert_request_timeout(closed_by_server(connection))
     text = httpx.get(f"{url}/metrics").text
     assert 'tactic_requests_total{status="408"} 1.0' in text
     assert_nothing_held(engine, url)
 
 
-def test_connections_beyond_the_limit_get_503_until_some_close(engine):
+def test_connections_beyond_the_limit_get_503_with_the_error_object_until_some_close(engine):
     settings = ServerSettings(header_timeout=GENEROUS * 4, max_connections=3)
     with serving(create_app(engine), settings) as url:
         idle = [socket.create_connection(address(url)) for _ in range(settings.max_connections)]
         try:
             deadline = time.monotonic() + GENEROUS  # until the server has seen them all
-            while httpx.get(f"{url}/health", timeout=GENEROUS).status_code != 503:
+            while (refused := httpx.get(f"{url}/health", timeout=GENEROUS)).status_code != 503:
                 assert time.monotonic() < deadline, "the limit was never reached"
                 time.sleep(0.05)
+            assert assert_error(refused, 503)["code"] == "server_overloaded"
+            assert refused.headers["Retry-After"] == "1"
+            assert refused.headers["Connection"] == "close"
         finally:
             for connection in idle:
                 connection.close()

@@ -60,6 +60,7 @@ def test_every_scenario_holds_and_reports(engine, url):
     settings = loadgen.Settings(url=url, requests=24, max_tokens=8, concurrency=(1, 4, 8),
                                 burst=4 * (MAX_BATCH + MAX_WAITING))  # fmt: skip
     report = asyncio.run(loadgen.run(settings, log=lambda line: None))
+    assert report["model"] == engine.model_name  # what the numbers were measured on
     scenarios = {r["scenario"]: r for r in report["scenarios"]}
     assert set(scenarios) == {"sweep c=1", "sweep c=4", "sweep c=8", "burst", "long",
                               "disconnect", "mixed"}  # fmt: skip

@@ -1,9 +1,12 @@
 """benchmarks/sglang_gpu.py's steady decode rate: counted from the moment the batch's last
 request has its first token to the last token of all, so request setup and prefill (which
-vary) stay out, and a batch whose requests start apart is not credited with their lead."""
+vary) stay out, and a batch whose requests start apart is not credited with their lead. And
+which backends a run measures: fa3 only where its library loads on an sm80-sm90 GPU, else
+recorded as unavailable with the reason while the others run."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -38,3 +41,37 @@ def test_a_batch_is_timed_while_all_of_its_requests_decode(bench):
     late = [(2.0, 1)] + [(2.0 + 0.1 * i, 1 + i) for i in range(1, 21)]  # to 4.0 s, 21 tokens
     # in [2.0, 4.0]: early went 11 -> 31, late 1 -> 21
     assert bench.steady_rate([early, late]) == pytest.approx(40 / 2.0)
+
+
+def test_fa3_without_its_library_is_unavailable_and_the_others_run(bench, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # sgl_kernel as staged
+    backends, unavailable = bench.runnable(["flashinfer", "fa3", "triton", "tactic"], (9, 0))
+    assert backends == ["flashinfer", "triton", "tactic"]
+    assert list(unavailable) == ["fa3"]
+    assert "not staged" in unavailable["fa3"] and "1022 MiB" in unavailable["fa3"]
+    assert "STAGE_FA3=1" in unavailable["fa3"]
+
+
+def test_fa3_is_unavailable_off_sm80_to_sm90_without_looking_for_its_library(bench,
+                                                                             monkeypatch):
+    looked = []
+    monkeypatch.setattr(importlib.util, "find_spec", looked.append)
+    assert "this GPU is sm100" in bench.fa3_unavailable((10, 0))
+    assert looked == []
+
+
+def test_a_staged_fa3_library_that_does_not_load_says_why(bench, monkeypatch):
+    def broken(name):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(importlib, "import_module", broken)
+    why = bench.fa3_unavailable((9, 0))
+    assert "does not load" in why and "libcuda.so.1" in why
+
+
+def test_fa3_is_measured_where_its_library_loads(bench, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(importlib, "import_module", lambda name: None)
+    assert bench.runnable(["fa3", "triton"], (9, 0)) == (["fa3", "triton"], {})
+    assert bench.runnable(["triton", "tactic"], (7, 5)) == (["triton", "tactic"], {})

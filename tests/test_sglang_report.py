@@ -1,8 +1,9 @@
 """benchmarks/sglang_report.py: medians leave out rounds that came out negative, ratios and goals
 come only from rows of the same run and never from a superseded run, Tactic's speed is judged
-against the fastest dense backend of its line (and not in runs that measured triton alone), a run
-from before the Tactic graphs counts as eager, and the committed sglang_h200.json is what the
-script makes from the committed results."""
+against the fastest dense backend of its line (fa3 among them where the run measured it, and not
+in runs that measured triton alone), a backend a run could not measure is shown with its reason,
+a run from before the Tactic graphs counts as eager, and the committed sglang_h200.json is what
+the script makes from the committed results."""
 
 from __future__ import annotations
 
@@ -41,7 +42,11 @@ def write_results(folder: Path) -> None:
             steady=[900.0, 1000.0, 950.0]),
         row("tactic-eager", "tactic_0.9", 131072, 8, [200.0, 220.0], selected=0.3,
             steady=[230.0]),
-    ]}  # fmt: skip
+    ], "unavailable": {"fa3": "sgl_kernel.flash_ops not staged"}}  # fmt: skip
+    with_fa3 = {"model": "8B dummy", "decode_tokens": 64, "command": "c3", "rows": [
+        row("flashinfer", "dense", 65536, 1, [40.0]),
+        row("fa3", "dense", 65536, 1, [50.0]),
+        row("tactic", "tactic_0.9", 65536, 1, [45.0], selected=0.9)]}  # fmt: skip
     flat = {"model": "8B dummy", "decode_tokens": 64, "command": "c2", "tactic_graphs": False,
             "rows": [row("triton", "dense", 65536, 1, [30.0]),
                      row("tactic", "dense", 65536, 1, [31.0]),
@@ -57,6 +62,7 @@ def write_results(folder: Path) -> None:
     (folder / "sglang_throughput_trained_dev.json").write_text(json.dumps(trained))
     (folder / "sglang_throughput_old_dev.json").write_text(json.dumps(old))
     (folder / "sglang_throughput_flat_dev.json").write_text(json.dumps(flat))
+    (folder / "sglang_throughput_fa3_dev.json").write_text(json.dumps(with_fa3))
     (folder / "sglang_equality_float32_dev.json").write_text(json.dumps(equality))
 
 
@@ -84,6 +90,11 @@ def test_rows_ratios_and_goals(tmp_path):
                             "graphs / triton": 950.0 / 450.0,
                             "graphs / dense requests": 950.0 / 440.0,
                             "overhead at P = 1": 1 - 440.0 / 450.0}  # fmt: skip
+
+    assert trained["unavailable"] == {"fa3": "sgl_kernel.flash_ops not staged"}
+    (fa3_line,) = runs["sglang_throughput_fa3_dev.json"]["lines"]
+    assert (fa3_line["fastest dense"], fa3_line["graphs / fastest dense"]) == ("fa3", 45 / 50)
+    assert runs["sglang_throughput_fa3_dev.json"]["unavailable"] == {}
 
     flat = runs["sglang_throughput_flat_dev.json"]["lines"]
     assert flat[0]["tactic P = 0.9, eager"] == 10.0  # before the graphs: not a graph row
@@ -125,6 +136,8 @@ def test_main_writes_json_markdown_and_plot(tmp_path):
             "| 2.07x | 2.95x | 3.15x | 6.2% |") in markdown  # fmt: skip
     assert "**met in part**" in markdown and summary["device"] == "dev"
     assert "Superseded, not in the goals: before a fix" in markdown
+    assert "Not measured, unavailable: fa3 (sgl_kernel.flash_ops not staged)" in markdown
+    assert "| 65,536 | 1 | 40.0 | 50.0 | - | - | 45.0 | - | 90.0% | fa3 | 0.90x |" in markdown
     assert "| 131,072 | 8 | 400.0 | - | 450.0 | 440.0 | 950.0 | triton | 2.11x | 2.11x | 2.2% |" \
         in markdown
     assert "(2.07 vs flashinfer, 1.24 vs flashinfer)" in markdown

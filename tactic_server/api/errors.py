@@ -7,13 +7,16 @@
        max_tokens alone beyond the model's context, a logit_bias token outside the vocabulary
   401  missing or wrong API key
   404  unknown model or route
-  408  request body still arriving when its deadline passed
+  408  request body still arriving when its deadline passed; part of a request head came but
+       not all of it within the header timeout (server.H11WithLimits; a connection that sent
+       nothing is closed without an answer)
   413  request body over the byte limit; a prompt (checked by its length before tokenising, then
        by its tokens) or prompt plus max_tokens beyond the model's context
   429  engine queue full (with Retry-After)
   500  anything unexpected (the message carries an id that is also in the log; the server goes on)
-  503  model still loading, or the server stopped before the request finished (both with
-       Retry-After); uvicorn's own plain 503 beyond the connection limit
+  503  model still loading, the server stopped before the request finished, or more connections
+       or requests than --max-connections (server_overloaded, answered by server.H11WithLimits
+       in uvicorn's place); all with Retry-After
 A stream that fails after its 200 ends with the error object as an event, then [DONE].
 """
 
