@@ -5,10 +5,9 @@ reached, and write one CSR row of flat KV rows per (request, KV head).
 
 It computes the same function as tactic_server.tactic.selection.plan_tactic (the reference), with
 no host synchronisation: buffers are sized from host-side bounds, counts stay on the device.
-Every kernel is one pass, parallel over (row, unit block): the thresholds come from histograms
-(a few thousand bins), not from sorting or bisecting over the units, and the last program of a
-row to finish a launch reads them (a counter per row), so the step is bounded by the bytes it
-reads rather than by serial passes or launch latencies at small batches.
+Every kernel is one pass, parallel over (row, unit block) or (row, query head): the thresholds
+come from histograms (a few thousand bins), not from sorting or bisecting over the units, so the
+step is bounded by the bytes it reads rather than by serial passes at small batches.
 Units of a request: clusters of its full segments in (segment, cluster) order, then its tail.
 The histograms are summed with float atomics, in an order that varies between runs: a threshold
 can differ from the reference's only where a cumulative mass equals the target to float
@@ -48,10 +47,6 @@ def _score_units_kernel(
     forced_ptr,
     token_cluster_ptr,
     mass_hist_ptr,
-    done_ptr,
-    threshold_ptr,
-    targets_ptr,
-    estimated_mass_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
@@ -64,7 +59,6 @@ def _score_units_kernel(
     lowest_density,
     inverse_bin_width,
     bin_width,
-    exact_fraction,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SEGMENT: tl.constexpr,
@@ -75,7 +69,6 @@ def _score_units_kernel(
     BLOCK_F: tl.constexpr,
     ATTEND_TAIL: tl.constexpr,
     BINS: tl.constexpr,
-    EXACT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -85,9 +78,7 @@ def _score_units_kernel(
     always-attended position (recent window, sinks, the tail when ATTEND_TAIL); and the
     units' share of the row's density histograms: estimated mass of the units the walk may take
     (plane 0 of mass_hist), mass of the forced ones (plane 2). One atomic per (query head,
-    unit): at large batches atomics bound this kernel as much as the centroids it reads.
-    The row's last program to finish reads the finished histograms: the exact top's threshold
-    bins (EXACT), else the walk's (threshold_ptr)."""
+    unit): at large batches atomics bound this kernel as much as the centroids it reads."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
@@ -194,14 +185,6 @@ def _score_units_kernel(
                   sem="relaxed")  # fmt: skip
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
                   mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
-    if _last_of_row(done_ptr, row):
-        if EXACT:
-            _exact_thresholds(mass_hist_ptr, row, seq_len, threshold_ptr, exact_fraction,
-                              bin_width, GROUP, BINS)  # fmt: skip
-        else:
-            _walk_thresholds(mass_hist_ptr, row, request, req_pool_ptr, targets_ptr,
-                             threshold_ptr, threshold_ptr, estimated_mass_ptr, bin_width, False,
-                             GROUP, BINS)  # fmt: skip
 
 
 RELATIVE_LOG_MASS_CAP = tl.constexpr(MAX_RELATIVE_LOG_MASS)
@@ -223,30 +206,29 @@ def _relative_mass(log_mass, bins, lowest_density, bin_width):
 
 
 @triton.jit
-def _last_of_row(done_ptr, row):
-    """True in the last of the row's programs to get here (a counter per row, zeroed before
-    the launch): its release orders the block's earlier atomics (after the barrier) before
-    the count, and its acquire lets the last program read what every other one added."""
-    tl.debug_barrier()
-    done = tl.atomic_add(done_ptr + row, 1, sem="acq_rel")
-    return done == tl.num_programs(1) - 1
-
-
-@triton.jit
-def _exact_thresholds(mass_hist_ptr, row, seq_len, exact_threshold_ptr, exact_fraction,
-                      bin_width, GROUP: tl.constexpr, BINS: tl.constexpr):  # fmt: skip
-    """Per query head of the row: the first bin scored exactly, the lowest bin b such that the
+def _exact_threshold_kernel(
+    mass_hist_ptr,
+    seq_lens_ptr,
+    exact_threshold_ptr,
+    num_kv_heads,
+    exact_fraction,
+    tokens_per_relative_mass,
+    GROUP: tl.constexpr,
+    BINS: tl.constexpr,
+):
+    """Program (row, query head): the first bin scored exactly, the lowest bin b such that the
     bins from b up hold at most exact_fraction * seq_len tokens (BINS: none), in one pass over
-    the head's estimated-mass plane. A bin's tokens are its relative mass times
+    the row's estimated-mass plane. A bin's tokens are its relative mass times
     exp(-width / 2): each unit's relative mass is its size times exp(0..width)."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
     bins = tl.arange(0, BINS)
-    budget = exact_fraction * seq_len.to(tl.float32)
-    for head in tl.static_range(GROUP):
-        tokens = tl.load(mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins,
-                         cache_modifier=".cg") * tl.exp(-bin_width * 0.5)  # fmt: skip
-        at_or_above = tl.sum(tokens, axis=0) - (tl.cumsum(tokens, axis=0) - tokens)
-        threshold = tl.sum((at_or_above > budget).to(tl.int32), axis=0)
-        tl.store(exact_threshold_ptr + row * GROUP + head, threshold)
+    tokens = tl.load(mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins)
+    tokens = tokens * tokens_per_relative_mass
+    at_or_above = tl.sum(tokens, axis=0) - (tl.cumsum(tokens, axis=0) - tokens)
+    budget = exact_fraction * tl.load(seq_lens_ptr + row // num_kv_heads).to(tl.float32)
+    threshold = tl.sum((at_or_above > budget).to(tl.int32), axis=0)
+    tl.store(exact_threshold_ptr + row * GROUP + head, threshold)
 
 
 @triton.jit
@@ -336,10 +318,6 @@ def _exact_units_kernel(
     mass_hist_ptr,
     exact_units_ptr,
     exact_count_ptr,
-    done_ptr,
-    targets_ptr,
-    walk_threshold_ptr,
-    estimated_mass_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
@@ -364,13 +342,12 @@ def _exact_units_kernel(
     """Program (row, p) of P per row: every P-th group of BLOCK_E clusters of the row's exact
     list, scored over their members (one [BLOCK_E * BLOCK_M, d] tile per step), so the work of
     a row spreads evenly over its programs; each cluster's exact log-mass replaces the estimate
-    for the query heads that flagged it, and its mass goes into the exact plane. The row's
-    last program to finish finds the walk's threshold bins from the finished histograms."""
+    for the query heads that flagged it, and its mass goes into the exact plane."""
     row = tl.program_id(0)
     programs = tl.num_programs(1)
     count = tl.load(exact_count_ptr + row)
-    request = row // num_kv_heads
     if tl.program_id(1) * BLOCK_E < count:
+        request = row // num_kv_heads
         kv_head = row % num_kv_heads
         pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
         heads = tl.arange(0, BLOCK_H)
@@ -433,48 +410,48 @@ def _exact_units_kernel(
             tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 1) * BINS + exact_bins,
                           _relative_mass(exact, exact_bins, lowest_density, bin_width),
                           mask=flags, sem="relaxed")  # fmt: skip
-    if _last_of_row(done_ptr, row):
-        _walk_thresholds(mass_hist_ptr, row, request, req_pool_ptr, targets_ptr,
-                         exact_threshold_ptr, walk_threshold_ptr, estimated_mass_ptr, bin_width,
-                         True, GROUP, BINS)  # fmt: skip
 
 
 @triton.jit
-def _walk_thresholds(mass_hist_ptr, row, request, req_pool_ptr, targets_ptr, exact_threshold_ptr,
-                     walk_threshold_ptr, estimated_mass_ptr, bin_width, EXACT: tl.constexpr,
-                     GROUP: tl.constexpr, BINS: tl.constexpr):  # fmt: skip
-    """Per query head of the row: the lowest bin the walk takes, so that the forced mass plus
+def _walk_threshold_kernel(
+    mass_hist_ptr,
+    exact_threshold_ptr,
+    targets_ptr,
+    req_pool_ptr,
+    walk_threshold_ptr,
+    estimated_mass_ptr,
+    num_kv_heads,
+    bin_width,
+    GROUP: tl.constexpr,
+    BINS: tl.constexpr,
+):
+    """Program (row, query head): the lowest bin the walk takes, so that the forced mass plus
     the bins from the densest down to it reach the request's target share of the total (BINS:
-    the forced units alone reach it); and the share of the estimated mass that covers. Below
-    the exact threshold (EXACT) a bin holds estimates, at or above it exact scores."""
+    the forced units alone reach it); and the share of the estimated mass that covers."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
     bins = tl.arange(0, BINS)
-    target = tl.load(targets_ptr + tl.load(req_pool_ptr + request))
-    for head in tl.static_range(GROUP):
-        planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins
-        estimated = tl.load(planes, cache_modifier=".cg")
-        if EXACT:
-            exact_threshold = tl.load(exact_threshold_ptr + row * GROUP + head)
-            walk = tl.where(bins < exact_threshold, estimated, 0.0) + tl.load(
-                planes + BINS, cache_modifier=".cg"
-            )
-        else:
-            walk = estimated
-        forced = tl.load(planes + 2 * BINS, cache_modifier=".cg")
-        top = tl.max(tl.where((walk > 0) | (forced > 0), bins, -1), axis=0)
-        scale = tl.exp(tl.minimum((bins - top).to(tl.float32) * bin_width, 0.0))
-        walk = walk * scale
-        forced_total = tl.sum(forced * scale, axis=0)
-        walk_total = tl.sum(walk, axis=0)
-        total = forced_total + walk_total
-        need = target * total
-        covered = forced_total + (walk_total - (tl.cumsum(walk, axis=0) - walk))
-        threshold = tl.maximum(tl.sum((covered >= need).to(tl.int32), axis=0) - 1, 0)
-        threshold = tl.where(forced_total >= need, BINS, threshold)
-        threshold = tl.where(target >= 1.0, 0, threshold)
-        share = tl.where(threshold == BINS, forced_total,
-                         tl.sum(tl.where(bins == threshold, covered, 0.0), axis=0))  # fmt: skip
-        tl.store(walk_threshold_ptr + row * GROUP + head, threshold)
-        tl.store(estimated_mass_ptr + row * GROUP + head, share / tl.maximum(total, 1e-38))
+    planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins
+    exact_threshold = tl.load(exact_threshold_ptr + row * GROUP + head)
+    walk = tl.where(bins < exact_threshold, tl.load(planes), 0.0) + tl.load(planes + BINS)
+    forced = tl.load(planes + 2 * BINS)
+    top = tl.max(tl.where((walk > 0) | (forced > 0), bins, -1), axis=0)
+    scale = tl.exp(tl.minimum((bins - top).to(tl.float32) * bin_width, 0.0))
+    walk = walk * scale
+    forced_total = tl.sum(forced * scale, axis=0)
+    walk_total = tl.sum(walk, axis=0)
+    total = forced_total + walk_total
+    target = tl.load(targets_ptr + tl.load(req_pool_ptr + row // num_kv_heads))
+    need = target * total
+    covered = forced_total + (walk_total - (tl.cumsum(walk, axis=0) - walk))
+    threshold = tl.maximum(tl.sum((covered >= need).to(tl.int32), axis=0) - 1, 0)
+    threshold = tl.where(forced_total >= need, BINS, threshold)
+    threshold = tl.where(target >= 1.0, 0, threshold)
+    share = tl.where(
+        threshold == BINS, forced_total, tl.sum(tl.where(bins == threshold, covered, 0.0), axis=0)
+    )
+    tl.store(walk_threshold_ptr + row * GROUP + head, threshold)
+    tl.store(estimated_mass_ptr + row * GROUP + head, share / tl.maximum(total, 1e-38))
 
 
 @triton.jit
@@ -662,11 +639,10 @@ def select_rows(
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program: clusters whose members one exact-scoring step reads as one tile.
 
-    Five launches (three with no exact top), each a single pass in parallel over (row, unit
-    block): score every unit into per-(row, head) density histograms, the last program of a
-    row finding the exact threshold bins from them; list the clusters above those; score them
-    exactly, the last program of a row finding the walk's threshold bins; mark the selected
-    units; write the CSR rows."""
+    Seven launches, each a single pass in parallel over (row, unit block) or (row, query head):
+    score every unit into per-(row, head) density histograms; find the exact threshold bin;
+    list the clusters above it; score them exactly; find the walk's threshold bin; mark the
+    selected units; write the CSR rows."""
     config = config or TacticConfig()
     if config.segment_size != pool.segment_size:
         raise ValueError("config.segment_size must equal the cluster pool's segment_size")
@@ -699,19 +675,13 @@ def select_rows(
 
     # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
     # bins] float32, then int32 counters: row tokens [rows], head tokens [rows, group], listed
-    # exact clusters [rows], programs of the scoring and of the exact launch done [rows] each
+    # exact clusters [rows]
     hist_len = 3 * rows * group * bins
-    workspace = torch.zeros(hist_len + rows * (group + 4), dtype=torch.int32, device=device)
+    workspace = torch.zeros(hist_len + rows * (group + 2), dtype=torch.int32, device=device)
     mass_hist = workspace[:hist_len].view(torch.float32)
-    row_tokens, head_tokens, exact_count, scored, exact_done = workspace[hist_len:].split(
-        [rows, rows * group, rows, rows, rows]
+    row_tokens, head_tokens, exact_count = workspace[hist_len:].split(
+        [rows, rows * group, rows]
     )
-    exact = config.exact_fraction > 0
-    # scoring's last program per row writes the exact top's thresholds, or with no exact top
-    # the walk's; the exact launch's last program per row the walk's
-    exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
-    walk_threshold = exact_threshold if not exact else torch.empty_like(exact_threshold)
-    estimated_mass = torch.empty(rows, group, device=device)
 
     log_mass = torch.empty(rows, group, max_units, device=device)
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
@@ -719,16 +689,21 @@ def select_rows(
     _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
         q, k_cache, pool.centroids, pool.spreads, pool.cluster_offsets, req_to_segment,
         req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
-        pool.token_cluster, mass_hist, scored, exact_threshold, targets, estimated_mass,
+        pool.token_cluster, mass_hist,
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
-        bin_width=config.density_bin_width, exact_fraction=config.exact_fraction, **binning,
+        bin_width=config.density_bin_width, **binning,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
-        ATTEND_TAIL=config.tail_policy == "attend", EXACT=exact, **common,
+        ATTEND_TAIL=config.tail_policy == "attend", **common,
     )  # fmt: skip
 
-    if exact:
+    if config.exact_fraction > 0:
+        exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
+        _exact_threshold_kernel[(rows, group)](
+            mass_hist, seq_lens, exact_threshold, num_kv_heads, config.exact_fraction,
+            math.exp(-config.density_bin_width / 2), GROUP=group, BINS=bins,
+        )  # fmt: skip
         exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         _exact_list_kernel[grid](
             log_mass, unit_size, forced, clustered_segments, exact_threshold, mass_hist,
@@ -742,12 +717,20 @@ def select_rows(
         _exact_units_kernel[(rows, exact_programs)](
             q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
             log_mass, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
-            exact_done, targets, walk_threshold, estimated_mass,
             q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
             bin_width=config.density_bin_width, **binning,
             BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program, BLOCK_M=32,
             **common,
         )  # fmt: skip
+    else:  # nothing is scored exactly: no bin reaches the threshold
+        exact_threshold = torch.full((rows, group), bins, dtype=torch.int32, device=device)
+
+    walk_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
+    estimated_mass = torch.empty(rows, group, device=device)
+    _walk_threshold_kernel[(rows, group)](
+        mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold, estimated_mass,
+        num_kv_heads, config.density_bin_width, GROUP=group, BINS=bins,
+    )  # fmt: skip
 
     selected = torch.empty(rows, max_units, dtype=torch.int8, device=device)
     block_tokens = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
