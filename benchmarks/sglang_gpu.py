@@ -71,13 +71,17 @@ def log(message: str) -> None:
 
 
 def start(model_dir: Path, backend: str, context: int, **extra):
-    """An engine; backend "tactic-eager" is the tactic backend without its CUDA graphs."""
+    """An engine; backend "tactic-eager" is the tactic backend without its CUDA graphs,
+    "tactic-select" without its dense fallback (every decode batch selects), "tactic-triton"
+    over SGLang's Triton backend instead of the fastest one (TACTIC_DENSE_BACKEND=auto)."""
     import os
 
     import sglang
 
     os.environ["TACTIC_CUDA_GRAPH"] = "0" if backend == "tactic-eager" else "1"
-    backend = "tactic" if backend == "tactic-eager" else backend
+    os.environ["TACTIC_DENSE_FALLBACK"] = "off" if backend == "tactic-select" else "auto"
+    os.environ["TACTIC_DENSE_BACKEND"] = "triton" if backend == "tactic-triton" else "auto"
+    backend = "tactic" if backend.startswith("tactic") else backend
     args = dict(
         model_path=str(model_dir), skip_tokenizer_init=True, attention_backend=backend,
         sampling_backend="pytorch", grammar_backend="none", context_length=context,
@@ -233,7 +237,8 @@ def text_prompts(model_dir: Path, count: int, length: int, seed: int) -> list[li
 # in ~/.cache/flashinfer lasts while the machine does: `warm` fills it)
 MODES = {"flashinfer": [("dense", None)], "fa3": [("dense", None)], "triton": [("dense", None)],
          "tactic": [("dense", None), ("tactic_0.9", 0.9)],
-         "tactic-eager": [("tactic_0.9", 0.9)]}  # fmt: skip
+         "tactic-eager": [("tactic_0.9", 0.9)], "tactic-select": [("tactic_0.9", 0.9)],
+         "tactic-triton": [("dense", None), ("tactic_0.9", 0.9)]}  # fmt: skip
 
 FA3_NOT_STAGED = ("sgl_kernel.flash_ops not staged: 1022 MiB (260 MiB deflated in the "
                   "sglang-kernel wheel), left out by scripts/stage_sglang_wheels.sh unless "
@@ -302,7 +307,12 @@ def throughput(args, save) -> dict:
     backends, unavailable = runnable(args.backends, torch.cuda.get_device_capability())
     for backend, why in unavailable.items():
         log(f"{backend}: unavailable, not measured ({why})")
-    head = {"model": name, "decode_tokens": args.tokens, "unavailable": unavailable}
+    # the backend the tactic one runs prefill and dense decode on (TACTIC_DENSE_BACKEND=auto:
+    # flashinfer for the runs' 16-bit caches where it imports), which also marks the runs that
+    # have the dense fallback (sglang_report.py)
+    over = "flashinfer" if importlib.util.find_spec("flashinfer") else "triton"
+    head = {"model": name, "decode_tokens": args.tokens, "unavailable": unavailable,
+            "tactic_dense_backend": over}  # fmt: skip
     rows = []
     for backend in backends:
         engine = start(
@@ -337,11 +347,14 @@ def throughput(args, save) -> dict:
                                                    target)) for _ in range(args.repeats)]
                     stats = [tactic_means(o) for o in outputs]
                     ratio = [s["selected_ratio"] for s in stats if s]
+                    fallback = [s["dense_fallback_steps"] / s["decode_steps"] for s in stats
+                                if s and s["decode_steps"]]  # fmt: skip
                     row = dict(
                         backend=backend, mode=mode, context=context, batch=batch, tp=args.tp,
                         decode_tokens_per_s=statistics.median(rounds), rounds=rounds,
                         steady_tokens_per_s=statistics.median(steady), steady_rounds=steady,
                         selected_ratio=statistics.mean(ratio) if ratio else None,
+                        dense_fallback_share=statistics.mean(fallback) if fallback else None,
                     )  # fmt: skip
                     rows.append(row)
                     save(head | {"rows": rows})

@@ -35,9 +35,10 @@ DENSE_BACKENDS = ("flashinfer", "fa3", "triton")  # SGLang's own; a user picks t
 COLUMNS = (*((name, name, "dense") for name in DENSE_BACKENDS),
            ("tactic, dense requests", "tactic", "dense"),
            ("tactic P = 0.9, graphs", "tactic", "tactic_0.9"),
-           ("tactic P = 0.9, eager", "tactic-eager", "tactic_0.9"))  # fmt: skip
+           ("tactic P = 0.9, eager", "tactic-eager", "tactic_0.9"),
+           ("tactic P = 0.9, no fallback", "tactic-select", "tactic_0.9"))  # fmt: skip
 SPARSE_CONTEXT = 131072  # the goal's 128k
-SPEEDUP_GOAL, OVERHEAD_GOAL = 2.0, 0.05
+SPEEDUP_GOAL, OVERHEAD_GOAL, FLAT_GOAL = 2.0, 0.03, 0.97
 STEADY_COLUMNS = (*DENSE_BACKENDS, "tactic, dense requests", "tactic P = 0.9, graphs")
 FASTEST = "graphs / fastest dense"
 
@@ -68,25 +69,33 @@ def summarize_run(name: str, report: dict) -> dict:
                 line[title] = value
                 if invalid:
                     line.setdefault("invalid_rounds", {})[title] = invalid
-                if mode != "dense" and row.get("selected_ratio") is not None:
-                    line["selected"] = row["selected_ratio"]
+                if backend == "tactic" and mode != "dense":
+                    if row.get("selected_ratio") is not None:
+                        line["selected"] = row["selected_ratio"]
+                    if row.get("dense_fallback_share") is not None:
+                        line["dense fallback"] = row["dense_fallback_share"]
                 if row.get("steady_rounds") and title in STEADY_COLUMNS:
                     line.setdefault("steady", {})[title] = row_value(row, "steady_rounds")[0]
+    # the SGLang backend the tactic one ran over (its dense requests' path): triton before the
+    # runs that record it
+    base = report.get("tactic_dense_backend", "triton")
     for line in cells.values():
-        ratios(line)
+        ratios(line, base)
         if "steady" in line:
-            ratios(line["steady"])
+            ratios(line["steady"], base)
     return {"file": name, "model": report.get("model"), "command": report.get("command"),
             "superseded": report.get("superseded"), "note": report.get("note"),
-            "unavailable": report.get("unavailable") or {},
+            "unavailable": report.get("unavailable") or {}, "tactic_dense_backend": base,
+            "dense_fallback": "tactic_dense_backend" in report,
             "decode_tokens": report.get("decode_tokens"), "trained": "trained" in
             str(report.get("model")), "lines": sorted(cells.values(), key=lambda x: (
                 x["context"], x["batch"]))}  # fmt: skip
 
 
-def ratios(line: dict) -> None:
+def ratios(line: dict, base: str = "triton") -> None:
     """A line's ratios from its tok/s cells, in place: Tactic against the fastest dense backend
-    of the line (named in "fastest dense") where one besides triton ran, and against triton."""
+    of the line (named in "fastest dense") where one besides triton ran, and against triton;
+    the overhead of the tactic backend's dense requests against `base`, the backend they run."""
     triton, dense = line.get("triton"), line.get("tactic, dense requests")
     sparse = line.get("tactic P = 0.9, graphs")
     measured = {name: line[name] for name in DENSE_BACKENDS if line.get(name)}
@@ -99,8 +108,8 @@ def ratios(line: dict) -> None:
         line["graphs / triton"] = sparse / triton
     if dense and sparse:
         line["graphs / dense requests"] = sparse / dense
-    if triton and dense:
-        line["overhead at P = 1"] = 1.0 - dense / triton
+    if line.get(base) and dense:
+        line["overhead at P = 1"] = 1.0 - dense / line[base]
 
 
 def judge(runs: list[dict], equality: list[dict]) -> dict:
@@ -115,9 +124,15 @@ def judge(runs: list[dict], equality: list[dict]) -> dict:
 
     def overheads(cells):
         return [dict(file=r["file"], context=line["context"], batch=line["batch"],
-                     value=cells(line)["overhead at P = 1"])
+                     value=cells(line)["overhead at P = 1"], against=r["tactic_dense_backend"])
                 for r in runs for line in r["lines"] if "overhead at P = 1" in cells(line)
                 and not line.get("invalid_rounds")]  # fmt: skip
+
+    def flat(cells):  # attention that selection cannot thin out: the dense fallback's lines
+        return [dict(file=r["file"], context=line["context"], batch=line["batch"],
+                     value=cells(line)[FASTEST], against=cells(line)["fastest dense"])
+                for r in runs if r["dense_fallback"] and not r["trained"]
+                for line in r["lines"] if FASTEST in cells(line)]  # fmt: skip
 
     equal = [dict(file=e["file"], dtype=e["dtype"], equal=e["equal"], prompts=e["prompts"])
              for e in equality]  # fmt: skip
@@ -131,14 +146,19 @@ def judge(runs: list[dict], equality: list[dict]) -> dict:
     goals = {}
     for suffix, cells, how in (("", lambda line: line, "end to end"),
                                ("_steady", lambda line: line.get("steady", {}), "steady")):
-        fast, over = speedups(cells), overheads(cells)
+        fast, over, level = speedups(cells), overheads(cells), flat(cells)
         goals[f"speedup_at_128k_sparse{suffix}"] = dict(
             goal=f">= {SPEEDUP_GOAL}x the fastest dense backend of the run, trained model, 128k, "
                  f"{how}",
             verdict=verdict(fast, lambda v: v >= SPEEDUP_GOAL), measured=fast)
         goals[f"overhead_at_p1{suffix}"] = dict(
-            goal=f"dense requests within {OVERHEAD_GOAL:.0%} of the triton backend, {how}",
+            goal=f"dense requests within {OVERHEAD_GOAL:.0%} of the dense backend they run "
+                 f"(triton, flashinfer since the runs that record it), {how}",
             verdict=verdict(over, lambda v: v <= OVERHEAD_GOAL), measured=over)
+        goals[f"flat_attention{suffix}"] = dict(
+            goal=f"P = 0.9 >= {FLAT_GOAL}x the fastest dense backend where attention is flat "
+                 f"(the 8B with dummy weights; runs with the dense fallback), {how}",
+            verdict=verdict(level, lambda v: v >= FLAT_GOAL), measured=level)
     return goals | {
         "greedy_equality_p0999": dict(
             goal="P = 0.999 equals the triton backend for 32 greedy tokens",
@@ -157,8 +177,9 @@ def equality_summary(name: str, report: dict) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    titles = [t for t, _, _ in COLUMNS] + ["selected", "fastest dense", FASTEST, "graphs / triton",
-                                           "graphs / dense requests", "overhead at P = 1"]
+    titles = [t for t, _, _ in COLUMNS] + ["selected", "dense fallback", "fastest dense", FASTEST,
+                                           "graphs / triton", "graphs / dense requests",
+                                           "overhead at P = 1"]  # fmt: skip
     out = [f"# SGLang with the tactic backend on {summary['device']}", ""]
     for run in summary["runs"]:
         out += [f"## {run['file']}", "", f"{run['model']}; {run['decode_tokens']} new tokens a "
@@ -208,7 +229,7 @@ def cell(title: str, value: float | str | None) -> str:
         return "-"
     if isinstance(value, str):  # the fastest dense backend's name
         return value
-    if title in ("selected", "overhead at P = 1"):
+    if title in ("selected", "dense fallback", "overhead at P = 1"):
         return f"{value:.1%}"
     return f"{value:.2f}x" if "/" in title else f"{value:,.1f}"
 

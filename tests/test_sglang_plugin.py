@@ -18,6 +18,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  #
 
 from tactic_server.decode import ClusterSide, TacticDecoder  # noqa: E402
 from tactic_server.decode.clusters import STATS  # noqa: E402
+from tactic_server.decode.cost import DecodeCostModel  # noqa: E402
 from tactic_server.sglang_plugin.settings import request_target  # noqa: E402
 from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic  # noqa: E402
 from tactic_server.tactic.attention import dense_attention, sparse_attention  # noqa: E402
@@ -203,7 +204,13 @@ TARGETS = [0.9, 0.999, 1.0]
 GRAPH_CUSTOM, GRAPH_TARGETS = [*CUSTOM[:2], {"tactic_target": 0.95}], [0.9, 0.999, 0.95]
 
 
-def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False):
+# a cost model by which selection never pays: every decode batch falls back to dense
+NEVER_PAYS = DecodeCostModel(dense_floor_ms=1e-3, dense_ms_per_gb=1e-3, select_floor_ms=1.0,
+                             select_ms_per_row=1.0, select_ms_per_gb=1.0, attend_floor_ms=1.0,
+                             attend_ms_per_gb=1.0, attend_ms_per_row=1.0)  # fmt: skip
+
+
+def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False, fallback=False):
     """One decode ForwardBatch (three requests: P = 0.9, P = 0.999 and dense, each writing its
     new token's K/V) through the tactic backend and SGLang's own Triton backend, both built on
     the same real pools of `rank` out of `tp_size` (that rank's share of the heads). Checks the
@@ -212,7 +219,9 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False):
     returns the tactic backend's per-request sums.
     graph: the tactic backend runs what its CUDA graph family records (the replay hook's
     clustering, then the forward of a capture), on SGLang's padded graph batch of 4: a padding
-    row of length 1 whose stale request slot is a live request's; every request selects."""
+    row of length 1 whose stale request slot is a live request's; every request selects.
+    fallback: the cost model says selecting does not pay, so every row decodes dense through
+    SGLang's Triton path (and the Tactic requests count a dense-fallback step)."""
     custom, targets = (GRAPH_CUSTOM, GRAPH_TARGETS) if graph else (CUSTOM, TARGETS)
     from sglang.srt.layers.attention import triton_backend
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -241,6 +250,8 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False):
     hooks.init_pools_around(lambda runner: None, runner)  # what the plugin's pool hook adds
     tactic = backend_module.TacticAttnBackend(runner)
     triton = triton_backend.TritonAttnBackend(runner)
+    if fallback:
+        tactic.decoder.cost_model = NEVER_PAYS
 
     reqs, queries, new_k, new_v, slots = [], [], [], [], []
     for index, (length, kind) in enumerate(zip(LENGTHS, KINDS, strict=True)):
@@ -288,8 +299,8 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False):
     for name, backend in (("triton", triton), ("tactic", tactic)):
         batch = decode_batch(backend)
         rows = 3
-        if backend is tactic:
-            tactic.admit(reqs)  # the TP worker hook does this before each forward
+        if backend is tactic:  # the TP worker hook does this before each forward
+            tactic.admit(reqs, ForwardMode.DECODE, seq_lens.cpu())
         if backend is tactic and graph:
             rows = 4
             tactic.graph_family = "tactic"
@@ -318,7 +329,7 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False):
             length = LENGTHS[request]
             held = requests.req_to_token[reqs[request].req_pool_idx, :length].long()
             keys, values = kv.k_buffer[layer][held], kv.v_buffer[layer][held]
-            if target >= 1.0:
+            if target >= 1.0 or fallback:
                 # exact against the float32 torch reference; against SGLang's Triton decode as
                 # close as its products allow: its tl.dot takes a float32 cache in tf32 on a GPU
                 # (10-bit mantissas, about 1e-3 relative), exact under the interpreter
@@ -346,6 +357,18 @@ def test_backend_decode_through_a_forward_batch_against_sglangs_triton_backend(m
     assert stats[:, 3].tolist() == [1.0, 1.0, 0.0]  # the dense request has no Tactic steps
     assert 0.0 < stats[0, 0] < 0.9 and 0.0 < stats[1, 0] <= 1.0  # P = 0.9 left tokens out
     assert stats[0, 1] >= 0.9 - 1e-3 and stats[1, 1] >= 0.999 - 1e-4  # estimated masses
+
+
+def test_dense_fallback_decodes_the_batch_through_sglangs_dense_path(monkeypatch):
+    """Where the cost model says selection does not pay, the Tactic requests of the batch
+    decode through SGLang's dense path (their outputs equal its Triton decode and the dense
+    reference) and count a dense-fallback step: every position read, no selected ratio."""
+    monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
+    stats = decode_on_rank(fallback=True)
+    assert stats[:, 3].tolist() == [1.0, 1.0, 0.0]  # steps: the dense request has none
+    assert stats[:, 4].tolist() == [1.0, 1.0, 0.0]  # of them dense-fallback steps
+    assert stats[:2, 0].tolist() == [1.0, 1.0] and stats[:2, 2].tolist() == LENGTHS[:2]
+    assert stats[:, 5].tolist() == [0.0, 0.0, 0.0]  # no selecting step measured a ratio
 
 
 def test_statistics_travel_through_sglangs_per_token_path_as_numpy_rows(monkeypatch):
@@ -503,6 +526,84 @@ def test_graph_families_serve_the_batches_they_were_captured_for(monkeypatch):
     assert not graphs.can_run(batch(on, off))  # mixed: eager
     without = hooks.TacticGraphRunners(dense, [], backend)  # TACTIC_CUDA_GRAPH=0, or no capture
     assert not without.can_run(batch(on)) and without.can_run(batch(off))
+
+
+def test_dense_fallback_decides_per_decode_batch_from_the_ratios_observed(monkeypatch):
+    """The cost model's decision in admit: a decode batch of selecting requests whose last
+    selected ratios (read two steps late, from the statistics the backend hands SGLang) make
+    selecting too dear replays SGLang's dense graphs; a request not seen yet selects (its first
+    step measures it); prefill is never a fallback; after probe_every fallback steps in a row
+    one step selects again."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from tactic_server.decode.cost import MODELS
+    from tactic_server.sglang_plugin import backend as backend_module
+    from tactic_server.sglang_plugin import hooks
+
+    monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
+    monkeypatch.setattr(backend_module, "get_attention_tp_size", lambda: 1)
+    monkeypatch.setattr("sglang.srt.layers.attention.triton_backend.get_attention_tp_size",
+                        lambda: 1)  # fmt: skip
+    kv, requests, allocator, _ = make_pools()
+    runner = make_runner(kv, requests, allocator, HEADS, KV_HEADS)
+    hooks.init_pools_around(lambda runner: None, runner)  # the plugin's cluster side
+    backend = backend_module.TacticAttnBackend(runner)
+    backend.decoder.cost_model = MODELS["H200"]
+    backend.decoder.bytes_per_token = 8 * 128 * 2 * 2  # a Llama-3.1-8B layer's, in bf16
+    reqs = [Req(f"r{i}", "", [1, 2], SamplingParams(custom_params={"tactic_target": 0.9}))
+            for i in range(2)]  # fmt: skip
+    slots = requests.alloc(reqs)
+    lengths = torch.tensor([131072, 131072])
+    decode, extend = ForwardMode.DECODE, ForwardMode.EXTEND
+
+    def step(ratio, mode=decode):
+        backend.admit(reqs, mode, lengths)
+        if not backend.batch_fallback:  # the ratio a selecting step measures
+            backend.side.stats[slots, 5] = ratio
+        backend.request_stats(torch.tensor(slots, device=DEVICE))
+        return backend.batch_graph_family, backend.batch_fallback
+
+    assert step(0.99) == ("tactic", False)  # not seen yet: selects
+    assert step(0.99) == ("tactic", False)  # the first step's ratio is not read yet
+    assert step(0.99) == ("dense", True)  # 99% of 128k selected: dense pays
+    assert backend.decoder.expected_ratio[slots[0]] == pytest.approx(0.99)
+    assert step(0.99, extend) == ("tactic", False)  # prefill: no decision
+    for _ in range(backend.decoder.probe_every - 1):
+        assert step(0.02) == ("dense", True)  # the ratio moves only when a step selects
+    assert step(0.02) == ("tactic", False)  # the probe
+    backend.decoder.cost_model = None  # TACTIC_DENSE_FALLBACK=off
+    assert step(0.99) == ("tactic", False)
+
+
+def test_dense_backend_choice(monkeypatch):
+    """TACTIC_DENSE_BACKEND: auto takes triton on the CPU and for float32 caches (FlashInfer
+    runs 16-bit caches on CUDA GPUs), an explicit choice is kept, anything else is refused."""
+    from types import SimpleNamespace
+
+    from tactic_server.sglang_plugin.backend import (
+        TacticAttnBackend,
+        dense_backend_class,
+        dense_backend_name,
+    )
+    from tactic_server.sglang_plugin.settings import Settings
+
+    cpu = SimpleNamespace(device="cpu", kv_cache_dtype=torch.bfloat16)
+    assert dense_backend_name("auto", cpu) == "triton"
+    gpu32 = SimpleNamespace(device="cuda", kv_cache_dtype=torch.float32)
+    assert dense_backend_name("auto", gpu32) == "triton"
+    assert dense_backend_name("flashinfer", cpu) == "flashinfer"
+    assert dense_backend_class("triton") is TacticAttnBackend
+    with pytest.raises(ValueError, match="unknown dense backend"):
+        dense_backend_class("fa4")
+    monkeypatch.setenv("TACTIC_DENSE_BACKEND", "sdpa")
+    with pytest.raises(ValueError, match="TACTIC_DENSE_BACKEND"):
+        Settings.from_env()
+    monkeypatch.setenv("TACTIC_DENSE_BACKEND", "triton")
+    monkeypatch.setenv("TACTIC_DENSE_FALLBACK", "never")
+    with pytest.raises(ValueError, match="TACTIC_DENSE_FALLBACK"):
+        Settings.from_env()
 
 
 def test_graph_context_bounds_from_the_environment(monkeypatch):

@@ -22,10 +22,10 @@ def load_report():
     return module
 
 
-def row(backend, mode, context, batch, rounds, selected=None, steady=None):
+def row(backend, mode, context, batch, rounds, selected=None, steady=None, fallback=None):
     out = dict(backend=backend, mode=mode, context=context, batch=batch, rounds=rounds,
                decode_tokens_per_s=sorted(rounds)[len(rounds) // 2],
-               selected_ratio=selected)  # fmt: skip
+               selected_ratio=selected, dense_fallback_share=fallback)  # fmt: skip
     return out | ({"steady_rounds": steady} if steady else {})
 
 
@@ -52,6 +52,14 @@ def write_results(folder: Path) -> None:
                      row("tactic", "dense", 65536, 1, [31.0]),
                      row("tactic", "tactic_0.9", 65536, 1, [10.0], selected=0.99),
                      dict(backend="triton", context=131072, batch=8, skipped="too big")]}
+    # over flashinfer, with the dense fallback: flat attention decodes dense
+    fallback = {"model": "8B dummy", "decode_tokens": 64, "command": "c4",
+                "tactic_dense_backend": "flashinfer", "rows": [
+                    row("flashinfer", "dense", 32768, 1, [100.0]),
+                    row("triton", "dense", 32768, 1, [40.0]),
+                    row("tactic", "dense", 32768, 1, [99.0]),
+                    row("tactic", "tactic_0.9", 32768, 1, [98.0], selected=1.0, fallback=0.97),
+                    row("tactic-select", "tactic_0.9", 32768, 1, [60.0], selected=0.997)]}
     equality = {"model": "tiny, float32", "tokens": 32,
                 "runs": {"tactic_0.999": {"tokens_equal_before_first_difference": [32, 32, 5]}}}
     old = {"model": "tiny (trained, 2 layers)", "decode_tokens": 256, "command": "c0",
@@ -63,6 +71,7 @@ def write_results(folder: Path) -> None:
     (folder / "sglang_throughput_old_dev.json").write_text(json.dumps(old))
     (folder / "sglang_throughput_flat_dev.json").write_text(json.dumps(flat))
     (folder / "sglang_throughput_fa3_dev.json").write_text(json.dumps(with_fa3))
+    (folder / "sglang_throughput_fallback_dev.json").write_text(json.dumps(fallback))
     (folder / "sglang_equality_float32_dev.json").write_text(json.dumps(equality))
 
 
@@ -112,9 +121,18 @@ def test_rows_ratios_and_goals(tmp_path):
     assert speedup["verdict"] == "met in part"  # 2.07x at batch 1, 1.24x at batch 8
     overhead = goals["overhead_at_p1"]
     # the batch-1 line with a negative round is left out; 8B at P = 1 is 3% faster
-    assert [(m["context"], m["batch"]) for m in overhead["measured"]] == [(65536, 1),
-                                                                           (131072, 8)]
+    # the fallback run's dense requests against flashinfer, the backend they run there
+    assert [(m["context"], m["batch"], m["against"]) for m in overhead["measured"]] == [
+        (32768, 1, "flashinfer"), (65536, 1, "triton"), (131072, 8, "triton")]
+    assert abs(overhead["measured"][0]["value"] - 0.01) < 1e-12
     assert overhead["verdict"] == "met in part"
+    # flat attention: only the run with the dense fallback, against its fastest dense backend
+    assert [(m["value"], m["against"]) for m in goals["flat_attention"]["measured"]] == [
+        (0.98, "flashinfer")]
+    assert goals["flat_attention"]["verdict"] == "met"
+    (line,) = runs["sglang_throughput_fallback_dev.json"]["lines"]
+    assert line["dense fallback"] == 0.97 and line["tactic P = 0.9, no fallback"] == 60.0
+    assert line["selected"] == 1.0  # the tactic-select row's share does not overwrite it
     # steady goals come from steady cells only: here the one batch-8 line
     assert [m["value"] for m in goals["speedup_at_128k_sparse_steady"]["measured"]] == [
         950.0 / 450.0]
@@ -132,12 +150,15 @@ def test_main_writes_json_markdown_and_plot(tmp_path):
     assert report.main(["--device", "dev", "--results", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "sglang_dev.json").read_text())
     markdown = (tmp_path / "sglang_dev.md").read_text()
-    assert ("| 131,072 | 1 | 150.0 | - | 105.0 (*) | 98.5 | 310.0 | - | 25.0% | flashinfer "
-            "| 2.07x | 2.95x | 3.15x | 6.2% |") in markdown  # fmt: skip
+    assert ("| 131,072 | 1 | 150.0 | - | 105.0 (*) | 98.5 | 310.0 | - | - | 25.0% | - | "
+            "flashinfer | 2.07x | 2.95x | 3.15x | 6.2% |") in markdown  # fmt: skip
     assert "**met in part**" in markdown and summary["device"] == "dev"
     assert "Superseded, not in the goals: before a fix" in markdown
     assert "Not measured, unavailable: fa3 (sgl_kernel.flash_ops not staged)" in markdown
-    assert "| 65,536 | 1 | 40.0 | 50.0 | - | - | 45.0 | - | 90.0% | fa3 | 0.90x |" in markdown
+    assert "| 65,536 | 1 | 40.0 | 50.0 | - | - | 45.0 | - | - | 90.0% | - | fa3 | 0.90x |" \
+        in markdown
+    assert "| 32,768 | 1 | 100.0 | - | 40.0 | 99.0 | 98.0 | - | 60.0 | 100.0% | 97.0% | " \
+        "flashinfer | 0.98x | 2.45x | 0.99x | 1.0% |" in markdown
     assert "| 131,072 | 8 | 400.0 | - | 450.0 | 440.0 | 950.0 | triton | 2.11x | 2.11x | 2.2% |" \
         in markdown
     assert "(2.07 vs flashinfer, 1.24 vs flashinfer)" in markdown

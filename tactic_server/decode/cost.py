@@ -118,21 +118,34 @@ MODELS: dict[str, DecodeCostModel] = {
         attend_ms_per_row=0.000893972,
         source="benchmarks/results/decode_attention_h200.json (2026-12-02, seven-launch selection)",
     ),
+    # the same run, against FlashInfer's dense decode (`--dense-key flashinfer_dense_ms`): what
+    # the SGLang plugin falls back to over SGLang's FlashInfer backend
+    "H200/flashinfer": DecodeCostModel(
+        dense_floor_ms=0.028171037,
+        dense_ms_per_gb=0.246448637,
+        select_floor_ms=0.035871121,
+        select_ms_per_row=0.003370284,
+        select_ms_per_gb=0.090142209,
+        attend_floor_ms=0.018243056,
+        attend_ms_per_gb=0.303331711,
+        attend_ms_per_row=0.000893972,
+        source="benchmarks/results/decode_attention_h200.json (2026-12-02), flashinfer_dense_ms",
+    ),
 }
 
 
-def for_device(device: torch.device | str) -> DecodeCostModel | None:
+def for_device(device: torch.device | str, dense: str = "kernel") -> DecodeCostModel | None:
     """The model fitted on this GPU's kind (by the name CUDA gives it), the nearest one on
     another Hopper GPU, None on a CPU (the torch path has no selection launches to amortise:
-    it always selects)."""
+    it always selects). dense: the path a fallback takes, "kernel" (ours) or "flashinfer"
+    (SGLang's FlashInfer backend); another (SGLang's slower Triton decode) takes ours, which
+    makes the fallback rarer than it could be, never wrongly taken."""
     device = torch.device(device)
     if device.type != "cuda" or not MODELS:
         return None
     name = torch.cuda.get_device_name(device)
-    for key, model in MODELS.items():
-        if key in name:
-            return model
-    return MODELS.get("H200")
+    kind = next((key for key in MODELS if "/" not in key and key in name), "H200")
+    return MODELS.get(f"{kind}/{dense}", MODELS[kind])
 
 
 def describe(model: DecodeCostModel) -> dict:

@@ -236,12 +236,16 @@ class TacticDecoder:
             step = self.combine_ranks(step)
         self._add_step(request_slots, step, counted)
 
-    def count_fallback(self, request_slots: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """A dense-fallback step of these requests: every position read, all the mass covered
-        (no collective: every rank counts the same)."""
+    def count_fallback(self, request_slots: torch.Tensor, seq_lens: torch.Tensor,
+                       counted: torch.Tensor | None = None) -> None:  # fmt: skip
+        """A dense-fallback step of these requests (only the rows in `counted` [n], when
+        given): every position read, all the mass covered (no collective: every rank counts
+        the same)."""
         lengths = seq_lens.float()
         ones = torch.ones_like(lengths)
         step = torch.stack([ones, ones, lengths, ones, ones], dim=1)
+        if counted is not None:
+            step = step * counted[:, None]
         self._add_step(request_slots.long(), step, None)
 
     def _add_step(self, request_slots: torch.Tensor, step: torch.Tensor,

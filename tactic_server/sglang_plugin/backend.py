@@ -1,10 +1,13 @@
-"""The `tactic` attention backend for SGLang 0.5.12: SGLang's own Triton backend does extend
+"""The `tactic` attention backend for SGLang 0.5.12: one of SGLang's own dense backends
+(FlashInfer on a GPU with a 16-bit KV cache, else Triton: `dense_backend_class`) does extend
 (prefill) and every decode in which no request selects, CUDA graphs included; a decode with a
 request whose target is below 1 runs through our selection and sparse decode kernels, either
 replaying a CUDA graph of its own family (every row selects, sized by the context bound; see
-hooks.TacticGraphRunners) or eagerly (sized by the batch's host-side lengths). A Tactic
-request's full segments are clustered before the forward that first needs them (chunked prefill
-included), eagerly, also before a graph replay."""
+hooks.TacticGraphRunners) or eagerly (sized by the batch's host-side lengths), unless the
+GPU's cost model says selecting would not pay for the batch (the dense fallback: the dense
+backend decodes it, its graphs included). A Tactic request's full segments are clustered
+before the forward that first needs them (chunked prefill included), eagerly, also before a
+graph replay."""
 
 from __future__ import annotations
 
@@ -15,12 +18,45 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 
-from tactic_server.decode import ClusterSide, TacticDecoder
+from tactic_server.decode import ClusterSide, TacticDecoder, cost
 from tactic_server.tactic.config import selects
 
 from .settings import Settings, request_target
 
 logger = logging.getLogger(__name__)
+
+
+def dense_backend_name(choice: str, model_runner) -> str:
+    """The SGLang backend under the tactic one for a setting (Settings.dense_backend): "auto"
+    takes flashinfer (SGLang's fastest dense decode measured here) on a CUDA GPU with a 16-bit
+    KV cache where flashinfer imports, else triton (the CPU, float32 caches)."""
+    if choice != "auto":
+        return choice
+    if torch.device(model_runner.device).type != "cuda":
+        return "triton"
+    if model_runner.kv_cache_dtype not in (torch.float16, torch.bfloat16):
+        return "triton"
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return "triton"
+    return "flashinfer"
+
+
+def dense_backend_class(name: str) -> type:
+    """The tactic backend over SGLang's backend `name` (a class per base, made once)."""
+    if name not in _CLASSES:
+        if name != "flashinfer":
+            raise ValueError(f"unknown dense backend {name!r} (flashinfer or triton)")
+        try:
+            from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+        except ImportError as error:
+            raise ValueError(f"TACTIC_DENSE_BACKEND=flashinfer, but FlashInfer does not "
+                             f"import here: {error}") from error  # fmt: skip
+        _CLASSES[name] = type("TacticFlashInferBackend", (TacticBackend, FlashInferAttnBackend),
+                              {"__doc__": "The tactic backend over SGLang's FlashInfer one.",
+                               "dense_name": "flashinfer"})  # fmt: skip
+    return _CLASSES[name]
 
 
 def check_supported(model_runner) -> None:
@@ -53,7 +89,12 @@ def tp_mean(tensor: torch.Tensor, tp_size: int) -> torch.Tensor:
     return get_attn_tp_group().all_reduce(tensor) / tp_size
 
 
-class TacticAttnBackend(TritonAttnBackend):
+class TacticBackend:
+    """What the tactic backend adds to SGLang's dense backend it is mixed into (the class after
+    it in the bases), which runs whatever this one leaves to super()."""
+
+    dense_name = "triton"  # the SGLang backend mixed in
+
     def __init__(self, model_runner) -> None:
         check_supported(model_runner)
         super().__init__(model_runner)
@@ -62,11 +103,24 @@ class TacticAttnBackend(TritonAttnBackend):
         self.side: ClusterSide = pool.tactic_side
         self.head_dim = model_runner.model_config.head_dim
         tp_size = get_attention_tp_size()
+        # FlashInfer's backend keeps neither of these (Triton's does)
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.num_kv_head = model_runner.model_config.get_num_kv_heads(tp_size)
         combine = (lambda step: tp_mean(step, tp_size)) if tp_size > 1 else None
-        self.decoder = TacticDecoder(self.side, self.settings.config, self.num_kv_head, combine)
+        cost_model = (cost.for_device(pool.device, self.dense_name)
+                      if self.settings.dense_fallback == "auto" else None)  # fmt: skip
+        bytes_per_token = 2 * self.num_kv_head * self.head_dim * pool.dtype.itemsize
+        self.decoder = TacticDecoder(self.side, self.settings.config, self.num_kv_head, combine,
+                                     cost_model, bytes_per_token)  # fmt: skip
         self.plan = None
         self.k_buffers = pool.k_buffer
         self.num_layers = len(pool.k_buffer)
+        # the dense fallback's view of the requests' selected ratios: each step's statistics
+        # copy (request slots, host rows, the event after the copy), read two steps later, when
+        # SGLang has synchronised on that step whether or not it overlaps scheduling, so that
+        # every rank of a tensor-parallel group reads the same sums at the same step
+        self.pending_stats: list[tuple[list[int], object, torch.cuda.Event | None]] = []
+        self.batch_fallback = False  # the batch's selecting requests decode dense this step
         # SGLang's request slots are 1..size (row 0 pads CUDA-graph batches)
         self.host_targets = [1.0] * model_runner.req_to_token_pool.req_to_token.shape[0]
         self.batch_reqs = None
@@ -85,9 +139,10 @@ class TacticAttnBackend(TritonAttnBackend):
 
     # requests, from the worker hook (before the forward that first sees them)
 
-    def admit(self, reqs) -> None:
+    def admit(self, reqs, forward_mode=None, seq_lens_cpu=None) -> None:
         """Per request of the coming forward: its target on first sight, and its clustered
-        segment count (kept on the request, as SGLang keeps its own state there)."""
+        segment count (kept on the request, as SGLang keeps its own state there); for a decode,
+        whether its selecting requests select (the cost model) or fall back to dense."""
         self.batch_reqs = reqs
         for req in reqs:
             if getattr(req, "_tactic_slot", None) != req.req_pool_idx:
@@ -99,8 +154,29 @@ class TacticAttnBackend(TritonAttnBackend):
                 self.side.start_request(req.req_pool_idx, target)
         selecting = [selects(self.host_targets[req.req_pool_idx]) for req in reqs]
         self.batch_selects = any(selecting)
+        self.batch_fallback = False
+        if self.batch_selects and forward_mode is not None and forward_mode.is_decode():
+            self._observe_statistics()
+            lengths = (seq_lens_cpu.tolist() if seq_lens_cpu is not None
+                       else [len(r.origin_input_ids) + len(r.output_ids) for r in reqs])
+            chosen = [(length, req.req_pool_idx)
+                      for req, length, sel in zip(reqs, lengths, selecting, strict=True)
+                      if sel]  # fmt: skip
+            lengths, slots = zip(*chosen, strict=True)
+            self.batch_fallback = not self.decoder.selection_pays(list(lengths), list(slots))
+        if self.batch_fallback:
+            selecting = [False] * len(reqs)
         self.batch_graph_family = ("tactic" if all(selecting) else None) if any(selecting) \
             else "dense"
+
+    def _observe_statistics(self) -> None:
+        """Hand the decoder the requests' sums of the step before last (see pending_stats)."""
+        while len(self.pending_stats) > 1:
+            slots, rows, event = self.pending_stats.pop(0)
+            if event is not None:
+                event.synchronize()  # done already: SGLang synchronised on that step
+            for slot, row in zip(slots, rows, strict=True):
+                self.decoder.observe(slot, row)
 
     def request_stats(self, req_pool_indices: torch.Tensor):
         """Running sums [batch, STATS] of the batch's requests as a numpy view of pinned host
@@ -111,7 +187,22 @@ class TacticAttnBackend(TritonAttnBackend):
         rows = self.side.stats[req_pool_indices.long()]
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=rows.is_cuda)
         host.copy_(rows, non_blocking=True)
+        if self.decoder.cost_model is not None and self.batch_reqs is not None \
+                and len(self.batch_reqs) == rows.shape[0]:  # fmt: skip
+            event = None
+            if rows.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            slots = [req.req_pool_idx for req in self.batch_reqs]
+            self.pending_stats = [*self.pending_stats[-1:], (slots, host.numpy(), event)]
         return host.numpy()
+
+    def _count_fallback(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """A dense-fallback step in the statistics of the batch's selecting rows (on the
+        device: rows whose target is 1 or that pad a graph's batch add nothing)."""
+        slots = req_pool_indices.long()
+        counted = selects(self.side.targets[slots]) & (seq_lens > 1)
+        self.decoder.count_fallback(slots, seq_lens, counted)
 
     # SGLang's hooks
 
@@ -122,11 +213,13 @@ class TacticAttnBackend(TritonAttnBackend):
         admitted = reqs is not None and len(reqs) == forward_batch.batch_size
         seq_lens = forward_batch.seq_lens_cpu.tolist() if mode.is_decode() else None
         if admitted and self.batch_selects:
-            if mode.is_decode():
+            if mode.is_decode() and not self.batch_fallback:
                 self._cluster(reqs, [n - 1 for n in seq_lens])
             elif mode.is_extend():
                 self._cluster(reqs, list(forward_batch.extend_prefix_lens_cpu))
-        if mode.is_decode():
+        if mode.is_decode() and self.batch_fallback and admitted:
+            self._count_fallback(forward_batch.req_pool_indices, forward_batch.seq_lens)
+        elif mode.is_decode():
             # the admitted requests are the batch's rows in order: their slots are on the host
             # already, without reading req_pool_indices back from the device
             slots = ([req.req_pool_idx for req in reqs] if admitted
@@ -158,6 +251,9 @@ class TacticAttnBackend(TritonAttnBackend):
         lengths on the host, from the batch SGLang hands over)."""
         self.plan = None
         if self.graph_family != "tactic":
+            if self.batch_fallback and self.batch_reqs is not None:
+                rows = len(self.batch_reqs)
+                self._count_fallback(req_pool_indices[:rows], seq_lens[:rows])
             return super().init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens,
                                                                    *args, **kwargs)  # fmt: skip
         reqs, batch = self.batch_reqs, getattr(self, "_replay_forward_batch", None)
@@ -203,3 +299,10 @@ class TacticAttnBackend(TritonAttnBackend):
         if layer.layer_id == self.num_layers - 1:
             self.decoder.finish(self.plan)
         return out.reshape(-1, heads * dim)
+
+
+class TacticAttnBackend(TacticBackend, TritonAttnBackend):
+    """The tactic backend over SGLang's Triton one."""
+
+
+_CLASSES: dict[str, type] = {"triton": TacticAttnBackend}

@@ -108,8 +108,10 @@ class SGLangEngine:
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         self.model_name = config.model_dir.rstrip("/").split("/")[-1]
         self.observer = None
-        Settings(config.default_tactic_target,
-                 dataclasses.replace(config.tactic)).export()  # fmt: skip
+        # the dense backend (TACTIC_DENSE_BACKEND) stays as the environment sets it
+        dataclasses.replace(Settings.from_env(), default_target=config.default_tactic_target,
+                            config=dataclasses.replace(config.tactic),
+                            dense_fallback=config.dense_fallback).export()  # fmt: skip
         # logprobs before temperature, as the embedded engine's (its schedulers read this)
         os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
         args = dict(

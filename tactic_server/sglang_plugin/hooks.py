@@ -28,22 +28,27 @@ class TacticKVPool(MHATokenToKVPool):
 
 
 def create_backend(model_runner):
-    from .backend import TacticAttnBackend
+    """The tactic backend over the dense backend the settings choose (TACTIC_DENSE_BACKEND)."""
+    from .backend import dense_backend_class, dense_backend_name
 
-    return TacticAttnBackend(model_runner)
+    name = dense_backend_name(Settings.from_env().dense_backend, model_runner)
+    logger.info("tactic backend: prefill and dense decode through SGLang's %s backend", name)
+    return dense_backend_class(name)(model_runner)
 
 
 def server_args_before(self, *args, **kwargs):
-    """The tactic backend must be chosen for prefill and decode alike (it runs SGLang's Triton
-    prefill itself); the piecewise CUDA graph of prefill is turned off (with a log line), since
-    clustering runs between forwards. Decode CUDA graphs stay on for dense batches."""
+    """The tactic backend must be chosen for prefill and decode alike (it runs its dense
+    backend's prefill itself, FlashInfer's or Triton's); the piecewise CUDA graph of prefill is
+    turned off (with a log line), since clustering runs between forwards. Decode CUDA graphs
+    stay on for dense batches."""
     names = (self.attention_backend, self.prefill_attention_backend, self.decode_attention_backend)
     if BACKEND not in names:
         return None
     if self.attention_backend != BACKEND or any(n not in (None, BACKEND) for n in names[1:]):
         raise ValueError(
             f"choose the tactic backend with attention_backend={BACKEND!r} alone (it does "
-            "prefill through SGLang's Triton kernels and decode through its own)"
+            "prefill through SGLang's FlashInfer or Triton kernels, TACTIC_DENSE_BACKEND, and "
+            "decode through its own)"
         )
     if not self.disable_piecewise_cuda_graph:
         logger.warning("tactic backend: the piecewise CUDA graph of prefill is turned off; "
@@ -99,11 +104,11 @@ class TacticGraphRunners:
 def init_device_graphs_around(original, self, *args, **kwargs):
     """After SGLang captured its decode graphs: the Tactic family's beside them, and the runner
     that chooses between them (TacticGraphRunners) in place of SGLang's."""
-    from .backend import TacticAttnBackend
+    from .backend import TacticBackend
 
     result = original(self, *args, **kwargs)
     backend = self.attn_backend
-    if isinstance(backend, TacticAttnBackend) and self.graph_runner is not None:
+    if isinstance(backend, TacticBackend) and self.graph_runner is not None:
         runners = capture_tactic_graphs(self, backend)
         self.graph_runner = TacticGraphRunners(self.graph_runner, runners, backend)
     return result
@@ -191,12 +196,13 @@ def free_before(self, free_index, *args, **kwargs):
 def forward_batch_generation_around(original, self, model_worker_batch=None, *args, **kwargs):
     """The backend learns the batch's requests before the forward; after it, each request's
     running Tactic sums ride customized_info to meta_info["tactic"]."""
-    from .backend import TacticAttnBackend
+    from .backend import TacticBackend
 
     backend = self.model_runner.attn_backend
-    tactic = isinstance(backend, TacticAttnBackend) and model_worker_batch is not None
+    tactic = isinstance(backend, TacticBackend) and model_worker_batch is not None
     if tactic and model_worker_batch.reqs is not None:
-        backend.admit(model_worker_batch.reqs)
+        backend.admit(model_worker_batch.reqs, model_worker_batch.forward_mode,
+                      getattr(model_worker_batch, "seq_lens_cpu", None))
     result = original(self, model_worker_batch, *args, **kwargs)
     if tactic and getattr(result, "logits_output", None) is not None:
         info = result.logits_output.customized_info or {}

@@ -17,6 +17,13 @@ GRAPH_BS_ENV = "TACTIC_GRAPH_MAX_BS"  # the largest batch captured in a Tactic C
 # context bounds of the Tactic graph sets, comma-separated (default 16384,65536 below the
 # model's context, and the context itself): a batch replays the smallest that holds it
 GRAPH_CONTEXTS_ENV = "TACTIC_GRAPH_CONTEXTS"
+# which SGLang backend runs prefill and every dense decode: "auto" (flashinfer on a CUDA GPU with
+# a 16-bit KV cache where FlashInfer imports, else triton), "flashinfer" or "triton"
+DENSE_BACKEND_ENV = "TACTIC_DENSE_BACKEND"
+DENSE_BACKENDS = ("auto", "flashinfer", "triton")
+# "auto": a decode batch decodes dense where the GPU's cost model says selecting would not pay
+# (tactic_server.decode.cost); "off": always select
+DENSE_FALLBACK_ENV = "TACTIC_DENSE_FALLBACK"
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,8 @@ class Settings:
     cuda_graphs: bool = True
     graph_max_bs: int = 16
     graph_contexts: tuple[int, ...] = ()  # () for the default
+    dense_backend: str = "auto"
+    dense_fallback: str = "auto"
 
     def graph_bounds(self, context_len: int) -> list[int]:
         """The context bounds of the Tactic graph sets for a model of context_len positions."""
@@ -49,13 +58,22 @@ class Settings:
         contexts = tuple(int(c) for c in os.environ.get(GRAPH_CONTEXTS_ENV, "").split(",") if c)
         if any(c < 1 for c in contexts):
             raise ValueError(f"{GRAPH_CONTEXTS_ENV} must list positive lengths, got {contexts}")
-        return cls(target, config, graphs == "1", max_bs, contexts)
+        dense = os.environ.get(DENSE_BACKEND_ENV, "auto")
+        if dense not in DENSE_BACKENDS:
+            raise ValueError(f"{DENSE_BACKEND_ENV} must be one of {', '.join(DENSE_BACKENDS)}, "
+                             f"got {dense!r}")  # fmt: skip
+        fallback = os.environ.get(DENSE_FALLBACK_ENV, "auto")
+        if fallback not in ("auto", "off"):
+            raise ValueError(f"{DENSE_FALLBACK_ENV} must be auto or off, got {fallback!r}")
+        return cls(target, config, graphs == "1", max_bs, contexts, dense, fallback)
 
     def export(self) -> None:
         """Into this process's environment, for the processes SGLang spawns from it (the CUDA
         graph settings are read from the environment only)."""
         os.environ[TARGET_ENV] = repr(self.default_target)
         os.environ[SEGMENT_ENV] = str(self.config.segment_size)
+        os.environ[DENSE_BACKEND_ENV] = self.dense_backend
+        os.environ[DENSE_FALLBACK_ENV] = self.dense_fallback
 
 
 def request_target(custom_params: Mapping | None, default: float) -> float:
