@@ -16,7 +16,14 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tactic_server.decode import ClusterSide, TacticDecoder
-from tactic_server.decode.cost import FIT_PARAMETERS, MODELS, DecodeCostModel, fit, smooth_max
+from tactic_server.decode.cost import (
+    FIT_PARAMETERS,
+    MODELS,
+    DecodeCostModel,
+    MeasuredPaths,
+    fit,
+    smooth_max,
+)
 from tactic_server.engine.types import GenerationRequest, TacticParams
 from tactic_server.tactic import TacticConfig
 from tactic_server.testing.tiny_model import make_tiny_model
@@ -74,20 +81,78 @@ def test_the_h200_model_picks_the_faster_path_on_the_run_it_was_fitted_to():
     assert all(getattr(model, name) > 0 for name in FIT_PARAMETERS)
 
 
-def test_flat_attention_falls_back_and_a_probe_follows_a_streak():
+def test_flat_attention_falls_back_and_the_other_path_is_probed():
     side = ClusterSide(64, 1, 2, 16, torch.float32, "cpu", TacticConfig(segment_size=32), 4)
     decoder = TacticDecoder(side, side.config, 2, cost_model=MODELS["H200"],
                             bytes_per_token=LLAMA_BYTES, probe_every=3)  # fmt: skip
+    decoder.measured.measure = False  # the model alone (the periods: the next tests)
     long = [131072]
     assert decoder.selection_pays(long, [1])  # not seen yet: it selects and measures
     row = [0.0] * 6
     row[5] = 0.997  # flat: its last selecting step read nearly everything
     decoder.observe(1, row)
-    assert [decoder.selection_pays(long, [1]) for _ in range(5)] == [False] * 3 + [True, False]
+    # the third decision probes the other path for 3 steps; the probe confirmed the model, so
+    # the next comes at the sixth decision after it
+    paths = [decoder.selection_pays(long, [1]) for _ in range(12)]
+    assert paths == [False, True, True, True] + [False] * 5 + [True] * 3
     row[5] = 0.01
     decoder.observe(1, row)
     assert decoder.selection_pays(long, [1])
     assert not decoder.selection_pays([4096], [2])  # short: the selection's floor dominates
+
+
+class Clock:
+    """Decode steps that take `period[path]` seconds: the engine's clock as MeasuredPaths reads
+    it, advanced by the path each step took."""
+
+    def __init__(self, select_s: float, dense_s: float) -> None:
+        self.now, self.cost = 0.0, {True: select_s, False: dense_s}
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, paths, steps: int, predicted: bool, batch: int = 1) -> list[bool]:
+        taken = []
+        for _ in range(steps):
+            choice = paths.choose(batch, predicted)
+            self.now += self.cost[choice]
+            taken.append(choice)
+        return taken
+
+
+def test_measured_periods_overrule_a_wrong_model_and_probes_back_off():
+    """The model says dense, but the steps that select are faster (a layer shape the model was
+    not fitted to): after the first probe has measured both paths, the engine selects; the
+    dense path is then probed at doubling intervals, a small share of the steps."""
+    clock = Clock(select_s=0.66e-3, dense_s=0.79e-3)
+    paths = MeasuredPaths(clock=clock, first_probe=4, probe_steps=3)
+    taken = clock.run(paths, 8, predicted=False)
+    assert taken[:3] == [False] * 3 and taken[3:6] == [True] * 3  # the model, then a probe
+    assert paths.periods[(1, True)] == pytest.approx(0.66e-3)
+    assert paths.periods[(1, False)] == pytest.approx(0.79e-3)
+    assert taken[6:] == [True, True]  # measured faster: selecting wins over the model
+    taken = clock.run(paths, 400, predicted=False)
+    assert 0 < taken.count(False) <= 0.05 * len(taken)  # dense probed, ever more rarely
+    assert paths.interval > 64
+
+
+def test_measured_periods_confirm_a_right_model_and_reset_on_other_steps():
+    """Flat attention: selecting is slower, as the model says; the probes measure it and the
+    engine keeps decoding dense. A step of another kind between two decodes is not measured,
+    and batch sizes are measured apart."""
+    clock = Clock(select_s=1.0e-3, dense_s=0.6e-3)
+    paths = MeasuredPaths(clock=clock, first_probe=4, probe_steps=3)
+    taken = clock.run(paths, 200, predicted=False)
+    assert taken.count(True) <= 0.1 * len(taken)
+    assert paths.periods[(1, True)] == pytest.approx(1.0e-3)
+    before = dict(paths.periods)
+    paths.interrupt()
+    clock.now += 5.0  # a long prefill came between
+    paths.choose(1, False)
+    assert paths.periods == before
+    assert (4, True) not in paths.periods and (4, False) not in paths.periods
+    clock.run(paths, 3, predicted=True, batch=4)
+    assert paths.periods[(4, True)] == pytest.approx(1.0e-3)  # its own, from its own steps
 
 
 def test_a_fallback_step_counts_as_reading_everything_and_keeps_the_last_ratio():
@@ -108,7 +173,9 @@ def test_a_fallback_step_counts_as_reading_everything_and_keeps_the_last_ratio()
 def run_engine(tmp_path, cost_model):
     model_dir = make_tiny_model(tmp_path, "llama", seed=5, sparse_attention=True)
     sampling = dataclasses.replace(GREEDY, max_tokens=8)
-    engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64), device="cpu",
+    # the kernels: under the Triton interpreter on the CPU, compiled on a GPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64), device=device,
                          attention_backend="triton")  # fmt: skip
     engine.runner.decoder.cost_model = cost_model  # the CPU has no fitted model of its own
     requests = [GenerationRequest("k", prompt_ids(180, seed=4), sampling, TacticParams(True, 0.5)),

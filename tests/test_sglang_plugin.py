@@ -532,8 +532,8 @@ def test_dense_fallback_decides_per_decode_batch_from_the_ratios_observed(monkey
     """The cost model's decision in admit: a decode batch of selecting requests whose last
     selected ratios (read two steps late, from the statistics the backend hands SGLang) make
     selecting too dear replays SGLang's dense graphs; a request not seen yet selects (its first
-    step measures it); prefill is never a fallback; after probe_every fallback steps in a row
-    one step selects again."""
+    step measures it); prefill is never a fallback; the path not taken is probed (here the
+    model's prediction decides, as with tensor parallelism)."""
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
     from sglang.srt.sampling.sampling_params import SamplingParams
@@ -551,6 +551,8 @@ def test_dense_fallback_decides_per_decode_batch_from_the_ratios_observed(monkey
     hooks.init_pools_around(lambda runner: None, runner)  # the plugin's cluster side
     backend = backend_module.TacticAttnBackend(runner)
     backend.decoder.cost_model = MODELS["H200"]
+    backend.decoder.measured.measure = False  # the model's prediction decides (tests of the
+    # measured periods: tests/test_dense_fallback.py)
     backend.decoder.bytes_per_token = 8 * 128 * 2 * 2  # a Llama-3.1-8B layer's, in bf16
     reqs = [Req(f"r{i}", "", [1, 2], SamplingParams(custom_params={"tactic_target": 0.9}))
             for i in range(2)]  # fmt: skip
@@ -570,9 +572,11 @@ def test_dense_fallback_decides_per_decode_batch_from_the_ratios_observed(monkey
     assert step(0.99) == ("dense", True)  # 99% of 128k selected: dense pays
     assert backend.decoder.expected_ratio[slots[0]] == pytest.approx(0.99)
     assert step(0.99, extend) == ("tactic", False)  # prefill: no decision
-    for _ in range(backend.decoder.probe_every - 1):
-        assert step(0.02) == ("dense", True)  # the ratio moves only when a step selects
-    assert step(0.02) == ("tactic", False)  # the probe
+    paths = [step(0.02)[1] for _ in range(16)]  # the ratio moves only when a step selects
+    # the 16th decision probes the other path for 3 steps; the first probe's ratio (2%) is read
+    # two steps later, and then selecting pays
+    assert paths[:12] == [True] * 12 and paths[12:] == [False] * 4
+    assert step(0.02) == ("tactic", False)
     backend.decoder.cost_model = None  # TACTIC_DENSE_FALLBACK=off
     assert step(0.99) == ("tactic", False)
 
@@ -589,10 +593,14 @@ def test_dense_backend_choice(monkeypatch):
     )
     from tactic_server.sglang_plugin.settings import Settings
 
-    cpu = SimpleNamespace(device="cpu", kv_cache_dtype=torch.bfloat16)
+    def runner(device, dtype, head_dim=128):
+        return SimpleNamespace(device=device, kv_cache_dtype=dtype,
+                               model_config=SimpleNamespace(head_dim=head_dim))  # fmt: skip
+
+    cpu = runner("cpu", torch.bfloat16)
     assert dense_backend_name("auto", cpu) == "triton"
-    gpu32 = SimpleNamespace(device="cuda", kv_cache_dtype=torch.float32)
-    assert dense_backend_name("auto", gpu32) == "triton"
+    assert dense_backend_name("auto", runner("cuda", torch.float32)) == "triton"
+    assert dense_backend_name("auto", runner("cuda", torch.bfloat16, head_dim=32)) == "triton"
     assert dense_backend_name("flashinfer", cpu) == "flashinfer"
     assert dense_backend_class("triton") is TacticAttnBackend
     with pytest.raises(ValueError, match="unknown dense backend"):

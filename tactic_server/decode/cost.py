@@ -11,11 +11,19 @@ with smax(a, b) = (a^4 + b^4)^(1/4), a smooth max. Its constants are fitted (`fi
 records of benchmarks/decode_attention.py on one device and kept here by device name; the
 selected share of a request is the one its last selecting step measured (a request not seen yet
 is assumed to select little, so its first step selects and measures it).
+
+The model is fitted on one layer shape (a Llama-3.1-8B layer: 8 KV heads of 128); on another
+(one KV head, say, where FlashInfer's dense decode is far from the bandwidth the model assumes)
+it can be wrong. So the engine also measures (`MeasuredPaths`): the period of its decode steps
+on either path, per batch size; once both are known, the faster one wins over the model's
+prediction, and the other is probed for a few steps at intervals that double while it stays
+slower.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -150,3 +158,65 @@ def for_device(device: torch.device | str, dense: str = "kernel") -> DecodeCostM
 
 def describe(model: DecodeCostModel) -> dict:
     return asdict(model)
+
+
+class MeasuredPaths:
+    """Which decode path is faster as the engine lives it: the period between consecutive
+    decode steps of one batch size, attributed to the path of the earlier step and kept as an
+    exponential mean per (batch size, path). A step right after a switch of path is not
+    measured (its period still holds the other path's work, with overlapped scheduling too),
+    nor a period a non-decode step came into (`interrupt`). Until both paths are measured for
+    a batch size, the model's prediction decides; the path not preferred is probed for
+    probe_steps steps after every `interval` steps, which starts at first_probe and doubles
+    (up to max_interval) each time a probe confirms the preference. measure=False (tensor
+    parallelism: every rank must take the same path, and their clocks differ) leaves the
+    model's prediction alone to decide, probes still at the same steps on every rank."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, first_probe: int = 16,
+                 probe_steps: int = 3, max_interval: int = 512, alpha: float = 0.3,
+                 measure: bool = True) -> None:  # fmt: skip
+        self.clock = clock
+        self.measure = measure
+        self.first_probe, self.probe_steps = first_probe, probe_steps
+        self.max_interval, self.alpha = max_interval, alpha
+        self.periods: dict[tuple[int, bool], float] = {}  # (batch, selects) -> seconds
+        self.last: tuple[float, int, bool, int] | None = None  # time, batch, path, run
+        self.interval, self.since_probe, self.probing = first_probe, 0, 0
+        self.probe_preferred: bool | None = None
+
+    def interrupt(self) -> None:
+        """A step that is not a decode of this kind came between: no period to measure."""
+        self.last = None
+
+    def preferred(self, batch: int, predicted: bool) -> bool:
+        selecting, dense = self.periods.get((batch, True)), self.periods.get((batch, False))
+        if selecting is None or dense is None:
+            return predicted
+        return selecting <= dense
+
+    def choose(self, batch: int, predicted: bool) -> bool:
+        """This decode step's path (True: select), given the cost model's prediction."""
+        now = self.clock() if self.measure else 0.0
+        if self.measure and self.last is not None and self.last[1] == batch and self.last[3] > 0:
+            key = (batch, self.last[2])
+            period = now - self.last[0]
+            old = self.periods.get(key)
+            self.periods[key] = period if old is None else old + self.alpha * (period - old)
+        preferred = self.preferred(batch, predicted)
+        if self.probing:  # the path the probe set out to measure, whatever it measured so far
+            self.probing -= 1
+            choice = not self.probe_preferred
+            if not self.probing:  # the probe's last step: back off while the preference holds
+                held = self.probe_preferred == preferred
+                self.interval = min(2 * self.interval, self.max_interval) if held \
+                    else self.first_probe
+        else:
+            self.since_probe += 1
+            choice = preferred
+            if self.since_probe >= self.interval:
+                self.since_probe, self.probing = 0, self.probe_steps - 1
+                self.probe_preferred = preferred
+                choice = not preferred
+        same = self.last is not None and self.last[1] == batch and self.last[2] == choice
+        self.last = (now, batch, choice, self.last[3] + 1 if same else 0)
+        return choice

@@ -15,7 +15,7 @@ from tactic_server.kernels.selection import select_rows
 from tactic_server.tactic.config import TacticConfig, selects
 
 from .clusters import ClusterSide
-from .cost import DecodeCostModel
+from .cost import DecodeCostModel, MeasuredPaths
 
 
 @dataclass
@@ -58,11 +58,12 @@ class TacticDecoder:
     """num_kv_heads: this rank's KV heads. combine_ranks, with tensor parallelism, turns each
     rank's per-request statistics [n, 5] into their mean over the ranks (a collective: every
     rank calls it at the same step), so any rank's sums describe all heads.
-    cost_model (None: always select) decides per decode batch whether selecting pays
-    (`selection_pays`), from the selected ratios the engine observed (`observe`);
-    bytes_per_token: K and V bytes of one position in one layer on this rank; probe_every: after
-    that many dense-fallback steps in a row the next step selects, so that the ratios it
-    expects follow the requests' attention."""
+    cost_model (None: always select) predicts per decode batch whether selecting pays
+    (`selection_pays`), from the selected ratios the engine observed (`observe`), and
+    MeasuredPaths checks the prediction against the step periods the engine lives (the faster
+    path measured wins; the other is probed now and then); bytes_per_token: K and V bytes of
+    one position in one layer on this rank; probe_every: the steps before the first probe of
+    the path not taken."""
 
     def __init__(
         self,
@@ -72,7 +73,8 @@ class TacticDecoder:
         combine_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cost_model: DecodeCostModel | None = None,
         bytes_per_token: int = 0,
-        probe_every: int = 32,
+        probe_every: int = 16,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.side = side
         self.config = config
@@ -80,9 +82,10 @@ class TacticDecoder:
         self.combine_ranks = combine_ranks
         self.cost_model = cost_model
         self.bytes_per_token = bytes_per_token
-        self.probe_every = probe_every
         self.expected_ratio: dict[int, float] = {}  # request slot -> its last selected ratio
-        self.fallback_streak = 0
+        # with tensor parallelism the ranks' clocks would split their paths: the model decides
+        self.measured = MeasuredPaths(first_probe=probe_every, measure=combine_ranks is None,
+                                      **({"clock": clock} if clock else {}))  # fmt: skip
 
     def observe(self, request_slot: int, stats_row) -> None:
         """A request's running sums as the engine read them back (a row of side.stats): its
@@ -92,18 +95,20 @@ class TacticDecoder:
 
     def selection_pays(self, seq_lens_cpu: list[int], slots_cpu: list[int]) -> bool:
         """Whether this decode batch's selecting requests (contexts, request slots) should
-        select, or decode dense (the fallback). Called once per decode step."""
-        if self.cost_model is None or not seq_lens_cpu:
+        select, or decode dense (the fallback). Called once per decode step with selecting
+        requests; `interrupt` for the engine's other steps."""
+        if not seq_lens_cpu:
+            self.interrupt()
+            return True
+        if self.cost_model is None:
             return True
         ratios = [self.expected_ratio.get(slot, 0.0) for slot in slots_cpu]
-        if self.cost_model.pays(seq_lens_cpu, ratios, self.bytes_per_token):
-            self.fallback_streak = 0
-            return True
-        self.fallback_streak += 1
-        if self.fallback_streak > self.probe_every:  # probe: select once, measure again
-            self.fallback_streak = 0
-            return True
-        return False
+        predicted = self.cost_model.pays(seq_lens_cpu, ratios, self.bytes_per_token)
+        return self.measured.choose(len(seq_lens_cpu), predicted)
+
+    def interrupt(self) -> None:
+        """A step that was no decode of selecting requests: the next period is not measured."""
+        self.measured.interrupt()
 
     def plan(
         self,

@@ -70,6 +70,8 @@ class ModelRunner:
             positions.extend(range(start, end))
             if end == len(sequence.token_ids):  # the last known token: its logits pick the next
                 wanted.append((sequence, len(token_ids) - 1))
+        if step.prefill:  # the dense fallback measures the periods of decode-only steps
+            self.decoder.interrupt()
         context = self._plan(slices)
         logits = self.model(
             torch.tensor(token_ids, device=self.device),

@@ -26,15 +26,23 @@ from .settings import Settings, request_target
 logger = logging.getLogger(__name__)
 
 
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+
+
 def dense_backend_name(choice: str, model_runner) -> str:
     """The SGLang backend under the tactic one for a setting (Settings.dense_backend): "auto"
     takes flashinfer (SGLang's fastest dense decode measured here) on a CUDA GPU with a 16-bit
-    KV cache where flashinfer imports, else triton (the CPU, float32 caches)."""
+    KV cache and a head size FlashInfer compiles (64, 128, 256) where flashinfer imports, else
+    triton (the CPU, float32 caches, tiny test models)."""
     if choice != "auto":
         return choice
     if torch.device(model_runner.device).type != "cuda":
         return "triton"
     if model_runner.kv_cache_dtype not in (torch.float16, torch.bfloat16):
+        return "triton"
+    # FlashInfer's prefill has no configuration for other head sizes (head_dim 32 stopped
+    # its CUDA-graph capture on the H200: "Invalid configuration : NUM_MMA_D_QK=2")
+    if model_runner.model_config.head_dim not in FLASHINFER_HEAD_DIMS:
         return "triton"
     try:
         import flashinfer  # noqa: F401
@@ -164,6 +172,8 @@ class TacticBackend:
                       if sel]  # fmt: skip
             lengths, slots = zip(*chosen, strict=True)
             self.batch_fallback = not self.decoder.selection_pays(list(lengths), list(slots))
+        else:
+            self.decoder.interrupt()  # no decode step of selecting requests: nothing to time
         if self.batch_fallback:
             selecting = [False] * len(reqs)
         self.batch_graph_family = ("tactic" if all(selecting) else None) if any(selecting) \
@@ -172,9 +182,12 @@ class TacticBackend:
     def _observe_statistics(self) -> None:
         """Hand the decoder the requests' sums of the step before last (see pending_stats)."""
         while len(self.pending_stats) > 1:
-            slots, rows, event = self.pending_stats.pop(0)
+            slots, rows, event = self.pending_stats[0]
+            if event is not None and self.decoder.combine_ranks is None and not event.query():
+                return  # not copied yet: read it at the next step (one rank, nothing to agree)
             if event is not None:
                 event.synchronize()  # done already: SGLang synchronised on that step
+            self.pending_stats.pop(0)
             for slot, row in zip(slots, rows, strict=True):
                 self.decoder.observe(slot, row)
 
@@ -194,7 +207,7 @@ class TacticBackend:
                 event = torch.cuda.Event()
                 event.record()
             slots = [req.req_pool_idx for req in self.batch_reqs]
-            self.pending_stats = [*self.pending_stats[-1:], (slots, host.numpy(), event)]
+            self.pending_stats = [*self.pending_stats[-2:], (slots, host.numpy(), event)]
         return host.numpy()
 
     def _count_fallback(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:

@@ -204,7 +204,10 @@ def forward_batch_generation_around(original, self, model_worker_batch=None, *ar
         backend.admit(model_worker_batch.reqs, model_worker_batch.forward_mode,
                       getattr(model_worker_batch, "seq_lens_cpu", None))
     result = original(self, model_worker_batch, *args, **kwargs)
-    if tactic and getattr(result, "logits_output", None) is not None:
+    # a batch in which no request selects adds nothing to any request's sums (dense requests
+    # have none): no statistics, and no copy, for it
+    selecting = tactic and (backend.batch_selects or backend.batch_fallback)
+    if selecting and getattr(result, "logits_output", None) is not None:
         info = result.logits_output.customized_info or {}
         info["tactic"] = backend.request_stats(model_worker_batch.req_pool_indices)
         result.logits_output.customized_info = info
