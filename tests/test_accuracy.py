@@ -36,12 +36,15 @@ def test_accuracy_report_covers_every_method(tmp_path):
     load_accuracy().main(["--model", str(tmp_path / "run" / "model"), "--lengths", "512", "1024",
                           "--trials", "2", "--attention-prompts", "1", "--attention-length",
                           "1536", "--roots", *corpus, "--perplexity-tokens", "3000",
+                          "--tasks", "passkey", "multikey", "niah_multivalue",
+                          "--haystack", str(ROOT / "tactic_server"),
                           "--out", str(out), "--device", "cpu"])  # fmt: skip
     result = json.loads(Path(f"{out}.json").read_text())
     cells = {(r["task"], r["context"], r["method"]) for r in result["retrieval"]}
     methods = {"dense", "tactic_0.75", "tactic_0.9", "tactic_0.95", "oracle_0.9",
                "quest_at_tactic_0.9", "topk_at_tactic_0.9"}
-    assert cells == {(t, n, m) for t in ("passkey", "multikey") for n in (512, 1024)
+    assert cells == {(t, n, m) for t in ("passkey", "multikey", "niah_multivalue")
+                     for n in (512, 1024)
                      for m in methods}  # fmt: skip
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["retrieval"])
     by_cell = {(r["task"], r["context"], r["method"]): r for r in result["retrieval"]}
@@ -61,6 +64,7 @@ def test_accuracy_report_covers_every_method(tmp_path):
             assert record["share_meeting_target_strict"] == 1.0
     # 4 query heads at 4 decode positions
     assert len(result["per_head"]) == len(result["attention"]) * 4 * 4
+    assert {r["context"] for r in result["attention"]} == {1536}
     assert result["complete"] and set(result["goals"]) >= {
         "retrieval_within_1_point", "share_meeting_target_met", "overshoot_met",
         "better_than_quest"}
@@ -72,15 +76,20 @@ def test_accuracy_report_covers_every_method(tmp_path):
     only = tmp_path / "variants"
     load_accuracy().main(["--model", str(tmp_path / "run" / "model"), "--attention-only",
                           "--attention-prompts", "1", "--attention-length", "1536",
-                          "--attention-steps", "1", "--tactic-variant", "cluster_size=8",
-                          "--tactic-variant", "estimator=inverse_fit", "--out", str(only),
+                          "1024", "--attention-steps", "1", "--tactic-variant", "cluster_size=8",
+                          "--tactic-variant", "estimator=inverse_fit,exact_tokens=true",
+                          "--haystack", str(ROOT / "tactic_server"), "--out", str(only),
                           "--device", "cpu"])  # fmt: skip
     variants = json.loads(Path(f"{only}.json").read_text())
     assert "retrieval" not in variants
     assert {r["method"] for r in variants["attention"]} == {
-        *names, "tactic_segment cluster_size=8", "tactic_segment estimator=inverse_fit"}
-    assert Path(f"{only}.md").read_text().startswith("| layer | P | method |")
+        *names, "tactic_segment cluster_size=8",
+        "tactic_segment estimator=inverse_fit,exact_tokens=true"}
+    assert {r["context"] for r in variants["attention"]} == {1536, 1024}
+    assert Path(f"{only}.md").read_text().startswith("At P = 0.9, heads >= P-0.01")
     load_accuracy().main(["--report", str(only)])  # the goals of an attention-only result
     again = json.loads(Path(f"{only}.json").read_text())["goals"]
     assert again["retrieval_tactic"] is None and 0 <= again["share_meeting_target"] <= 1
+    assert set(again["by_method"]) == {m for m in {r["method"] for r in variants["attention"]}
+                                       if m.startswith("tactic")}  # fmt: skip
     assert "(query head, step) meeting P" in Path(f"{only}.md").read_text()

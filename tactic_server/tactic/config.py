@@ -44,6 +44,10 @@ class TacticConfig:
     tail_policy: positions after the last full segment are not clustered; "score" scores them
         exactly and selects them token by token like singleton clusters, "attend" always
         attends all of them.
+    exact_tokens: the exactly scored clusters enter the walk token by token (their tokens'
+        exact scores are known): only their tokens above the walk's threshold are taken.
+    boundary_tokens: the whole clusters of the bin where the walk stops are scored exactly and
+        taken token by token, and the walk is done again.
     recent_window: most recent positions that are always attended.
     sink_tokens: first positions that are always attended (attention sinks).
     sample_fraction: width of each sampled stretch of the inverse fit, as a share of the list.
@@ -62,6 +66,8 @@ class TacticConfig:
     estimator: Estimator = "lognormal"
     exact_fraction: float = 0.01
     tail_policy: TailPolicy = "score"
+    exact_tokens: bool = False
+    boundary_tokens: bool = False
     recent_window: int = 16
     sink_tokens: int = 0
     sample_fraction: float = 0.01

@@ -203,29 +203,48 @@ def plan_tactic(
     scored_exactly = candidate & (estimated_bins >= exact_threshold)
     log_mass = torch.where(scored_exactly, exact_log_mass, estimated)
 
-    # walk the bins from the densest down, always-attended units first, until the target
-    final_bins = density_bin(log_mass, sizes, config)
-    relative = bin_relative_mass(log_mass, final_bins, config)
-    walk_mass = by_bin(relative, final_bins, candidate)
-    forced_mass = by_bin(relative, final_bins, forced & occupied)
-    nonempty = (walk_mass > 0) | (forced_mass > 0)
-    positions = torch.arange(bins, device=device)
-    top = torch.where(nonempty, positions, -1).amax(dim=-1, keepdim=True)
-    scale = torch.exp(((positions - top) * config.density_bin_width).clamp_max(0.0))
-    walk_mass, forced_total = walk_mass * scale, (forced_mass * scale).sum(-1, keepdim=True)
-    total = forced_total + walk_mass.sum(-1, keepdim=True)
-    covered = forced_total + _suffix_sums(walk_mass)  # [H_kv, group, bins]: bins >= b taken
-    need = target * total
-    walk_threshold = ((covered >= need).sum(dim=-1, keepdim=True) - 1).clamp_min(0)
-    walk_threshold = torch.where(forced_total >= need, bins, walk_threshold)
-    if target >= 1.0:
-        walk_threshold = torch.zeros_like(walk_threshold)
-    selected_units = occupied & (forced | (final_bins >= walk_threshold))
-    covered = torch.cat([covered, forced_total], dim=-1).gather(2, walk_threshold)
-    estimated_share = covered / total.clamp_min(1e-38)
+    token_bins = density_bin(scores, torch.ones_like(scores), config)
+    token_relative = bin_relative_mass(scores, token_bins, config)
 
-    query_head_selected = torch.gather(selected_units, 2, expanded_units)
-    return plan_from_mask(query_head_selected.any(dim=1), query_head_selected, estimated_share)
+    def walk(log_mass, split):
+        """Walk the bins from the densest down, always-attended units first, until the target;
+        units in `split` enter the histogram token by token (exact scores) and are taken so.
+        Returns the query heads' token masks, the bin where each walk stopped, every unit's
+        bin and the estimated share covered."""
+        whole = candidate & ~split
+        token_split = torch.gather(split, 2, expanded_units)
+        final_bins = density_bin(log_mass, sizes, config)
+        relative = bin_relative_mass(log_mass, final_bins, config)
+        walk_mass = by_bin(relative, final_bins, whole)
+        walk_mass += by_bin(token_relative, token_bins, token_split)
+        forced_mass = by_bin(relative, final_bins, forced & occupied)
+        nonempty = (walk_mass > 0) | (forced_mass > 0)
+        positions = torch.arange(bins, device=device)
+        top = torch.where(nonempty, positions, -1).amax(dim=-1, keepdim=True)
+        scale = torch.exp(((positions - top) * config.density_bin_width).clamp_max(0.0))
+        walk_mass, forced_total = walk_mass * scale, (forced_mass * scale).sum(-1, keepdim=True)
+        total = forced_total + walk_mass.sum(-1, keepdim=True)
+        covered = forced_total + _suffix_sums(walk_mass)  # [H_kv, group, bins]: bins >= b taken
+        need = target * total
+        threshold = ((covered >= need).sum(dim=-1, keepdim=True) - 1).clamp_min(0)
+        threshold = torch.where(forced_total >= need, bins, threshold)
+        if target >= 1.0:
+            threshold = torch.zeros_like(threshold)
+        selected_units = occupied & (forced | (whole & (final_bins >= threshold)))
+        taken = torch.gather(selected_units, 2, expanded_units)
+        taken |= token_split & (token_bins >= threshold)
+        covered = torch.cat([covered, forced_total], dim=-1).gather(2, threshold)
+        return taken, threshold, final_bins, covered / total.clamp_min(1e-38)
+
+    split = scored_exactly if config.exact_tokens else torch.zeros_like(scored_exactly)
+    taken, threshold, final_bins, estimated_share = walk(log_mass, split)
+    if config.boundary_tokens:
+        # the whole units of the bin where the walk stopped: scored exactly and split, then the
+        # walk again (its total moves by their estimates' error)
+        boundary = candidate & ~split & (final_bins == threshold)
+        log_mass = torch.where(boundary, exact_log_mass, log_mass)
+        taken, _, _, estimated_share = walk(log_mass, split | boundary)
+    return plan_from_mask(taken.any(dim=1), taken, estimated_share)
 
 
 def select_tokens(
