@@ -46,6 +46,7 @@ from tactic_server.training.ruler import (
     ANSWER_TOKENS,
     RULER_TASKS,
     Haystack,
+    PromptSizeError,
     RulerCase,
     haystack_files,
     score,
@@ -104,17 +105,27 @@ def retrieval_methods(targets) -> list[tuple[str, str, float | None]]:
 
 
 def retrieval(engine: Engine, lengths, trials: int, targets, tasks, haystack, seed: int,
-              rows: list[dict], saved=lambda: None) -> list[dict]:  # fmt: skip
+              rows: list[dict], saved=lambda: None, skipped: list[dict] | None = None,
+              ) -> list[dict]:  # fmt: skip
     """Appends one row per (task, context, method) to rows, shorter contexts first, calling
     saved() after each (a run cut short keeps what it measured). A case scores the share of its
-    answers that its greedy generation contains; accuracy is the mean over the cases."""
+    answers that its greedy generation contains; accuracy is the mean over the cases. A
+    (task, context) whose prompt cannot be sized to the context (common words' shortest list
+    in a few hundred tokens) is appended to skipped, with the reason."""
+    skipped = [] if skipped is None else skipped
     for length in lengths:
         for kind in tasks:
             # a context of `length` holds the prompt and the answer's tokens
             prompt_tokens = min(length, engine.max_model_len) - ANSWER_TOKENS[kind]
             rng = random.Random(seed + length)
-            cases = [sized_task(kind, rng, prompt_tokens, engine.tokenizer, haystack)
-                     for _ in range(trials)]  # fmt: skip
+            try:
+                cases = [sized_task(kind, rng, prompt_tokens, engine.tokenizer, haystack)
+                         for _ in range(trials)]  # fmt: skip
+            except PromptSizeError as error:  # one cell, not the whole run
+                skipped.append({"task": kind, "context": length, "reason": str(error)})
+                saved()
+                log(f"{kind} {length}: skipped, {error}")
+                continue
             budget = None
             for name, method, target in retrieval_methods(targets):
                 began = time.perf_counter()
@@ -397,7 +408,7 @@ def main(argv=None) -> int:
         result["perplexity"] = perplexity(args.model, held_out, args.device, tokenizer,
                                           window, args.perplexity_tokens)  # fmt: skip
         log(f"held-out perplexity {result['perplexity']['perplexity']:.2f}")
-    result["retrieval"] = []
+    result["retrieval"], result["skipped"] = [], []
     save()
     # the engine's KV pool holds a batch of the longest context, built only to generate
     engine = Engine.from_config(EngineConfig(
@@ -405,7 +416,7 @@ def main(argv=None) -> int:
         kv_slots=min(args.trials, 16) * max(args.lengths),
         max_batch=min(args.trials, 16), max_waiting=max(64, args.trials)))  # fmt: skip
     retrieval(engine, args.lengths, args.trials, args.targets, args.tasks, haystack, args.seed,
-              result["retrieval"], save)  # fmt: skip
+              result["retrieval"], save, result["skipped"])  # fmt: skip
     result["goals"], result["complete"] = goals(result), True
     save()
     Path(f"{args.out}.md").write_text(markdown(result))
@@ -495,6 +506,9 @@ def markdown(result: dict) -> str:
         lines += [f"| {r['task']} | {r['context']:,} | {r['method']} | {r['accuracy']:.0%} | "
                   f"{r['selected_ratio']:.1%} |" for r in result["retrieval"]]  # fmt: skip
         lines.append("")
+    if result.get("skipped"):
+        lines += [f"Skipped: {r['task']} at {r['context']:,} ({r['reason']})"
+                  for r in result["skipped"]] + [""]  # fmt: skip
     lines += headline(result)
     lines += ["| context | layer | P | method | recall | heads >= P-0.01 | selected | overshoot |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -60,3 +60,22 @@ def test_a_second_pull_only_checks_the_hashes():
     assert "gemma-3-270m is already pulled and matches its record" in result.stderr
     assert time.monotonic() - started < 60
     assert weights.stat().st_mtime_ns == modified
+
+
+def test_the_models_extra_counts_as_installed_only_at_versions_it_allows():
+    """The pull installs the [models] extra unless each requirement is met at an allowed version:
+    a transformers newer than the pin (one that refuses to save a GGUF-loaded model) is not."""
+    import importlib.metadata
+
+    from tactic_server.models.pull import _satisfied
+
+    installed = importlib.metadata.version("transformers")
+    assert _satisfied(f"transformers=={installed}")
+    assert not _satisfied(f"transformers>{installed}")
+    assert not _satisfied("a-distribution-nobody-installed>=1")
+    extra = [e.split(";")[0].strip() for e in importlib.metadata.requires("tactic-server")
+             if 'extra == "models"' in e]  # fmt: skip
+    from packaging.requirements import Requirement
+
+    pins = {Requirement(r).name: Requirement(r).specifier for r in extra}
+    assert "5.6.0" in pins["transformers"] and "5.7.0" not in pins["transformers"]

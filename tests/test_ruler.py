@@ -18,6 +18,7 @@ from tactic_server.training.ruler import (
     CHARS_PER_TOKEN_PROXY,
     RULER_TASKS,
     Haystack,
+    PromptSizeError,
     RulerCase,
     haystack_files,
     score,
@@ -93,6 +94,30 @@ def test_tokenizer_sizes_the_prompt():
     for task in RULER_TASKS:
         case = sized_case(task, random.Random(0), 2000, haystack(), count)
         assert 0.97 * 2000 <= count(case.prompt) <= 2000
+
+
+def test_short_prompts_in_a_coarse_tokenizer():
+    """A small tokenizer (two characters a token, a list item of several tokens) at a few
+    hundred tokens: the length is bracketed and bisected, within 3% where a prompt of that size
+    exists, else the longest that fits if it has 90% (never over); common words' shortest
+    list (10 words, 5 times each) does not fit in 300 tokens, and says so."""
+
+    def count(text: str) -> int:
+        return 1 + len(text) // 2
+
+    for task in RULER_TASKS:
+        case = sized_case(task, random.Random(1), 1000, haystack(), count)
+        assert 0.9 * 1000 <= count(case.prompt) <= 1000, task
+    with pytest.raises(PromptSizeError, match="common_words prompt to 300 tokens"):
+        sized_case("common_words", random.Random(1), 300, haystack(), count)
+
+
+def test_lines_coarser_than_three_percent_take_the_longest_that_fits():
+    def count(text: str) -> int:  # every line 40 tokens: none in 97-100% of 1035 tokens
+        return 40 * (text.count("\n") + 1)
+
+    case = sized_case("niah_single", random.Random(2), 1035, haystack(), count)
+    assert count(case.prompt) in (960, 1000)
 
 
 @pytest.mark.skipif(pulled_model_dir("gemma-3-270m") is None, reason="gemma-3-270m not pulled")

@@ -212,3 +212,29 @@ def test_cuda_matches_cpu():
         overlap = torch.isin(got.cpu(), expected).float().mean()
         assert overlap >= 0.99  # float32 reductions differ in order between devices
     assert len(cpu) == len(cuda)
+
+
+@pytest.mark.parametrize("option", ["exact_tokens", "boundary_tokens"])
+def test_token_by_token_options_meet_the_target_and_read_less(workloads, indexes, option):
+    """The reference's research options (off by default, not in the kernels). With every
+    cluster scored exactly (exact_fraction 1), the walk's masses are exact: each query head
+    meets P, and taking clusters token by token (all of them with exact_tokens, the last bin's
+    with boundary_tokens) reads fewer tokens than whole clusters; exact_tokens is then a
+    token-level walk, within a bin (6.5% of mass) of the oracle's tokens."""
+    whole = TacticConfig(exact_fraction=1.0)
+    split = TacticConfig(exact_fraction=1.0, **{option: True})
+    chosen = [i for i, w in enumerate(workloads) if w.name in ("topics", "needles")]
+    counts, plans, oracles = {}, [], []
+    for name, config in (("whole", whole), ("split", split)):
+        counts[name] = 0
+        for i in chosen:
+            w, index = workloads[i], indexes["segment"][i]
+            plan = plan_tactic(w.query, w.keys, 0.9, index, config)
+            assert (recall(w.query, w.keys, plan) >= 0.9 - 1e-4).all(), (name, w.name)
+            counts[name] += plan.query_head_counts.sum().item()
+            if name == "split":
+                plans.append(plan)
+                oracles.append(plan_oracle(w.query, w.keys, 0.9))
+    assert counts["split"] < counts["whole"]
+    if option == "exact_tokens":
+        assert overshoot(plans, oracles) <= 1.1

