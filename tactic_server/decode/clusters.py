@@ -43,7 +43,10 @@ def metadata_bytes_per_token(
 
 
 class ClusterSide:
-    """Cluster metadata for `num_layers` layers of a KV pool of `num_slots` slots."""
+    """Cluster metadata for `num_layers` layers of a KV pool of `num_slots` slots: the pool's
+    layers layer_ids (default 0 .. num_layers - 1; a model with sliding-window layers, Gemma
+    3's local ones, has metadata for its global layers only). Cluster layer i describes pool
+    layer layer_ids[i]; `cluster_layer` maps back."""
 
     def __init__(
         self,
@@ -55,9 +58,14 @@ class ClusterSide:
         device: torch.device | str,
         config: TacticConfig,
         max_requests: int,
+        layer_ids: tuple[int, ...] | None = None,
     ) -> None:
         if config.segment_size is None:
             raise ValueError("the tactic backend clusters segment by segment: set segment_size")
+        self.layer_ids = tuple(range(num_layers)) if layer_ids is None else tuple(layer_ids)
+        if len(self.layer_ids) != num_layers:
+            raise ValueError(f"{num_layers} cluster layers for pool layers {self.layer_ids}")
+        self.cluster_layer = {layer_id: i for i, layer_id in enumerate(self.layer_ids)}
         self.config = config
         self.segment_size = config.segment_size
         self.device = torch.device(device)

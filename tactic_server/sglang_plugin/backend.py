@@ -7,7 +7,12 @@ hooks.TacticGraphRunners) or eagerly (sized by the batch's host-side lengths), u
 GPU's cost model says selecting would not pay for the batch (the dense fallback: the dense
 backend decodes it, its graphs included). A Tactic request's full segments are clustered
 before the forward that first needs them (chunked prefill included), eagerly, also before a
-graph replay."""
+graph replay.
+
+Models with sliding-window layers (Gemma 3: five local layers of a 512-token window to one
+global layer) select on their global layers only (`tactic_layer_ids`); the sliding layers decode
+through the dense backend's own window path in every batch, Tactic ones and their graphs
+included."""
 
 from __future__ import annotations
 
@@ -67,6 +72,20 @@ def dense_backend_class(name: str) -> type:
     return _CLASSES[name]
 
 
+def tactic_layer_ids(model_runner, num_layers: int) -> tuple[int, ...]:
+    """The layers Tactic selects on: all num_layers, unless the model has sliding-window layers
+    (SGLang's model_runner.sliding_window_size, from the loaded model, which SGLang builds
+    before its pools and backend); then those whose RadixAttention has no window
+    (sliding_window_size -1: Gemma 3's global layers)."""
+    if model_runner.sliding_window_size is None:
+        return tuple(range(num_layers))
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    return tuple(sorted({module.layer_id for module in model_runner.model.modules()
+                         if isinstance(module, RadixAttention)
+                         and module.sliding_window_size == -1}))  # fmt: skip
+
+
 def check_supported(model_runner) -> None:
     """Refuse at startup what the backend does not handle."""
     args = model_runner.server_args
@@ -75,8 +94,8 @@ def check_supported(model_runner) -> None:
         problems.append("MLA attention")
     if args.speculative_algorithm is not None:
         problems.append("speculative decoding")
-    if model_runner.sliding_window_size is not None:
-        problems.append("sliding-window attention")
+    if not model_runner.token_to_kv_pool.tactic_side.layer_ids:
+        problems.append("sliding-window attention on every layer (no layer to select on)")
     if getattr(model_runner.model_config, "is_encoder_decoder", False):
         problems.append("encoder-decoder models")
     if args.page_size != 1:
@@ -121,8 +140,23 @@ class TacticBackend:
         self.decoder = TacticDecoder(self.side, self.settings.config, self.num_kv_head, combine,
                                      cost_model, bytes_per_token)  # fmt: skip
         self.plan = None
-        self.k_buffers = pool.k_buffer
-        self.num_layers = len(pool.k_buffer)
+        # SGLang layer id -> cluster layer, for the layers Tactic selects on; the others (sliding
+        # windows) decode through the dense backend, whose metadata every decode then needs
+        self.cluster_layer = self.side.cluster_layer
+        self.k_buffers = [pool.k_buffer[layer_id] for layer_id in self.side.layer_ids]
+        self.windowed = len(self.side.layer_ids) < len(pool.k_buffer)
+        if self.windowed and self.dense_name == "triton":
+            # SGLang's window W (Gemma 3: sliding_window - 1, the keys before the query): its
+            # Triton extend masks to the W + 1 keys up to the query, as FlashInfer and
+            # transformers attend, but its Triton decode reads the last min(seq_len, W) (the
+            # backend's W sizes the decode window's index lists, the layer's the extend mask).
+            # One more makes decode read the W + 1 keys extend does; the extend prefix lists
+            # gain a key its mask leaves out. Before init_cuda_graph_state, which sizes the
+            # graphs' window buffers by it.
+            self.sliding_window_size += 1
+        # FlashInfer keeps decode wrappers per batch size, which SGLang's dense graphs replay;
+        # the Tactic graphs' sliding layers need their own, per context bound
+        self.tactic_graph_wrappers: dict[int, dict] = {}
         # the dense fallback's view of the requests' selected ratios: each step's statistics
         # copy (request slots, host rows, the event after the copy), read two steps later, when
         # SGLang has synchronised on that step whether or not it overlaps scheduling, so that
@@ -241,12 +275,30 @@ class TacticBackend:
                 self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
                 seq_lens, [self.host_targets[s] for s in slots],
             )  # fmt: skip
-        if self.plan is None:
+        if self.plan is None or self.windowed:
             super().init_forward_metadata(forward_batch)
+
+    def _dense_graph_metadata(self, method, *args, **kwargs):
+        """SGLang's graph metadata for the sliding layers of a Tactic graph (method: the dense
+        backend's capture or replay), with FlashInfer's per-batch-size wrappers those of the
+        Tactic graphs of this context bound, not those the dense graphs captured. Triton keeps
+        no per-graph state: its graph buffers are filled before each replay, whichever
+        family."""
+        dense = getattr(self, "decode_cuda_graph_metadata", None)
+        if dense is None:
+            return method(*args, **kwargs)
+        self.decode_cuda_graph_metadata = self.tactic_graph_wrappers.setdefault(self.graph_bound,
+                                                                                {})  # fmt: skip
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.decode_cuda_graph_metadata = dense
 
     def init_cuda_graph_state(self, *args, **kwargs):
         """The Tactic family allocates its buffers inside its graphs; SGLang's Triton buffers,
-        which the dense graphs captured, must stay as they are."""
+        which the dense graphs captured, must stay as they are (the Tactic graphs' sliding
+        layers read them too: the dense graphs are captured first, for at least the Tactic
+        graphs' batch sizes)."""
         if self.graph_family == "tactic":
             return None
         return super().init_cuda_graph_state(*args, **kwargs)
@@ -254,14 +306,18 @@ class TacticBackend:
     def init_forward_metadata_capture_cuda_graph(self, *args, **kwargs):
         self.plan = None
         self.graph_capture = self.graph_family == "tactic"
-        if self.graph_capture:
-            return None
-        return super().init_forward_metadata_capture_cuda_graph(*args, **kwargs)
+        if not self.graph_capture:
+            return super().init_forward_metadata_capture_cuda_graph(*args, **kwargs)
+        if self.windowed:
+            return self._dense_graph_metadata(super().init_forward_metadata_capture_cuda_graph,
+                                              *args, **kwargs)  # fmt: skip
+        return None
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens,
                                                 *args, **kwargs):  # fmt: skip
         """Before a Tactic graph replays: cluster the segments its requests completed (their
-        lengths on the host, from the batch SGLang hands over)."""
+        lengths on the host, from the batch SGLang hands over), and fill the dense backend's
+        metadata where sliding layers read it."""
         self.plan = None
         if self.graph_family != "tactic":
             if self.batch_fallback and self.batch_reqs is not None:
@@ -272,6 +328,10 @@ class TacticBackend:
         reqs, batch = self.batch_reqs, getattr(self, "_replay_forward_batch", None)
         if reqs is not None and batch is not None and len(reqs) == batch.batch_size:
             self._cluster(reqs, [n - 1 for n in batch.seq_lens_cpu.tolist()])
+        if self.windowed:
+            replay = super().init_forward_metadata_replay_cuda_graph
+            return self._dense_graph_metadata(replay, bs, req_pool_indices, seq_lens, *args,
+                                              **kwargs)  # fmt: skip
         return None
 
     def _cluster(self, reqs, cached: list[int]) -> None:
@@ -288,15 +348,17 @@ class TacticBackend:
             req._tactic_clustered = count
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        if self.graph_capture and layer.layer_id == 0:
+        cluster_layer = self.cluster_layer.get(layer.layer_id)
+        if self.graph_capture and cluster_layer == 0:
+            # built by each forward of the capture, so that the graph records it
             self.plan = self.decoder.graph_plan(
                 self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
                 self.graph_bound,
             )  # fmt: skip
-        if self.plan is None:
+        if self.plan is None or cluster_layer is None:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        if not math.isclose(layer.scaling, self.head_dim**-0.5, rel_tol=1e-5) or layer.logit_cap:
-            raise ValueError("tactic decode needs softmax scale 1/sqrt(head_dim), no logit cap")
+        if layer.logit_cap:
+            raise ValueError("tactic decode does not cap logits")
         if layer.tp_k_head_num != self.decoder.num_kv_heads:
             raise ValueError(f"layer {layer.layer_id} has {layer.tp_k_head_num} KV heads on this "
                              f"rank, the pool {self.decoder.num_kv_heads}")  # fmt: skip
@@ -305,11 +367,17 @@ class TacticBackend:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale,
                                layer.v_scale)  # fmt: skip
         heads, dim = layer.tp_q_head_num, layer.qk_head_dim
+        queries = q.reshape(-1, heads, dim)
+        # Tactic's kernels score q . k / sqrt(dim); the layer's own scale (Gemma 3:
+        # query_pre_attn_scalar ** -0.5) goes into the query
+        query_scale = layer.scaling * math.sqrt(dim)
+        if not math.isclose(query_scale, 1.0, rel_tol=1e-6):
+            queries = queries * query_scale
         out = self.decoder.attend(
-            self.plan, q.reshape(-1, heads, dim), pool.get_key_buffer(layer.layer_id),
-            pool.get_value_buffer(layer.layer_id), layer.layer_id,
+            self.plan, queries, pool.get_key_buffer(layer.layer_id),
+            pool.get_value_buffer(layer.layer_id), cluster_layer,
         )  # fmt: skip
-        if layer.layer_id == self.num_layers - 1:
+        if cluster_layer == len(self.k_buffers) - 1:
             self.decoder.finish(self.plan)
         return out.reshape(-1, heads * dim)
 

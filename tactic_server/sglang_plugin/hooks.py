@@ -89,11 +89,13 @@ class TacticGraphRunners:
 
     def replay(self, forward_batch, *args, **kwargs):
         self.last = runner = self._runner(forward_batch)
-        self.backend.graph_family = "dense" if runner is self.dense else "tactic"
+        backend = self.backend
+        if runner is not self.dense:  # the bound keys its graphs' dense metadata (FlashInfer)
+            backend.graph_family, backend.graph_bound = "tactic", runner.context_bound
         try:
             return runner.replay(forward_batch, *args, **kwargs)
         finally:
-            self.backend.graph_family = "dense"
+            backend.graph_family, backend.graph_bound = "dense", backend.max_context_len
 
     def __getattr__(self, name: str):  # only for names not set in __init__
         if name in ("dense", "tactic", "backend", "last"):
@@ -157,11 +159,15 @@ def init_pools_around(original, self, *args, **kwargs):
     pool = self.token_to_kv_pool
     if type(pool) is not MHATokenToKVPool:
         raise ValueError(f"the tactic backend needs SGLang's MHATokenToKVPool, not {type(pool)}")
+    from .backend import tactic_layer_ids
+
     settings = Settings.from_env()
+    layer_ids = tactic_layer_ids(self, len(pool.k_buffer))
     pool.tactic_side = ClusterSide(
-        num_slots=pool.size + pool.page_size, num_layers=len(pool.k_buffer),
+        num_slots=pool.size + pool.page_size, num_layers=len(layer_ids),
         num_kv_heads=pool.head_num, head_dim=pool.head_dim, dtype=pool.dtype, device=pool.device,
         config=settings.config, max_requests=self.req_to_token_pool.req_to_token.shape[0],
+        layer_ids=layer_ids,
     )  # fmt: skip
     pool.__class__ = TacticKVPool
     k_bytes, v_bytes = MHATokenToKVPool.get_kv_size_bytes(pool)
@@ -172,16 +178,20 @@ def init_pools_around(original, self, *args, **kwargs):
 
 
 def cell_size_around(original, self, model_runner, num_layers, *args, **kwargs):
-    """SGLang sizes the pool as free memory / bytes per token: add the metadata's share."""
+    """SGLang sizes the pool as free memory / bytes per token: add the metadata's share (of the
+    layers that have metadata)."""
     cell = original(self, model_runner, num_layers, *args, **kwargs)
     if model_runner.server_args.attention_backend != BACKEND or model_runner.use_mla_backend:
         return cell
     from sglang.srt.layers.dp_attention import get_attention_tp_size
 
+    from .backend import tactic_layer_ids
+
     config = model_runner.model_config
     extra = metadata_bytes_per_token(
         config.get_num_kv_heads(get_attention_tp_size()), config.head_dim,
-        model_runner.kv_cache_dtype, Settings.from_env().config, num_layers,
+        model_runner.kv_cache_dtype, Settings.from_env().config,
+        len(tactic_layer_ids(model_runner, num_layers)),
     )  # fmt: skip
     return cell + math.ceil(extra)
 
