@@ -354,3 +354,73 @@ def test_query_scale_is_the_layers_not_one_over_sqrt_head_dim(eager_step):
         everything = step.tactic_reference(dense_request, layer, 1.0)
         torch.testing.assert_close(out, everything.double(), atol=1e-5, rtol=1e-4)
 
+
+
+NEW_TOKENS = 12
+SERVED = {"dense": (None, None), "select": (0.999, 0.999), "mixed": (0.999, None)}
+
+
+def serve_greedy(model_dir, backend: str, dtype: str, prompts, runs=SERVED) -> dict:
+    """Per run of `runs` (a target per prompt, None: dense), one batch of the prompts through an
+    sglang.Engine: each prompt's greedy tokens and its Tactic usage (None without)."""
+    import sglang
+
+    from tactic_server.sglang_plugin.engine import tactic_usage
+
+    engine = sglang.Engine(model_path=str(model_dir), skip_tokenizer_init=True,
+                           attention_backend=backend, dtype=dtype, context_length=1024,
+                           sampling_backend="pytorch", grammar_backend="none",
+                           mem_fraction_static=0.3, max_running_requests=4, cuda_graph_max_bs=4,
+                           disable_piecewise_cuda_graph=True)  # fmt: skip
+    results = {}
+    try:
+        for name, targets in runs.items():
+            params = [dict(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
+                           custom_params={"tactic": {"enabled": False} if target is None
+                                          else {"target": target}})
+                      for target in targets]  # fmt: skip
+            outputs = engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params)
+            results[name] = [(o["output_ids"], tactic_usage(o["meta_info"])) for o in outputs]
+    finally:
+        engine.shutdown()
+    return results
+
+
+@pytest.mark.gpu
+def test_sglang_serves_a_tiny_gemma3_with_tactic_on_its_global_layer(tmp_path, monkeypatch):
+    """A tiny random Gemma 3 (test_gemma3's: a window of 8, one global layer of four,
+    query_pre_attn_scalar 24, here head_dim 64) served by SGLang on a GPU, prompts of 300 tokens,
+    segments of 64, every decode of a Tactic request selecting (TACTIC_DENSE_FALLBACK=off).
+    float32 (the tactic backend over Triton): dense requests and Tactic at P = 0.999, alone (the
+    Tactic graph family) and beside a dense request (eager), give transformers' greedy tokens.
+    float16 (over FlashInfer): dense requests give SGLang's FlashInfer backend's tokens, Tactic
+    at P = 0.999 the same."""
+    from test_gemma3 import make_tiny_gemma3, prompt_ids, transformers_greedy
+
+    model_dir = make_tiny_gemma3(tmp_path, seed=1, head_dim=64)
+    prompts = [prompt_ids(300, seed=seed) for seed in (1, 2)]
+    expected = [transformers_greedy(model_dir, prompt, NEW_TOKENS) for prompt in prompts]
+    monkeypatch.setenv("TACTIC_SEGMENT_SIZE", "64")
+    monkeypatch.setenv("TACTIC_DENSE_FALLBACK", "off")
+    monkeypatch.setenv("TACTIC_DENSE_BACKEND", "auto")  # triton for float32, else flashinfer
+
+    def check_usage(run, targets):
+        for (_, usage), target in zip(run, targets, strict=True):
+            if target is None:
+                assert usage is None
+            else:  # Tactic decoded every step after the first token, none of them dense
+                assert usage.decode_steps >= NEW_TOKENS // 2 and usage.dense_fallback_steps == 0
+                assert 0.0 < usage.selected_ratio <= 1.0
+
+    float32 = serve_greedy(model_dir, "tactic", "float32", prompts)
+    for name, run in float32.items():
+        assert [tokens for tokens, _ in run] == expected, name
+        check_usage(run, SERVED[name])
+
+    flashinfer = serve_greedy(model_dir, "flashinfer", "float16", prompts,
+                              {"dense": SERVED["dense"]})  # fmt: skip
+    reference = [tokens for tokens, _ in flashinfer["dense"]]
+    float16 = serve_greedy(model_dir, "tactic", "float16", prompts)
+    for name, run in float16.items():
+        assert [tokens for tokens, _ in run] == reference, name
+        check_usage(run, SERVED[name])
