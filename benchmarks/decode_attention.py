@@ -34,6 +34,7 @@ from tactic_server.kernels.selection import select_rows
 
 from tactic_server.decode import cost
 from tactic_server.tactic import TacticConfig, build_cluster_index
+from tactic_server.tactic.clustering import variance_dims
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_LAYERS = 32, 8, 128, 32
 DTYPE = torch.bfloat16
@@ -180,7 +181,7 @@ def build_pool(keys, batch, context, config):
     pool = ClusterPool.allocate(
         num_segment_slots=max(1, batch * segments), num_kv_heads=NUM_KV_HEADS,
         head_dim=HEAD_DIM, segment_size=size, clusters_per_segment=clusters, dtype=DTYPE,
-        device="cuda",
+        device="cuda", variance_dims=variance_dims(config, HEAD_DIM),
     )  # fmt: skip
     req_to_segment = torch.zeros(batch, segments + 1, dtype=torch.int32, device="cuda")
     torch.cuda.synchronize()

@@ -16,10 +16,17 @@ import torch
 from tactic_server.tactic.clustering import ClusterIndex
 
 
+def _variance_dtype(variance_dims: int, dtype: torch.dtype) -> torch.dtype:
+    """Per-dimension variances are as many values as a centroid and stored like it; one mean
+    variance per cluster costs little in float32."""
+    return dtype if variance_dims > 1 else torch.float32
+
+
 @dataclass
 class ClusterPool:
     """Per segment slot s and KV head h:
-    centroids [S_cap, H_kv, C, d] (kv dtype), spreads [S_cap, H_kv, C] float32,
+    centroids [S_cap, H_kv, C, d] (kv dtype), variances [S_cap, H_kv, C, V] (ClusterIndex's:
+    V = d per-dimension variances in the kv dtype, or V = 1, their mean, in float32),
     cluster_offsets [S_cap, H_kv, C + 1] int32 (into the segment's member list),
     member_slots [S_cap, H_kv, segment_size] int32 KV slots in cluster order,
     token_cluster [S_cap, H_kv, segment_size] int32 cluster of each position of the segment."""
@@ -27,7 +34,7 @@ class ClusterPool:
     segment_size: int
     clusters_per_segment: int
     centroids: torch.Tensor
-    spreads: torch.Tensor
+    variances: torch.Tensor
     cluster_offsets: torch.Tensor
     member_slots: torch.Tensor
     token_cluster: torch.Tensor
@@ -42,6 +49,7 @@ class ClusterPool:
         clusters_per_segment: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        variance_dims: int = 1,
     ) -> ClusterPool:
         shape = (num_segment_slots, num_kv_heads)
         return cls(
@@ -50,7 +58,8 @@ class ClusterPool:
             centroids=torch.zeros(
                 *shape, clusters_per_segment, head_dim, dtype=dtype, device=device
             ),
-            spreads=torch.zeros(*shape, clusters_per_segment, device=device),
+            variances=torch.zeros(*shape, clusters_per_segment, variance_dims,
+                                  dtype=_variance_dtype(variance_dims, dtype), device=device),
             cluster_offsets=torch.zeros(
                 *shape, clusters_per_segment + 1, dtype=torch.int32, device=device
             ),
@@ -65,18 +74,20 @@ class ClusterPool:
         segment_size: int,
         clusters_per_segment: int,
         dtype: torch.dtype,
+        variance_dims: int = 1,
     ) -> int:
         """Device bytes of one segment slot: what a KV pool
         must count beside the KV of the segment_size tokens it describes."""
         element = torch.empty((), dtype=dtype).element_size()
-        per_cluster = head_dim * element + 4 + 4  # centroid, spread, offset
+        variance = variance_dims * _variance_dtype(variance_dims, dtype).itemsize
+        per_cluster = head_dim * element + variance + 4  # centroid, variances, offset
         per_head = clusters_per_segment * per_cluster + 4 + 2 * 4 * segment_size
         return num_kv_heads * per_head
 
     @property
     def segment_bytes(self) -> int:
         """Device bytes of all segment slots (what bytes_per_segment_slot counts, allocated)."""
-        tensors = (self.centroids, self.spreads, self.cluster_offsets, self.member_slots,
+        tensors = (self.centroids, self.variances, self.cluster_offsets, self.member_slots,
                    self.token_cluster)  # fmt: skip
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -101,7 +112,9 @@ class ClusterPool:
             return tensor.reshape(heads, num_segments, width, *tensor.shape[2:]).transpose(0, 1)
 
         self.centroids[slots] = per_segment(index.centroids, clusters).to(self.centroids.dtype)
-        self.spreads[slots] = per_segment(index.spreads, clusters)
+        if index.variances.shape[-1] != self.variances.shape[-1]:
+            raise ValueError("the cluster index keeps other variances than this pool")
+        self.variances[slots] = per_segment(index.variances, clusters).to(self.variances.dtype)
         offsets = per_segment(index.cluster_offsets[:, :-1], clusters) - (
             segment_starts[:, None, None] * size
         )

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tactic_server.tactic.clustering import variance_dims
 from tactic_server.tactic.config import TacticConfig
 from tactic_server.tactic.selection import MAX_RELATIVE_LOG_MASS
 
@@ -35,7 +36,7 @@ def _score_units_kernel(
     q_ptr,
     k_ptr,
     centroids_ptr,
-    spreads_ptr,
+    variances_ptr,
     offsets_ptr,
     req_to_segment_ptr,
     req_to_token_ptr,
@@ -68,12 +69,14 @@ def _score_units_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_F: tl.constexpr,
     ATTEND_TAIL: tl.constexpr,
+    VARIANCE_DIMS: tl.constexpr,
     BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
-    capped log-normal estimate of tactic.selection for clusters and the exact score
+    capped log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
+    VARIANCE_DIMS is 1 or HEAD_DIM) for clusters and the exact score
     for tail positions (-inf for padding); each unit's size; whether it holds an
     always-attended position (recent window, sinks, the tail when ATTEND_TAIL); and the
     units' share of the row's density histograms: estimated mass of the units the walk may take
@@ -133,10 +136,20 @@ def _score_units_kernel(
         segment_offsets + local, mask=is_cluster, other=0
     )
     size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
-    spread = tl.load(spreads_ptr + cluster_row, mask=is_cluster, other=0.0)
+    if VARIANCE_DIMS == 1:
+        spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
+        score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
+    else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
+        variances = tl.load(
+            variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+            mask=is_cluster[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        score_variance = tl.dot(q * q, tl.trans(variances), input_precision="ieee") * (
+            scale * scale
+        )
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
     log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
-    score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
     ceiling = tl.sqrt(score_variance * 2.0 * log_size)
     log_mass = log_size + scores + tl.minimum(score_variance * 0.5, ceiling)
     log_mass = tl.where((size > 0)[None, :], log_mass, float("-inf"))
@@ -646,6 +659,8 @@ def select_rows(
     config = config or TacticConfig()
     if config.segment_size != pool.segment_size:
         raise ValueError("config.segment_size must equal the cluster pool's segment_size")
+    if pool.variances.shape[-1] != variance_dims(config, q.shape[-1]):
+        raise ValueError(f"config.variance {config.variance!r} is not what the pool keeps")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
@@ -687,7 +702,7 @@ def select_rows(
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
     _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
-        q, k_cache, pool.centroids, pool.spreads, pool.cluster_offsets, req_to_segment,
+        q, k_cache, pool.centroids, pool.variances, pool.cluster_offsets, req_to_segment,
         req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
         pool.token_cluster, mass_hist,
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
@@ -695,7 +710,8 @@ def select_rows(
         bin_width=config.density_bin_width, **binning,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
-        ATTEND_TAIL=config.tail_policy == "attend", **common,
+        ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
+        **common,
     )  # fmt: skip
 
     if config.exact_fraction > 0:

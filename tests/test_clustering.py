@@ -1,6 +1,7 @@
 """Segment-local spherical k-means: structure of the index, statistics against a float64
 reference, robustness to degenerate keys, determinism."""
 
+import dataclasses
 import math
 
 import pytest
@@ -36,12 +37,14 @@ def test_index_structure_and_statistics(seq_len, segment_size):
     keys = torch.randn(seq_len, 3, 32, generator=generator).to(torch.bfloat16)
     config = TacticConfig(segment_size=segment_size)
     index = build_cluster_index(keys, config)
+    isotropic = build_cluster_index(keys, dataclasses.replace(config, variance="isotropic"))
     check_index_structure(index, seq_len, 3, segment_size)
     if segment_size:
         assert index.num_clusters == (seq_len // segment_size) * math.ceil(segment_size / 16)
     else:
         assert index.num_clusters == math.ceil(seq_len / 16)
-    # centroids and spreads are the mean and mean per-dimension variance of the members
+    # centroids and variances are the mean and per-dimension variance of the members (their
+    # mean over the dimensions for isotropic variances)
     reference_keys = keys.double()
     for head in range(3):
         for cluster in range(index.num_clusters):
@@ -50,13 +53,17 @@ def test_index_structure_and_statistics(seq_len, segment_size):
                 continue
             members = reference_keys[index.token_positions[head, start:end], head]
             mean = members.mean(dim=0)
-            variance = (members - mean).square().mean()
+            variance = (members - mean).square().mean(dim=0)
             torch.testing.assert_close(
                 index.centroids[head, cluster].double(), mean, atol=1e-5, rtol=1e-5
             )
             torch.testing.assert_close(
-                index.spreads[head, cluster].double(), variance, atol=1e-5, rtol=1e-4
+                index.variances[head, cluster].double(), variance, atol=1e-5, rtol=1e-4
             )
+            torch.testing.assert_close(
+                isotropic.variances[head, cluster].double(), variance.mean(dim=0, keepdim=True),
+                atol=1e-5, rtol=1e-4,
+            )  # fmt: skip
 
 
 def test_short_context_has_only_a_tail():
@@ -107,7 +114,7 @@ def test_degenerate_keys_give_finite_metadata():
     for keys in (zeros, duplicates, mixed):
         for config in (TacticConfig(segment_size=128), WHOLE_CONTEXT):
             index = build_cluster_index(keys, config)
-            assert torch.isfinite(index.centroids).all() and torch.isfinite(index.spreads).all()
+            assert torch.isfinite(index.centroids).all() and torch.isfinite(index.variances).all()
             check_index_structure(index, 512, 2, config.segment_size)
 
 
@@ -140,7 +147,7 @@ def test_concatenated_segments_equal_one_index():
     whole = build_cluster_index(keys, config)
     parts = [build_cluster_index(keys[start : start + 128], config) for start in range(0, 640, 128)]
     joined = concatenate_segments(parts, seq_len=700)
-    for field in ("centroids", "spreads", "cluster_sizes", "cluster_offsets", "token_positions",
+    for field in ("centroids", "variances", "cluster_sizes", "cluster_offsets", "token_positions",
                   "token_cluster"):  # fmt: skip
         torch.testing.assert_close(getattr(joined, field), getattr(whole, field))
     assert (joined.seq_len, joined.clustered_len) == (700, 640)

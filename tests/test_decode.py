@@ -39,7 +39,7 @@ def test_the_torch_path_reads_back_exactly_the_index_of_the_same_keys():
     assert got.clustered_len == want.clustered_len == 6 * SEGMENT and got.seq_len == seq_len + 1
     for name in ("cluster_sizes", "cluster_offsets", "token_positions", "token_cluster"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
-    assert torch.equal(got.centroids, want.centroids) and torch.equal(got.spreads, want.spreads)
+    assert torch.equal(got.centroids, want.centroids) and torch.equal(got.variances, want.variances)
     query = torch.randn(4, DIM, generator=torch.Generator().manual_seed(1))
     context = keys[req_to_token[0, : seq_len + 1].long()]
     ours = plan_tactic(query, context, 0.9, got, CONFIG)

@@ -7,6 +7,7 @@ from tactic_server.kernels.cluster_pool import ClusterPool
 from tactic_server.kernels.selection import select_rows
 
 from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic
+from tactic_server.tactic.clustering import variance_dims
 from tactic_server.tactic.workloads import generate_workload
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,7 +26,7 @@ def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dty
     pool = ClusterPool.allocate(
         num_segment_slots=64, num_kv_heads=num_kv_heads, head_dim=head_dim,
         segment_size=segment_size, clusters_per_segment=segment_size // config.cluster_size,
-        dtype=dtype, device="cpu",
+        dtype=dtype, device="cpu", variance_dims=variance_dims(config, head_dim),
     )  # fmt: skip
     # requests sit in pool slots in reverse order, segments in shuffled slots
     pool_indices = torch.arange(len(lengths)).flip(0) + 1
@@ -46,8 +47,10 @@ def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dty
         pool.write_segments(index, slots, mine)
         req_to_segment[pool_indices[request], :num_segments] = mine.int()
         used_segments += num_segments
-        # the reference sees the centroids as the pool stores them
-        index = type(index)(**{**index.__dict__, "centroids": index.centroids.to(dtype).float()})
+        # the reference sees the centroids and variances as the pool stores them
+        stored = pool.variances.dtype
+        index = type(index)(**{**index.__dict__, "centroids": index.centroids.to(dtype).float(),
+                               "variances": index.variances.to(stored).float()})  # fmt: skip
         query = workload.query.to(dtype)
         queries.append(query)
         references.append((query, keys, index, slots))
@@ -66,6 +69,7 @@ def to_device(pool):
         TacticConfig(segment_size=64),
         TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5),
         TacticConfig(segment_size=32, exact_fraction=0.1, outlier_share=0.0),
+        TacticConfig(segment_size=64, variance="isotropic"),
         TacticConfig(segment_size=64, exact_fraction=0.0, density_bin_width=0.25,
                      density_bins=256),
     ],
@@ -130,18 +134,22 @@ def test_segment_size_must_match_pool():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cluster_pool_bytes_are_counted(dtype):
+@pytest.mark.parametrize("variance,share", [("isotropic", 0.05), ("diagonal", 0.08)])
+def test_cluster_pool_bytes_are_counted(dtype, variance, share):
     """bytes_per_segment_slot (what a KV pool sizes with before allocating) equals what the
-    allocation holds, and stays under 5% of the KV it describes at the default shape."""
-    config = TacticConfig()
+    allocation holds; at the default shape it stays under 5% of the KV it describes with one
+    variance per cluster, under 8% with d of them (as many values again as the centroids)."""
+    config = TacticConfig(variance=variance)
     clusters = config.segment_size // config.cluster_size
+    dims = variance_dims(config, 128)
     pool = ClusterPool.allocate(
         num_segment_slots=3, num_kv_heads=8, head_dim=128,
         segment_size=config.segment_size, clusters_per_segment=clusters, dtype=dtype,
-        device="cpu",
+        device="cpu", variance_dims=dims,
     )  # fmt: skip
-    per_slot = ClusterPool.bytes_per_segment_slot(8, 128, config.segment_size, clusters, dtype)
+    per_slot = ClusterPool.bytes_per_segment_slot(8, 128, config.segment_size, clusters, dtype,
+                                                  dims)  # fmt: skip
     assert pool.segment_bytes == 3 * per_slot
     if dtype == torch.bfloat16:
         kv_bytes = 2 * config.segment_size * 8 * 128 * 2
-        assert per_slot / kv_bytes < 0.05
+        assert per_slot / kv_bytes < share

@@ -19,7 +19,12 @@ import logging
 import torch
 
 from tactic_server.kernels.cluster_pool import ClusterPool
-from tactic_server.tactic.clustering import ClusterIndex, build_cluster_index, spherical_kmeans
+from tactic_server.tactic.clustering import (
+    ClusterIndex,
+    build_cluster_index,
+    spherical_kmeans,
+    variance_dims,
+)
 from tactic_server.tactic.config import TacticConfig
 
 logger = logging.getLogger(__name__)
@@ -37,8 +42,9 @@ def metadata_bytes_per_token(
     amortised over their segment_size tokens, plus the slot -> segment map)."""
     clusters = -(-config.segment_size // config.cluster_size)
     per_slot = ClusterPool.bytes_per_segment_slot(
-        num_kv_heads, head_dim, config.segment_size, clusters, dtype
-    )
+        num_kv_heads, head_dim, config.segment_size, clusters, dtype,
+        variance_dims(config, head_dim),
+    )  # fmt: skip
     return num_layers * per_slot / config.segment_size + 4
 
 
@@ -78,6 +84,7 @@ class ClusterSide:
                 num_segment_slots, num_kv_heads=num_kv_heads,
                 head_dim=head_dim, segment_size=self.segment_size,
                 clusters_per_segment=clusters, dtype=dtype, device=device,
+                variance_dims=variance_dims(config, head_dim),
             )  # fmt: skip
             for _ in range(num_layers)
         ]
@@ -199,7 +206,7 @@ class ClusterSide:
             seq_len=seq_len,
             clustered_len=count * size,
             centroids=per_head(pool.centroids[chosen]).float(),
-            spreads=per_head(pool.spreads[chosen]),
+            variances=per_head(pool.variances[chosen]).float(),
             cluster_sizes=per_head(offsets[:, :, 1:] - offsets[:, :, :-1]),
             cluster_offsets=torch.cat([per_head(offsets[:, :, :-1] + first_position), end], 1),
             token_positions=per_head(order + first_position),

@@ -83,7 +83,7 @@ def empty_index(num_kv_heads: int, head_dim: int, seq_len: int, device) -> Clust
         seq_len=seq_len,
         clustered_len=0,
         centroids=torch.zeros(num_kv_heads, 0, head_dim, device=device),
-        spreads=torch.zeros(num_kv_heads, 0, device=device),
+        variances=torch.zeros(num_kv_heads, 0, 1, device=device),
         cluster_sizes=torch.zeros(num_kv_heads, 0, **long),
         cluster_offsets=torch.zeros(num_kv_heads, 1, **long),
         token_positions=torch.zeros(num_kv_heads, 0, **long),

@@ -27,7 +27,8 @@ class ClusterIndex:
 
     clustered_len: positions [0, clustered_len) are clustered; [clustered_len, seq_len) is the tail.
     centroids: [H_kv, C, d] float32, the mean key of each cluster (what a query is scored against).
-    spreads: [H_kv, C] float32, the mean per-dimension variance of each cluster's keys.
+    variances: [H_kv, C, V] float32, the per-dimension variance of each cluster's keys (V = d,
+        config.variance "diagonal") or its mean over the dimensions (V = 1, "isotropic").
     cluster_sizes: [H_kv, C] int64.
     cluster_offsets: [H_kv, C + 1] int64, CSR offsets into token_positions.
     token_positions: [H_kv, clustered_len] int64, clustered positions in cluster order.
@@ -37,7 +38,7 @@ class ClusterIndex:
     seq_len: int
     clustered_len: int
     centroids: torch.Tensor
-    spreads: torch.Tensor
+    variances: torch.Tensor
     cluster_sizes: torch.Tensor
     cluster_offsets: torch.Tensor
     token_positions: torch.Tensor
@@ -77,6 +78,11 @@ def _cluster_means(points: torch.Tensor, assignments: torch.Tensor, num_clusters
     return sizes, sums / sizes.clamp_min(1.0).unsqueeze(-1)
 
 
+def variance_dims(config: TacticConfig, head_dim: int) -> int:
+    """Values of spread each cluster keeps (see ClusterIndex.variances)."""
+    return head_dim if config.variance == "diagonal" else 1
+
+
 KMeans = Callable[[torch.Tensor, int, int], torch.Tensor]
 """(points [B, m, d], num_clusters, iterations) -> assignments [B, m]: spherical_kmeans or a
 kernel computing the same function (tactic_server.kernels.kmeans.segment_kmeans)."""
@@ -86,7 +92,8 @@ def _cluster_segments(
     points: torch.Tensor, num_clusters: int, config: TacticConfig, kmeans: KMeans
 ):
     """Cluster each row of points [B, m, d]: assignments [B, m], sizes [B, C], means [B, C, d],
-    spreads [B, C]. The worst-explained tokens become singleton clusters (see outlier_share)."""
+    variances [B, C, V] (see ClusterIndex). The worst-explained tokens become singleton clusters
+    (see outlier_share)."""
     num_points, dim = points.shape[1], points.shape[2]
     num_outliers = min(int(num_clusters * config.outlier_share), num_clusters - 1, num_points)
     kmeans_clusters = num_clusters - num_outliers
@@ -99,9 +106,12 @@ def _cluster_segments(
         assignments = assignments.scatter(1, worst, singleton_ids.expand_as(worst))
     sizes, means = _cluster_means(points, assignments, num_clusters)
     deviation = points - torch.gather(means, 1, assignments.unsqueeze(-1).expand(-1, -1, dim))
-    squared = torch.zeros_like(sizes).scatter_add_(1, assignments, deviation.square().mean(dim=-1))
-    spreads = squared / sizes.clamp_min(1.0)
-    return assignments, sizes, means, spreads
+    squared = deviation.square()
+    if config.variance == "isotropic":
+        squared = squared.mean(dim=-1, keepdim=True)
+    sums = torch.zeros(*sizes.shape, squared.shape[-1], device=points.device, dtype=points.dtype)
+    sums.scatter_add_(1, assignments.unsqueeze(-1).expand_as(squared), squared)
+    return assignments, sizes, means, sums / sizes.clamp_min(1.0).unsqueeze(-1)
 
 
 def build_cluster_index(
@@ -126,14 +136,14 @@ def build_cluster_index(
         .reshape(num_segments * num_kv_heads, segment_len, dim)
     )
     if num_segments:
-        assignments, sizes, means, spreads = _cluster_segments(
+        assignments, sizes, means, variances = _cluster_segments(
             points, clusters_per_segment, config, kmeans
         )
     else:
         assignments = torch.zeros(0, segment_len, dtype=torch.long, device=device)
         sizes = torch.zeros(0, 0, device=device)
         means = torch.zeros(0, 0, dim, device=device)
-        spreads = torch.zeros(0, 0, device=device)
+        variances = torch.zeros(0, 0, variance_dims(config, dim), device=device)
 
     local_positions = torch.arange(segment_len, device=device)
     # cluster order within a segment; ties (same cluster) keep position order
@@ -162,7 +172,7 @@ def build_cluster_index(
         seq_len=seq_len,
         clustered_len=clustered_len,
         centroids=per_head(means),
-        spreads=per_head(spreads),
+        variances=per_head(variances),
         cluster_sizes=per_head(sizes).long(),
         cluster_offsets=cluster_offsets,
         token_positions=token_positions,
@@ -194,7 +204,7 @@ def concatenate_segments(segments: list[ClusterIndex], seq_len: int) -> ClusterI
         seq_len=seq_len,
         clustered_len=clustered_len,
         centroids=torch.cat([s.centroids for s in segments], dim=1),
-        spreads=torch.cat([s.spreads for s in segments], dim=1),
+        variances=torch.cat([s.variances for s in segments], dim=1),
         cluster_sizes=torch.cat([s.cluster_sizes for s in segments], dim=1),
         cluster_offsets=torch.cat(
             [s.cluster_offsets[:, :-1] + start for s, start in zip(segments, starts, strict=False)]

@@ -7,7 +7,8 @@ from typing import Literal
 
 # The synthetic workloads (tactic.workloads) and the target masses that the evaluation runs by
 # default: kept here, beside the configuration, so that the CLI lists them without importing torch.
-WORKLOAD_KINDS = ("topics", "needles", "needles_isotropic", "recency_sink", "flat")
+WORKLOAD_KINDS = ("topics", "needles", "needles_isotropic", "recency_sink", "flat",
+                  "anisotropic_topics", "mixed_topics")
 TARGETS = (0.5, 0.75, 0.9, 0.95, 0.99)
 
 
@@ -19,6 +20,7 @@ def selects(target_mass: float) -> bool:
 
 
 Estimator = Literal["lognormal", "inverse_fit"]
+VarianceModel = Literal["diagonal", "isotropic"]
 TailPolicy = Literal["score", "attend"]
 
 
@@ -34,10 +36,17 @@ class TacticConfig:
     outlier_share: share of a segment's clusters given to the tokens their k-means centroid
         explains worst (largest residual norm); each becomes a singleton cluster, so needles and
         massive-activation keys are scored exactly instead of hiding inside a mean.
-    estimator: "lognormal" estimates a cluster's mass as n * exp(q.mu/sqrt(d) + |q|^2 var/(2d)),
-        the correction capped at the expected largest of n normal scores;
+    estimator: "lognormal" estimates a cluster's mass as n * exp(q.mu/sqrt(d) + s^2/2), s^2 the
+        variance of the cluster's scores under the variance model, the correction capped at the
+        expected largest of n normal scores;
         "inverse_fit" is the paper's y = a/x + b fitted on two sampled stretches of the
         centroid-ordered token list.
+    variance: what each cluster keeps of its keys' spread for the log-normal estimate.
+        "diagonal": the variance of every dimension, s^2 = sum_i q_i^2 var_i / d (d values per
+        cluster, as many as its centroid). "isotropic": their mean, s^2 = |q|^2 var / d (one
+        value). Real keys are anisotropic and queries point along their quiet dimensions:
+        on Gemma 3's global layers the isotropic s^2 is 2-3x the true score variance and the
+        estimate several nats too high (benchmarks/estimator_study.py).
     exact_fraction: most of the context, taken in whole density bins from the top of the
         estimated order, whose scores are computed exactly (the paper scores its top 1-2%; 1%
         meets P on as many synthetic heads as 2% and halves the exact reads).
@@ -64,6 +73,7 @@ class TacticConfig:
     kmeans_iterations: int = 10
     outlier_share: float = 0.25
     estimator: Estimator = "lognormal"
+    variance: VarianceModel = "diagonal"
     exact_fraction: float = 0.01
     tail_policy: TailPolicy = "score"
     exact_tokens: bool = False
@@ -89,6 +99,10 @@ class TacticConfig:
         if self.estimator not in ("lognormal", "inverse_fit"):
             raise ValueError(
                 f"estimator must be 'lognormal' or 'inverse_fit', got {self.estimator!r}"
+            )
+        if self.variance not in ("diagonal", "isotropic"):
+            raise ValueError(
+                f"variance must be 'diagonal' or 'isotropic', got {self.variance!r}"
             )
         if not 0.0 <= self.exact_fraction <= 1.0:
             raise ValueError(f"exact_fraction must be in [0, 1], got {self.exact_fraction}")

@@ -27,12 +27,14 @@ def _log(tensor: torch.Tensor) -> torch.Tensor:
 
 def _lognormal_estimate(grouped_query, index: ClusterIndex, centroid_scores):
     """log of n * exp(q.mu/sqrt(d) + min(s^2 / 2, s sqrt(2 ln n))) per cluster, [H_kv, group, C],
-    with s^2 = |q|^2 var / d: the mean of exp(score) when a cluster's scores are normal (exp is
-    convex, so q.mu alone underestimates), capped where wide clusters would claim more mass than
-    their largest score carries."""
+    with s^2 = sum_i q_i^2 var_i / d (|q|^2 var / d for isotropic variances): the mean of
+    exp(score) when a cluster's scores are normal (exp is convex, so q.mu alone underestimates),
+    capped where wide clusters would claim more mass than their largest score carries."""
     dim = grouped_query.shape[-1]
-    query_norm_sq = grouped_query.square().sum(dim=-1, keepdim=True)
-    score_variance = query_norm_sq * index.spreads[:, None, :] / dim
+    weights = grouped_query.square()  # [H_kv, group, d]
+    if index.variances.shape[-1] == 1:
+        weights = weights.sum(dim=-1, keepdim=True)
+    score_variance = torch.einsum("hgv,hcv->hgc", weights, index.variances) / dim
     sizes = index.cluster_sizes[:, None, :].float()
     # n samples of a normal score rarely exceed mean + sigma sqrt(2 ln n): the log-normal mean
     # exp(sigma^2 / 2) would claim more mass than the cluster's largest score could carry

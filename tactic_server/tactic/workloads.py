@@ -8,6 +8,10 @@ shapes, so that the share of tokens needed for P ranges from about 1% to most of
   hard case for centroids (recall must hold; overshoot is expected to be high).
 - recency_sink: RoPE phase alignment makes recent tokens score high; position 0 is a strong sink.
 - flat: isotropic keys and a weak query: attention spread over nearly everything.
+- anisotropic_topics: overlapping topics (they share a common direction) in keys whose noise
+  differs from dimension to dimension, as real keys' does; a query head mixes two to four topics.
+- mixed_topics: the topic context, each query head asking about four to eight topics at once, so
+  its mass spreads over many clusters of several topics.
 """
 
 from __future__ import annotations
@@ -70,13 +74,19 @@ def _pair_profile(head_dim: int, low_period: float, high_period: float) -> torch
     return torch.cat([keep, keep]).float()
 
 
-def _topic_context(generator, seq_len, num_kv_heads, head_dim):
+def _topic_context(generator, seq_len, num_kv_heads, head_dim, overlap=0.0, anisotropic=False):
     """Keys [seq_len, H_kv, d] of documents (runs of 16-256 positions) about 32 topics, RoPE
-    applied, and the topic directions [H_kv, 32, d] (pre-RoPE)."""
+    applied, and the topic directions [H_kv, 32, d] (pre-RoPE). overlap: weight of a direction
+    all topics share; anisotropic: the noise is quiet along the topics' pairs and loud, with a
+    scale of its own, along every other dimension (as in Gemma's keys, where queries point along
+    dimensions in which a cluster's keys hardly vary), instead of 0.6 everywhere."""
     # semantic directions live mostly in slowly rotating RoPE pairs, as in trained models
     profile = 0.25 + _pair_profile(head_dim, 4 * seq_len, math.inf)
     num_topics = 32
     topics = _unit(torch.randn(num_kv_heads, num_topics, head_dim, generator=generator) * profile)
+    if overlap:  # drawn only here, so the other workloads keep their tensors
+        shared = _unit(torch.randn(num_kv_heads, 1, head_dim, generator=generator) * profile)
+        topics = _unit(topics + overlap * shared)
     topics = topics * math.sqrt(head_dim)
     position_topic = torch.empty(num_kv_heads, seq_len, dtype=torch.long)
     start = 0
@@ -89,15 +99,19 @@ def _topic_context(generator, seq_len, num_kv_heads, head_dim):
     keys = torch.gather(topics, 1, position_topic[..., None].expand(-1, -1, head_dim)).transpose(
         0, 1
     )
-    keys = keys + 0.6 * torch.randn(seq_len, num_kv_heads, head_dim, generator=generator)
+    noise_scale = 0.6
+    if anisotropic:
+        loudness = _log_uniform(generator, 0.5, 2.0, num_kv_heads * head_dim)
+        noise_scale = torch.where(profile > 1, 0.15, loudness.reshape(num_kv_heads, head_dim))
+    keys = keys + noise_scale * torch.randn(seq_len, num_kv_heads, head_dim, generator=generator)
     return apply_rope(keys, torch.arange(seq_len)), topics
 
 
-def _topic_query(generator, topics, group, sharpness_range, seq_len):
-    """[H_kv, group, d]: each query head asks about a mix of two topics, RoPE at seq_len."""
+def _topic_query(generator, topics, group, sharpness_range, seq_len, mixed=2):
+    """[H_kv, group, d]: each query head asks about a mix of `mixed` topics, RoPE at seq_len."""
     num_kv_heads, num_topics, head_dim = topics.shape
-    asked = torch.randint(num_topics, (num_kv_heads, group, 2), generator=generator)
-    weights = torch.rand(num_kv_heads, group, 2, 1, generator=generator) ** 2
+    asked = torch.randint(num_topics, (num_kv_heads, group, mixed), generator=generator)
+    weights = torch.rand(num_kv_heads, group, mixed, 1, generator=generator) ** 2
     chosen = torch.gather(
         topics[:, None].expand(-1, group, -1, -1), 2, asked[..., None].expand(-1, -1, -1, head_dim)
     )
@@ -111,6 +125,23 @@ def _topic_query(generator, topics, group, sharpness_range, seq_len):
 def _topics(generator, seq_len, num_q_heads, num_kv_heads, head_dim):
     keys, topics = _topic_context(generator, seq_len, num_kv_heads, head_dim)
     query = _topic_query(generator, topics, num_q_heads // num_kv_heads, (6.0, 40.0), seq_len)
+    return query.reshape(num_q_heads, head_dim), keys
+
+
+def _anisotropic_topics(generator, seq_len, num_q_heads, num_kv_heads, head_dim):
+    keys, topics = _topic_context(generator, seq_len, num_kv_heads, head_dim, overlap=0.8,
+                                  anisotropic=True)  # fmt: skip
+    mixed = int(torch.randint(2, 5, (1,), generator=generator))
+    query = _topic_query(generator, topics, num_q_heads // num_kv_heads, (6.0, 40.0), seq_len,
+                         mixed)  # fmt: skip
+    return query.reshape(num_q_heads, head_dim), keys
+
+
+def _mixed_topics(generator, seq_len, num_q_heads, num_kv_heads, head_dim):
+    keys, topics = _topic_context(generator, seq_len, num_kv_heads, head_dim)
+    mixed = int(torch.randint(4, 9, (1,), generator=generator))
+    query = _topic_query(generator, topics, num_q_heads // num_kv_heads, (10.0, 40.0), seq_len,
+                         mixed)  # fmt: skip
     return query.reshape(num_q_heads, head_dim), keys
 
 
@@ -186,6 +217,8 @@ _GENERATORS = {
     "needles_isotropic": _needles_isotropic,
     "recency_sink": _recency_sink,
     "flat": _flat,
+    "anisotropic_topics": _anisotropic_topics,
+    "mixed_topics": _mixed_topics,
 }
 
 

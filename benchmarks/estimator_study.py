@@ -1,0 +1,200 @@
+"""How well each cluster-mass estimate serves the walk: share of (query head, step) meeting
+P - 0.01, overshoot over the oracle and selected tokens, per Gemma layer (captured attention of
+benchmarks/accuracy.py) and per synthetic workload kind; plus why the isotropic variance
+overestimates (its s^2 against the true variance of each cluster's scores along the query).
+
+    python benchmarks/estimator_study.py --captures gemma_4096.pt gemma_8192.pt
+
+A capture is a dict prompt -> {"queries": [(position, q [H_q, d])], "keys", "values"} whose
+prompt names start with "layer N ". Variants differ in TacticConfig fields; a variance weight w
+scales every cluster's variances (the log-normal term's s^2) by w, 0 leaving the centroid alone.
+Computed in float32 on whatever device runs it (the recorded run: CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tactic_server.tactic.baselines import plan_oracle
+from tactic_server.tactic.clustering import build_cluster_index
+from tactic_server.tactic.config import WORKLOAD_KINDS, TacticConfig
+from tactic_server.tactic.evaluation import RECALL_TOLERANCE
+from tactic_server.tactic.quality import recall
+from tactic_server.tactic.selection import plan_tactic
+from tactic_server.tactic.workloads import generate_workload
+
+ISOTROPIC = TacticConfig(variance="isotropic")
+DIAGONAL = TacticConfig(variance="diagonal")
+VARIANTS = {
+    "isotropic (before)": (ISOTROPIC, 1.0),
+    "isotropic w=0": (ISOTROPIC, 0.0),
+    "isotropic w=0.25": (ISOTROPIC, 0.25),
+    "isotropic w=0.5": (ISOTROPIC, 0.5),
+    "diagonal (after)": (DIAGONAL, 1.0),
+    "diagonal cluster_size=8": (dataclasses.replace(DIAGONAL, cluster_size=8), 1.0),
+    "diagonal boundary_tokens": (dataclasses.replace(DIAGONAL, boundary_tokens=True), 1.0),
+    "isotropic exact_fraction=1": (dataclasses.replace(ISOTROPIC, exact_fraction=1.0), 1.0),
+}
+
+
+def capture_workloads(path: Path, steps: int):
+    """(layer, query [H_q, d], keys [n, H_kv, d]) of the first `steps` steps of each prompt."""
+    store = torch.load(path)
+    for prompt, entry in store.items():
+        layer = prompt.split(" prompt")[0]
+        for position, query in entry["queries"][:steps]:
+            yield layer, query, entry["keys"][: position + 1]
+
+
+def synthetic_workloads(seq_len: int, seeds: tuple[int, ...]):
+    for kind in WORKLOAD_KINDS:
+        for seed in seeds:
+            workload = generate_workload(kind, seq_len, 16, 4, 128, seed)
+            yield kind, workload.query, workload.keys
+
+
+def score_variance_ratios(query, keys, index) -> dict[str, float]:
+    """Mass-weighted mean over clusters of the estimated s^2 over the true variance of the
+    cluster's scores along the query (isotropic and diagonal), and how far the log-normal total
+    mass lies from the exact one (nats), one query head at a time, averaged over the heads."""
+    num_kv_heads, dim = keys.shape[1], keys.shape[2]
+    clustered = keys[: index.clustered_len].float().transpose(0, 1)  # [H_kv, n, d]
+    grouped = query.float().reshape(num_kv_heads, -1, dim)
+    member_cluster = index.token_cluster  # [H_kv, n]
+    means = torch.gather(index.centroids, 1, member_cluster[..., None].expand(-1, -1, dim))
+    deviation = clustered - means
+    sizes = index.cluster_sizes.float().clamp_min(1)
+    group = grouped.shape[1]
+    spread_of = member_cluster[:, None].expand(-1, group, -1)
+
+    def per_cluster(values):  # [H_kv, group, n] -> [H_kv, group, C] means over members
+        sums = torch.zeros(num_kv_heads, group, index.num_clusters)
+        return sums.scatter_add_(2, spread_of, values) / sizes[:, None]
+
+    score_deviation = torch.einsum("hgd,hnd->hgn", grouped, deviation) / math.sqrt(dim)
+    true_variance = per_cluster(score_deviation.square())
+    diagonal = torch.zeros_like(index.centroids).scatter_add_(
+        1, member_cluster[..., None].expand(-1, -1, dim), deviation.square()
+    ) / sizes[..., None]
+    estimates = {
+        "isotropic": grouped.square().sum(-1, keepdim=True) * diagonal.mean(-1)[:, None] / dim,
+        "diagonal": torch.einsum("hgd,hcd->hgc", grouped.square(), diagonal) / dim,
+    }
+    scores = torch.einsum("hgd,hnd->hgn", grouped, clustered) / math.sqrt(dim)
+    peak = scores.amax(-1, keepdim=True)
+    exact = per_cluster(torch.exp(scores - peak)).mul(sizes[:, None]).log() + peak
+    weight = torch.softmax(exact, dim=-1)
+    centroid = torch.einsum("hgd,hcd->hgc", grouped, index.centroids) / math.sqrt(dim)
+    log_sizes = sizes.log()[:, None]
+    result = {}
+    for name, variance in {**estimates, "true": true_variance}.items():
+        capped = torch.minimum(variance / 2, (variance * 2 * log_sizes).sqrt())
+        error = torch.logsumexp(log_sizes + centroid + capped, -1) - torch.logsumexp(exact, -1)
+        result[f"total_error_{name}_nats"] = error.mean().item()
+        if name != "true":
+            ratio = (variance * weight).sum(-1) / (true_variance * weight).sum(-1)
+            result[f"s2_over_true_{name}"] = ratio.mean().item()
+    return result
+
+
+def evaluate(workloads, target: float) -> tuple[dict, dict]:
+    """Per (variant, group): heads meeting target, tokens selected and needed; and per group
+    the variance diagnostics, averaged over its workloads."""
+    tallies, diagnostics = {}, {}
+    for group, query, keys in workloads:
+        oracle = plan_oracle(query, keys, target).selected_counts
+        indexes = {}
+        for name, (config, weight) in VARIANTS.items():
+            if config not in indexes:
+                indexes[config] = build_cluster_index(keys, config)
+            index = indexes[config]
+            if weight != 1.0:
+                index = dataclasses.replace(index, variances=index.variances * weight)
+            plan = plan_tactic(query, keys, target, index, config)
+            recalled = recall(query, keys, plan)
+            tally = tallies.setdefault((name, group), [0, 0, 0, 0, 0])
+            tally[0] += (recalled >= target - RECALL_TOLERANCE).sum().item()
+            tally[1] += recalled.numel()
+            tally[2] += plan.selected_counts.sum().item()
+            tally[3] += oracle.sum().item()
+            tally[4] += plan.selected_counts.numel()
+        ratios = score_variance_ratios(query, keys, indexes[DIAGONAL])
+        for key, value in ratios.items():
+            diagnostics.setdefault(group, {}).setdefault(key, []).append(value)
+    rows = {
+        name: {
+            group: {"meeting": a / b, "overshoot": s / o, "selected_tokens": s / n,
+                    "oracle_tokens": o / n}
+            for (variant, group), (a, b, s, o, n) in tallies.items()
+            if variant == name
+        }  # fmt: skip
+        for name in VARIANTS
+    }
+    diagnostics = {group: {key: statistics.fmean(values) for key, values in by_key.items()}
+                   for group, by_key in diagnostics.items()}  # fmt: skip
+    return rows, diagnostics
+
+
+def markdown(title: str, rows: dict, diagnostics: dict) -> str:
+    groups = list(next(iter(rows.values())))
+    lines = [f"### {title}", "",
+             "meeting P-0.01 / overshoot over the oracle / mean selected tokens per KV head", "",
+             "| variant | " + " | ".join(groups) + " | mean |",
+             "|---|" + "---|" * (len(groups) + 1)]  # fmt: skip
+    for name, by_group in rows.items():
+        cells = [f"{c['meeting']:.1%} / {c['overshoot']:.2f}x / {c['selected_tokens']:.0f}"
+                 for c in by_group.values()]  # fmt: skip
+        meeting = statistics.fmean(c["meeting"] for c in by_group.values())
+        over = statistics.fmean(c["overshoot"] for c in by_group.values())
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {meeting:.1%} / {over:.2f}x |")
+    keys = list(next(iter(diagnostics.values())))
+    lines += ["", "| " + title.split(",")[0] + " diagnostics | " + " | ".join(keys) + " |",
+              "|---|" + "---|" * len(keys)]  # fmt: skip
+    for group, values in diagnostics.items():
+        lines.append(f"| {group} | " + " | ".join(f"{values[k]:.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--captures", nargs="*", type=Path, default=[])
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per captured prompt")
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--synthetic-len", type=int, default=4096)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--output", type=Path,
+                        default=Path("benchmarks/results/estimator_study.json"))  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the recorded run shared a 2-core machine
+    report = {"device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+              "target": args.target, "variants": {name: {"config": dataclasses.asdict(config),
+              "variance_weight": weight} for name, (config, weight) in VARIANTS.items()},
+              "tables": {}}  # fmt: skip
+    sections = [(f"{path.name}, P={args.target}", capture_workloads(path, args.steps))
+                for path in args.captures]  # fmt: skip
+    sections.append((f"synthetic {args.synthetic_len} tokens, 16 q / 4 kv heads, d=128, seeds "
+                     f"{args.seeds}, P={args.target}",
+                     synthetic_workloads(args.synthetic_len, tuple(args.seeds))))  # fmt: skip
+    texts = [f"# Cluster-mass estimators ({report['device']}, float32; "
+             "benchmarks/estimator_study.py)"]  # fmt: skip
+    for title, workloads in sections:
+        started = time.perf_counter()
+        rows, diagnostics = evaluate(workloads, args.target)
+        report["tables"][title] = {"rows": rows, "diagnostics": diagnostics}
+        texts.append(markdown(title, rows, diagnostics))
+        print(texts[-1], f"\n({time.perf_counter() - started:.0f} s)\n", flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=1))
+    args.output.with_suffix(".md").write_text("\n\n".join(texts) + "\n")
+
+
+if __name__ == "__main__":
+    main()
