@@ -3,7 +3,13 @@ P - 0.01, overshoot over the oracle and selected tokens, per Gemma layer (captur
 benchmarks/accuracy.py) and per synthetic workload kind; plus why the isotropic variance
 overestimates (its s^2 against the true variance of each cluster's scores along the query).
 
-    python benchmarks/estimator_study.py --captures gemma_4096.pt gemma_8192.pt
+    python benchmarks/estimator_study.py \
+        --capture-model ~/.cache/tactic-server/models/gemma-3-270m \
+        --capture-lengths 4096 8192 --captures gemma_4096.pt gemma_8192.pt
+
+(--capture-model first records the captures, one per length, then the study reads them; the
+recorded run: 7 prompts of the RULER tasks in turn a length, the last 8 positions of each, on
+this CPU machine's standard library as haystack; about 10 minutes a length on 2 cores.)
 
 A capture is a dict prompt -> {"queries": [(position, q [H_q, d])], "keys", "values"} whose
 prompt names start with "layer N ". Variants differ in TacticConfig fields; a variance weight w
@@ -163,6 +169,37 @@ def markdown(title: str, rows: dict, diagnostics: dict) -> str:
     return "\n".join(lines)
 
 
+def record_captures(model_dir: str, lengths: list[int], paths: list[Path], prompts: int,
+                    steps: int) -> None:  # fmt: skip
+    """The global layers' queries (the last `steps` positions), keys and values of `prompts`
+    sequences per length (the RULER tasks in turn, teacher-forced on their answers), as
+    benchmarks/accuracy.py captures them, saved to the matching path."""
+    from accuracy import attention_prompts
+    from accuracy import capture_workloads as capture
+
+    from tactic_server.engine.tokenizer import Tokenizer
+    from tactic_server.training.ruler import RULER_TASKS, Haystack, haystack_files
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    for length, path in zip(lengths, paths, strict=True):
+        started = time.perf_counter()
+        sequences = attention_prompts(list(RULER_TASKS), prompts, length, tokenizer,
+                                      Haystack(haystack_files(), 0), length)  # fmt: skip
+        store: dict[str, dict] = {}
+        for _, workload in capture(model_dir, sequences, "cpu", steps, 1):
+            prompt = workload.name.split(" position")[0]
+            entry = store.setdefault(prompt, {"keys": workload.keys, "values": workload.values,
+                                              "queries": []})  # fmt: skip
+            if workload.keys.shape[0] > entry["keys"].shape[0]:
+                entry["keys"], entry["values"] = workload.keys, workload.values
+            entry["queries"].append((workload.keys.shape[0] - 1, workload.query.clone()))
+        for entry in store.values():
+            entry["keys"], entry["values"] = entry["keys"].clone(), entry["values"].clone()
+        torch.save(store, path)
+        print(f"captured {len(store)} (layer, prompt) of {length} tokens into {path} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captures", nargs="*", type=Path, default=[])
@@ -172,7 +209,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--output", type=Path,
                         default=Path("benchmarks/results/estimator_study.json"))  # fmt: skip
+    parser.add_argument("--capture-model", help="record --captures from this model first")
+    parser.add_argument("--capture-lengths", type=int, nargs="*", default=[])
+    parser.add_argument("--capture-prompts", type=int, default=7)
     args = parser.parse_args()
+    if args.capture_model:
+        if len(args.capture_lengths) != len(args.captures):
+            parser.error("--capture-lengths needs one length per --captures path")
+        record_captures(args.capture_model, args.capture_lengths, args.captures,
+                        args.capture_prompts, args.steps)  # fmt: skip
     torch.set_num_threads(1)  # the recorded run shared a 2-core machine
     report = {"device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "target": args.target, "variants": {name: {"config": dataclasses.asdict(config),
