@@ -11,6 +11,9 @@
 #                      untimed decode); a stamp beside the cache skips it while the machine lasts
 #   serve       300 s  (a) serve --engine sglang answers the openai client; SIGTERM exits 0
 #   equality    240 s  (b) greedy equality at P = 0.999 with the triton backend, float32
+#   gemma       300 s  issue 20 (3): tests/test_sglang_plugin_gemma.py on the GPU, its gpu test
+#                      included (a tiny random Gemma 3 served by SGLang, tactic at P = 0.999 vs
+#                      transformers over Triton and vs SGLang's flashinfer backend)
 #   throughput  540 s  (c) flashinfer, fa3 and triton vs tactic (graphs) vs tactic-eager,
 #                      Llama-3.1-8B dummy, $CONTEXTS (default 32768 65536 131072), $BACKENDS
 #                      (default all; fa3 is recorded as unavailable where sgl-kernel's FA3
@@ -56,6 +59,9 @@ for step in ${STEPS:-warm serve equality trained}; do
     equality)
       timeout 240 python3 benchmarks/sglang_gpu.py equality --dtype float32 \
         --out "$out/sglang_equality.json" >"$out/equality.log" 2>&1 ;;
+    gemma)
+      timeout 300 python3 -m pytest -q -p no:warnings tests/test_sglang_plugin_gemma.py \
+        >"$out/gemma.log" 2>&1 ;;
     throughput)
       # shellcheck disable=SC2086  # CONTEXTS is a list of words
       timeout 540 python3 benchmarks/sglang_gpu.py throughput \
