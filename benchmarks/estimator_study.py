@@ -47,6 +47,10 @@ VARIANTS = {
     "diagonal (after)": (DIAGONAL, 1.0),
     "diagonal cluster_size=8": (dataclasses.replace(DIAGONAL, cluster_size=8), 1.0),
     "diagonal boundary_tokens": (dataclasses.replace(DIAGONAL, boundary_tokens=True), 1.0),
+    "diagonal cluster_size=8 boundary_tokens": (
+        dataclasses.replace(DIAGONAL, cluster_size=8, boundary_tokens=True), 1.0),
+    "diagonal cluster_size=8 exact_fraction=0.02": (
+        dataclasses.replace(DIAGONAL, cluster_size=8, exact_fraction=0.02), 1.0),
     "isotropic exact_fraction=1": (dataclasses.replace(ISOTROPIC, exact_fraction=1.0), 1.0),
 }
 
