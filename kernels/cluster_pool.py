@@ -13,13 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
-from tactic_server.tactic.clustering import ClusterIndex
+from tactic_server.tactic.clustering import ClusterIndex, decode_variances, encode_variances
 
 
 def _variance_dtype(variance_dims: int, dtype: torch.dtype) -> torch.dtype:
-    """Per-dimension variances are as many values as a centroid and stored like it; one mean
-    variance per cluster costs little in float32."""
-    return dtype if variance_dims > 1 else torch.float32
+    """Per-dimension variances are as many values as a centroid: 8-bit codes of their log
+    (clustering.encode_variances); one mean variance per cluster costs little in float32."""
+    return torch.uint8 if variance_dims > 1 else torch.float32
+
+
+def stored_variances(variances: torch.Tensor) -> torch.Tensor:
+    """float32 variances of a pool's stored ones (codes or float32)."""
+    return decode_variances(variances) if variances.dtype == torch.uint8 else variances.float()
 
 
 @dataclass
@@ -114,7 +119,9 @@ class ClusterPool:
         self.centroids[slots] = per_segment(index.centroids, clusters).to(self.centroids.dtype)
         if index.variances.shape[-1] != self.variances.shape[-1]:
             raise ValueError("the cluster index keeps other variances than this pool")
-        self.variances[slots] = per_segment(index.variances, clusters).to(self.variances.dtype)
+        variances = per_segment(index.variances, clusters)
+        self.variances[slots] = (encode_variances(variances) if self.variances.dtype == torch.uint8
+                                 else variances.to(self.variances.dtype))  # fmt: skip
         offsets = per_segment(index.cluster_offsets[:, :-1], clusters) - (
             segment_starts[:, None, None] * size
         )

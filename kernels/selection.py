@@ -23,12 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tactic_server.tactic.clustering import variance_dims
+from tactic_server.tactic.clustering import VARIANCE_CODE_STEPS, variance_dims
 from tactic_server.tactic.config import TacticConfig
 from tactic_server.tactic.selection import MAX_RELATIVE_LOG_MASS
 
 from .cluster_pool import ClusterPool
 from .decode_attention import dot_dtype, dot_precision, load_group_queries
+
+_VARIANCE_STEP = tl.constexpr(1.0 / VARIANCE_CODE_STEPS)  # log2 per code of the variances
 
 
 @triton.jit
@@ -140,11 +142,12 @@ def _score_units_kernel(
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
         score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
     else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
-        variances = tl.load(
+        codes = tl.load(  # 8-bit codes of log2 (clustering.decode_variances); 0 is zero
             variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
             mask=is_cluster[:, None] & dim_mask[None, :],
-            other=0.0,
+            other=0,
         ).to(tl.float32)
+        variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
         score_variance = tl.dot(q * q, tl.trans(variances), input_precision="ieee") * (
             scale * scale
         )

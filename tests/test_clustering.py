@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from tactic_server.tactic import WHOLE_CONTEXT, TacticConfig, build_cluster_index, spherical_kmeans
-from tactic_server.tactic.clustering import concatenate_segments
+from tactic_server.tactic.clustering import (
+    concatenate_segments,
+    decode_variances,
+    encode_variances,
+)
 
 
 def check_index_structure(index, seq_len, num_kv_heads, segment_size):
@@ -57,9 +61,12 @@ def test_index_structure_and_statistics(seq_len, segment_size):
             torch.testing.assert_close(
                 index.centroids[head, cluster].double(), mean, atol=1e-5, rtol=1e-5
             )
+            # per-dimension variances are on the grid of their 8-bit codes: within half a step
             torch.testing.assert_close(
-                index.variances[head, cluster].double(), variance, atol=1e-5, rtol=1e-4
+                index.variances[head, cluster].double(), variance, atol=1e-5, rtol=0.045
             )
+            assert torch.equal(decode_variances(encode_variances(index.variances[head, cluster])),
+                               index.variances[head, cluster])  # fmt: skip
             torch.testing.assert_close(
                 isotropic.variances[head, cluster].double(), variance.mean(dim=0, keepdim=True),
                 atol=1e-5, rtol=1e-4,
@@ -151,3 +158,16 @@ def test_concatenated_segments_equal_one_index():
                   "token_cluster"):  # fmt: skip
         torch.testing.assert_close(getattr(joined, field), getattr(whole, field))
     assert (joined.seq_len, joined.clustered_len) == (700, 640)
+
+
+def test_variance_codes():
+    """8-bit codes of log2 variances: within 4.4% (half of a 2^(1/8) step) from 2^-15.9 to
+    2^15.9, zero for zero (singleton clusters) and below the range, the largest code above it;
+    codes of decoded values are the same codes."""
+    values = torch.logspace(-15.5, 15.5, 2001, base=2.0)
+    decoded = decode_variances(encode_variances(values))
+    assert ((decoded / values - 1).abs() <= 2 ** (1 / 16) - 1 + 1e-6).all()
+    edges = torch.tensor([0.0, 2.0**-20, 2.0**20])
+    assert encode_variances(edges).tolist() == [0, 0, 255]
+    codes = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(encode_variances(decode_variances(codes)), codes)

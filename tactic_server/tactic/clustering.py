@@ -28,7 +28,8 @@ class ClusterIndex:
     clustered_len: positions [0, clustered_len) are clustered; [clustered_len, seq_len) is the tail.
     centroids: [H_kv, C, d] float32, the mean key of each cluster (what a query is scored against).
     variances: [H_kv, C, V] float32, the per-dimension variance of each cluster's keys (V = d,
-        config.variance "diagonal") or its mean over the dimensions (V = 1, "isotropic").
+        config.variance "diagonal"; rounded to the 8-bit codes of encode_variances) or its mean
+        over the dimensions (V = 1, "isotropic").
     cluster_sizes: [H_kv, C] int64.
     cluster_offsets: [H_kv, C + 1] int64, CSR offsets into token_positions.
     token_positions: [H_kv, clustered_len] int64, clustered positions in cluster order.
@@ -78,6 +79,26 @@ def _cluster_means(points: torch.Tensor, assignments: torch.Tensor, num_clusters
     return sizes, sums / sizes.clamp_min(1.0).unsqueeze(-1)
 
 
+VARIANCE_CODE_STEPS = 8
+"""Per-dimension variances are kept as 8-bit codes of their log2, VARIANCE_CODE_STEPS a factor
+of 2 (a relative step of 9%, at most 4.4% off), 2^-15.9 .. 2^15.9; code 0 is a zero variance
+(a singleton cluster's). The mass estimate sums d of them, so their errors mostly cancel; a
+quarter of a bf16 value's bytes."""
+
+
+def encode_variances(variances: torch.Tensor) -> torch.Tensor:
+    """uint8 codes of variances >= 0 (see VARIANCE_CODE_STEPS)."""
+    logs = torch.log2(variances.float().clamp_min(2.0**-126)) * VARIANCE_CODE_STEPS
+    codes = (logs.round() + 128).clamp(1, 255)
+    return torch.where(variances > 2.0 ** (-127.5 / VARIANCE_CODE_STEPS), codes, 0).to(torch.uint8)
+
+
+def decode_variances(codes: torch.Tensor) -> torch.Tensor:
+    """float32 variances of uint8 codes (as the selection kernel decodes them)."""
+    values = torch.exp2((codes.float() - 128.0) / VARIANCE_CODE_STEPS)
+    return torch.where(codes > 0, values, 0.0)
+
+
 def variance_dims(config: TacticConfig, head_dim: int) -> int:
     """Values of spread each cluster keeps (see ClusterIndex.variances)."""
     return head_dim if config.variance == "diagonal" else 1
@@ -111,7 +132,10 @@ def _cluster_segments(
         squared = squared.mean(dim=-1, keepdim=True)
     sums = torch.zeros(*sizes.shape, squared.shape[-1], device=points.device, dtype=points.dtype)
     sums.scatter_add_(1, assignments.unsqueeze(-1).expand_as(squared), squared)
-    return assignments, sizes, means, sums / sizes.clamp_min(1.0).unsqueeze(-1)
+    variances = sums / sizes.clamp_min(1.0).unsqueeze(-1)
+    if config.variance == "diagonal":  # on the grid the cluster pool stores
+        variances = decode_variances(encode_variances(variances)).to(points.dtype)
+    return assignments, sizes, means, variances
 
 
 def build_cluster_index(
