@@ -16,7 +16,7 @@ import torch
 from tactic_server.tactic.clustering import ClusterIndex, decode_variances, encode_variances
 
 
-def _variance_dtype(variance_dims: int, dtype: torch.dtype) -> torch.dtype:
+def _variance_dtype(variance_dims: int) -> torch.dtype:
     """Per-dimension variances are as many values as a centroid: 8-bit codes of their log
     (clustering.encode_variances); one mean variance per cluster costs little in float32."""
     return torch.uint8 if variance_dims > 1 else torch.float32
@@ -31,7 +31,8 @@ def stored_variances(variances: torch.Tensor) -> torch.Tensor:
 class ClusterPool:
     """Per segment slot s and KV head h:
     centroids [S_cap, H_kv, C, d] (kv dtype), variances [S_cap, H_kv, C, V] (ClusterIndex's:
-    V = d per-dimension variances in the kv dtype, or V = 1, their mean, in float32),
+    V = d per-dimension variances as uint8 codes of their log2, or V = 1, their mean, in
+    float32),
     cluster_offsets [S_cap, H_kv, C + 1] int32 (into the segment's member list),
     member_slots [S_cap, H_kv, segment_size] int32 KV slots in cluster order,
     token_cluster [S_cap, H_kv, segment_size] int32 cluster of each position of the segment."""
@@ -64,7 +65,7 @@ class ClusterPool:
                 *shape, clusters_per_segment, head_dim, dtype=dtype, device=device
             ),
             variances=torch.zeros(*shape, clusters_per_segment, variance_dims,
-                                  dtype=_variance_dtype(variance_dims, dtype), device=device),
+                                  dtype=_variance_dtype(variance_dims), device=device),
             cluster_offsets=torch.zeros(
                 *shape, clusters_per_segment + 1, dtype=torch.int32, device=device
             ),
@@ -84,7 +85,7 @@ class ClusterPool:
         """Device bytes of one segment slot: what a KV pool
         must count beside the KV of the segment_size tokens it describes."""
         element = torch.empty((), dtype=dtype).element_size()
-        variance = variance_dims * _variance_dtype(variance_dims, dtype).itemsize
+        variance = variance_dims * _variance_dtype(variance_dims).itemsize
         per_cluster = head_dim * element + variance + 4  # centroid, variances, offset
         per_head = clusters_per_segment * per_cluster + 4 + 2 * 4 * segment_size
         return num_kv_heads * per_head

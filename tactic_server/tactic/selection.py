@@ -205,8 +205,12 @@ def plan_tactic(
     scored_exactly = candidate & (estimated_bins >= exact_threshold)
     log_mass = torch.where(scored_exactly, exact_log_mass, estimated)
 
-    token_bins = density_bin(scores, torch.ones_like(scores), config)
-    token_relative = bin_relative_mass(scores, token_bins, config)
+    # units taken token by token (exact_tokens, boundary_tokens) enter the walk by their tokens'
+    # own density bins; without those options no unit is split and the walk needs none
+    splitting = config.exact_tokens or config.boundary_tokens
+    if splitting:
+        token_bins = density_bin(scores, torch.ones_like(scores), config)
+        token_relative = bin_relative_mass(scores, token_bins, config)
 
     def walk(log_mass, split):
         """Walk the bins from the densest down, always-attended units first, until the target;
@@ -214,11 +218,12 @@ def plan_tactic(
         Returns the query heads' token masks, the bin where each walk stopped, every unit's
         bin and the estimated share covered."""
         whole = candidate & ~split
-        token_split = torch.gather(split, 2, expanded_units)
         final_bins = density_bin(log_mass, sizes, config)
         relative = bin_relative_mass(log_mass, final_bins, config)
         walk_mass = by_bin(relative, final_bins, whole)
-        walk_mass += by_bin(token_relative, token_bins, token_split)
+        if splitting:
+            token_split = torch.gather(split, 2, expanded_units)
+            walk_mass += by_bin(token_relative, token_bins, token_split)
         forced_mass = by_bin(relative, final_bins, forced & occupied)
         nonempty = (walk_mass > 0) | (forced_mass > 0)
         positions = torch.arange(bins, device=device)
@@ -234,7 +239,8 @@ def plan_tactic(
             threshold = torch.zeros_like(threshold)
         selected_units = occupied & (forced | (whole & (final_bins >= threshold)))
         taken = torch.gather(selected_units, 2, expanded_units)
-        taken |= token_split & (token_bins >= threshold)
+        if splitting:
+            taken |= token_split & (token_bins >= threshold)
         covered = torch.cat([covered, forced_total], dim=-1).gather(2, threshold)
         return taken, threshold, final_bins, covered / total.clamp_min(1e-38)
 
