@@ -417,6 +417,8 @@ def main() -> int:
     parser.add_argument("--no-flashinfer", action="store_true")
     parser.add_argument("--exact-fraction", type=float, default=None,
                         help="TacticConfig.exact_fraction (default: the config's)")  # fmt: skip
+    parser.add_argument("--variance", choices=["diagonal", "isotropic"], default=None,
+                        help="TacticConfig.variance (default: the config's)")  # fmt: skip
     parser.add_argument("--output", default=None, help="JSON path (default: by device name)")
     parser.add_argument("--launch-options", default="default",
                         help="select_rows launch options to time in each cell, the fastest taken: "
@@ -434,6 +436,8 @@ def main() -> int:
     config = TacticConfig()
     if args.exact_fraction is not None:
         config = dataclasses.replace(config, exact_fraction=args.exact_fraction)
+    if args.variance is not None:
+        config = dataclasses.replace(config, variance=args.variance)
     log(f"{device_name}; torch {torch.__version__}, triton {triton.__version__}")
     copy_bytes_per_s = copy_bandwidth()
     flops_per_s = matmul_rate()

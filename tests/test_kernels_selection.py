@@ -104,10 +104,14 @@ def test_selection_matches_reference(config):
         torch.testing.assert_close(selected.estimated_mass[request].cpu(), plan.estimated_mass)
 
 
-def test_selection_on_bfloat16_cache():
-    config = TacticConfig(segment_size=64)
+@pytest.mark.parametrize("head_dim,variance", [(32, "diagonal"), (256, "diagonal"),
+                                               (256, "isotropic")])  # fmt: skip
+def test_selection_on_bfloat16_cache(head_dim, variance):
+    """bf16 caches, at Gemma 3's head_dim of 256 too (its centroid and variance tiles are the
+    widest the scoring kernel loads)."""
+    config = TacticConfig(segment_size=64, variance=variance)
     k_cache, req_to_token, pool, req_to_segment, pool_indices, q, references = make_batch(
-        [200, 130], ["needles", "topics"], config, dtype=torch.bfloat16
+        [200, 130], ["needles", "topics"], config, head_dim=head_dim, dtype=torch.bfloat16
     )
     targets = torch.full((4,), 0.9)
     selected = select_rows(
