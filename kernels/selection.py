@@ -75,6 +75,8 @@ def _score_units_kernel(
     BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    VARIANCE_DOT_DTYPE: tl.constexpr,
+    VARIANCE_DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     capped log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
@@ -148,9 +150,14 @@ def _score_units_kernel(
             other=0,
         ).to(tl.float32)
         variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
-        score_variance = tl.dot(q * q, tl.trans(variances), input_precision="ieee") * (
-            scale * scale
-        )
+        # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
+        # registers and took 4x the centroid scoring); the reference rounds the same way. Under
+        # the interpreter the same bf16 values go through an fp32 dot (dot_dtype)
+        score_variance = tl.dot(
+            _bf16_nearest(q * q).to(VARIANCE_DOT_DTYPE),
+            tl.trans(_bf16_nearest(variances).to(VARIANCE_DOT_DTYPE)),
+            input_precision=VARIANCE_DOT_PRECISION,
+        ) * (scale * scale)
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
     log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
     ceiling = tl.sqrt(score_variance * 2.0 * log_size)
@@ -201,6 +208,16 @@ def _score_units_kernel(
                   sem="relaxed")  # fmt: skip
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
                   mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
+
+
+@triton.jit
+def _bf16_nearest(x):
+    """fp32 x >= 0 rounded to the nearest bf16 value, ties to even, as torch's
+    .to(torch.bfloat16) rounds (a cast does too on the GPU, but truncates under the Triton
+    interpreter); still fp32, so that the cast to bf16 after it is exact everywhere."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
 
 
 RELATIVE_LOG_MASS_CAP = tl.constexpr(MAX_RELATIVE_LOG_MASS)
@@ -704,6 +721,9 @@ def select_rows(
     log_mass = torch.empty(rows, group, max_units, device=device)
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
+    # bf16 operands of the variance dot (fp32 ones, IEEE, of the same values under the interpreter)
+    variance_dot = dot_dtype(torch.bfloat16)
+    variance_precision = "ieee" if variance_dot == tl.float32 else "tf32"
     _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
         q, k_cache, pool.centroids, pool.variances, pool.cluster_offsets, req_to_segment,
         req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
@@ -714,7 +734,7 @@ def select_rows(
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
-        **common,
+        VARIANCE_DOT_DTYPE=variance_dot, VARIANCE_DOT_PRECISION=variance_precision, **common,
     )  # fmt: skip
 
     if config.exact_fraction > 0:

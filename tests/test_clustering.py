@@ -62,8 +62,9 @@ def test_index_structure_and_statistics(seq_len, segment_size):
                 index.centroids[head, cluster].double(), mean, atol=1e-5, rtol=1e-5
             )
             # per-dimension variances are on the grid of their 8-bit codes: within half a step
+            # and half a bf16 ulp (4.8%)
             torch.testing.assert_close(
-                index.variances[head, cluster].double(), variance, atol=1e-5, rtol=0.045
+                index.variances[head, cluster].double(), variance, atol=1e-5, rtol=0.049
             )
             assert torch.equal(decode_variances(encode_variances(index.variances[head, cluster])),
                                index.variances[head, cluster])  # fmt: skip
@@ -161,12 +162,14 @@ def test_concatenated_segments_equal_one_index():
 
 
 def test_variance_codes():
-    """8-bit codes of log2 variances: within 4.4% (half of a 2^(1/8) step) from 2^-15.9 to
+    """8-bit codes of log2 variances, decoded as bf16 values: within 4.8% (half of a 2^(1/8)
+    step, then half a bf16 ulp) from 2^-15.9 to
     2^15.9, zero for zero (singleton clusters) and below the range, the largest code above it;
     codes of decoded values are the same codes."""
     values = torch.logspace(-15.5, 15.5, 2001, base=2.0)
     decoded = decode_variances(encode_variances(values))
-    assert ((decoded / values - 1).abs() <= 2 ** (1 / 16) - 1 + 1e-6).all()
+    assert ((decoded / values - 1).abs() <= 2 ** (1 / 16) * (1 + 2**-8) - 1 + 1e-6).all()
+    assert torch.equal(decoded.to(torch.bfloat16).float(), decoded)
     edges = torch.tensor([0.0, 2.0**-20, 2.0**20])
     assert encode_variances(edges).tolist() == [0, 0, 255]
     codes = torch.arange(256, dtype=torch.uint8)

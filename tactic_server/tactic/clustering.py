@@ -81,9 +81,9 @@ def _cluster_means(points: torch.Tensor, assignments: torch.Tensor, num_clusters
 
 VARIANCE_CODE_STEPS = 8
 """Per-dimension variances are kept as 8-bit codes of their log2, VARIANCE_CODE_STEPS a factor
-of 2 (a relative step of 9%, at most 4.4% off), 2^-15.9 .. 2^15.9; code 0 is a zero variance
-(a singleton cluster's). The mass estimate sums d of them, so their errors mostly cancel; a
-quarter of a bf16 value's bytes."""
+of 2 (a relative step of 9%; decoded as bf16 values, decode_variances, at most 4.8% off),
+2^-15.9 .. 2^15.9; code 0 is a zero variance (a singleton cluster's). The mass estimate sums d
+of them, so their errors mostly cancel; a quarter of a bf16 value's bytes."""
 
 
 def encode_variances(variances: torch.Tensor) -> torch.Tensor:
@@ -94,9 +94,11 @@ def encode_variances(variances: torch.Tensor) -> torch.Tensor:
 
 
 def decode_variances(codes: torch.Tensor) -> torch.Tensor:
-    """float32 variances of uint8 codes (as the selection kernel decodes them)."""
-    values = torch.exp2((codes.float() - 128.0) / VARIANCE_CODE_STEPS)
-    return torch.where(codes > 0, values, 0.0)
+    """float32 variances of uint8 codes, rounded to bf16 as the selection kernel decodes them
+    (it sums q_i^2 var_i on tensor cores; every code's exp2 lies far from a bf16 rounding
+    midpoint, so its rounding and torch's agree)."""
+    values = torch.exp2((codes.float() - 128.0) / VARIANCE_CODE_STEPS).to(torch.bfloat16)
+    return torch.where(codes > 0, values.float(), 0.0)
 
 
 def variance_dims(config: TacticConfig, head_dim: int) -> int:

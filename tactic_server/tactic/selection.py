@@ -31,10 +31,12 @@ def _lognormal_estimate(grouped_query, index: ClusterIndex, centroid_scores):
     exp(score) when a cluster's scores are normal (exp is convex, so q.mu alone underestimates),
     capped where wide clusters would claim more mass than their largest score carries."""
     dim = grouped_query.shape[-1]
-    weights = grouped_query.square()  # [H_kv, group, d]
+    weights = grouped_query.float().square()  # [H_kv, group, d]
     if index.variances.shape[-1] == 1:
         weights = weights.sum(dim=-1, keepdim=True)
-    score_variance = torch.einsum("hgv,hcv->hgc", weights, index.variances) / dim
+    else:  # bf16 q_i^2, as the scoring kernel's tensor-core dot takes them
+        weights = weights.to(torch.bfloat16).float()
+    score_variance = torch.einsum("hgv,hcv->hgc", weights, index.variances.float()) / dim
     sizes = index.cluster_sizes[:, None, :].float()
     # n samples of a normal score rarely exceed mean + sigma sqrt(2 ln n): the log-normal mean
     # exp(sigma^2 / 2) would claim more mass than the cluster's largest score could carry
