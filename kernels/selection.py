@@ -76,7 +76,6 @@ def _score_units_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
-    VARIANCE_DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     capped log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
@@ -152,11 +151,11 @@ def _score_units_kernel(
         variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
         # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
         # registers and took 4x the centroid scoring); the reference rounds the same way. Under
-        # the interpreter the same bf16 values go through an fp32 dot (dot_dtype)
+        # the interpreter the same bf16 values go through an fp32 dot (dot_dtype), whose default
+        # tf32 products of bf16 values are exact too
         score_variance = tl.dot(
             _bf16_nearest(q * q).to(VARIANCE_DOT_DTYPE),
             tl.trans(_bf16_nearest(variances).to(VARIANCE_DOT_DTYPE)),
-            input_precision=VARIANCE_DOT_PRECISION,
         ) * (scale * scale)
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
     log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
@@ -721,9 +720,6 @@ def select_rows(
     log_mass = torch.empty(rows, group, max_units, device=device)
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
-    # bf16 operands of the variance dot (fp32 ones, IEEE, of the same values under the interpreter)
-    variance_dot = dot_dtype(torch.bfloat16)
-    variance_precision = "ieee" if variance_dot == tl.float32 else "tf32"
     _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
         q, k_cache, pool.centroids, pool.variances, pool.cluster_offsets, req_to_segment,
         req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
@@ -734,7 +730,7 @@ def select_rows(
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
-        VARIANCE_DOT_DTYPE=variance_dot, VARIANCE_DOT_PRECISION=variance_precision, **common,
+        VARIANCE_DOT_DTYPE=dot_dtype(torch.bfloat16), **common,
     )  # fmt: skip
 
     if config.exact_fraction > 0:
