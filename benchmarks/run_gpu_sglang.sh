@@ -10,6 +10,8 @@
 #                      eat a throughput step's limit (never its timed rounds, which come after an
 #                      untimed decode); a stamp beside the cache skips it while the machine lasts
 #   serve       300 s  (a) serve --engine sglang answers the openai client; SIGTERM exits 0
+#   logprobs    200 s  why cold and warm (radix-cache hit) answers' logprobs differ while two
+#                      over the same cache state agree, streamed or not: sglang_logprobs.py
 #   equality    240 s  (b) greedy equality at P = 0.999 with the triton backend, float32
 #   gemma       300 s  issue 20 (3): tests/test_sglang_plugin_gemma.py on the GPU, its gpu test
 #                      included (a tiny random Gemma 3 served by SGLang, tactic at P = 0.999 vs
@@ -56,6 +58,9 @@ for step in ${STEPS:-warm serve equality trained}; do
     serve)
       timeout 300 python3 -m pytest -q -p no:warnings tests/test_sglang_serve_gpu.py \
         >"$out/serve.log" 2>&1 ;;
+    logprobs)
+      timeout 200 python3 benchmarks/sglang_logprobs.py --out "$out/sglang_logprobs.json" \
+        >"$out/logprobs.log" 2>&1 ;;
     equality)
       timeout 240 python3 benchmarks/sglang_gpu.py equality --dtype float32 \
         --out "$out/sglang_equality.json" >"$out/equality.log" 2>&1 ;;
