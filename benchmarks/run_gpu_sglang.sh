@@ -59,8 +59,8 @@ for step in ${STEPS:-warm serve equality trained}; do
       timeout 300 python3 -m pytest -q -p no:warnings tests/test_sglang_serve_gpu.py \
         >"$out/serve.log" 2>&1 ;;
     logprobs)
-      timeout 200 python3 benchmarks/sglang_logprobs.py --out "$out/sglang_logprobs.json" \
-        >"$out/logprobs.log" 2>&1 ;;
+      timeout 200 python3 benchmarks/sglang_logprobs.py --dense-fallback "${FALLBACK:-off}" \
+        --out "$out/sglang_logprobs.json" >"$out/logprobs.log" 2>&1 ;;
     equality)
       timeout 240 python3 benchmarks/sglang_gpu.py equality --dtype float32 \
         --out "$out/sglang_equality.json" >"$out/equality.log" 2>&1 ;;

@@ -7,7 +7,7 @@ bf16 rounding of its hidden states, and a cache hit changes the arithmetic of th
 rounding while two answers over the same cache state must agree. Writes a JSON of the maximum
 differences per pair.
 
-    python benchmarks/sglang_logprobs.py --out /tmp/out/sglang_logprobs.json
+    python benchmarks/sglang_logprobs.py --out /tmp/out/sglang_logprobs.json [--dense-fallback auto]
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ def completion(client, model, prompt, target, stream):
     return [t for c in chunks for t in c.tokens], [p for c in chunks for p in c.token_logprobs]
 
 
-def measure(model_dir: Path, prompts: dict[str, str]) -> dict:
+def measure(model_dir: Path, prompts: dict[str, str], dense_fallback: str) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "tactic_server.cli", "serve", "--engine", "sglang",
                "--model", str(model_dir), "--port", str(port), "--max-batch", "4",
-               "--dense-fallback", "off"]  # fmt: skip
+               "--dense-fallback", dense_fallback]  # fmt: skip
     process = subprocess.Popen(command, env=os.environ | {"TACTIC_SEGMENT_SIZE": "512"})
     url = f"http://127.0.0.1:{port}"
     results = {}
@@ -80,12 +80,15 @@ def measure(model_dir: Path, prompts: dict[str, str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dense-fallback", choices=("auto", "off"), default="off",
+                        help="serve's flag: auto lets each decode step pick its path")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         model_dir = make_tiny_model(Path(folder), "llama", dtype="bfloat16",
                                     max_position_embeddings=8192, **PEAKED_LLAMA)  # fmt: skip
         prompts = {"short": PROMPT[:400], "long": PROMPT}
-        report = measure(model_dir, prompts)
+        report = {"dense_fallback": args.dense_fallback,
+                  "runs": measure(model_dir, prompts, args.dense_fallback)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

@@ -275,8 +275,10 @@ VALID_CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         ({"messages": None}, "messages"),
         # a lone surrogate is no character: in content, a content part or a stop string
         ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
-         "messages.0.content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+            "messages.0.content",
+        ),
         ({"stop": "x\ud83d"}, "stop"),
     ],
 )
@@ -428,6 +430,41 @@ def test_health_and_ready_follow_the_model_loading():
         wait_until(lambda: failures)
         assert assert_error(httpx.get(f"{url}/health"), 503)["code"] == "model_load_failed"
     assert isinstance(failures[0], OSError)
+
+
+def test_ready_waits_for_the_warm_up_which_metrics_do_not_count(model_dir, caplog):
+    """A loaded engine first answers the warm-up's three requests (dense, Tactic, Tactic again
+    over the cached prefix: what compiles a fresh GPU's kernels); /ready says 503 until they
+    are done, and /metrics counts none of them."""
+    engine = Engine.from_config(engine_config(model_dir))
+    gate, seen = threading.Event(), []
+    generate = engine.generate
+
+    async def gated(request):
+        seen.append((request.request_id, len(request.prompt_token_ids), request.tactic.enabled))
+        await asyncio.to_thread(gate.wait, 20)
+        async for output in generate(request):
+            yield output
+
+    engine.generate = gated
+    app = create_app(load_engine=lambda: engine)
+    with caplog.at_level(logging.INFO), serving(app) as url:
+        wait_until(lambda: seen)
+        assert assert_error(httpx.get(f"{url}/ready"), 503)["code"] == "model_not_ready"
+        gate.set()
+        wait_until(lambda: httpx.get(f"{url}/ready").status_code == 200)
+        assert [(name, enabled) for name, _, enabled in seen] == [
+            ("warm-up-dense", False),
+            ("warm-up-tactic", True),
+            ("warm-up-cached", True),
+        ]
+        assert all(length > engine.config.tactic.segment_size for _, length, _ in seen)
+        samples = scrape(url)
+        assert not any(value for name, value in samples.items()
+                       if name.startswith("tactic_requests_total"))  # fmt: skip
+        assert samples["tactic_running_requests{}"] == 0
+        assert samples["tactic_kv_cache_usage_ratio{}"] == 0
+    assert "warmed up in" in caplog.text
 
 
 def test_full_queue_answers_429_and_a_client_leaving_mid_stream_frees_its_kv(model_dir):

@@ -16,7 +16,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tactic_server.engine.types import DEFAULT_MAX_TOKENS
+from tactic_server.engine.types import (
+    DEFAULT_MAX_TOKENS,
+    GenerationRequest,
+    InferenceEngine,
+    SamplingParams,
+    TacticParams,
+)
 
 from .auth import require_api_key
 from .completions import (
@@ -95,6 +101,28 @@ def refuse_before_tokenizing(
         )
 
 
+WARM_UP_TOKENS = 640  # more than one cluster segment (512), so selection runs too
+
+
+async def warm_up_engine(engine: InferenceEngine) -> float:
+    """Before a loaded engine is called ready: one short prompt, dense and with Tactic, then
+    the Tactic one again (a prefix-cache hit on SGLang). The first requests on a fresh GPU
+    machine otherwise compile kernels (FlashInfer's prefill JIT: a first answer took 118 s
+    after /ready on the H200). Not counted in /metrics (no observer yet). Returns seconds."""
+    began = time.perf_counter()
+    length = max(1, min(WARM_UP_TOKENS, engine.max_model_len - 4))
+    prompt = tuple(1 + i % 97 for i in range(length))
+    sampling = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    tactic = TacticParams(True, engine.default_target)
+    for name, params in (("dense", TacticParams(False)), ("tactic", tactic), ("cached", tactic)):
+        async for _ in engine.generate(GenerationRequest(f"warm-up-{name}", prompt, sampling,
+                                                         params)):  # fmt: skip
+            pass
+    seconds = time.perf_counter() - began
+    logger.info("warmed up in %.1f s", seconds)
+    return seconds
+
+
 def create_app(
     engine: InferenceEngine | None = None,
     *,
@@ -103,11 +131,13 @@ def create_app(
     api_key: str | None = None,
     limits: RequestLimits | None = None,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    warm_up: bool = True,
 ) -> FastAPI:
     """Serve `engine`, or the engine `load_engine()` returns (the app then owns it and shuts it
     down, finishing requests in flight, when the server stops). If loading fails, /health
     answers 503 and `on_load_failure` is called (the CLI stops the server). A chat request
     without max_tokens generates at most `default_max_tokens`; limits None: the defaults.
+    warm_up: a loaded engine answers `warm_up_engine`'s requests before /ready says so.
     `app.state.in_flight` is what a stopping server ends after its drain period
     (server.make_server)."""
     if (engine is None) == (load_engine is None):
@@ -120,7 +150,7 @@ def create_app(
         if load_engine is None:
             yield
             return
-        loading = asyncio.create_task(asyncio.to_thread(load_engine))
+        loading = asyncio.create_task(load_and_warm_up())
         loading.add_done_callback(attach_loaded_engine)
         try:
             yield
@@ -128,6 +158,16 @@ def create_app(
             loading.cancel()  # a load in progress ends with the process
             if app.state.engine is not None:
                 await app.state.engine.shutdown()
+
+    async def load_and_warm_up() -> InferenceEngine:
+        loaded = await asyncio.to_thread(load_engine)
+        if warm_up:
+            try:
+                await warm_up_engine(loaded)
+            except BaseException:
+                await loaded.shutdown()
+                raise
+        return loaded
 
     def attach_loaded_engine(loading: asyncio.Task) -> None:
         if loading.cancelled():
