@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -140,3 +142,39 @@ def test_extreme_sampling_fails_no_one_in_the_batch(server, extreme):
     for result in results:
         assert result.choices[0].finish_reason == "length"
         assert result.usage.completion_tokens == 24
+
+
+def test_a_client_leaving_while_queued_in_sglang_is_aborted(server):
+    """Every batch place (--max-batch 4) held by a long stream: a fifth request queues in
+    SGLang's scheduler; its client gives up. It leaves the queue while the four go on, and
+    once they are closed too nothing is held; all five count as 499."""
+
+    def sample(name: str, **labels) -> float:
+        families = text_string_to_metric_families(httpx.get(f"{server}/metrics").text)
+        return sum(s.value for family in families for s in family.samples
+                   if s.name == name and labels.items() <= s.labels.items())  # fmt: skip
+
+    def wait_until(condition, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.1)
+
+    left_before = sample("tactic_requests_total", status="499")
+    body = {"messages": [{"role": "user", "content": PROMPT[:400]}], "max_tokens": 6000,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.Client(base_url=server, timeout=60) as http, ExitStack() as streams:
+        kept = []  # the line iterators: a dropped one closes its connection
+        for _ in range(4):
+            stream = streams.enter_context(http.stream("POST", "/v1/chat/completions", json=body))
+            assert stream.status_code == 200
+            kept.append(stream.iter_lines())
+            assert next(kept[-1]).startswith("data: ")
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/chat/completions", json=body | {"stream": False, "max_tokens": 4},
+                      timeout=httpx.Timeout(10.0, read=0.5))  # fmt: skip
+        wait_until(lambda: sample("tactic_waiting_requests") == 0)
+        assert sample("tactic_running_requests") == 4  # the long ones go on
+    wait_until(lambda: sample("tactic_running_requests") == 0
+               and sample("tactic_kv_cache_usage_ratio") == 0)  # fmt: skip
+    wait_until(lambda: sample("tactic_requests_total", status="499") - left_before == 5)
