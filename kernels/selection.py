@@ -87,6 +87,9 @@ def _score_units_kernel(
     unit): at large batches atomics bound this kernel as much as the centroids it reads."""
     row = tl.program_id(0)
     request = row // num_kv_heads
+    if tl.program_id(1) * BLOCK_U >= _row_units(seq_lens_ptr, clustered_ptr, request, SEGMENT,
+                                                CLUSTERS):  # fmt: skip
+        return
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + request)
@@ -109,54 +112,62 @@ def _score_units_kernel(
         other=0,
     ).to(tl.int64)
 
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
-    centroid = tl.load(
-        centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
-        mask=is_cluster[:, None] & dim_mask[None, :],
-        other=0.0,
-    )
-    key = tl.load(
-        k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
-        mask=is_tail[:, None] & dim_mask[None, :],
-        other=0.0,
-    )
-    vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
-
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP
-    q = load_group_queries(
-        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
-    ).to(tl.float32)
-    # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
-    # products (tf32 would move scores by 1e-3 and the selection with them)
-    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION) * scale
-    query_norm_sq = tl.sum(q * q, axis=1)
-
+    q_rows = q_ptr + request * stride_q_batch + (kv_head * GROUP + heads)[:, None] * stride_q_head
     segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
     local = units % CLUSTERS
     cluster_size = tl.load(segment_offsets + local + 1, mask=is_cluster, other=0) - tl.load(
         segment_offsets + local, mask=is_cluster, other=0
     )
     size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
+    # the head dimension in steps of BLOCK_D: fewer live registers than whole [units, d]
+    # tiles, so more programs fit on a multiprocessor to hide the gathers' latency
+    scores = tl.zeros([BLOCK_H, BLOCK_U], dtype=tl.float32)
+    score_variance = tl.zeros([BLOCK_H, BLOCK_U], dtype=tl.float32)
+    query_norm_sq = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for first_dim in range(0, HEAD_DIM, BLOCK_D):
+        dims = first_dim + tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        centroid = tl.load(
+            centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+            mask=is_cluster[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
+        key = tl.load(
+            k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
+            mask=is_tail[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
+        vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
+        q = tl.load(q_rows + dims[None, :], mask=head_mask[:, None] & dim_mask[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets
+        # IEEE products (tf32 would move scores by 1e-3 and the selection with them)
+        scores += tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION)
+        if VARIANCE_DIMS == 1:
+            query_norm_sq += tl.sum(q * q, axis=1)
+        else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
+            codes = tl.load(  # 8-bit codes of log2 (clustering.decode_variances); 0 is zero
+                variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+                mask=is_cluster[:, None] & dim_mask[None, :],
+                other=0,
+            ).to(tl.float32)
+            variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
+            # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
+            # registers and took 4x the centroid scoring); the reference rounds the same way.
+            # Under the interpreter the same bf16 values go through an fp32 dot (dot_dtype),
+            # whose default tf32 products of bf16 values are exact too
+            score_variance += tl.dot(
+                _bf16_nearest(q * q).to(VARIANCE_DOT_DTYPE),
+                tl.trans(_bf16_nearest(variances).to(VARIANCE_DOT_DTYPE)),
+            )
+    scores = scores * scale
     if VARIANCE_DIMS == 1:
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
         score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
-    else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
-        codes = tl.load(  # 8-bit codes of log2 (clustering.decode_variances); 0 is zero
-            variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
-            mask=is_cluster[:, None] & dim_mask[None, :],
-            other=0,
-        ).to(tl.float32)
-        variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
-        # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
-        # registers and took 4x the centroid scoring); the reference rounds the same way. Under
-        # the interpreter the same bf16 values go through an fp32 dot (dot_dtype), whose default
-        # tf32 products of bf16 values are exact too
-        score_variance = tl.dot(
-            _bf16_nearest(q * q).to(VARIANCE_DOT_DTYPE),
-            tl.trans(_bf16_nearest(variances).to(VARIANCE_DOT_DTYPE)),
-        ) * (scale * scale)
+    else:
+        score_variance = score_variance * (scale * scale)
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
     log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
     ceiling = tl.sqrt(score_variance * 2.0 * log_size)
@@ -219,6 +230,16 @@ def _bf16_nearest(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _row_units(seq_lens_ptr, clustered_ptr, request, SEGMENT: tl.constexpr,
+               CLUSTERS: tl.constexpr):  # fmt: skip
+    """The units a request has: the clusters of its clustered segments, then one per position
+    after them. A row's units past this bound (max_units covers the longest possible tail) are
+    never read: the unit-parallel kernels return at once for blocks wholly beyond it."""
+    clustered = tl.load(clustered_ptr + request)
+    return clustered * CLUSTERS + tl.load(seq_lens_ptr + request) - clustered * SEGMENT
+
+
 RELATIVE_LOG_MASS_CAP = tl.constexpr(MAX_RELATIVE_LOG_MASS)
 
 
@@ -269,6 +290,7 @@ def _exact_list_kernel(
     unit_size_ptr,
     forced_ptr,
     clustered_ptr,
+    seq_lens_ptr,
     exact_threshold_ptr,
     mass_hist_ptr,
     exact_units_ptr,
@@ -279,6 +301,7 @@ def _exact_list_kernel(
     inverse_bin_width,
     bin_width,
     GROUP: tl.constexpr,
+    SEGMENT: tl.constexpr,
     CLUSTERS: tl.constexpr,
     BINS: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -289,8 +312,11 @@ def _exact_list_kernel(
     (exact_units [rows, max_units], in no particular order); tail positions are exact already
     and move to the exact plane (1) of the row's histogram at once."""
     row = tl.program_id(0)
+    row_units = _row_units(seq_lens_ptr, clustered_ptr, row // num_kv_heads, SEGMENT, CLUSTERS)
+    if tl.program_id(1) * BLOCK_U >= row_units:
+        return
     units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
-    in_range = units < max_units
+    in_range = units < row_units
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP
     hist_row = (row * GROUP + heads)[:, None]
@@ -492,25 +518,35 @@ def _mark_kernel(
     unit_size_ptr,
     forced_ptr,
     walk_threshold_ptr,
+    seq_lens_ptr,
+    clustered_ptr,
     selected_ptr,
     block_tokens_ptr,
     row_tokens_ptr,
     head_tokens_ptr,
+    num_kv_heads,
     max_units,
     num_blocks,
     lowest_density,
     inverse_bin_width,
     GROUP: tl.constexpr,
+    SEGMENT: tl.constexpr,
+    CLUSTERS: tl.constexpr,
     BINS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_U: tl.constexpr,
 ):
     """Program (row, unit block): which units the row reads (forced, or at or above a query
-    head's walk threshold), the block's and the row's token counts, and each query head's own."""
+    head's walk threshold), the block's and the row's token counts, and each query head's own
+    (a block beyond the row's units counts none and writes nothing else)."""
     row = tl.program_id(0)
     block = tl.program_id(1)
+    row_units = _row_units(seq_lens_ptr, clustered_ptr, row // num_kv_heads, SEGMENT, CLUSTERS)
+    if block * BLOCK_U >= row_units:
+        tl.store(block_tokens_ptr + row * num_blocks + block, 0)
+        return
     units = block * BLOCK_U + tl.arange(0, BLOCK_U)
-    in_range = units < max_units
+    in_range = units < row_units
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP
     size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
@@ -545,6 +581,7 @@ def _write_rows_kernel(
     req_to_token_ptr,
     req_pool_ptr,
     clustered_ptr,
+    seq_lens_ptr,
     unit_size_ptr,
     selected_ptr,
     block_tokens_ptr,
@@ -590,7 +627,7 @@ def _write_rows_kernel(
         num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
         tail_start = tl.load(clustered_ptr + request) * SEGMENT
         units = block * BLOCK_U + tl.arange(0, BLOCK_U)
-        in_range = units < max_units
+        in_range = units < _row_units(seq_lens_ptr, clustered_ptr, request, SEGMENT, CLUSTERS)
         selected = tl.load(selected_ptr + row * max_units + units, mask=in_range, other=0) > 0
         count = tl.where(
             selected, tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0), 0
@@ -656,6 +693,7 @@ def select_rows(
     config: TacticConfig | None = None,
     clustered_segments: torch.Tensor | None = None,
     score_units_per_program: int = 64,
+    score_dims_per_step: int | None = None,
     units_per_program: int = 64,
     exact_units_per_program: int = 4,
 ) -> SelectedRows:
@@ -666,7 +704,9 @@ def select_rows(
     clustered_segments [batch]: full segments whose clusters are in the pool (default all,
     seq_lens // segment_size); a segment completed but not yet clustered (at most one) is
     scored token by token with the tail.
-    score_units_per_program: units one scoring program reads; units_per_program: units of one
+    score_units_per_program: units one scoring program reads; score_dims_per_step: the slice
+    of the head dimension it loads and multiplies at a time (None: all of it, a power of two
+    >= 16 otherwise); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program: clusters whose members one exact-scoring step reads as one tile.
@@ -727,7 +767,8 @@ def select_rows(
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
         bin_width=config.density_bin_width, **binning,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
+        BLOCK_H=block_h, BLOCK_D=min(block_d, score_dims_per_step or block_d),
+        BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
         VARIANCE_DOT_DTYPE=dot_dtype(torch.bfloat16), **common,
@@ -741,10 +782,10 @@ def select_rows(
         )  # fmt: skip
         exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         _exact_list_kernel[grid](
-            log_mass, unit_size, forced, clustered_segments, exact_threshold, mass_hist,
+            log_mass, unit_size, forced, clustered_segments, seq_lens, exact_threshold, mass_hist,
             exact_units, exact_count, num_kv_heads, max_units,
-            bin_width=config.density_bin_width, **binning,
-            GROUP=group, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
+            bin_width=config.density_bin_width, **binning, GROUP=group, SEGMENT=size,
+            CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
         )  # fmt: skip
         # a fixed number of programs per row, each taking every P-th group of listed clusters
         exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
@@ -770,16 +811,18 @@ def select_rows(
     selected = torch.empty(rows, max_units, dtype=torch.int8, device=device)
     block_tokens = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
     _mark_kernel[grid](
-        log_mass, unit_size, forced, walk_threshold, selected, block_tokens, row_tokens,
-        head_tokens, max_units, num_blocks, **binning,
-        GROUP=group, BINS=bins, BLOCK_H=group_pad, **unit_block,
+        log_mass, unit_size, forced, walk_threshold, seq_lens, clustered_segments, selected,
+        block_tokens, row_tokens, head_tokens, num_kv_heads, max_units, num_blocks, **binning,
+        GROUP=group, SEGMENT=size, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad,
+        **unit_block,
     )  # fmt: skip
     indptr = torch.empty(rows + 1, dtype=torch.int32, device=device)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
     _write_rows_kernel[grid](
         pool.member_slots, pool.cluster_offsets, req_to_segment, req_to_token,
-        req_pool_indices, clustered_segments, unit_size, selected, block_tokens, row_tokens,
-        indptr, indices, req_to_segment.stride(0), req_to_token.stride(0), rows, num_kv_heads,
+        req_pool_indices, clustered_segments, seq_lens, unit_size, selected, block_tokens,
+        row_tokens, indptr, indices, req_to_segment.stride(0), req_to_token.stride(0), rows,
+        num_kv_heads,
         max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters, BLOCK_M=32, **unit_block,
         BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=triton.next_power_of_2(num_blocks),
     )  # fmt: skip
