@@ -115,14 +115,15 @@ def score_variance_ratios(query, keys, index) -> dict[str, float]:
     return result
 
 
-def evaluate(workloads, target: float) -> tuple[dict, dict]:
+def evaluate(workloads, target: float, variants: dict) -> tuple[dict, dict]:
     """Per (variant, group): heads meeting target, tokens selected and needed; and per group
-    the variance diagnostics, averaged over its workloads."""
+    the variance diagnostics, averaged over its workloads. variants: name -> (TacticConfig,
+    variance weight), "diagonal (after)" among them."""
     tallies, diagnostics = {}, {}
     for group, query, keys in workloads:
         oracle = plan_oracle(query, keys, target).selected_counts
         indexes = {}
-        for name, (config, weight) in VARIANTS.items():
+        for name, (config, weight) in variants.items():
             if config not in indexes:
                 indexes[config] = build_cluster_index(keys, config)
             index = indexes[config]
@@ -130,23 +131,24 @@ def evaluate(workloads, target: float) -> tuple[dict, dict]:
                 index = dataclasses.replace(index, variances=index.variances * weight)
             plan = plan_tactic(query, keys, target, index, config)
             recalled = recall(query, keys, plan)
-            tally = tallies.setdefault((name, group), [0, 0, 0, 0, 0])
+            tally = tallies.setdefault((name, group), [0, 0, 0, 0, 0, 0])
             tally[0] += (recalled >= target - RECALL_TOLERANCE).sum().item()
             tally[1] += recalled.numel()
             tally[2] += plan.selected_counts.sum().item()
             tally[3] += oracle.sum().item()
             tally[4] += plan.selected_counts.numel()
+            tally[5] += plan.keys_scored.sum().item()
         ratios = score_variance_ratios(query, keys, indexes[DIAGONAL])
         for key, value in ratios.items():
             diagnostics.setdefault(group, {}).setdefault(key, []).append(value)
     rows = {
         name: {
             group: {"meeting": a / b, "overshoot": s / o, "selected_tokens": s / n,
-                    "oracle_tokens": o / n}
-            for (variant, group), (a, b, s, o, n) in tallies.items()
+                    "oracle_tokens": o / n, "keys_scored_over_oracle": k / o}
+            for (variant, group), (a, b, s, o, n, k) in tallies.items()
             if variant == name
         }  # fmt: skip
-        for name in VARIANTS
+        for name in variants
     }
     diagnostics = {group: {key: statistics.fmean(values) for key, values in by_key.items()}
                    for group, by_key in diagnostics.items()}  # fmt: skip
@@ -156,12 +158,13 @@ def evaluate(workloads, target: float) -> tuple[dict, dict]:
 def markdown(title: str, rows: dict, diagnostics: dict) -> str:
     groups = list(next(iter(rows.values())))
     lines = [f"### {title}", "",
-             "meeting P-0.01 / overshoot over the oracle / mean selected tokens per KV head", "",
+             "meeting P-0.01 / overshoot over the oracle / mean selected tokens per KV head / "
+             "keys read to score clusters exactly, over the oracle's tokens", "",
              "| variant | " + " | ".join(groups) + " | mean |",
              "|---|" + "---|" * (len(groups) + 1)]  # fmt: skip
     for name, by_group in rows.items():
-        cells = [f"{c['meeting']:.1%} / {c['overshoot']:.2f}x / {c['selected_tokens']:.0f}"
-                 for c in by_group.values()]  # fmt: skip
+        cells = [f"{c['meeting']:.1%} / {c['overshoot']:.2f}x / {c['selected_tokens']:.0f} / "
+                 f"{c['keys_scored_over_oracle']:.2f}" for c in by_group.values()]  # fmt: skip
         meeting = statistics.fmean(c["meeting"] for c in by_group.values())
         over = statistics.fmean(c["overshoot"] for c in by_group.values())
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {meeting:.1%} / {over:.2f}x |")
@@ -216,7 +219,18 @@ def main() -> None:
     parser.add_argument("--capture-model", help="record --captures from this model first")
     parser.add_argument("--capture-lengths", type=int, nargs="*", default=[])
     parser.add_argument("--capture-prompts", type=int, default=7)
+    parser.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE,...",
+                        help="also this TacticConfig (fields changed from the defaults, as "
+                        "accuracy.py's --tactic-variant), named by its spec")  # fmt: skip
+    parser.add_argument("--only-given", action="store_true",
+                        help="of the built-in variants keep only 'diagonal (after)'")
     args = parser.parse_args()
+    variants = {name: value for name, value in VARIANTS.items()
+                if not args.only_given or name == "diagonal (after)"}  # fmt: skip
+    if args.variant:
+        from accuracy import variant
+
+        variants.update({spec: (variant(spec), 1.0) for spec in args.variant})
     if args.capture_model:
         if len(args.capture_lengths) != len(args.captures):
             parser.error("--capture-lengths needs one length per --captures path")
@@ -225,7 +239,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the recorded run shared a 2-core machine
     report = {"device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "target": args.target, "variants": {name: {"config": dataclasses.asdict(config),
-              "variance_weight": weight} for name, (config, weight) in VARIANTS.items()},
+              "variance_weight": weight} for name, (config, weight) in variants.items()},
               "tables": {}}  # fmt: skip
     sections = [(f"{path.name}, P={args.target}", capture_workloads(path, args.steps))
                 for path in args.captures]  # fmt: skip
@@ -236,7 +250,7 @@ def main() -> None:
              "benchmarks/estimator_study.py)"]  # fmt: skip
     for title, workloads in sections:
         started = time.perf_counter()
-        rows, diagnostics = evaluate(workloads, args.target)
+        rows, diagnostics = evaluate(workloads, args.target, variants)
         report["tables"][title] = {"rows": rows, "diagnostics": diagnostics}
         texts.append(markdown(title, rows, diagnostics))
         print(texts[-1], f"\n({time.perf_counter() - started:.0f} s)\n", flush=True)

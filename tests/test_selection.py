@@ -196,6 +196,8 @@ def test_bad_config():
         TacticConfig(segment_size=8)
     with pytest.raises(ValueError, match="estimator"):
         TacticConfig(estimator="median")
+    with pytest.raises(ValueError, match="boundary_band"):
+        TacticConfig(boundary_band=-0.5)
     keys = torch.randn(100, 2, 8)
     index = build_cluster_index(keys, TacticConfig(segment_size=32))
     with pytest.raises(ValueError, match="cluster index covers 100"):
@@ -238,3 +240,27 @@ def test_token_by_token_options_meet_the_target_and_read_less(workloads, indexes
     assert counts["split"] < counts["whole"]
     if option == "exact_tokens":
         assert overshoot(plans, oracles) <= 1.1
+
+
+def test_a_wider_boundary_band_meets_the_target_and_reads_less(workloads, indexes):
+    """boundary_band splits the clusters of the bins around the walk's last one too: with exact
+    masses each query head still meets P, and fewer tokens are read than with that bin alone."""
+    chosen = [i for i, w in enumerate(workloads) if w.name in ("topics", "needles")]
+    counts = {}
+    for band in (0.0, 1.0):
+        config = TacticConfig(exact_fraction=1.0, boundary_tokens=True, boundary_band=band)
+        counts[band] = 0
+        for i in chosen:
+            w, index = workloads[i], indexes["segment"][i]
+            plan = plan_tactic(w.query, w.keys, 0.9, index, config)
+            assert (recall(w.query, w.keys, plan) >= 0.9 - 1e-4).all(), (band, w.name)
+            counts[band] += plan.query_head_counts.sum().item()
+            # every cluster scored exactly: each KV head read the keys of all clustered positions
+            assert (plan.keys_scored == index.clustered_len).all()
+    assert counts[1.0] < counts[0.0]
+    # with the default exact top, the band is paid for in keys read to score its clusters
+    w, index = workloads[chosen[0]], indexes["segment"][chosen[0]]
+    scored = [plan_tactic(w.query, w.keys, 0.9, index, TacticConfig(
+        boundary_tokens=True, boundary_band=band)).keys_scored.sum().item()
+        for band in (0.0, 1.0)]  # fmt: skip
+    assert 0 < scored[0] < scored[1] <= index.clustered_len * w.keys.shape[1]

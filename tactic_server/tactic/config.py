@@ -58,6 +58,9 @@ class TacticConfig:
         exact scores are known): only their tokens above the walk's threshold are taken.
     boundary_tokens: the whole clusters of the bin where the walk stops are scored exactly and
         taken token by token, and the walk is done again.
+    boundary_band: with boundary_tokens, also the clusters whose density lies within this
+        many nats of that bin, on either side (0: that bin alone). Their keys are read to score
+        them, which is what a wider band costs.
     recent_window: most recent positions that are always attended.
     sink_tokens: first positions that are always attended (attention sinks).
     sample_fraction: width of each sampled stretch of the inverse fit, as a share of the list.
@@ -79,6 +82,7 @@ class TacticConfig:
     tail_policy: TailPolicy = "score"
     exact_tokens: bool = False
     boundary_tokens: bool = False
+    boundary_band: float = 0.0
     recent_window: int = 16
     sink_tokens: int = 0
     sample_fraction: float = 0.01
@@ -109,6 +113,8 @@ class TacticConfig:
             raise ValueError(f"exact_fraction must be in [0, 1], got {self.exact_fraction}")
         if self.tail_policy not in ("score", "attend"):
             raise ValueError(f"tail_policy must be 'score' or 'attend', got {self.tail_policy!r}")
+        if not self.boundary_band >= 0.0:
+            raise ValueError(f"boundary_band must be >= 0, got {self.boundary_band}")
         if self.recent_window < 0 or self.sink_tokens < 0:
             raise ValueError("recent_window and sink_tokens must be >= 0")
         if not 0.0 < self.sample_fraction <= 0.5:

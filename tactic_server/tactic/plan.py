@@ -17,12 +17,15 @@ class SelectionPlan:
     query_head_counts: [H_q] int64, positions each query head selected on its own, before the union.
     estimated_mass: [H_q] float32, the share of the estimated total attention mass that each query
         head's own selection covers (NaN for methods that do not estimate, e.g. fixed budgets).
+    keys_scored: [H_kv] int64, positions of clusters scored exactly (their keys read beside the
+        centroids: the exact top, boundary clusters), None for methods that score no cluster.
     """
 
     indices: list[torch.Tensor]
     seq_len: int
     query_head_counts: torch.Tensor
     estimated_mass: torch.Tensor
+    keys_scored: torch.Tensor | None = None
 
     @property
     def selected_counts(self) -> torch.Tensor:
@@ -39,6 +42,7 @@ def plan_from_mask(
     selected: torch.Tensor,
     query_head_selected: torch.Tensor,
     estimated_mass: torch.Tensor | None = None,
+    keys_scored: torch.Tensor | None = None,
 ) -> SelectionPlan:
     """Build a plan from boolean masks: selected [H_kv, seq_len] (what each KV head reads) and
     query_head_selected [H_kv, group, seq_len] (each query head's own choice)."""
@@ -51,4 +55,5 @@ def plan_from_mask(
         seq_len=seq_len,
         query_head_counts=counts,
         estimated_mass=estimated_mass.reshape(-1).float().cpu(),
+        keys_scored=None if keys_scored is None else keys_scored.long().cpu(),
     )

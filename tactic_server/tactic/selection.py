@@ -248,13 +248,21 @@ def plan_tactic(
 
     split = scored_exactly if config.exact_tokens else torch.zeros_like(scored_exactly)
     taken, threshold, final_bins, estimated_share = walk(log_mass, split)
+    read_exactly = scored_exactly
     if config.boundary_tokens:
-        # the whole units of the bin where the walk stopped: scored exactly and split, then the
-        # walk again (its total moves by their estimates' error)
-        boundary = candidate & ~split & (final_bins == threshold)
+        # the whole units of the bin where the walk stopped (and of the bins within
+        # boundary_band nats of it): scored exactly and split, then the walk again (its total
+        # moves by their estimates' error)
+        band = round(config.boundary_band / config.density_bin_width)
+        boundary = candidate & ~split & ((final_bins - threshold).abs() <= band)
         log_mass = torch.where(boundary, exact_log_mass, log_mass)
         taken, _, _, estimated_share = walk(log_mass, split | boundary)
-    return plan_from_mask(taken.any(dim=1), taken, estimated_share)
+        read_exactly = read_exactly | boundary
+    # clusters whose keys some query head of the group read to score them (tail positions are
+    # scored from their keys anyway)
+    read_clusters = read_exactly.any(dim=1)[:, :num_clusters]
+    keys_scored = (read_clusters * unit_sizes[:, :num_clusters]).sum(dim=-1)
+    return plan_from_mask(taken.any(dim=1), taken, estimated_share, keys_scored)
 
 
 def select_tokens(
