@@ -76,6 +76,7 @@ def _score_units_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     capped log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
@@ -155,13 +156,15 @@ def _score_units_kernel(
             ).to(tl.float32)
             variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
             # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
-            # registers and took 4x the centroid scoring); the reference rounds the same way.
-            # Under the interpreter the same bf16 values go through an fp32 dot (dot_dtype),
-            # whose default tf32 products of bf16 values are exact too
-            score_variance += tl.dot(
-                _bf16_nearest(q * q).to(VARIANCE_DOT_DTYPE),
-                tl.trans(_bf16_nearest(variances).to(VARIANCE_DOT_DTYPE)),
-            )
+            # registers and took 4x the centroid scoring); the reference rounds the same way
+            # (to nearest, ties to even, as the GPU's cast does). Under the interpreter the
+            # same bf16 values go through an fp32 dot (dot_dtype), whose default tf32 products
+            # of bf16 values are exact too; its casts truncate, so it rounds explicitly
+            weights = q * q
+            if ROUND_TO_BF16:
+                weights, variances = _bf16_nearest(weights), _bf16_nearest(variances)
+            score_variance += tl.dot(weights.to(VARIANCE_DOT_DTYPE),
+                                     tl.trans(variances.to(VARIANCE_DOT_DTYPE)))  # fmt: skip
     scores = scores * scale
     if VARIANCE_DIMS == 1:
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
@@ -223,8 +226,8 @@ def _score_units_kernel(
 @triton.jit
 def _bf16_nearest(x):
     """fp32 x >= 0 rounded to the nearest bf16 value, ties to even, as torch's
-    .to(torch.bfloat16) rounds (a cast does too on the GPU, but truncates under the Triton
-    interpreter); still fp32, so that the cast to bf16 after it is exact everywhere."""
+    .to(torch.bfloat16) rounds: what a cast does on the GPU, for the Triton interpreter, whose
+    casts truncate; still fp32."""
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True)
@@ -771,7 +774,8 @@ def select_rows(
         BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
-        VARIANCE_DOT_DTYPE=dot_dtype(torch.bfloat16), **common,
+        VARIANCE_DOT_DTYPE=dot_dtype(torch.bfloat16),
+        ROUND_TO_BF16=dot_dtype(torch.bfloat16) == tl.float32, **common,
     )  # fmt: skip
 
     if config.exact_fraction > 0:
