@@ -77,6 +77,10 @@ def gemma_runner(layers):
 
 def on_one_rank(monkeypatch) -> None:
     monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
+    # every Tactic step selects: on a GPU the cost model would decode these short contexts
+    # dense (no clustering, dense outputs; the H100 run of 2026-12-06 failed so), on the CPU
+    # there is none
+    monkeypatch.setenv("TACTIC_DENSE_FALLBACK", "off")
     for module in (triton_backend, backend_module):  # no parallel state here
         monkeypatch.setattr(module, "get_attention_tp_size", lambda: 1)
 
