@@ -11,6 +11,9 @@ Scenarios (every one bounded in requests and in time):
   disconnect  streams of which a share is dropped by the client after a few tokens
   mixed       requests with random per-request targets (dense included), streamed or not, a
               share of the streams dropped by the client
+  oversized   a 6 MB prompt, 250,000 empty messages and other bodies a server must refuse
+              cheaply, sent while a stream runs and /health is probed every 20 ms: the probes'
+              latencies and the stream's longest gap
 
 Usage: python loadtests/loadgen.py --url http://127.0.0.1:8000 [--scenarios sweep burst ...]
        [--requests 64] [--out report.json]   (python loadtests/loadgen.py --help for all)
@@ -31,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-SCENARIOS = ("sweep", "burst", "long", "disconnect", "mixed")
+SCENARIOS = ("sweep", "burst", "long", "disconnect", "mixed", "oversized")
 TARGETS = (0.5, 0.75, 0.9, 0.99, None)  # None: dense
 WORDS = ("the", "cache", "keeps", "every", "key", "of", "its", "context", "and", "each", "query",
          "reads", "a", "few", "them")  # fmt: skip
@@ -284,6 +287,74 @@ async def mixed(client, settings: Settings, rng) -> list[dict]:
                       selected_ratio_by_target=by_target)]  # fmt: skip
 
 
+def oversized_bodies(model: str, context: int) -> dict[str, tuple[str, bytes]]:
+    """Requests no server should spend seconds on, serialised ahead (6 MB of JSON would hold the
+    client's own loop too): the issue's 6 MB prompt and 250,000 empty messages, then 2,049
+    empty messages (one over OpenAI's limit) and a prompt of more characters than the context
+    holds tokens, both small enough to pass a body limit of 1 MiB. name -> (route, body)."""
+
+    def dump(route, body):
+        return route, json.dumps({"model": model, "max_tokens": 1, **body}).encode()
+
+    return {
+        "6 MB prompt": dump("/v1/completions", {"prompt": "x " * 3_000_000}),
+        "250,000 empty messages": dump("/v1/chat/completions",
+                                       {"messages": [{"role": "user", "content": ""}] * 250_000}),
+        "2,049 empty messages": dump("/v1/chat/completions",
+                                     {"messages": [{"role": "user", "content": ""}] * 2049}),
+        "prompt longer than the context": dump("/v1/completions",
+                                               {"prompt": "y" * min(32 * context, 900_000)}),
+    }  # fmt: skip
+
+
+async def oversized(client, settings: Settings, rng, rounds: int = 3,
+                    probe_every: float = 0.02) -> list[dict]:  # fmt: skip
+    """The oversized bodies sent `rounds` times, each round all at once, while a stream runs and
+    /health is asked every probe_every seconds: what each body got and how fast, how long the
+    probes took (the issue's bound: 100 ms) and the stream's longest wait between tokens."""
+    described = await served_model(client)
+    bodies = oversized_bodies(described["id"], described["max_model_len"])
+    headers = {"content-type": "application/json"}
+    began = time.perf_counter()
+    stream = asyncio.ensure_future(send(client, chat_body(
+        prompt_of(40, rng), settings, stream=True, max_tokens=max(settings.max_tokens, 64))))
+    await asyncio.sleep(0.2)  # the stream decoding before the first round
+    answers: dict[str, list[tuple[int | None, float]]] = {name: [] for name in bodies}
+    probes: list[float] = []
+    probe_statuses: Counter = Counter()
+
+    async def post(name, route, content):
+        started = time.perf_counter()
+        try:
+            status = (await client.post(route, content=content, headers=headers)).status_code
+        except httpx.HTTPError:
+            status = None
+        answers[name].append((status, time.perf_counter() - started))
+
+    for _ in range(rounds):
+        posts = asyncio.ensure_future(asyncio.gather(
+            *(post(name, route, content) for name, (route, content) in bodies.items())))
+        while not posts.done():
+            started = time.perf_counter()
+            probe_statuses[(await client.get("/health")).status_code] += 1
+            probes.append(time.perf_counter() - started)
+            await asyncio.sleep(probe_every)
+        await posts
+    streamed = await stream
+    outcomes = [Outcome(status=status, latency=latency)
+                for results in answers.values() for status, latency in results]  # fmt: skip
+    return [summarise(
+        "oversized", outcomes, time.perf_counter() - began,
+        answers={name: {"statuses": sorted({str(s) for s, _ in results}),
+                        "max_seconds": max(latency for _, latency in results)}
+                 for name, results in answers.items()},
+        probes=len(probes), probe_statuses={str(k): v for k, v in probe_statuses.items()},
+        probe_seconds={**percentiles(probes), "max": max(probes, default=None)},
+        stream_status=streamed.status,
+        stream_longest_gap_seconds=max(streamed.inter_token, default=None),
+    )]  # fmt: skip
+
+
 async def server_gauges(client) -> dict[str, float]:
     text = (await client.get("/metrics")).text
     return {s.name: s.value for family in text_string_to_metric_families(text)
@@ -305,7 +376,7 @@ async def settled(client, timeout: float = 30.0) -> dict:
 
 
 RUNNERS = {"sweep": sweep, "burst": burst, "long": long_prompts, "disconnect": disconnect,
-           "mixed": mixed}  # fmt: skip
+           "mixed": mixed, "oversized": oversized}  # fmt: skip
 
 
 async def run(settings: Settings, scenarios=SCENARIOS, log=print) -> dict:

@@ -63,7 +63,8 @@ def test_every_scenario_holds_and_reports(engine, url):
     assert report["model"] == engine.model_name  # what the numbers were measured on
     scenarios = {r["scenario"]: r for r in report["scenarios"]}
     assert set(scenarios) == {"sweep c=1", "sweep c=4", "sweep c=8", "burst", "long",
-                              "disconnect", "mixed"}  # fmt: skip
+                              "disconnect", "mixed", "oversized"}  # fmt: skip
+    oversized = scenarios.pop("oversized")
     for name, result in scenarios.items():
         assert result["server_errors"] == 0 and result["connection_errors"] == 0, name
         if name != "burst":
@@ -79,6 +80,16 @@ def test_every_scenario_holds_and_reports(engine, url):
     assert scenarios["disconnect"]["disconnected"] > 0
     ratios = scenarios["mixed"]["selected_ratio_by_target"]
     assert ratios["dense"] is None and ratios["0.5"] < ratios["0.9"] < ratios["0.99"] <= 1.0
+    # the oversized bodies are refused (this server's body limit is 1 MiB: the first two by
+    # their size, the others by what they hold), the probes meanwhile answered, the stream done
+    answers = oversized["answers"]
+    assert oversized["server_errors"] == 0 and oversized["connection_errors"] == 0
+    assert answers["6 MB prompt"]["statuses"] == ["413"]
+    assert answers["250,000 empty messages"]["statuses"] == ["413"]
+    assert answers["2,049 empty messages"]["statuses"] == ["400"]
+    assert answers["prompt longer than the context"]["statuses"] == ["413"]
+    assert oversized["probes"] > 0 and set(oversized["probe_statuses"]) == {"200"}
+    assert oversized["stream_status"] == 200
     assert report["after"]["idle"]
     assert_nothing_held(engine, url)
 

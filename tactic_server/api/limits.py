@@ -1,8 +1,9 @@
 """What one request may cost the server before anything parses it: its body's bytes and the time
 the body may take to arrive; and, as it is parsed (schemas.chat_request_model), its number of
-messages. A body over the byte limit is refused with 413 (at once when Content-Length declares
-too much, else as soon as a chunked body passes the limit); one that is still arriving when its
-time is up, with 408."""
+messages. A body over the byte limit is refused with 413 when Content-Length declares too much,
+or as soon as a chunked body passes the limit, once the rest of it (64 MiB and 5 s at most) has
+been read and dropped unparsed, so that a client still sending reads the answer instead of a
+reset connection; one that is still arriving when its time is up, with 408."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import APIError, error_response
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # 350k characters even in JSON's \u escapes
+# What is read (and dropped) of a body refused for its size before the answer goes out: a client
+# still sending would otherwise find the connection reset before it reads the 413 (nginx's
+# lingering close does the same). Past either bound the answer goes out at once.
+LINGER_BYTES = 64 * 1024 * 1024
+LINGER_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ class BodyLimits:
         limit = self.limits.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
+            if int(declared) <= LINGER_BYTES:
+                await self._discard_rest(receive)
             await self._refuse(413, f"request body exceeds {limit} bytes", "request_too_large",
                                scope, receive, send)  # fmt: skip
             return
@@ -59,6 +67,8 @@ class BodyLimits:
                         return  # nobody is left to answer
                     body += message.get("body", b"")
                     if len(body) > limit:
+                        if message.get("more_body", False):
+                            await self._discard_rest(receive)
                         await self._refuse(413, f"request body exceeds {limit} bytes",
                                            "request_too_large", scope, receive, send)  # fmt: skip
                         return
@@ -81,8 +91,26 @@ class BodyLimits:
 
         await self.app(scope, replay, send)
 
+    @staticmethod
+    async def _discard_rest(receive: Receive) -> None:
+        """Reads and drops the rest of a refused body, LINGER_BYTES and LINGER_SECONDS at most
+        (no parsing: what it costs is the bytes' arrival)."""
+        dropped = 0
+        try:
+            async with asyncio.timeout(LINGER_SECONDS):
+                while dropped <= LINGER_BYTES:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    dropped += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return
+        except TimeoutError:
+            return
+
     async def _refuse(self, status: int, message: str, code: str, scope: Scope,
                       receive: Receive, send: Send) -> None:  # fmt: skip
-        # the rest of the body is not read: the connection cannot carry another request
+        # what remains of the body is not read (past the lingering bounds): the connection
+        # cannot carry another request
         error = APIError(status, message, code=code, headers={"Connection": "close"})
         await error_response(error)(scope, receive, send)
