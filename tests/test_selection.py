@@ -216,6 +216,20 @@ def test_cuda_matches_cpu():
     assert len(cpu) == len(cuda)
 
 
+def exact_mass_plans(workloads, indexes, config: TacticConfig, label: str):
+    """plan_tactic at P = 0.9 on the topics and needles workloads (segment-local clusters),
+    every query head checked to meet P: [(workload, index, plan)] and their query heads'
+    tokens in all."""
+    plans = []
+    for i, w in enumerate(workloads):
+        if w.name in ("topics", "needles"):
+            index = indexes["segment"][i]
+            plan = plan_tactic(w.query, w.keys, 0.9, index, config)
+            assert (recall(w.query, w.keys, plan) >= 0.9 - 1e-4).all(), (label, w.name)
+            plans.append((w, index, plan))
+    return plans, sum(plan.query_head_counts.sum().item() for _, _, plan in plans)
+
+
 @pytest.mark.parametrize("option", ["exact_tokens", "boundary_tokens"])
 def test_token_by_token_options_meet_the_target_and_read_less(workloads, indexes, option):
     """The reference's research options (off by default, not in the kernels). With every
@@ -223,46 +237,32 @@ def test_token_by_token_options_meet_the_target_and_read_less(workloads, indexes
     meets P, and taking clusters token by token (all of them with exact_tokens, the last bin's
     with boundary_tokens) reads fewer tokens than whole clusters; exact_tokens is then a
     token-level walk, within a bin (6.5% of mass) of the oracle's tokens."""
-    whole = TacticConfig(exact_fraction=1.0)
-    split = TacticConfig(exact_fraction=1.0, **{option: True})
-    chosen = [i for i, w in enumerate(workloads) if w.name in ("topics", "needles")]
-    counts, plans, oracles = {}, [], []
-    for name, config in (("whole", whole), ("split", split)):
-        counts[name] = 0
-        for i in chosen:
-            w, index = workloads[i], indexes["segment"][i]
-            plan = plan_tactic(w.query, w.keys, 0.9, index, config)
-            assert (recall(w.query, w.keys, plan) >= 0.9 - 1e-4).all(), (name, w.name)
-            counts[name] += plan.query_head_counts.sum().item()
-            if name == "split":
-                plans.append(plan)
-                oracles.append(plan_oracle(w.query, w.keys, 0.9))
-    assert counts["split"] < counts["whole"]
+    _, whole = exact_mass_plans(workloads, indexes, TacticConfig(exact_fraction=1.0), "whole")
+    plans, split = exact_mass_plans(
+        workloads, indexes, TacticConfig(exact_fraction=1.0, **{option: True}), "split"
+    )
+    assert split < whole
     if option == "exact_tokens":
-        assert overshoot(plans, oracles) <= 1.1
+        oracles = [plan_oracle(w.query, w.keys, 0.9) for w, _, _ in plans]
+        assert overshoot([plan for _, _, plan in plans], oracles) <= 1.1
 
 
 def test_a_wider_boundary_band_meets_the_target_and_reads_less(workloads, indexes):
     """boundary_band splits the clusters of the bins around the walk's last one too: with exact
     masses each query head still meets P, and fewer tokens are read than with that bin alone."""
-    chosen = [i for i, w in enumerate(workloads) if w.name in ("topics", "needles")]
     counts = {}
     for band in (0.0, 1.0):
         # no sink: then no cluster is always attended (the recent window lies in the tail), so
         # every cluster is one the walk scores
         config = TacticConfig(exact_fraction=1.0, boundary_tokens=True, boundary_band=band,
                               sink_tokens=0)  # fmt: skip
-        counts[band] = 0
-        for i in chosen:
-            w, index = workloads[i], indexes["segment"][i]
-            plan = plan_tactic(w.query, w.keys, 0.9, index, config)
-            assert (recall(w.query, w.keys, plan) >= 0.9 - 1e-4).all(), (band, w.name)
-            counts[band] += plan.query_head_counts.sum().item()
+        plans, counts[band] = exact_mass_plans(workloads, indexes, config, f"band {band}")
+        for _, index, plan in plans:
             # every cluster scored exactly: each KV head read the keys of all clustered positions
             assert (plan.keys_scored == index.clustered_len).all()
     assert counts[1.0] < counts[0.0]
     # with the default exact top, the band is paid for in keys read to score its clusters
-    w, index = workloads[chosen[0]], indexes["segment"][chosen[0]]
+    w, index, _ = plans[0]
     scored = [plan_tactic(w.query, w.keys, 0.9, index, TacticConfig(
         boundary_tokens=True, boundary_band=band)).keys_scored.sum().item()
         for band in (0.0, 1.0)]  # fmt: skip
