@@ -113,64 +113,56 @@ def _score_units_kernel(
         other=0,
     ).to(tl.int64)
 
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    centroid = tl.load(
+        centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+        mask=is_cluster[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
+    key = tl.load(
+        k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
+        mask=is_tail[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
+    vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
+
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP
-    q_rows = q_ptr + request * stride_q_batch + (kv_head * GROUP + heads)[:, None] * stride_q_head
+    q = load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
+    ).to(tl.float32)
+    # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
+    # products (tf32 would move scores by 1e-3 and the selection with them)
+    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION) * scale
+    query_norm_sq = tl.sum(q * q, axis=1)
+
     segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
     local = units % CLUSTERS
     cluster_size = tl.load(segment_offsets + local + 1, mask=is_cluster, other=0) - tl.load(
         segment_offsets + local, mask=is_cluster, other=0
     )
     size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
-    # the head dimension in steps of BLOCK_D: fewer live registers than whole [units, d]
-    # tiles, so more programs fit on a multiprocessor to hide the gathers' latency
-    scores = tl.zeros([BLOCK_H, BLOCK_U], dtype=tl.float32)
-    score_variance = tl.zeros([BLOCK_H, BLOCK_U], dtype=tl.float32)
-    query_norm_sq = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for first_dim in range(0, HEAD_DIM, BLOCK_D):
-        dims = first_dim + tl.arange(0, BLOCK_D)
-        dim_mask = dims < HEAD_DIM
-        centroid = tl.load(
-            centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
-            mask=is_cluster[:, None] & dim_mask[None, :],
-            other=0.0,
-        )
-        key = tl.load(
-            k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
-            mask=is_tail[:, None] & dim_mask[None, :],
-            other=0.0,
-        )
-        vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
-        q = tl.load(q_rows + dims[None, :], mask=head_mask[:, None] & dim_mask[None, :],
-                    other=0.0).to(tl.float32)  # fmt: skip
-        # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets
-        # IEEE products (tf32 would move scores by 1e-3 and the selection with them)
-        scores += tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION)
-        if VARIANCE_DIMS == 1:
-            query_norm_sq += tl.sum(q * q, axis=1)
-        else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
-            codes = tl.load(  # 8-bit codes of log2 (clustering.decode_variances); 0 is zero
-                variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
-                mask=is_cluster[:, None] & dim_mask[None, :],
-                other=0,
-            ).to(tl.float32)
-            variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
-            # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
-            # registers and took 4x the centroid scoring); the reference rounds the same way
-            # (to nearest, ties to even, as the GPU's cast does). Under the interpreter the
-            # same bf16 values go through an fp32 dot (dot_dtype), whose default tf32 products
-            # of bf16 values are exact too; its casts truncate, so it rounds explicitly
-            weights = q * q
-            if ROUND_TO_BF16:
-                weights, variances = _bf16_nearest(weights), _bf16_nearest(variances)
-            score_variance += tl.dot(weights.to(VARIANCE_DOT_DTYPE),
-                                     tl.trans(variances.to(VARIANCE_DOT_DTYPE)))  # fmt: skip
-    scores = scores * scale
     if VARIANCE_DIMS == 1:
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
         score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
-    else:
-        score_variance = score_variance * (scale * scale)
+    else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
+        codes = tl.load(  # 8-bit codes of log2 (clustering.decode_variances); 0 is zero
+            variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+            mask=is_cluster[:, None] & dim_mask[None, :],
+            other=0,
+        ).to(tl.float32)
+        variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
+        # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
+        # registers and took 4x the centroid scoring); the reference rounds the same way (to
+        # nearest, ties to even, as the GPU's cast does). Under the interpreter the same bf16
+        # values go through an fp32 dot (dot_dtype), whose default tf32 products of bf16 values
+        # are exact too; its casts truncate, so it rounds explicitly
+        weights = q * q
+        if ROUND_TO_BF16:
+            weights, variances = _bf16_nearest(weights), _bf16_nearest(variances)
+        score_variance = tl.dot(weights.to(VARIANCE_DOT_DTYPE),
+                                tl.trans(variances.to(VARIANCE_DOT_DTYPE))) * (scale * scale)
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
     log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
     ceiling = tl.sqrt(score_variance * 2.0 * log_size)
@@ -696,7 +688,6 @@ def select_rows(
     config: TacticConfig | None = None,
     clustered_segments: torch.Tensor | None = None,
     score_units_per_program: int = 64,
-    score_dims_per_step: int | None = None,
     units_per_program: int = 64,
     exact_units_per_program: int = 4,
 ) -> SelectedRows:
@@ -707,9 +698,7 @@ def select_rows(
     clustered_segments [batch]: full segments whose clusters are in the pool (default all,
     seq_lens // segment_size); a segment completed but not yet clustered (at most one) is
     scored token by token with the tail.
-    score_units_per_program: units one scoring program reads; score_dims_per_step: the slice
-    of the head dimension it loads and multiplies at a time (None: all of it, a power of two
-    >= 16 otherwise); units_per_program: units of one
+    score_units_per_program: units one scoring program reads; units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program: clusters whose members one exact-scoring step reads as one tile.
@@ -770,8 +759,7 @@ def select_rows(
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
         bin_width=config.density_bin_width, **binning,
-        BLOCK_H=block_h, BLOCK_D=min(block_d, score_dims_per_step or block_d),
-        BLOCK_U=score_units_per_program,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
         VARIANCE_DOT_DTYPE=dot_dtype(torch.bfloat16),

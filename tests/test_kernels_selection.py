@@ -89,8 +89,8 @@ def test_selection_matches_reference(config):
         q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_segment.to(DEVICE),
         req_to_token.to(DEVICE),
         pool_indices.to(DEVICE), seq_lens.to(DEVICE), targets.to(DEVICE),
-        max_seq_len=300, config=config, score_units_per_program=16, score_dims_per_step=16,
-        units_per_program=32, exact_units_per_program=4,
+        max_seq_len=300, config=config, score_units_per_program=16, units_per_program=32,
+        exact_units_per_program=4,
     )  # fmt: skip
     indptr, indices = selected.indptr.cpu(), selected.indices.cpu()
     for request, (query, keys, index, slots) in enumerate(references):
@@ -104,13 +104,11 @@ def test_selection_matches_reference(config):
         torch.testing.assert_close(selected.estimated_mass[request].cpu(), plan.estimated_mass)
 
 
-@pytest.mark.parametrize("head_dim,variance,dims_per_step", [
-    (32, "diagonal", None), (256, "diagonal", None), (256, "diagonal", 64),
-    (256, "isotropic", 64)])  # fmt: skip
-def test_selection_on_bfloat16_cache(head_dim, variance, dims_per_step):
+@pytest.mark.parametrize("head_dim,variance", [(32, "diagonal"), (256, "diagonal"),
+                                               (256, "isotropic")])  # fmt: skip
+def test_selection_on_bfloat16_cache(head_dim, variance):
     """bf16 caches, at Gemma 3's head_dim of 256 too (its centroid and variance tiles are the
-    widest the scoring kernel loads), scored over the whole head dimension at once or in
-    slices."""
+    widest the scoring kernel loads)."""
     config = TacticConfig(segment_size=64, variance=variance)
     k_cache, req_to_token, pool, req_to_segment, pool_indices, q, references = make_batch(
         [200, 130], ["needles", "topics"], config, head_dim=head_dim, dtype=torch.bfloat16
@@ -121,7 +119,7 @@ def test_selection_on_bfloat16_cache(head_dim, variance, dims_per_step):
         req_to_token.to(DEVICE),
         pool_indices.to(DEVICE), torch.tensor([200, 130], dtype=torch.int32, device=DEVICE),
         targets.to(DEVICE), max_seq_len=200, config=config, score_units_per_program=16,
-        score_dims_per_step=dims_per_step, units_per_program=32,
+        units_per_program=32,
     )  # fmt: skip
     for request, (query, keys, index, slots) in enumerate(references):
         plan = plan_tactic(query, keys, 0.9, index, config)
