@@ -88,14 +88,13 @@ def _score_units_kernel(
     unit): at large batches atomics bound this kernel as much as the centroids it reads."""
     row = tl.program_id(0)
     request = row // num_kv_heads
-    if tl.program_id(1) * BLOCK_U >= _row_units(seq_lens_ptr, clustered_ptr, request, SEGMENT,
-                                                CLUSTERS):  # fmt: skip
-        return
-    kv_head = row % num_kv_heads
-    pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + request)
     num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
     tail_start = tl.load(clustered_ptr + request) * SEGMENT
+    if tl.program_id(1) * BLOCK_U >= num_cluster_units + seq_len - tail_start:
+        return  # a block wholly beyond the row's units (_row_units)
+    kv_head = row % num_kv_heads
+    pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
 
     units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
     in_range = units < max_units
@@ -622,7 +621,7 @@ def _write_rows_kernel(
         num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
         tail_start = tl.load(clustered_ptr + request) * SEGMENT
         units = block * BLOCK_U + tl.arange(0, BLOCK_U)
-        in_range = units < _row_units(seq_lens_ptr, clustered_ptr, request, SEGMENT, CLUSTERS)
+        in_range = units < num_cluster_units + tl.load(seq_lens_ptr + request) - tail_start
         selected = tl.load(selected_ptr + row * max_units + units, mask=in_range, other=0) > 0
         count = tl.where(
             selected, tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0), 0
