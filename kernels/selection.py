@@ -23,14 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from tactic_server.tactic.clustering import VARIANCE_CODE_STEPS, variance_dims
+from tactic_server.tactic.clustering import VARIANCE_CODE_BIAS, VARIANCE_CODE_SHIFT, variance_dims
 from tactic_server.tactic.config import TacticConfig
 from tactic_server.tactic.selection import MAX_RELATIVE_LOG_MASS
 
 from .cluster_pool import ClusterPool
 from .decode_attention import dot_dtype, dot_precision, load_group_queries
 
-_VARIANCE_STEP = tl.constexpr(1.0 / VARIANCE_CODE_STEPS)  # log2 per code of the variances
+VARIANCE_BIAS = tl.constexpr(VARIANCE_CODE_BIAS)  # a variance code + this: its bf16 value's
+VARIANCE_SHIFT = tl.constexpr(VARIANCE_CODE_SHIFT)  # top bits, shifted left by VARIANCE_SHIFT
 
 
 @triton.jit
@@ -70,13 +71,15 @@ def _score_units_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_U: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    REPLICAS: tl.constexpr,
     ATTEND_TAIL: tl.constexpr,
     VARIANCE_DIMS: tl.constexpr,
     BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
-    ROUND_TO_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     capped log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
@@ -85,92 +88,131 @@ def _score_units_kernel(
     always-attended position (recent window, sinks, the tail when ATTEND_TAIL); and the
     units' share of the row's density histograms: estimated mass of the units the walk may take
     (plane 0 of mass_hist), mass of the forced ones (plane 2). One atomic per (query head,
-    unit): at large batches atomics bound this kernel as much as the centroids it reads."""
+    unit).
+
+    Tensor cores take at least 16 query rows, and a group has fewer heads (4 in Llama and Gemma
+    3): with one head per row, three quarters of the [16, units] scores and of all the math and
+    atomics after the dots would be padding. So the units sit in REPLICAS slices of the
+    reduction dimension instead: unit start + c * REPLICAS + j is column c of the [units /
+    REPLICAS, REPLICAS * d] vector tile, in its slice j, and row j * GROUP_PAD + h of the query
+    tile holds head h's query in slice j (zeros elsewhere). The dots do the same work, and
+    their [16, units / REPLICAS] results are the scores of head h and that unit, every row used."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     seq_len = tl.load(seq_lens_ptr + request)
     num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
     tail_start = tl.load(clustered_ptr + request) * SEGMENT
-    if tl.program_id(1) * BLOCK_U >= num_cluster_units + seq_len - tail_start:
+    num_units = num_cluster_units + seq_len - tail_start
+    start = tl.program_id(1) * BLOCK_U
+    if start >= num_units:
         return  # a block wholly beyond the row's units (_row_units)
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
+    COLUMNS: tl.constexpr = BLOCK_U // REPLICAS
+    columns = tl.arange(0, COLUMNS)
+    slices = tl.arange(0, REPLICAS)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = (dims < HEAD_DIM)[None, None, :]
 
-    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
-    in_range = units < max_units
-    is_cluster = units < num_cluster_units
-    is_tail = (units >= num_cluster_units) & (units < num_cluster_units + seq_len - tail_start)
+    # the vector tile: [columns, slices] units, each a centroid or a tail key of d values
+    tile_units = start + columns[:, None] * REPLICAS + slices[None, :]
+    tile_cluster = tile_units < num_cluster_units
+    tile_tail = (tile_units >= num_cluster_units) & (tile_units < num_units)
+    tile_segment = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + tile_units // CLUSTERS,
+        mask=tile_cluster,
+        other=0,
+    ).to(tl.int64)
+    tile_cluster_row = (tile_segment * num_kv_heads + kv_head) * CLUSTERS + tile_units % CLUSTERS
+    kv_slot = tl.load(
+        req_to_token_ptr + pool_index * stride_req_token + tail_start + tile_units
+        - num_cluster_units,
+        mask=tile_tail,
+        other=0,
+    ).to(tl.int64)
+    centroid = tl.load(
+        centroids_ptr + (tile_cluster_row * HEAD_DIM)[:, :, None] + dims[None, None, :],
+        mask=tile_cluster[:, :, None] & dim_mask,
+        other=0.0,
+    )
+    key = tl.load(
+        k_ptr + ((kv_slot * num_kv_heads + kv_head) * HEAD_DIM)[:, :, None] + dims[None, None, :],
+        mask=tile_tail[:, :, None] & dim_mask,
+        other=0.0,
+    )
+    vectors = tl.where(tile_cluster[:, :, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
+    vectors = tl.reshape(vectors, [COLUMNS, REPLICAS * BLOCK_D])
+
+    # the query tile: row r = slice * GROUP_PAD + head, its head's query in its own slice
+    tile_rows = tl.arange(0, BLOCK_H)
+    heads = tile_rows % GROUP_PAD
+    row_slice = tile_rows // GROUP_PAD
+    live = (heads < GROUP) & (row_slice < REPLICAS)
+    q = tl.load(
+        q_ptr + request * stride_q_batch + (kv_head * GROUP + heads)[:, None] * stride_q_head
+        + dims[None, :],
+        mask=live[:, None] & (dims < HEAD_DIM)[None, :],
+        other=0.0,
+    )
+    in_slice = (row_slice[:, None] == slices[None, :])[:, :, None]
+    queries = tl.where(in_slice, q.to(DOT_DTYPE)[:, None, :], 0.0).to(DOT_DTYPE)
+    queries = tl.reshape(queries, [BLOCK_H, REPLICAS * BLOCK_D])
+    # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
+    # products (tf32 would move scores by 1e-3 and the selection with them)
+    scores = tl.dot(queries, tl.trans(vectors), input_precision=DOT_PRECISION) * scale
+
+    # everything per (query head, unit) from here on: the [BLOCK_H, COLUMNS] tile of the scores
+    units = start + columns[None, :] * REPLICAS + row_slice[:, None]
+    stored = live[:, None] & (units < max_units)
+    is_cluster = (units < num_cluster_units) & live[:, None]
+    is_tail = (units >= num_cluster_units) & (units < num_units)
     segment_slot = tl.load(
         req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
         mask=is_cluster,
         other=0,
     ).to(tl.int64)
     cluster_row = (segment_slot * num_kv_heads + kv_head) * CLUSTERS + units % CLUSTERS
-    kv_slot = tl.load(
-        req_to_token_ptr + pool_index * stride_req_token + tail_start + units - num_cluster_units,
-        mask=is_tail,
-        other=0,
-    ).to(tl.int64)
-
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
-    centroid = tl.load(
-        centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
-        mask=is_cluster[:, None] & dim_mask[None, :],
-        other=0.0,
-    )
-    key = tl.load(
-        k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
-        mask=is_tail[:, None] & dim_mask[None, :],
-        other=0.0,
-    )
-    vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
-
-    heads = tl.arange(0, BLOCK_H)
-    head_mask = heads < GROUP
-    q = load_group_queries(
-        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
-    ).to(tl.float32)
-    # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
-    # products (tf32 would move scores by 1e-3 and the selection with them)
-    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION) * scale
-    query_norm_sq = tl.sum(q * q, axis=1)
-
     segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
     local = units % CLUSTERS
     cluster_size = tl.load(segment_offsets + local + 1, mask=is_cluster, other=0) - tl.load(
         segment_offsets + local, mask=is_cluster, other=0
     )
     size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
+    q = q.to(tl.float32)
     if VARIANCE_DIMS == 1:
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
-        score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
-    else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
-        codes = tl.load(  # 8-bit codes of log2 (clustering.decode_variances); 0 is zero
-            variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
-            mask=is_cluster[:, None] & dim_mask[None, :],
+        score_variance = tl.sum(q * q, axis=1)[:, None] * spread * (scale * scale)
+    else:  # sum_i q_i^2 var_i: a second vector tile like the centroids'
+        codes = tl.load(  # 8-bit floats, the top bits of bf16 values (decode_variances)
+            variances_ptr + (tile_cluster_row * HEAD_DIM)[:, :, None] + dims[None, None, :],
+            mask=tile_cluster[:, :, None] & dim_mask,
             other=0,
-        ).to(tl.float32)
-        variances = tl.where(codes > 0, tl.exp2((codes - 128.0) * _VARIANCE_STEP), 0.0)
+        ).to(tl.int32)
+        fields = tl.where(codes > 0, codes + VARIANCE_BIAS, 0)
         # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
-        # registers and took 4x the centroid scoring); the reference rounds the same way (to
-        # nearest, ties to even, as the GPU's cast does). Under the interpreter the same bf16
-        # values go through an fp32 dot (dot_dtype), whose default tf32 products of bf16 values
-        # are exact too; its casts truncate, so it rounds explicitly
+        # registers and took 4x the centroid scoring); the reference rounds q_i^2 the same way
+        # (to nearest, ties to even, as the GPU's cast does). Under the interpreter the same
+        # bf16 values go through an fp32 dot (dot_dtype), whose default tf32 products of bf16
+        # values are exact too; its casts truncate, so it rounds explicitly
         weights = q * q
-        if ROUND_TO_BF16:
-            weights, variances = _bf16_nearest(weights), _bf16_nearest(variances)
-        score_variance = tl.dot(weights.to(VARIANCE_DOT_DTYPE),
-                                tl.trans(variances.to(VARIANCE_DOT_DTYPE))) * (scale * scale)
+        if INTERPRETED:
+            weights = _bf16_nearest(weights)
+            variances = (fields << (VARIANCE_SHIFT + 16)).to(tl.float32, bitcast=True)
+        else:
+            variances = (fields << VARIANCE_SHIFT).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        variances = tl.reshape(variances.to(VARIANCE_DOT_DTYPE), [COLUMNS, REPLICAS * BLOCK_D])
+        weights = tl.where(in_slice, weights.to(VARIANCE_DOT_DTYPE)[:, None, :], 0.0)
+        weights = tl.reshape(weights.to(VARIANCE_DOT_DTYPE), [BLOCK_H, REPLICAS * BLOCK_D])
+        score_variance = tl.dot(weights, tl.trans(variances)) * (scale * scale)
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
-    log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
+    log_size = tl.log(tl.maximum(size, 1).to(tl.float32))
     ceiling = tl.sqrt(score_variance * 2.0 * log_size)
     log_mass = log_size + scores + tl.minimum(score_variance * 0.5, ceiling)
-    log_mass = tl.where((size > 0)[None, :], log_mass, float("-inf"))
-    stored = head_mask[:, None] & in_range[None, :]
-    out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
+    log_mass = tl.where(size > 0, log_mass, float("-inf"))
+    out = (row * GROUP + heads)[:, None] * max_units + units
     tl.store(log_mass_ptr + out, log_mass, mask=stored)
-    tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
+    first_head = stored & (heads == 0)[:, None]  # one row of the tile per unit
+    tl.store(unit_size_ptr + row * max_units + units, size, mask=first_head)
 
     # the units of the always-attended positions: the last recent_window, the first sink_tokens
     slots = tl.arange(0, BLOCK_F)
@@ -198,20 +240,20 @@ def _score_units_kernel(
         num_cluster_units + positions - tail_start,
     )
     forced_units = tl.where(position_valid, forced_units, -1)
-    forced = tl.max((units[:, None] == forced_units[None, :]).to(tl.int32), axis=1) > 0
+    forced = tl.max((units[:, :, None] == forced_units[None, None, :]).to(tl.int32), axis=2) > 0
     if ATTEND_TAIL:
         forced = forced | is_tail
-    tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=in_range)
+    tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=first_head)
 
     occupied = size > 0
-    bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
+    bins = _density_bin(log_mass, size, lowest_density, inverse_bin_width, BINS)
     relative = _relative_mass(log_mass, bins, lowest_density, bin_width)
     hist_row = (row * GROUP + heads)[:, None]
-    candidate = stored & (occupied & ~forced)[None, :]
+    candidate = stored & occupied & ~forced
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 0) * BINS + bins, relative, mask=candidate,
                   sem="relaxed")  # fmt: skip
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
-                  mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
+                  mask=stored & occupied & forced, sem="relaxed")  # fmt: skip
 
 
 @triton.jit
@@ -689,6 +731,7 @@ def select_rows(
     score_units_per_program: int = 64,
     units_per_program: int = 64,
     exact_units_per_program: int = 4,
+    score_replicas: int | None = None,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_to_segment [max_reqs, max_segments] int32: each request's segment slots in the pool;
@@ -700,7 +743,10 @@ def select_rows(
     score_units_per_program: units one scoring program reads; units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
-    exact_units_per_program: clusters whose members one exact-scoring step reads as one tile.
+    exact_units_per_program: clusters whose members one exact-scoring step reads as one tile;
+    score_replicas: slices of the scoring dots' reduction dimension the units are spread over, so
+    that a group of fewer than 16 query heads fills the tensor cores' 16 rows (_score_units_kernel;
+    default as many as fit: 16 / group, at least 16 units a slice).
 
     Seven launches, each a single pass in parallel over (row, unit block) or (row, query head):
     score every unit into per-(row, head) density histograms; find the exact threshold bin;
@@ -729,6 +775,12 @@ def select_rows(
                    inverse_bin_width=1.0 / config.density_bin_width)  # fmt: skip
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
+    group_pad = triton.next_power_of_2(group)  # kernels without tl.dot need no 16-row tile
+    most_replicas = max(1, min(block_h // group_pad, score_units_per_program // 16))
+    replicas = most_replicas if score_replicas is None else score_replicas
+    if not (replicas >= 1 and replicas & (replicas - 1) == 0 and replicas <= most_replicas):
+        raise ValueError(f"score_replicas must be a power of 2 up to {most_replicas} at a group "
+                         f"of {group} and {score_units_per_program} units, got {replicas}")
     common = dict(
         GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters, BINS=bins,
         DOT_DTYPE=dot_dtype(k_cache.dtype),
@@ -736,7 +788,6 @@ def select_rows(
     )  # fmt: skip
     grid = (rows, num_blocks)
     unit_block = dict(BLOCK_U=units_per_program, num_warps=8 if units_per_program >= 256 else 4)
-    group_pad = triton.next_power_of_2(group)  # kernels without tl.dot need no 16-row tile
 
     # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
     # bins] float32, then int32 counters: row tokens [rows], head tokens [rows, group], listed
@@ -760,9 +811,10 @@ def select_rows(
         bin_width=config.density_bin_width, **binning,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
+        GROUP_PAD=group_pad, REPLICAS=replicas,
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
         VARIANCE_DOT_DTYPE=dot_dtype(torch.bfloat16),
-        ROUND_TO_BF16=dot_dtype(torch.bfloat16) == tl.float32, **common,
+        INTERPRETED=dot_dtype(torch.bfloat16) == tl.float32, **common,
     )  # fmt: skip
 
     if config.exact_fraction > 0:

@@ -78,9 +78,38 @@ def to_device(pool):
 )
 def test_selection_matches_reference(config):
     # a context shorter than a segment, one of exactly one segment, and ones with tails
+    check_against_reference(config, score_units_per_program=16, units_per_program=32,
+                            exact_units_per_program=4)  # fmt: skip
+
+
+@pytest.mark.parametrize("group,replicas", [(1, None), (2, None), (2, 2), (4, None), (4, 1),
+                                            (8, None)])  # fmt: skip
+@pytest.mark.parametrize("variance", ["diagonal", "isotropic"])
+def test_replicated_scoring_tiles_match_reference(group, replicas, variance):
+    """The scoring kernel spreads 64 units over 16 / group slices of its dots (4 at most: 16
+    units a slice), so every row of the 16-row tile is a (query head, unit): at each group size,
+    with fewer slices than fit, and with one (a group of 4 as 16 rows of which 4 are used)."""
+    config = TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5,
+                          variance=variance)  # fmt: skip
+    check_against_reference(config, group=group, score_units_per_program=64,
+                            score_replicas=replicas, units_per_program=32)  # fmt: skip
+
+
+def test_score_replicas_must_fit():
+    config = TacticConfig(segment_size=64)
+    with pytest.raises(ValueError, match="score_replicas must be a power of 2 up to 4"):
+        check_against_reference(config, score_units_per_program=64, score_replicas=8)
+    with pytest.raises(ValueError, match="up to 1 at a group of 4 and 16 units"):
+        check_against_reference(config, score_units_per_program=16, score_replicas=2)
+
+
+def check_against_reference(config, group=4, **launch):
+    """select_rows over five requests (shorter than a segment, exactly one, with tails; five
+    workloads and targets) gives each (request, KV head) the reference plan's tokens, query head
+    counts and estimated masses."""
     lengths = [300, 64, 5, 257, 1]
     kinds = ["topics", "needles", "flat", "recency_sink", "topics"]
-    batch = make_batch(lengths, kinds, config)
+    batch = make_batch(lengths, kinds, config, group=group)
     k_cache, req_to_token, pool, req_to_segment, pool_indices, q, references = batch
     targets = torch.zeros(len(lengths) + 2)
     targets[pool_indices] = torch.tensor([0.9, 0.5, 0.99, 0.75, 1.0])
@@ -89,8 +118,7 @@ def test_selection_matches_reference(config):
         q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_segment.to(DEVICE),
         req_to_token.to(DEVICE),
         pool_indices.to(DEVICE), seq_lens.to(DEVICE), targets.to(DEVICE),
-        max_seq_len=300, config=config, score_units_per_program=16, units_per_program=32,
-        exact_units_per_program=4,
+        max_seq_len=300, config=config, **launch,
     )  # fmt: skip
     indptr, indices = selected.indptr.cpu(), selected.indices.cpu()
     for request, (query, keys, index, slots) in enumerate(references):

@@ -80,25 +80,33 @@ def _cluster_means(points: torch.Tensor, assignments: torch.Tensor, num_clusters
 
 
 VARIANCE_CODE_STEPS = 8
-"""Per-dimension variances are kept as 8-bit codes of their log2, VARIANCE_CODE_STEPS a factor
-of 2 (a relative step of 9%; decoded as bf16 values, decode_variances, at most 4.8% off),
-2^-15.9 .. 2^15.9; code 0 is a zero variance (a singleton cluster's). The mass estimate sums d
-of them, so their errors mostly cancel; a quarter of a bf16 value's bytes."""
+"""Per-dimension variances are kept as 8-bit unsigned floats: code c > 0 is
+2^((c >> 3) - 16) * (1 + (c & 7) / 8), VARIANCE_CODE_STEPS values per factor of 2 (a bf16 value's
+top three mantissa bits: decoding is an add and a shift, no exp2), 2^-15.8 .. 2^15.9, rounded to
+the nearest (at most 1/17 off); code 0 is a zero variance (a singleton cluster's) and what lies
+below the range. The mass estimate sums d of them, so their errors mostly cancel; a quarter of a
+bf16 value's bytes."""
+
+VARIANCE_CODE_BIAS = 127 * VARIANCE_CODE_STEPS - 128
+"""code + VARIANCE_CODE_BIAS is the (exponent, top mantissa bits) field of the code's bf16 value
+(code 128 is 1.0); shifted left by VARIANCE_CODE_SHIFT it is the bf16 value's bits."""
+VARIANCE_CODE_SHIFT = 7 - 3  # bf16 mantissa bits not kept (3 = log2 VARIANCE_CODE_STEPS)
 
 
 def encode_variances(variances: torch.Tensor) -> torch.Tensor:
-    """uint8 codes of variances >= 0 (see VARIANCE_CODE_STEPS)."""
-    logs = torch.log2(variances.float().clamp_min(2.0**-126)) * VARIANCE_CODE_STEPS
-    codes = (logs.round() + 128).clamp(1, 255)
-    return torch.where(variances > 2.0 ** (-127.5 / VARIANCE_CODE_STEPS), codes, 0).to(torch.uint8)
+    """uint8 codes of variances >= 0 (see VARIANCE_CODE_STEPS), rounded to the nearest code."""
+    bits = variances.float().contiguous().view(torch.int32).long()
+    dropped = VARIANCE_CODE_SHIFT + 16  # float32 bits below the code's
+    codes = ((bits + (1 << (dropped - 1))) >> dropped) - VARIANCE_CODE_BIAS
+    return codes.clamp(0, 255).to(torch.uint8)
 
 
 def decode_variances(codes: torch.Tensor) -> torch.Tensor:
-    """float32 variances of uint8 codes, rounded to bf16 as the selection kernel decodes them
-    (it sums q_i^2 var_i on tensor cores; every code's exp2 lies far from a bf16 rounding
-    midpoint, so its rounding and torch's agree)."""
-    values = torch.exp2((codes.float() - 128.0) / VARIANCE_CODE_STEPS).to(torch.bfloat16)
-    return torch.where(codes > 0, values.float(), 0.0)
+    """float32 variances of uint8 codes: bf16 values, as the selection kernel builds them from
+    the bits (it sums q_i^2 var_i on tensor cores)."""
+    fields = codes.long() + VARIANCE_CODE_BIAS
+    bits = (fields << (VARIANCE_CODE_SHIFT + 16)).to(torch.int32)
+    return torch.where(codes > 0, bits.view(torch.float32), 0.0)
 
 
 def variance_dims(config: TacticConfig, head_dim: int) -> int:
