@@ -430,13 +430,18 @@ def _exact_units_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, p) of P per row: every P-th group of BLOCK_E clusters of the row's exact
-    list, scored over their members (one [BLOCK_E * BLOCK_M, d] tile per step), so the work of
-    a row spreads evenly over its programs; each cluster's exact log-mass replaces the estimate
-    for the query heads that flagged it, and its mass goes into the exact plane."""
+    list, scored over their members, so the work of a row spreads evenly over its programs; each
+    cluster's exact log-mass replaces the estimate for the query heads that flagged it, and its
+    mass goes into the exact plane. As in _score_units_kernel, the clusters of a step sit in
+    BLOCK_E slices of the dot's reduction dimension: row e * GROUP_PAD + h of the query tile is
+    head h in slice e, column m of the [BLOCK_M, BLOCK_E * d] key tile holds member m of each
+    cluster e in its slice, so the [BLOCK_H, BLOCK_M] scores are (head, cluster) rows by member
+    (with one head per row, 4 of 16 rows of a group of 4 would be used)."""
     row = tl.program_id(0)
     programs = tl.num_programs(1)
     count = tl.load(exact_count_ptr + row)
@@ -444,63 +449,76 @@ def _exact_units_kernel(
         request = row // num_kv_heads
         kv_head = row % num_kv_heads
         pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-        heads = tl.arange(0, BLOCK_H)
-        head_mask = heads < GROUP
-        hist_row = (row * GROUP + heads)[:, None]
-        thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask,
-                             other=BINS)  # fmt: skip
+        tile_rows = tl.arange(0, BLOCK_H)
+        heads = tile_rows % GROUP_PAD
+        row_entry = tile_rows // GROUP_PAD
+        live_row = (heads < GROUP) & (row_entry < BLOCK_E)
+        hist_row = row * GROUP + heads
+        thresholds = tl.load(exact_threshold_ptr + hist_row, mask=live_row, other=BINS)
         dims = tl.arange(0, BLOCK_D)
-        dim_mask = dims < HEAD_DIM
-        q = load_group_queries(
-            q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H,
-            BLOCK_D,
-        ).to(DOT_DTYPE)  # fmt: skip
+        dim_mask = (dims < HEAD_DIM)[None, None, :]
+        q = tl.load(
+            q_ptr + request * stride_q_batch + (kv_head * GROUP + heads)[:, None] * stride_q_head
+            + dims[None, :],
+            mask=live_row[:, None] & (dims < HEAD_DIM)[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        slices = tl.arange(0, BLOCK_E)
+        in_slice = (row_entry[:, None] == slices[None, :])[:, :, None]
+        queries = tl.where(in_slice, q[:, None, :], 0.0).to(DOT_DTYPE)
+        queries = tl.reshape(queries, [BLOCK_H, BLOCK_E * BLOCK_D])
         members = tl.arange(0, BLOCK_M)
         for first in range(tl.program_id(1) * BLOCK_E, count, programs * BLOCK_E):
-            entries = first + tl.arange(0, BLOCK_E)
+            # the step's clusters, once per slice (the key tile) and once per row
+            entries = first + slices
             live = entries < count
             unit = tl.load(exact_units_ptr + row * max_units + entries, mask=live, other=0)
             segment_row, start, members_count = _cluster_span(
                 req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, live,
                 stride_req_segment, num_kv_heads, CLUSTERS,
             )  # fmt: skip
-            unit_size = tl.load(unit_size_ptr + row * max_units + unit, mask=live, other=0)
-            unit_estimate = tl.load(log_mass_ptr + hist_row * max_units + unit[None, :],
-                                    mask=head_mask[:, None] & live[None, :], other=0.0)  # fmt: skip
-            unit_bins = _density_bin(unit_estimate, unit_size[None, :], lowest_density,
-                                     inverse_bin_width, BINS)  # fmt: skip
-            flags = head_mask[:, None] & live[None, :] & (unit_bins >= thresholds[:, None])
-            running_max = tl.full([BLOCK_H, BLOCK_E], float("-inf"), dtype=tl.float32)
-            running_sum = tl.zeros([BLOCK_H, BLOCK_E], dtype=tl.float32)
+            row_live = live_row & (first + row_entry < count)
+            row_unit = tl.load(exact_units_ptr + row * max_units + first + row_entry,
+                               mask=row_live, other=0)  # fmt: skip
+            _, _, row_members = _cluster_span(
+                req_to_segment_ptr, offsets_ptr, pool_index, kv_head, row_unit, row_live,
+                stride_req_segment, num_kv_heads, CLUSTERS,
+            )  # fmt: skip
+            row_size = tl.load(unit_size_ptr + row * max_units + row_unit, mask=row_live, other=0)
+            row_estimate = tl.load(log_mass_ptr + hist_row * max_units + row_unit, mask=row_live,
+                                   other=0.0)  # fmt: skip
+            row_bins = _density_bin(row_estimate, row_size, lowest_density, inverse_bin_width,
+                                    BINS)  # fmt: skip
+            flags = row_live & (row_bins >= thresholds)
+            running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+            running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
             for member_start in range(0, tl.max(members_count, axis=0), BLOCK_M):
-                member_mask = (member_start + members)[None, :] < members_count[:, None]
+                member_mask = (member_start + members)[:, None] < members_count[None, :]
                 slots = tl.load(
-                    member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None]
-                    + member_start + members[None, :],
+                    member_slots_ptr + segment_row[None, :] * SEGMENT + start[None, :]
+                    + member_start + members[:, None],
                     mask=member_mask,
                     other=0,
                 ).to(tl.int64)  # fmt: skip
-                rows_3d = (slots * num_kv_heads + kv_head)[:, :, None] * HEAD_DIM + dims[
-                    None, None, :
-                ]
                 keys = tl.load(
-                    k_ptr + rows_3d, mask=member_mask[:, :, None] & dim_mask[None, None, :],
+                    k_ptr + ((slots * num_kv_heads + kv_head) * HEAD_DIM)[:, :, None]
+                    + dims[None, None, :],
+                    mask=member_mask[:, :, None] & dim_mask,
                     other=0.0,
                 ).to(DOT_DTYPE)  # fmt: skip
-                keys = tl.reshape(keys, (BLOCK_E * BLOCK_M, BLOCK_D))
-                scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
-                scores = tl.reshape(scores, (BLOCK_H, BLOCK_E, BLOCK_M))
-                scores = tl.where(member_mask[None, :, :], scores, float("-inf"))
-                new_max = tl.maximum(running_max, tl.max(scores, axis=2))
+                keys = tl.reshape(keys, [BLOCK_M, BLOCK_E * BLOCK_D])
+                scores = tl.dot(queries, tl.trans(keys), input_precision=DOT_PRECISION) * scale
+                valid = (member_start + members)[None, :] < row_members[:, None]
+                scores = tl.where(valid, scores, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(scores, axis=1))
                 safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
                 running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
-                    tl.exp(scores - safe_max[:, :, None]), axis=2
+                    tl.exp(scores - safe_max[:, None]), axis=1
                 )
                 running_max = new_max
             exact = running_max + tl.log(tl.where(running_sum > 0, running_sum, 1.0))
-            tl.store(log_mass_ptr + hist_row * max_units + unit[None, :], exact, mask=flags)
-            exact_bins = _density_bin(exact, unit_size[None, :], lowest_density,
-                                      inverse_bin_width, BINS)  # fmt: skip
+            tl.store(log_mass_ptr + hist_row * max_units + row_unit, exact, mask=flags)
+            exact_bins = _density_bin(exact, row_size, lowest_density, inverse_bin_width, BINS)
             tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 1) * BINS + exact_bins,
                           _relative_mass(exact, exact_bins, lowest_density, bin_width),
                           mask=flags, sem="relaxed")  # fmt: skip
@@ -830,16 +848,18 @@ def select_rows(
             bin_width=config.density_bin_width, **binning, GROUP=group, SEGMENT=size,
             CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
         )  # fmt: skip
-        # a fixed number of programs per row, each taking every P-th group of listed clusters
-        exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
+        # a fixed number of programs per row, each taking every P-th group of listed clusters;
+        # a step's clusters times the group's heads are the query tile's rows, at most 32
+        exact_block = max(1, min(exact_units_per_program, 32 // group_pad))
+        exact_programs = max(1, min(triton.cdiv(max_units, exact_block),
                                     EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
         _exact_units_kernel[(rows, exact_programs)](
             q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
             log_mass, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
             q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
             bin_width=config.density_bin_width, **binning,
-            BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program, BLOCK_M=32,
-            **common,
+            BLOCK_H=max(16, group_pad * exact_block), BLOCK_D=block_d, BLOCK_E=exact_block,
+            BLOCK_M=32, GROUP_PAD=group_pad, **common,
         )  # fmt: skip
     else:  # nothing is scored exactly: no bin reaches the threshold
         exact_threshold = torch.full((rows, group), bins, dtype=torch.int32, device=device)

@@ -88,11 +88,14 @@ def test_selection_matches_reference(config):
 def test_replicated_scoring_tiles_match_reference(group, replicas, variance):
     """The scoring kernel spreads 64 units over 16 / group slices of its dots (4 at most: 16
     units a slice), so every row of the 16-row tile is a (query head, unit): at each group size,
-    with fewer slices than fit, and with one (a group of 4 as 16 rows of which 4 are used)."""
+    with fewer slices than fit, and with one (a group of 4 as 16 rows of which 4 are used). The
+    exact kernel's clusters of a step are slices the same way (4 or 2 a step, at most 32 rows:
+    a group of 8 takes 4 clusters a step, one of 16 rows would take 2)."""
     config = TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5,
-                          variance=variance)  # fmt: skip
+                          variance=variance, exact_fraction=0.1)  # fmt: skip
     check_against_reference(config, group=group, score_units_per_program=64,
-                            score_replicas=replicas, units_per_program=32)  # fmt: skip
+                            score_replicas=replicas, units_per_program=32,
+                            exact_units_per_program=2 if replicas == 1 else 4)  # fmt: skip
 
 
 def test_score_replicas_must_fit():
