@@ -28,7 +28,7 @@ from tactic_server.tactic.config import TacticConfig
 from tactic_server.tactic.selection import MAX_RELATIVE_LOG_MASS
 
 from .cluster_pool import ClusterPool
-from .decode_attention import dot_dtype, dot_precision, load_group_queries
+from .decode_attention import dot_dtype, dot_precision
 
 VARIANCE_BIAS = tl.constexpr(VARIANCE_CODE_BIAS)  # a variance code + this: its bf16 value's
 VARIANCE_SHIFT = tl.constexpr(VARIANCE_CODE_SHIFT)  # top bits, shifted left by VARIANCE_SHIFT
