@@ -574,7 +574,8 @@ def _mark_kernel(
     walk_threshold_ptr,
     seq_lens_ptr,
     clustered_ptr,
-    selected_ptr,
+    picked_ptr,
+    block_units_ptr,
     block_tokens_ptr,
     row_tokens_ptr,
     head_tokens_ptr,
@@ -591,13 +592,16 @@ def _mark_kernel(
     BLOCK_U: tl.constexpr,
 ):
     """Program (row, unit block): which units the row reads (forced, or at or above a query
-    head's walk threshold), the block's and the row's token counts, and each query head's own
+    head's walk threshold), listed at the start of the block's stretch of picked [rows * blocks,
+    2, BLOCK_U] (unit, then its tokens' offset in the block's part of the row, in unit order),
+    their count (block_units), the block's and the row's token counts, and each query head's own
     (a block beyond the row's units counts none and writes nothing else)."""
     row = tl.program_id(0)
     block = tl.program_id(1)
     row_units = _row_units(seq_lens_ptr, clustered_ptr, row // num_kv_heads, SEGMENT, CLUSTERS)
     if block * BLOCK_U >= row_units:
         tl.store(block_tokens_ptr + row * num_blocks + block, 0)
+        tl.store(block_units_ptr + row * num_blocks + block, 0)
         return
     units = block * BLOCK_U + tl.arange(0, BLOCK_U)
     in_range = units < row_units
@@ -618,8 +622,13 @@ def _mark_kernel(
         & (forced[None, :] | (bins >= thresholds[:, None]))
     )  # fmt: skip
     selected = tl.max(by_head.to(tl.int32), axis=0) > 0
-    tl.store(selected_ptr + row * max_units + units, selected.to(tl.int8), mask=in_range)
-    tokens = tl.sum(tl.where(selected, size, 0), axis=0)
+    picked = selected.to(tl.int32)
+    taken = tl.where(selected, size, 0)
+    entry = picked_ptr + (row * num_blocks + block) * 2 * BLOCK_U + tl.cumsum(picked, axis=0) - 1
+    tl.store(entry, units, mask=selected)
+    tl.store(entry + BLOCK_U, tl.cumsum(taken, axis=0) - taken, mask=selected)
+    tl.store(block_units_ptr + row * num_blocks + block, tl.sum(picked, axis=0))
+    tokens = tl.sum(taken, axis=0)
     tl.store(block_tokens_ptr + row * num_blocks + block, tokens)
     tl.atomic_add(row_tokens_ptr + row, tokens, sem="relaxed")
     tl.atomic_add(head_tokens_ptr + row * GROUP + heads,
@@ -635,9 +644,9 @@ def _write_rows_kernel(
     req_to_token_ptr,
     req_pool_ptr,
     clustered_ptr,
-    seq_lens_ptr,
     unit_size_ptr,
-    selected_ptr,
+    picked_ptr,
+    block_units_ptr,
     block_tokens_ptr,
     row_tokens_ptr,
     indptr_ptr,
@@ -651,13 +660,15 @@ def _write_rows_kernel(
     SEGMENT: tl.constexpr,
     CLUSTERS: tl.constexpr,
     BLOCK_U: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    """Program (row, unit block): the CSR offsets (rows before this one, blocks before this one,
-    units before each unit of the block), then each selected unit's KV rows (slot * H_kv +
-    kv_head) at its place in indices; block 0 writes indptr[row + 1]."""
+    """Program (row, unit block): the CSR offsets (rows before this one, blocks before this one),
+    then the KV rows (slot * H_kv + kv_head) of the block's picked units (_mark_kernel's list,
+    BLOCK_E units by BLOCK_M members a step: only units read are touched) at their places in
+    indices, in unit order; block 0 writes indptr[row + 1]."""
     row = tl.program_id(0)
     block = tl.program_id(1)
     earlier_rows = tl.arange(0, BLOCK_R)
@@ -668,9 +679,10 @@ def _write_rows_kernel(
         tl.store(indptr_ptr + row + 1, row_start + tl.load(row_tokens_ptr + row))
         if row == 0:
             tl.store(indptr_ptr, 0)
-    if tl.load(block_tokens_ptr + row * num_blocks + block) > 0:
+    picked_count = tl.load(block_units_ptr + row * num_blocks + block)
+    if picked_count > 0:
         earlier_blocks = tl.arange(0, BLOCK_B)
-        block_start = tl.sum(
+        block_start = row_start + tl.sum(
             tl.load(block_tokens_ptr + row * num_blocks + earlier_blocks,
                     mask=earlier_blocks < block, other=0),
             axis=0,
@@ -680,40 +692,41 @@ def _write_rows_kernel(
         pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
         num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
         tail_start = tl.load(clustered_ptr + request) * SEGMENT
-        units = block * BLOCK_U + tl.arange(0, BLOCK_U)
-        in_range = units < num_cluster_units + tl.load(seq_lens_ptr + request) - tail_start
-        selected = tl.load(selected_ptr + row * max_units + units, mask=in_range, other=0) > 0
-        count = tl.where(
-            selected, tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0), 0
-        )
-        destination = row_start + block_start + tl.cumsum(count, axis=0) - count
-        is_cluster = selected & (units < num_cluster_units)
-        is_tail = selected & (units >= num_cluster_units)
-        segment_row, start, _ = _cluster_span(
-            req_to_segment_ptr, offsets_ptr, pool_index, kv_head, units, is_cluster,
-            stride_req_segment, num_kv_heads, CLUSTERS,
-        )  # fmt: skip
-        tail_slot = tl.load(
-            req_to_token_ptr + pool_index * stride_req_token + tail_start + units
-            - num_cluster_units,
-            mask=is_tail,
-            other=0,
-        )  # fmt: skip
+        picked = picked_ptr + (row * num_blocks + block) * 2 * BLOCK_U
+        entries = tl.arange(0, BLOCK_E)
         members = tl.arange(0, BLOCK_M)
-        for member_start in range(0, tl.max(count, axis=0), BLOCK_M):
-            member_mask = (member_start + members)[None, :] < count[:, None]
-            member_slot = tl.load(
-                member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None]
-                + member_start + members[None, :],
-                mask=member_mask & is_cluster[:, None],
+        for first in range(0, picked_count, BLOCK_E):
+            live = first + entries < picked_count
+            units = tl.load(picked + first + entries, mask=live, other=0)
+            destination = block_start + tl.load(picked + BLOCK_U + first + entries, mask=live,
+                                                 other=0)  # fmt: skip
+            count = tl.load(unit_size_ptr + row * max_units + units, mask=live, other=0)
+            is_cluster = live & (units < num_cluster_units)
+            is_tail = live & (units >= num_cluster_units)
+            segment_row, start, _ = _cluster_span(
+                req_to_segment_ptr, offsets_ptr, pool_index, kv_head, units, is_cluster,
+                stride_req_segment, num_kv_heads, CLUSTERS,
+            )  # fmt: skip
+            tail_slot = tl.load(
+                req_to_token_ptr + pool_index * stride_req_token + tail_start + units
+                - num_cluster_units,
+                mask=is_tail,
                 other=0,
             )  # fmt: skip
-            slot = tl.where(is_cluster[:, None], member_slot, tail_slot[:, None])
-            tl.store(
-                indices_ptr + destination[:, None] + member_start + members[None, :],
-                slot * num_kv_heads + kv_head,
-                mask=member_mask,
-            )
+            for member_start in range(0, tl.max(count, axis=0), BLOCK_M):
+                member_mask = (member_start + members)[None, :] < count[:, None]
+                member_slot = tl.load(
+                    member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None]
+                    + member_start + members[None, :],
+                    mask=member_mask & is_cluster[:, None],
+                    other=0,
+                )  # fmt: skip
+                slot = tl.where(is_cluster[:, None], member_slot, tail_slot[:, None])
+                tl.store(
+                    indices_ptr + destination[:, None] + member_start + members[None, :],
+                    slot * num_kv_heads + kv_head,
+                    mask=member_mask,
+                )
 
 
 EXACT_PROGRAMS_PER_BATCH = 2048
@@ -750,6 +763,8 @@ def select_rows(
     units_per_program: int = 64,
     exact_units_per_program: int = 4,
     score_replicas: int | None = None,
+    write_units_per_step: int = 16,
+    write_members_per_step: int = 16,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_to_segment [max_reqs, max_segments] int32: each request's segment slots in the pool;
@@ -764,7 +779,8 @@ def select_rows(
     exact_units_per_program: clusters whose members one exact-scoring step reads as one tile;
     score_replicas: slices of the scoring dots' reduction dimension the units are spread over, so
     that a group of fewer than 16 query heads fills the tensor cores' 16 rows (_score_units_kernel;
-    default as many as fit: 16 / group, at least 16 units a slice).
+    default as many as fit: 16 / group, at least 16 units a slice); write_units_per_step,
+    write_members_per_step: the [units, members] tile of a row writing step.
 
     Seven launches, each a single pass in parallel over (row, unit block) or (row, query head):
     score every unit into per-(row, head) density histograms; find the exact threshold bin;
@@ -871,11 +887,15 @@ def select_rows(
         num_kv_heads, config.density_bin_width, GROUP=group, BINS=bins,
     )  # fmt: skip
 
-    selected = torch.empty(rows, max_units, dtype=torch.int8, device=device)
+    # each block's picked units and their token offsets, listed from the start of its stretch
+    picked = torch.empty(rows * num_blocks * 2 * units_per_program, dtype=torch.int32,
+                         device=device)  # fmt: skip
+    block_units = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
     block_tokens = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
     _mark_kernel[grid](
-        log_mass, unit_size, forced, walk_threshold, seq_lens, clustered_segments, selected,
-        block_tokens, row_tokens, head_tokens, num_kv_heads, max_units, num_blocks, **binning,
+        log_mass, unit_size, forced, walk_threshold, seq_lens, clustered_segments, picked,
+        block_units, block_tokens, row_tokens, head_tokens, num_kv_heads, max_units, num_blocks,
+        **binning,
         GROUP=group, SEGMENT=size, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad,
         **unit_block,
     )  # fmt: skip
@@ -883,10 +903,11 @@ def select_rows(
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
     _write_rows_kernel[grid](
         pool.member_slots, pool.cluster_offsets, req_to_segment, req_to_token,
-        req_pool_indices, clustered_segments, seq_lens, unit_size, selected, block_tokens,
+        req_pool_indices, clustered_segments, unit_size, picked, block_units, block_tokens,
         row_tokens, indptr, indices, req_to_segment.stride(0), req_to_token.stride(0), rows,
         num_kv_heads,
-        max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters, BLOCK_M=32, **unit_block,
+        max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters, BLOCK_E=write_units_per_step,
+        BLOCK_M=write_members_per_step, **unit_block,
         BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=triton.next_power_of_2(num_blocks),
     )  # fmt: skip
     return SelectedRows(
