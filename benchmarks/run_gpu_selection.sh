@@ -3,7 +3,8 @@
 # CUDA, the profile of one selection step, and the decode benchmark with the given arguments
 # (it replaces run_gpu_kernels.sh, which ran every gpu-marked test before the benchmark: the
 # SGLang ones need the SGLang site, which a kernel run does not carry).
-# Everything lands in $OUT.  Usage: PROFILE="131072:1 131072:16" bash benchmarks/run_gpu_selection.sh \
+# Everything lands in $OUT.  NCU="131072:16": Nsight Compute sections of the selection kernels.
+# Usage: PROFILE="131072:1 131072:16" bash benchmarks/run_gpu_selection.sh \
 #     --contexts 32768 131072 --batches 1 16 --fractions 0.01 0.03 0.1 0.3
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,6 +19,16 @@ for shape in ${PROFILE:-}; do
   python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
     >"$OUT/profile_selection_${shape%%:*}_b${shape##*:}.txt" 2>&1
   tail -1 "$OUT/profile_selection_${shape%%:*}_b${shape##*:}.txt"
+done
+# Nsight Compute on the selection kernels of one step (after two warm steps), per NCU shape
+for shape in ${NCU:-}; do
+  ncu --clock-control none -k 'regex:_score_units_kernel|_exact_units_kernel|_mark_kernel|_write_rows_kernel|_exact_list_kernel' \
+    --launch-skip 10 --launch-count 5 --section SpeedOfLight --section WarpStateStats \
+    --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+    python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
+    >"$OUT/ncu_selection_${shape%%:*}_b${shape##*:}.txt" 2>&1
+  grep -E "^  _|Duration|Compute \(SM\) Throughput|DRAM Throughput|Registers Per|Achieved Occ" \
+    "$OUT/ncu_selection_${shape%%:*}_b${shape##*:}.txt" | head -40
 done
 if [ $# -gt 0 ]; then
   PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/decode_attention.json" \
