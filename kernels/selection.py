@@ -118,12 +118,10 @@ def _score_units_kernel(
     tile_units = start + columns[:, None] * REPLICAS + slices[None, :]
     tile_cluster = tile_units < num_cluster_units
     tile_tail = (tile_units >= num_cluster_units) & (tile_units < num_units)
-    tile_segment = tl.load(
-        req_to_segment_ptr + pool_index * stride_req_segment + tile_units // CLUSTERS,
-        mask=tile_cluster,
-        other=0,
-    ).to(tl.int64)
-    tile_cluster_row = (tile_segment * num_kv_heads + kv_head) * CLUSTERS + tile_units % CLUSTERS
+    tile_cluster_row = _segment_row(
+        req_to_segment_ptr, pool_index, kv_head, tile_units, tile_cluster, stride_req_segment,
+        num_kv_heads, CLUSTERS,
+    ) * CLUSTERS + tile_units % CLUSTERS  # fmt: skip
     kv_slot = tl.load(
         req_to_token_ptr + pool_index * stride_req_token + tail_start + tile_units
         - num_cluster_units,
@@ -166,13 +164,12 @@ def _score_units_kernel(
     stored = live[:, None] & (units < max_units)
     is_cluster = (units < num_cluster_units) & live[:, None]
     is_tail = (units >= num_cluster_units) & (units < num_units)
-    segment_slot = tl.load(
-        req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
-        mask=is_cluster,
-        other=0,
-    ).to(tl.int64)
-    cluster_row = (segment_slot * num_kv_heads + kv_head) * CLUSTERS + units % CLUSTERS
-    segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
+    segment_row = _segment_row(
+        req_to_segment_ptr, pool_index, kv_head, units, is_cluster, stride_req_segment,
+        num_kv_heads, CLUSTERS,
+    )  # fmt: skip
+    cluster_row = segment_row * CLUSTERS + units % CLUSTERS
+    segment_offsets = offsets_ptr + segment_row * (CLUSTERS + 1)
     local = units % CLUSTERS
     cluster_size = tl.load(segment_offsets + local + 1, mask=is_cluster, other=0) - tl.load(
         segment_offsets + local, mask=is_cluster, other=0
@@ -383,16 +380,27 @@ def _exact_list_kernel(
 
 
 @triton.jit
+def _segment_row(
+    req_to_segment_ptr, pool_index, kv_head, unit, mask, stride_req_segment, num_kv_heads,
+    CLUSTERS: tl.constexpr,
+):  # fmt: skip
+    """int64 row of the cluster pool's per-(segment slot, KV head) tables that holds cluster
+    units (where mask; 0 elsewhere): segment slot * H_kv + kv_head."""
+    segment_slot = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS, mask=mask, other=0
+    ).to(tl.int64)
+    return segment_slot * num_kv_heads + kv_head
+
+
+@triton.jit
 def _cluster_span(
     req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, mask, stride_req_segment,
     num_kv_heads, CLUSTERS: tl.constexpr,
 ):  # fmt: skip
     """For cluster units (where mask): their segment row (segment slot * H_kv + kv_head), the
     first member and the member count in that segment's member list."""
-    segment_slot = tl.load(
-        req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS, mask=mask, other=0
-    ).to(tl.int64)
-    segment_row = segment_slot * num_kv_heads + kv_head
+    segment_row = _segment_row(req_to_segment_ptr, pool_index, kv_head, unit, mask,
+                               stride_req_segment, num_kv_heads, CLUSTERS)  # fmt: skip
     local = segment_row * (CLUSTERS + 1) + unit % CLUSTERS
     start = tl.load(offsets_ptr + local, mask=mask, other=0)
     return segment_row, start, tl.load(offsets_ptr + local + 1, mask=mask, other=0) - start
