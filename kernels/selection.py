@@ -28,7 +28,7 @@ from tactic_server.tactic.config import TacticConfig
 from tactic_server.tactic.selection import MAX_RELATIVE_LOG_MASS
 
 from .cluster_pool import ClusterPool
-from .decode_attention import dot_dtype, dot_precision
+from .decode_attention import dot_dtype, dot_precision, load_group_queries
 
 VARIANCE_BIAS = tl.constexpr(VARIANCE_CODE_BIAS)  # a variance code + this: its bf16 value's
 VARIANCE_SHIFT = tl.constexpr(VARIANCE_CODE_SHIFT)  # top bits, shifted left by VARIANCE_SHIFT
@@ -71,8 +71,6 @@ def _score_units_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_U: tl.constexpr,
     BLOCK_F: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    REPLICAS: tl.constexpr,
     ATTEND_TAIL: tl.constexpr,
     VARIANCE_DIMS: tl.constexpr,
     BINS: tl.constexpr,
@@ -88,128 +86,95 @@ def _score_units_kernel(
     always-attended position (recent window, sinks, the tail when ATTEND_TAIL); and the
     units' share of the row's density histograms: estimated mass of the units the walk may take
     (plane 0 of mass_hist), mass of the forced ones (plane 2). One atomic per (query head,
-    unit).
-
-    Tensor cores take at least 16 query rows, and a group has fewer heads (4 in Llama and Gemma
-    3): with one head per row, three quarters of the [16, units] scores and of all the math and
-    atomics after the dots would be padding. So the units sit in REPLICAS slices of the
-    reduction dimension instead: unit start + c * REPLICAS + j is column c of the [units /
-    REPLICAS, REPLICAS * d] vector tile, in its slice j, and row j * GROUP_PAD + h of the query
-    tile holds head h's query in slice j (zeros elsewhere). The dots do the same work, and
-    their [16, units / REPLICAS] results are the scores of head h and that unit, every row used."""
+    unit): at large batches atomics bound this kernel as much as the centroids it reads."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     seq_len = tl.load(seq_lens_ptr + request)
     num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
     tail_start = tl.load(clustered_ptr + request) * SEGMENT
-    num_units = num_cluster_units + seq_len - tail_start
-    start = tl.program_id(1) * BLOCK_U
-    if start >= num_units:
+    if tl.program_id(1) * BLOCK_U >= num_cluster_units + seq_len - tail_start:
         return  # a block wholly beyond the row's units (_row_units)
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-    COLUMNS: tl.constexpr = BLOCK_U // REPLICAS
-    columns = tl.arange(0, COLUMNS)
-    slices = tl.arange(0, REPLICAS)
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = (dims < HEAD_DIM)[None, None, :]
 
-    # the vector tile: [columns, slices] units, each a centroid or a tail key of d values
-    tile_units = start + columns[:, None] * REPLICAS + slices[None, :]
-    tile_cluster = tile_units < num_cluster_units
-    tile_tail = (tile_units >= num_cluster_units) & (tile_units < num_units)
-    tile_cluster_row = _segment_row(
-        req_to_segment_ptr, pool_index, kv_head, tile_units, tile_cluster, stride_req_segment,
-        num_kv_heads, CLUSTERS,
-    ) * CLUSTERS + tile_units % CLUSTERS  # fmt: skip
-    kv_slot = tl.load(
-        req_to_token_ptr + pool_index * stride_req_token + tail_start + tile_units
-        - num_cluster_units,
-        mask=tile_tail,
+    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    in_range = units < max_units
+    is_cluster = units < num_cluster_units
+    is_tail = (units >= num_cluster_units) & (units < num_cluster_units + seq_len - tail_start)
+    segment_slot = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
+        mask=is_cluster,
         other=0,
     ).to(tl.int64)
+    cluster_row = (segment_slot * num_kv_heads + kv_head) * CLUSTERS + units % CLUSTERS
+    kv_slot = tl.load(
+        req_to_token_ptr + pool_index * stride_req_token + tail_start + units - num_cluster_units,
+        mask=is_tail,
+        other=0,
+    ).to(tl.int64)
+
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
     centroid = tl.load(
-        centroids_ptr + (tile_cluster_row * HEAD_DIM)[:, :, None] + dims[None, None, :],
-        mask=tile_cluster[:, :, None] & dim_mask,
+        centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+        mask=is_cluster[:, None] & dim_mask[None, :],
         other=0.0,
     )
     key = tl.load(
-        k_ptr + ((kv_slot * num_kv_heads + kv_head) * HEAD_DIM)[:, :, None] + dims[None, None, :],
-        mask=tile_tail[:, :, None] & dim_mask,
+        k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
+        mask=is_tail[:, None] & dim_mask[None, :],
         other=0.0,
     )
-    vectors = tl.where(tile_cluster[:, :, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
-    vectors = tl.reshape(vectors, [COLUMNS, REPLICAS * BLOCK_D])
+    vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
 
-    # the query tile: row r = slice * GROUP_PAD + head, its head's query in its own slice
-    tile_rows = tl.arange(0, BLOCK_H)
-    heads = tile_rows % GROUP_PAD
-    row_slice = tile_rows // GROUP_PAD
-    live = (heads < GROUP) & (row_slice < REPLICAS)
-    q = tl.load(
-        q_ptr + request * stride_q_batch + (kv_head * GROUP + heads)[:, None] * stride_q_head
-        + dims[None, :],
-        mask=live[:, None] & (dims < HEAD_DIM)[None, :],
-        other=0.0,
-    )
-    in_slice = (row_slice[:, None] == slices[None, :])[:, :, None]
-    queries = tl.where(in_slice, q.to(DOT_DTYPE)[:, None, :], 0.0).to(DOT_DTYPE)
-    queries = tl.reshape(queries, [BLOCK_H, REPLICAS * BLOCK_D])
+    heads = tl.arange(0, BLOCK_H)
+    head_mask = heads < GROUP
+    q = load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
+    ).to(tl.float32)
     # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
     # products (tf32 would move scores by 1e-3 and the selection with them)
-    scores = tl.dot(queries, tl.trans(vectors), input_precision=DOT_PRECISION) * scale
+    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION) * scale
+    query_norm_sq = tl.sum(q * q, axis=1)
 
-    # everything per (query head, unit) from here on: the [BLOCK_H, COLUMNS] tile of the scores
-    units = start + columns[None, :] * REPLICAS + row_slice[:, None]
-    stored = live[:, None] & (units < max_units)
-    is_cluster = (units < num_cluster_units) & live[:, None]
-    is_tail = (units >= num_cluster_units) & (units < num_units)
-    segment_row = _segment_row(
-        req_to_segment_ptr, pool_index, kv_head, units, is_cluster, stride_req_segment,
-        num_kv_heads, CLUSTERS,
-    )  # fmt: skip
-    cluster_row = segment_row * CLUSTERS + units % CLUSTERS
-    segment_offsets = offsets_ptr + segment_row * (CLUSTERS + 1)
+    segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
     local = units % CLUSTERS
     cluster_size = tl.load(segment_offsets + local + 1, mask=is_cluster, other=0) - tl.load(
         segment_offsets + local, mask=is_cluster, other=0
     )
     size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
-    q = q.to(tl.float32)
     if VARIANCE_DIMS == 1:
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
-        score_variance = tl.sum(q * q, axis=1)[:, None] * spread * (scale * scale)
-    else:  # sum_i q_i^2 var_i: a second vector tile like the centroids'
+        score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
+    else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
         codes = tl.load(  # 8-bit floats, the top bits of bf16 values (decode_variances)
-            variances_ptr + (tile_cluster_row * HEAD_DIM)[:, :, None] + dims[None, None, :],
-            mask=tile_cluster[:, :, None] & dim_mask,
+            variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+            mask=is_cluster[:, None] & dim_mask[None, :],
             other=0,
         ).to(tl.int32)
         fields = tl.where(codes > 0, codes + VARIANCE_BIAS, 0)
         # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
-        # registers and took 4x the centroid scoring); the reference rounds q_i^2 the same way
-        # (to nearest, ties to even, as the GPU's cast does). Under the interpreter the same
-        # bf16 values go through an fp32 dot (dot_dtype), whose default tf32 products of bf16
-        # values are exact too; its casts truncate, so it rounds explicitly
+        # registers and took 4x the centroid scoring); the reference rounds the same way (to
+        # nearest, ties to even, as the GPU's cast does). Under the interpreter the same bf16
+        # values go through an fp32 dot (dot_dtype), whose default tf32 products of bf16 values
+        # are exact too; its casts truncate, so it rounds explicitly
         weights = q * q
         if INTERPRETED:
             weights = _bf16_nearest(weights)
             variances = (fields << (VARIANCE_SHIFT + 16)).to(tl.float32, bitcast=True)
         else:
             variances = (fields << VARIANCE_SHIFT).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        variances = tl.reshape(variances.to(VARIANCE_DOT_DTYPE), [COLUMNS, REPLICAS * BLOCK_D])
-        weights = tl.where(in_slice, weights.to(VARIANCE_DOT_DTYPE)[:, None, :], 0.0)
-        weights = tl.reshape(weights.to(VARIANCE_DOT_DTYPE), [BLOCK_H, REPLICAS * BLOCK_D])
-        score_variance = tl.dot(weights, tl.trans(variances)) * (scale * scale)
+        score_variance = tl.dot(weights.to(VARIANCE_DOT_DTYPE),
+                                tl.trans(variances.to(VARIANCE_DOT_DTYPE))) * (scale * scale)
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
-    log_size = tl.log(tl.maximum(size, 1).to(tl.float32))
+    log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
     ceiling = tl.sqrt(score_variance * 2.0 * log_size)
     log_mass = log_size + scores + tl.minimum(score_variance * 0.5, ceiling)
-    log_mass = tl.where(size > 0, log_mass, float("-inf"))
-    out = (row * GROUP + heads)[:, None] * max_units + units
+    log_mass = tl.where((size > 0)[None, :], log_mass, float("-inf"))
+    stored = head_mask[:, None] & in_range[None, :]
+    out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
     tl.store(log_mass_ptr + out, log_mass, mask=stored)
-    first_head = stored & (heads == 0)[:, None]  # one row of the tile per unit
-    tl.store(unit_size_ptr + row * max_units + units, size, mask=first_head)
+    tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
 
     # the units of the always-attended positions: the last recent_window, the first sink_tokens
     slots = tl.arange(0, BLOCK_F)
@@ -237,20 +202,20 @@ def _score_units_kernel(
         num_cluster_units + positions - tail_start,
     )
     forced_units = tl.where(position_valid, forced_units, -1)
-    forced = tl.max((units[:, :, None] == forced_units[None, None, :]).to(tl.int32), axis=2) > 0
+    forced = tl.max((units[:, None] == forced_units[None, :]).to(tl.int32), axis=1) > 0
     if ATTEND_TAIL:
         forced = forced | is_tail
-    tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=first_head)
+    tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=in_range)
 
     occupied = size > 0
-    bins = _density_bin(log_mass, size, lowest_density, inverse_bin_width, BINS)
+    bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
     relative = _relative_mass(log_mass, bins, lowest_density, bin_width)
     hist_row = (row * GROUP + heads)[:, None]
-    candidate = stored & occupied & ~forced
+    candidate = stored & (occupied & ~forced)[None, :]
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 0) * BINS + bins, relative, mask=candidate,
                   sem="relaxed")  # fmt: skip
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
-                  mask=stored & occupied & forced, sem="relaxed")  # fmt: skip
+                  mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
 
 
 @triton.jit
@@ -438,18 +403,13 @@ def _exact_units_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, p) of P per row: every P-th group of BLOCK_E clusters of the row's exact
-    list, scored over their members, so the work of a row spreads evenly over its programs; each
-    cluster's exact log-mass replaces the estimate for the query heads that flagged it, and its
-    mass goes into the exact plane. As in _score_units_kernel, the clusters of a step sit in
-    BLOCK_E slices of the dot's reduction dimension: row e * GROUP_PAD + h of the query tile is
-    head h in slice e, column m of the [BLOCK_M, BLOCK_E * d] key tile holds member m of each
-    cluster e in its slice, so the [BLOCK_H, BLOCK_M] scores are (head, cluster) rows by member
-    (with one head per row, 4 of 16 rows of a group of 4 would be used)."""
+    list, scored over their members (one [BLOCK_E * BLOCK_M, d] tile per step), so the work of
+    a row spreads evenly over its programs; each cluster's exact log-mass replaces the estimate
+    for the query heads that flagged it, and its mass goes into the exact plane."""
     row = tl.program_id(0)
     programs = tl.num_programs(1)
     count = tl.load(exact_count_ptr + row)
@@ -457,76 +417,63 @@ def _exact_units_kernel(
         request = row // num_kv_heads
         kv_head = row % num_kv_heads
         pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-        tile_rows = tl.arange(0, BLOCK_H)
-        heads = tile_rows % GROUP_PAD
-        row_entry = tile_rows // GROUP_PAD
-        live_row = (heads < GROUP) & (row_entry < BLOCK_E)
-        hist_row = row * GROUP + heads
-        thresholds = tl.load(exact_threshold_ptr + hist_row, mask=live_row, other=BINS)
+        heads = tl.arange(0, BLOCK_H)
+        head_mask = heads < GROUP
+        hist_row = (row * GROUP + heads)[:, None]
+        thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask,
+                             other=BINS)  # fmt: skip
         dims = tl.arange(0, BLOCK_D)
-        dim_mask = (dims < HEAD_DIM)[None, None, :]
-        q = tl.load(
-            q_ptr + request * stride_q_batch + (kv_head * GROUP + heads)[:, None] * stride_q_head
-            + dims[None, :],
-            mask=live_row[:, None] & (dims < HEAD_DIM)[None, :],
-            other=0.0,
-        ).to(DOT_DTYPE)
-        slices = tl.arange(0, BLOCK_E)
-        in_slice = (row_entry[:, None] == slices[None, :])[:, :, None]
-        queries = tl.where(in_slice, q[:, None, :], 0.0).to(DOT_DTYPE)
-        queries = tl.reshape(queries, [BLOCK_H, BLOCK_E * BLOCK_D])
+        dim_mask = dims < HEAD_DIM
+        q = load_group_queries(
+            q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H,
+            BLOCK_D,
+        ).to(DOT_DTYPE)  # fmt: skip
         members = tl.arange(0, BLOCK_M)
         for first in range(tl.program_id(1) * BLOCK_E, count, programs * BLOCK_E):
-            # the step's clusters, once per slice (the key tile) and once per row
-            entries = first + slices
+            entries = first + tl.arange(0, BLOCK_E)
             live = entries < count
             unit = tl.load(exact_units_ptr + row * max_units + entries, mask=live, other=0)
             segment_row, start, members_count = _cluster_span(
                 req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, live,
                 stride_req_segment, num_kv_heads, CLUSTERS,
             )  # fmt: skip
-            row_live = live_row & (first + row_entry < count)
-            row_unit = tl.load(exact_units_ptr + row * max_units + first + row_entry,
-                               mask=row_live, other=0)  # fmt: skip
-            _, _, row_members = _cluster_span(
-                req_to_segment_ptr, offsets_ptr, pool_index, kv_head, row_unit, row_live,
-                stride_req_segment, num_kv_heads, CLUSTERS,
-            )  # fmt: skip
-            row_size = tl.load(unit_size_ptr + row * max_units + row_unit, mask=row_live, other=0)
-            row_estimate = tl.load(log_mass_ptr + hist_row * max_units + row_unit, mask=row_live,
-                                   other=0.0)  # fmt: skip
-            row_bins = _density_bin(row_estimate, row_size, lowest_density, inverse_bin_width,
-                                    BINS)  # fmt: skip
-            flags = row_live & (row_bins >= thresholds)
-            running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-            running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+            unit_size = tl.load(unit_size_ptr + row * max_units + unit, mask=live, other=0)
+            unit_estimate = tl.load(log_mass_ptr + hist_row * max_units + unit[None, :],
+                                    mask=head_mask[:, None] & live[None, :], other=0.0)  # fmt: skip
+            unit_bins = _density_bin(unit_estimate, unit_size[None, :], lowest_density,
+                                     inverse_bin_width, BINS)  # fmt: skip
+            flags = head_mask[:, None] & live[None, :] & (unit_bins >= thresholds[:, None])
+            running_max = tl.full([BLOCK_H, BLOCK_E], float("-inf"), dtype=tl.float32)
+            running_sum = tl.zeros([BLOCK_H, BLOCK_E], dtype=tl.float32)
             for member_start in range(0, tl.max(members_count, axis=0), BLOCK_M):
-                member_mask = (member_start + members)[:, None] < members_count[None, :]
+                member_mask = (member_start + members)[None, :] < members_count[:, None]
                 slots = tl.load(
-                    member_slots_ptr + segment_row[None, :] * SEGMENT + start[None, :]
-                    + member_start + members[:, None],
+                    member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None]
+                    + member_start + members[None, :],
                     mask=member_mask,
                     other=0,
                 ).to(tl.int64)  # fmt: skip
+                rows_3d = (slots * num_kv_heads + kv_head)[:, :, None] * HEAD_DIM + dims[
+                    None, None, :
+                ]
                 keys = tl.load(
-                    k_ptr + ((slots * num_kv_heads + kv_head) * HEAD_DIM)[:, :, None]
-                    + dims[None, None, :],
-                    mask=member_mask[:, :, None] & dim_mask,
+                    k_ptr + rows_3d, mask=member_mask[:, :, None] & dim_mask[None, None, :],
                     other=0.0,
                 ).to(DOT_DTYPE)  # fmt: skip
-                keys = tl.reshape(keys, [BLOCK_M, BLOCK_E * BLOCK_D])
-                scores = tl.dot(queries, tl.trans(keys), input_precision=DOT_PRECISION) * scale
-                valid = (member_start + members)[None, :] < row_members[:, None]
-                scores = tl.where(valid, scores, float("-inf"))
-                new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+                keys = tl.reshape(keys, (BLOCK_E * BLOCK_M, BLOCK_D))
+                scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
+                scores = tl.reshape(scores, (BLOCK_H, BLOCK_E, BLOCK_M))
+                scores = tl.where(member_mask[None, :, :], scores, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(scores, axis=2))
                 safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
                 running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
-                    tl.exp(scores - safe_max[:, None]), axis=1
+                    tl.exp(scores - safe_max[:, :, None]), axis=2
                 )
                 running_max = new_max
             exact = running_max + tl.log(tl.where(running_sum > 0, running_sum, 1.0))
-            tl.store(log_mass_ptr + hist_row * max_units + row_unit, exact, mask=flags)
-            exact_bins = _density_bin(exact, row_size, lowest_density, inverse_bin_width, BINS)
+            tl.store(log_mass_ptr + hist_row * max_units + unit[None, :], exact, mask=flags)
+            exact_bins = _density_bin(exact, unit_size[None, :], lowest_density,
+                                      inverse_bin_width, BINS)  # fmt: skip
             tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 1) * BINS + exact_bins,
                           _relative_mass(exact, exact_bins, lowest_density, bin_width),
                           mask=flags, sem="relaxed")  # fmt: skip
@@ -770,7 +717,6 @@ def select_rows(
     score_units_per_program: int = 64,
     units_per_program: int = 64,
     exact_units_per_program: int = 4,
-    score_replicas: int | None = None,
     write_units_per_step: int = 16,
     write_members_per_step: int = 16,
 ) -> SelectedRows:
@@ -785,9 +731,7 @@ def select_rows(
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program: clusters whose members one exact-scoring step reads as one tile;
-    score_replicas: slices of the scoring dots' reduction dimension the units are spread over, so
-    that a group of fewer than 16 query heads fills the tensor cores' 16 rows (_score_units_kernel;
-    default as many as fit: 16 / group, at least 16 units a slice); write_units_per_step,
+    write_units_per_step,
     write_members_per_step: the [units, members] tile of a row writing step.
 
     Seven launches, each a single pass in parallel over (row, unit block) or (row, query head):
@@ -818,11 +762,6 @@ def select_rows(
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
     group_pad = triton.next_power_of_2(group)  # kernels without tl.dot need no 16-row tile
-    most_replicas = max(1, min(block_h // group_pad, score_units_per_program // 16))
-    replicas = most_replicas if score_replicas is None else score_replicas
-    if not (replicas >= 1 and replicas & (replicas - 1) == 0 and replicas <= most_replicas):
-        raise ValueError(f"score_replicas must be a power of 2 up to {most_replicas} at a group "
-                         f"of {group} and {score_units_per_program} units, got {replicas}")
     common = dict(
         GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters, BINS=bins,
         DOT_DTYPE=dot_dtype(k_cache.dtype),
@@ -853,7 +792,6 @@ def select_rows(
         bin_width=config.density_bin_width, **binning,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
-        GROUP_PAD=group_pad, REPLICAS=replicas,
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
         VARIANCE_DOT_DTYPE=dot_dtype(torch.bfloat16),
         INTERPRETED=dot_dtype(torch.bfloat16) == tl.float32, **common,
@@ -872,18 +810,16 @@ def select_rows(
             bin_width=config.density_bin_width, **binning, GROUP=group, SEGMENT=size,
             CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
         )  # fmt: skip
-        # a fixed number of programs per row, each taking every P-th group of listed clusters;
-        # a step's clusters times the group's heads are the query tile's rows, at most 32
-        exact_block = max(1, min(exact_units_per_program, 32 // group_pad))
-        exact_programs = max(1, min(triton.cdiv(max_units, exact_block),
+        # a fixed number of programs per row, each taking every P-th group of listed clusters
+        exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
                                     EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
         _exact_units_kernel[(rows, exact_programs)](
             q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
             log_mass, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
             q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
             bin_width=config.density_bin_width, **binning,
-            BLOCK_H=max(16, group_pad * exact_block), BLOCK_D=block_d, BLOCK_E=exact_block,
-            BLOCK_M=32, GROUP_PAD=group_pad, **common,
+            BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program, BLOCK_M=32,
+            **common,
         )  # fmt: skip
     else:  # nothing is scored exactly: no bin reaches the threshold
         exact_threshold = torch.full((rows, group), bins, dtype=torch.int32, device=device)

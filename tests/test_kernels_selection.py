@@ -82,28 +82,25 @@ def test_selection_matches_reference(config):
                             exact_units_per_program=4)  # fmt: skip
 
 
-@pytest.mark.parametrize("group,replicas", [(1, None), (2, None), (2, 2), (4, None), (4, 1),
-                                            (8, None)])  # fmt: skip
+@pytest.mark.parametrize("group,exact_units", [(1, 4), (2, 2), (4, 4), (8, 4)])
 @pytest.mark.parametrize("variance", ["diagonal", "isotropic"])
-def test_replicated_scoring_tiles_match_reference(group, replicas, variance):
-    """The scoring kernel spreads 64 units over 16 / group slices of its dots (4 at most: 16
-    units a slice), so every row of the 16-row tile is a (query head, unit): at each group size,
-    with fewer slices than fit, and with one (a group of 4 as 16 rows of which 4 are used). The
-    exact kernel's clusters of a step are slices the same way (4 or 2 a step, at most 32 rows:
-    a group of 8 takes 4 clusters a step, one of 16 rows would take 2)."""
+def test_groups_match_reference(group, exact_units, variance):
+    """Query heads per KV head from 1 to 8 (the kernels pad a group to their 16-row dot tiles),
+    64 units a scoring program, exact scoring on (a tenth of the context) in steps of 2 or 4
+    clusters, the tail attended, sinks and a recent window."""
     config = TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5,
                           variance=variance, exact_fraction=0.1)  # fmt: skip
     check_against_reference(config, group=group, score_units_per_program=64,
-                            score_replicas=replicas, units_per_program=32,
-                            exact_units_per_program=2 if replicas == 1 else 4)  # fmt: skip
+                            units_per_program=32, exact_units_per_program=exact_units)  # fmt: skip
 
 
-def test_score_replicas_must_fit():
-    config = TacticConfig(segment_size=64)
-    with pytest.raises(ValueError, match="score_replicas must be a power of 2 up to 4"):
-        check_against_reference(config, score_units_per_program=64, score_replicas=8)
-    with pytest.raises(ValueError, match="up to 1 at a group of 4 and 16 units"):
-        check_against_reference(config, score_units_per_program=16, score_replicas=2)
+@pytest.mark.parametrize("write_units,write_members", [(16, 16), (4, 32), (1, 1)])
+def test_row_writing_steps_match_reference(write_units, write_members):
+    """The write kernel walks each block's picked units in [units, members] steps: any step
+    shape writes the same rows (a single unit and member per step included)."""
+    config = TacticConfig(segment_size=64, exact_fraction=0.1)
+    check_against_reference(config, units_per_program=32, write_units_per_step=write_units,
+                            write_members_per_step=write_members)  # fmt: skip
 
 
 def check_against_reference(config, group=4, **launch):
