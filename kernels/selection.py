@@ -154,10 +154,11 @@ def _score_units_kernel(
         ).to(tl.int32)
         fields = tl.where(codes > 0, codes + VARIANCE_BIAS, 0)
         # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
-        # registers and took 4x the centroid scoring); the reference rounds the same way (to
-        # nearest, ties to even, as the GPU's cast does). Under the interpreter the same bf16
-        # values go through an fp32 dot (dot_dtype), whose default tf32 products of bf16 values
-        # are exact too; its casts truncate, so it rounds explicitly
+        # registers and took 4x the centroid scoring): a code's bits are its bf16 value's, and
+        # q_i^2 is rounded as the reference rounds it (to nearest, ties to even, as the GPU's
+        # cast does). Under the interpreter the same bf16 values go through an fp32 dot
+        # (dot_dtype), whose default tf32 products of bf16 values are exact too; its casts
+        # truncate, so it rounds explicitly
         weights = q * q
         if INTERPRETED:
             weights = _bf16_nearest(weights)
@@ -345,27 +346,16 @@ def _exact_list_kernel(
 
 
 @triton.jit
-def _segment_row(
-    req_to_segment_ptr, pool_index, kv_head, unit, mask, stride_req_segment, num_kv_heads,
-    CLUSTERS: tl.constexpr,
-):  # fmt: skip
-    """int64 row of the cluster pool's per-(segment slot, KV head) tables that holds cluster
-    units (where mask; 0 elsewhere): segment slot * H_kv + kv_head."""
-    segment_slot = tl.load(
-        req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS, mask=mask, other=0
-    ).to(tl.int64)
-    return segment_slot * num_kv_heads + kv_head
-
-
-@triton.jit
 def _cluster_span(
     req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, mask, stride_req_segment,
     num_kv_heads, CLUSTERS: tl.constexpr,
 ):  # fmt: skip
     """For cluster units (where mask): their segment row (segment slot * H_kv + kv_head), the
     first member and the member count in that segment's member list."""
-    segment_row = _segment_row(req_to_segment_ptr, pool_index, kv_head, unit, mask,
-                               stride_req_segment, num_kv_heads, CLUSTERS)  # fmt: skip
+    segment_slot = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + unit // CLUSTERS, mask=mask, other=0
+    ).to(tl.int64)
+    segment_row = segment_slot * num_kv_heads + kv_head
     local = segment_row * (CLUSTERS + 1) + unit % CLUSTERS
     start = tl.load(offsets_ptr + local, mask=mask, other=0)
     return segment_row, start, tl.load(offsets_ptr + local + 1, mask=mask, other=0) - start
@@ -731,8 +721,8 @@ def select_rows(
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program: clusters whose members one exact-scoring step reads as one tile;
-    write_units_per_step,
-    write_members_per_step: the [units, members] tile of a row writing step.
+    write_units_per_step, write_members_per_step: the [units, members] tile of a row writing
+    step (it walks only the units a block picked).
 
     Seven launches, each a single pass in parallel over (row, unit block) or (row, query head):
     score every unit into per-(row, head) density histograms; find the exact threshold bin;
@@ -761,7 +751,6 @@ def select_rows(
                    inverse_bin_width=1.0 / config.density_bin_width)  # fmt: skip
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
-    group_pad = triton.next_power_of_2(group)  # kernels without tl.dot need no 16-row tile
     common = dict(
         GROUP=group, HEAD_DIM=head_dim, SEGMENT=size, CLUSTERS=clusters, BINS=bins,
         DOT_DTYPE=dot_dtype(k_cache.dtype),
@@ -769,6 +758,7 @@ def select_rows(
     )  # fmt: skip
     grid = (rows, num_blocks)
     unit_block = dict(BLOCK_U=units_per_program, num_warps=8 if units_per_program >= 256 else 4)
+    group_pad = triton.next_power_of_2(group)  # kernels without tl.dot need no 16-row tile
 
     # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
     # bins] float32, then int32 counters: row tokens [rows], head tokens [rows, group], listed
