@@ -90,17 +90,19 @@ def _score_units_kernel(
     row = tl.program_id(0)
     request = row // num_kv_heads
     seq_len = tl.load(seq_lens_ptr + request)
-    num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
-    tail_start = tl.load(clustered_ptr + request) * SEGMENT
-    if tl.program_id(1) * BLOCK_U >= num_cluster_units + seq_len - tail_start:
-        return  # a block wholly beyond the row's units (_row_units)
+    clustered = tl.load(clustered_ptr + request)
+    num_cluster_units = clustered * CLUSTERS
+    tail_start = clustered * SEGMENT
+    num_units = num_cluster_units + seq_len - tail_start  # _row_units, from what is loaded here
+    if tl.program_id(1) * BLOCK_U >= num_units:
+        return  # a block wholly beyond the row's units
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
 
     units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
     in_range = units < max_units
     is_cluster = units < num_cluster_units
-    is_tail = (units >= num_cluster_units) & (units < num_cluster_units + seq_len - tail_start)
+    is_tail = (units >= num_cluster_units) & (units < num_units)
     segment_slot = tl.load(
         req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
         mask=is_cluster,
@@ -635,8 +637,9 @@ def _write_rows_kernel(
         request = row // num_kv_heads
         kv_head = row % num_kv_heads
         pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-        num_cluster_units = tl.load(clustered_ptr + request) * CLUSTERS
-        tail_start = tl.load(clustered_ptr + request) * SEGMENT
+        clustered = tl.load(clustered_ptr + request)
+        num_cluster_units = clustered * CLUSTERS
+        tail_start = clustered * SEGMENT
         picked = picked_ptr + (row * num_blocks + block) * 2 * BLOCK_U
         entries = tl.arange(0, BLOCK_E)
         members = tl.arange(0, BLOCK_M)
