@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import triton
-from tactic_server.kernels.cluster_pool import ClusterPool
+from tactic_server.kernels.cluster_pool import ClusterPool, centroid_dtype
 from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
 from tactic_server.kernels.kmeans import segment_kmeans
 from tactic_server.kernels.selection import select_rows
@@ -182,6 +182,7 @@ def build_pool(keys, batch, context, config):
         num_segment_slots=max(1, batch * segments), num_kv_heads=NUM_KV_HEADS,
         head_dim=HEAD_DIM, segment_size=size, clusters_per_segment=clusters, dtype=DTYPE,
         device="cuda", variance_dims=variance_dims(config, HEAD_DIM),
+        centroids_dtype=centroid_dtype(config, DTYPE, "cuda"),
     )  # fmt: skip
     req_to_segment = torch.zeros(batch, segments + 1, dtype=torch.int32, device="cuda")
     torch.cuda.synchronize()
@@ -218,7 +219,9 @@ def best_split(run, splits):
 
 
 def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed,
-            launch_options=({},), cost_model=None):
+            launch_options=({},), cost_model=None, variants=None):
+    """One cell. variants: name -> TacticConfig, each timed beside the main config on the
+    same keys and queries (its own pool): select, attend, selected share, recall."""
     generator = torch.Generator(device="cuda").manual_seed(seed)
     keys, values, q = topic_context(batch, context, fraction, generator)
     rows = batch * NUM_KV_HEADS
@@ -311,6 +314,31 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     record["fastest_dense_ms"] = dense_times[record["fastest_dense"]]
     record["speedup_vs_fastest_dense"] = record["fastest_dense_ms"] / record["tactic_ms"]
     record["select_share"] = record["select_ms"] / record["tactic_ms"]
+    for name, variant in (variants or {}).items():
+        variant_pool, variant_segments, _ = build_pool(keys, batch, context, variant)
+        pool = req_to_segment = None  # the main pool's memory back first
+
+        def select_variant(variant=variant, pool=variant_pool, segments=variant_segments):
+            return select_rows(q, keys, pool, segments, req_to_token, pool_indices, seq_lens,
+                               targets, context, variant)  # fmt: skip
+
+        select_ms = bench_ms(select_variant)
+        chosen = select_variant()
+        attend_ms, _ = best_split(
+            lambda split, chosen=chosen: sparse_decode(q, keys, values, chosen.indptr,
+                                                       chosen.indices, context, split),
+            (128, 256, 512),
+        )  # fmt: skip
+        heads_rows = [chosen.indices[chosen.indptr[h] : chosen.indptr[h + 1]].long()
+                      // NUM_KV_HEADS for h in range(NUM_KV_HEADS)]  # fmt: skip
+        _, min_recall = oracle_and_recall(q[0], keys[:context], heads_rows)
+        record[f"variant_{name}"] = {
+            "select_ms": select_ms, "attend_ms": attend_ms, "tactic_ms": select_ms + attend_ms,
+            "selected_fraction": int(chosen.indptr[-1]) / (rows * context),
+            "min_recall": min_recall,
+            "speedup_vs_fastest_dense": record["fastest_dense_ms"] / (select_ms + attend_ms),
+        }  # fmt: skip
+        variant_pool = variant_segments = chosen = None
     # the dense fallback: what the engine's cost model picks for this cell (its dense path is
     # our dense kernel), against the fastest dense baseline
     if cost_model is not None:
@@ -330,10 +358,12 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     dense_bytes = rows * context * (2 * KV_ROW_BYTES)
     clusters = (context // config.segment_size) * (config.segment_size // config.cluster_size)
     tail = context % config.segment_size
+    centroid_bytes = HEAD_DIM * centroid_dtype(config, DTYPE, "cuda").itemsize
+    spread_bytes = HEAD_DIM if config.variance == "diagonal" else 4  # 8-bit codes or one float
     select_bytes = (
         rows
         * (
-            clusters * (KV_ROW_BYTES + 4 + 4)  # centroid, spread, offset
+            clusters * (centroid_bytes + spread_bytes + 4)  # centroid, spread, offset
             + tail * KV_ROW_BYTES  # tail keys, scored exactly
             + config.exact_fraction * context * (KV_ROW_BYTES + INDEX_BYTES)  # the exact top
         )
@@ -395,6 +425,25 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def variant_table(records) -> str:
+    """Each variant beside its cell's main config: select and total ms, speedup over the
+    fastest dense baseline, selected share, smallest recall."""
+    lines = []
+    for record in records:
+        for key, variant in record.items():
+            if not key.startswith("variant_"):
+                continue
+            lines.append(
+                f"{record['context']:>7} {record['batch']:>3} {record['needed_fraction']:>6.2%} "
+                f"{key[8:]:>14}: select {variant['select_ms']:.3f} (main "
+                f"{record['select_ms']:.3f}), tactic {variant['tactic_ms']:.3f} (main "
+                f"{record['tactic_ms']:.3f}), x best {variant['speedup_vs_fastest_dense']:.2f} "
+                f"(main {record['speedup_vs_fastest_dense']:.2f}), sel "
+                f"{variant['selected_fraction']:.2%}, rec {variant['min_recall']:.3f}"
+            )  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(records):
     lines = [" ".join(f"{title:>8}" for title, _, _ in COLUMNS)]
     for record in records:
@@ -419,6 +468,9 @@ def main() -> int:
                         help="TacticConfig.exact_fraction (default: the config's)")  # fmt: skip
     parser.add_argument("--variance", choices=["diagonal", "isotropic"], default=None,
                         help="TacticConfig.variance (default: the config's)")  # fmt: skip
+    parser.add_argument("--centroids", choices=["kv", "fp8"], nargs="+", default=["kv"],
+                        help="TacticConfig.centroids: the first is the cell's; each further one "
+                        "is timed beside it on the same inputs (variant_<name> in the JSON)")
     parser.add_argument("--output", default=None, help="JSON path (default: by device name)")
     parser.add_argument("--launch-options", default="default",
                         help="select_rows launch options to time in each cell, the fastest taken: "
@@ -438,6 +490,9 @@ def main() -> int:
         config = dataclasses.replace(config, exact_fraction=args.exact_fraction)
     if args.variance is not None:
         config = dataclasses.replace(config, variance=args.variance)
+    config = dataclasses.replace(config, centroids=args.centroids[0])
+    variants = {f"centroids_{name}": dataclasses.replace(config, centroids=name)
+                for name in args.centroids[1:]}  # fmt: skip
     log(f"{device_name}; torch {torch.__version__}, triton {triton.__version__}")
     copy_bytes_per_s = copy_bandwidth()
     flops_per_s = matmul_rate()
@@ -463,7 +518,7 @@ def main() -> int:
                 started = time.perf_counter()
                 record = measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config,
                                  seed=len(records), launch_options=launch_options,
-                                 cost_model=cost_model)  # fmt: skip
+                                 cost_model=cost_model, variants=variants)  # fmt: skip
                 records.append(record)
                 log(f"context {context} batch {batch} fraction {fraction}: "
                     f"{time.perf_counter() - started:.1f} s")  # fmt: skip
@@ -474,6 +529,7 @@ def main() -> int:
         log(f"clustering {context}: {records[-1]}")
 
     print(table(records))
+    print(variant_table(records))
     report = {
         "date": datetime.date.today().isoformat(),
         "device": device_name,

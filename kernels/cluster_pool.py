@@ -9,17 +9,42 @@ maps its positions to KV slots. Member lists hold KV slots, so selection needs n
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from tactic_server.tactic.clustering import ClusterIndex, decode_variances, encode_variances
+from tactic_server.tactic.clustering import (
+    FP8_CENTROID_MAX,
+    ClusterIndex,
+    decode_variances,
+    encode_variances,
+)
+from tactic_server.tactic.config import TacticConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _variance_dtype(variance_dims: int) -> torch.dtype:
     """Per-dimension variances are as many values as a centroid: 8-bit codes of their log
     (clustering.encode_variances); one mean variance per cluster costs little in float32."""
     return torch.uint8 if variance_dims > 1 else torch.float32
+
+
+def centroid_dtype(config: TacticConfig, kv_dtype: torch.dtype,
+                   device: torch.device | str) -> torch.dtype:  # fmt: skip
+    """The dtype a pool keeps centroids in (config.centroids): float8 e4m3 for "fp8" where the
+    device converts it (CPU, the Triton interpreter, CUDA from compute capability 8.9), else
+    the KV cache's."""
+    if config.centroids != "fp8":
+        return kv_dtype
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        capability = torch.cuda.get_device_capability(device)
+        logger.warning("fp8 centroids need compute capability 8.9 (this GPU has %s): centroids "
+                       "stay in %s", capability, kv_dtype)  # fmt: skip
+        return kv_dtype
+    return torch.float8_e4m3fn
 
 
 def stored_variances(variances: torch.Tensor) -> torch.Tensor:
@@ -30,9 +55,9 @@ def stored_variances(variances: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ClusterPool:
     """Per segment slot s and KV head h:
-    centroids [S_cap, H_kv, C, d] (kv dtype), variances [S_cap, H_kv, C, V] (ClusterIndex's:
-    V = d per-dimension variances as uint8 codes of their log2, or V = 1, their mean, in
-    float32),
+    centroids [S_cap, H_kv, C, d] (kv dtype, or float8 e4m3: centroid_dtype),
+    variances [S_cap, H_kv, C, V] (ClusterIndex's: V = d per-dimension variances as 8-bit
+    float codes (clustering.encode_variances), or V = 1, their mean, in float32),
     cluster_offsets [S_cap, H_kv, C + 1] int32 (into the segment's member list),
     member_slots [S_cap, H_kv, segment_size] int32 KV slots in cluster order,
     token_cluster [S_cap, H_kv, segment_size] int32 cluster of each position of the segment."""
@@ -56,14 +81,19 @@ class ClusterPool:
         dtype: torch.dtype,
         device: torch.device | str,
         variance_dims: int = 1,
+        centroids_dtype: torch.dtype | None = None,
     ) -> ClusterPool:
+        """centroids_dtype: None keeps centroids in dtype (the KV cache's)."""
         shape = (num_segment_slots, num_kv_heads)
         return cls(
             segment_size=segment_size,
             clusters_per_segment=clusters_per_segment,
+            # zero bits are 0.0 in every float dtype; allocated as bytes since not every torch
+            # build fills float8 tensors
             centroids=torch.zeros(
-                *shape, clusters_per_segment, head_dim, dtype=dtype, device=device
-            ),
+                *shape, clusters_per_segment, head_dim * (centroids_dtype or dtype).itemsize,
+                dtype=torch.uint8, device=device,
+            ).view(centroids_dtype or dtype),
             variances=torch.zeros(*shape, clusters_per_segment, variance_dims,
                                   dtype=_variance_dtype(variance_dims), device=device),
             cluster_offsets=torch.zeros(
@@ -81,10 +111,11 @@ class ClusterPool:
         clusters_per_segment: int,
         dtype: torch.dtype,
         variance_dims: int = 1,
+        centroids_dtype: torch.dtype | None = None,
     ) -> int:
         """Device bytes of one segment slot: what a KV pool
         must count beside the KV of the segment_size tokens it describes."""
-        element = torch.empty((), dtype=dtype).element_size()
+        element = (centroids_dtype or dtype).itemsize
         variance = variance_dims * _variance_dtype(variance_dims).itemsize
         per_cluster = head_dim * element + variance + 4  # centroid, variances, offset
         per_head = clusters_per_segment * per_cluster + 4 + 2 * 4 * segment_size
@@ -96,6 +127,12 @@ class ClusterPool:
         tensors = (self.centroids, self.variances, self.cluster_offsets, self.member_slots,
                    self.token_cluster)  # fmt: skip
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def stored_centroids(self, segment_slots: torch.Tensor) -> torch.Tensor:
+        """float32 centroids [len(segment_slots), H_kv, C, d] of those slots, as stored
+        (indexed as bytes: not every torch build indexes float8 tensors)."""
+        stored = self.centroids.view(torch.uint8)[segment_slots.to(self.centroids.device)]
+        return stored.view(self.centroids.dtype).float()
 
     def write_segments(
         self, index: ClusterIndex, token_slots: torch.Tensor, segment_slots: torch.Tensor
@@ -117,7 +154,11 @@ class ClusterPool:
             """[H_kv, num_segments * width, ...] -> [num_segments, H_kv, width, ...]"""
             return tensor.reshape(heads, num_segments, width, *tensor.shape[2:]).transpose(0, 1)
 
-        self.centroids[slots] = per_segment(index.centroids, clusters).to(self.centroids.dtype)
+        centroids = per_segment(index.centroids, clusters)
+        if self.centroids.dtype == torch.float8_e4m3fn:  # beyond its range the cast gives NaN
+            centroids = centroids.clamp(-FP8_CENTROID_MAX, FP8_CENTROID_MAX)
+        stored = centroids.to(self.centroids.dtype).contiguous()
+        self.centroids.view(torch.uint8)[slots] = stored.view(torch.uint8)  # float8 as bytes
         if index.variances.shape[-1] != self.variances.shape[-1]:
             raise ValueError("the cluster index keeps other variances than this pool")
         variances = per_segment(index.variances, clusters)

@@ -3,7 +3,7 @@ for a batch of requests of different lengths and targets in SGLang's pool layout
 
 import pytest
 import torch
-from tactic_server.kernels.cluster_pool import ClusterPool
+from tactic_server.kernels.cluster_pool import ClusterPool, centroid_dtype
 from tactic_server.kernels.selection import select_rows
 
 from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic
@@ -27,6 +27,7 @@ def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dty
         num_segment_slots=64, num_kv_heads=num_kv_heads, head_dim=head_dim,
         segment_size=segment_size, clusters_per_segment=segment_size // config.cluster_size,
         dtype=dtype, device="cpu", variance_dims=variance_dims(config, head_dim),
+        centroids_dtype=centroid_dtype(config, dtype, "cpu"),
     )  # fmt: skip
     # requests sit in pool slots in reverse order, segments in shuffled slots
     pool_indices = torch.arange(len(lengths)).flip(0) + 1
@@ -47,7 +48,10 @@ def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dty
         pool.write_segments(index, slots, mine)
         req_to_segment[pool_indices[request], :num_segments] = mine.int()
         used_segments += num_segments
-        # the reference sees the centroids and variances as the pool stores them
+        # the reference sees the centroids and variances as the pool stores them (fp8
+        # centroids: build_cluster_index rounded them so already)
+        assert torch.equal(pool.stored_centroids(mine).transpose(0, 1).flatten(1, 2),
+                           index.centroids.to(dtype).float())  # fmt: skip
         variances = index.variances  # diagonal: on the grid of the pool's 8-bit codes
         if pool.variances.dtype != torch.uint8:
             variances = variances.to(pool.variances.dtype).float()
@@ -74,6 +78,7 @@ def to_device(pool):
         TacticConfig(segment_size=64, variance="isotropic"),
         TacticConfig(segment_size=64, exact_fraction=0.0, density_bin_width=0.25,
                      density_bins=256),
+        TacticConfig(segment_size=64, centroids="fp8"),
     ],
 )
 def test_selection_matches_reference(config):
@@ -132,12 +137,13 @@ def check_against_reference(config, group=4, **launch):
         torch.testing.assert_close(selected.estimated_mass[request].cpu(), plan.estimated_mass)
 
 
-@pytest.mark.parametrize("head_dim,variance", [(32, "diagonal"), (256, "diagonal"),
-                                               (256, "isotropic")])  # fmt: skip
-def test_selection_on_bfloat16_cache(head_dim, variance):
+@pytest.mark.parametrize("head_dim,variance,centroids", [
+    (32, "diagonal", "kv"), (256, "diagonal", "kv"), (256, "isotropic", "kv"),
+    (256, "diagonal", "fp8")])  # fmt: skip
+def test_selection_on_bfloat16_cache(head_dim, variance, centroids):
     """bf16 caches, at Gemma 3's head_dim of 256 too (its centroid and variance tiles are the
-    widest the scoring kernel loads)."""
-    config = TacticConfig(segment_size=64, variance=variance)
+    widest the scoring kernel loads), with centroids in the cache dtype or in float8."""
+    config = TacticConfig(segment_size=64, variance=variance, centroids=centroids)
     k_cache, req_to_token, pool, req_to_segment, pool_indices, q, references = make_batch(
         [200, 130], ["needles", "topics"], config, head_dim=head_dim, dtype=torch.bfloat16
     )
@@ -168,23 +174,52 @@ def test_segment_size_must_match_pool():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("variance,share", [("isotropic", 0.05), ("diagonal", 0.065)])
-def test_cluster_pool_bytes_are_counted(dtype, variance, share):
+@pytest.mark.parametrize("variance,centroids,share", [
+    ("isotropic", "kv", 0.05), ("diagonal", "kv", 0.065), ("diagonal", "fp8", 0.048)])  # fmt: skip
+def test_cluster_pool_bytes_are_counted(dtype, variance, centroids, share):
     """bytes_per_segment_slot (what a KV pool sizes with before allocating) equals what the
     allocation holds; at the default shape it stays under 5% of the KV it describes with one
     variance per cluster (4.8%), under 6.5% with d of them in 8-bit codes (6.3%; in bf16 it
-    would be 7.9%)."""
-    config = TacticConfig(variance=variance)
+    would be 7.9%), under 4.8% with those and float8 centroids (4.7%)."""
+    config = TacticConfig(variance=variance, centroids=centroids)
     clusters = config.segment_size // config.cluster_size
     dims = variance_dims(config, 128)
+    stored_as = centroid_dtype(config, dtype, "cpu")
     pool = ClusterPool.allocate(
         num_segment_slots=3, num_kv_heads=8, head_dim=128,
         segment_size=config.segment_size, clusters_per_segment=clusters, dtype=dtype,
-        device="cpu", variance_dims=dims,
+        device="cpu", variance_dims=dims, centroids_dtype=stored_as,
     )  # fmt: skip
+    assert pool.centroids.dtype == (torch.float8_e4m3fn if centroids == "fp8" else dtype)
     per_slot = ClusterPool.bytes_per_segment_slot(8, 128, config.segment_size, clusters, dtype,
-                                                  dims)  # fmt: skip
+                                                  dims, stored_as)  # fmt: skip
     assert pool.segment_bytes == 3 * per_slot
     if dtype == torch.bfloat16:
         kv_bytes = 2 * config.segment_size * 8 * 128 * 2
         assert per_slot / kv_bytes < share
+
+
+def test_fp8_centroids_are_clamped_onto_the_float8_grid():
+    """Centroids of a config with centroids="fp8" lie on the float8 e4m3 grid, clamped into its
+    range (the cast alone would give NaN past 448); a pool stores and reads back exactly those."""
+    config = TacticConfig(segment_size=32, cluster_size=8, centroids="fp8", outlier_share=0.0)
+    keys = torch.randn(64, 1, 16, generator=torch.Generator().manual_seed(0))
+    keys[:8, 0, 0] = 3000.0  # one cluster's mean far beyond e4m3's range in one dimension
+    keys[8:16, 0, 1] = 0.3  # a value e4m3 rounds (to 0.3125)
+    index = build_cluster_index(keys, config)
+    assert torch.isfinite(index.centroids).all()
+    assert index.centroids.abs().max() == 448.0
+    on_grid = index.centroids.to(torch.float8_e4m3fn).float()
+    assert torch.equal(index.centroids, on_grid)
+    plain = build_cluster_index(keys, TacticConfig(segment_size=32, cluster_size=8,
+                                                   outlier_share=0.0))  # fmt: skip
+    assert not torch.equal(index.centroids, plain.centroids)
+    assert torch.equal(index.cluster_sizes, plain.cluster_sizes)
+    pool = ClusterPool.allocate(
+        num_segment_slots=3, num_kv_heads=1, head_dim=16, segment_size=32,
+        clusters_per_segment=4, dtype=torch.bfloat16, device="cpu", variance_dims=16,
+        centroids_dtype=centroid_dtype(config, torch.bfloat16, "cpu"),
+    )  # fmt: skip
+    pool.write_segments(index, torch.arange(64), torch.tensor([2, 0]))
+    stored = pool.stored_centroids(torch.tensor([2, 0]))  # [segments, H_kv, C, d]
+    assert torch.equal(stored[:, 0].reshape(8, 16), index.centroids[0])

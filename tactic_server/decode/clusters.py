@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from tactic_server.kernels.cluster_pool import ClusterPool, stored_variances
+from tactic_server.kernels.cluster_pool import ClusterPool, centroid_dtype, stored_variances
 from tactic_server.tactic.clustering import (
     ClusterIndex,
     build_cluster_index,
@@ -36,14 +36,18 @@ STATS = 6
 
 
 def metadata_bytes_per_token(
-    num_kv_heads: int, head_dim: int, dtype: torch.dtype, config: TacticConfig, num_layers: int
+    num_kv_heads: int, head_dim: int, dtype: torch.dtype, config: TacticConfig, num_layers: int,
+    device: torch.device | str | None = None,
 ) -> float:
     """Bytes the cluster metadata adds per KV token over all layers (the segment slots
-    amortised over their segment_size tokens, plus the slot -> segment map)."""
+    amortised over their segment_size tokens, plus the slot -> segment map). Centroids count
+    as the pool on `device` keeps them (centroid_dtype); without a device, in dtype, which
+    is never less."""
     clusters = -(-config.segment_size // config.cluster_size)
     per_slot = ClusterPool.bytes_per_segment_slot(
         num_kv_heads, head_dim, config.segment_size, clusters, dtype,
         variance_dims(config, head_dim),
+        None if device is None else centroid_dtype(config, dtype, device),
     )  # fmt: skip
     return num_layers * per_slot / config.segment_size + 4
 
@@ -85,6 +89,7 @@ class ClusterSide:
                 head_dim=head_dim, segment_size=self.segment_size,
                 clusters_per_segment=clusters, dtype=dtype, device=device,
                 variance_dims=variance_dims(config, head_dim),
+                centroids_dtype=centroid_dtype(config, dtype, device),
             )  # fmt: skip
             for _ in range(num_layers)
         ]
@@ -205,7 +210,7 @@ class ClusterSide:
         return ClusterIndex(
             seq_len=seq_len,
             clustered_len=count * size,
-            centroids=per_head(pool.centroids[chosen]).float(),
+            centroids=per_head(pool.stored_centroids(chosen)),
             variances=per_head(stored_variances(pool.variances[chosen])),
             cluster_sizes=per_head(offsets[:, :, 1:] - offsets[:, :, :-1]),
             cluster_offsets=torch.cat([per_head(offsets[:, :, :-1] + first_position), end], 1),

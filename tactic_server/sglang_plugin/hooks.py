@@ -191,7 +191,7 @@ def cell_size_around(original, self, model_runner, num_layers, *args, **kwargs):
     extra = metadata_bytes_per_token(
         config.get_num_kv_heads(get_attention_tp_size()), config.head_dim,
         model_runner.kv_cache_dtype, Settings.from_env().config,
-        len(tactic_layer_ids(model_runner, num_layers)),
+        len(tactic_layer_ids(model_runner, num_layers)), model_runner.device,
     )  # fmt: skip
     return cell + math.ceil(extra)
 

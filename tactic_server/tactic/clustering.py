@@ -109,6 +109,19 @@ def decode_variances(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(codes > 0, bits.view(torch.float32), 0.0)
 
 
+FP8_CENTROID_MAX = 448.0  # the largest finite float8 e4m3 value (torch.float8_e4m3fn)
+
+
+def round_centroids(centroids: torch.Tensor, config: TacticConfig) -> torch.Tensor:
+    """Centroids on the grid a cluster pool of this config stores them on (config.centroids):
+    float8 e4m3 values, clamped into its range, for "fp8"; unchanged for "kv" (the pool's cast
+    to the cache dtype is the reference's too: it reads the pool back). Same dtype out."""
+    if config.centroids != "fp8":
+        return centroids
+    limit = FP8_CENTROID_MAX
+    return centroids.clamp(-limit, limit).to(torch.float8_e4m3fn).to(centroids.dtype)
+
+
 def variance_dims(config: TacticConfig, head_dim: int) -> int:
     """Values of spread each cluster keeps (see ClusterIndex.variances)."""
     return head_dim if config.variance == "diagonal" else 1
@@ -145,7 +158,7 @@ def _cluster_segments(
     variances = sums / sizes.clamp_min(1.0).unsqueeze(-1)
     if config.variance == "diagonal":  # on the grid the cluster pool stores
         variances = decode_variances(encode_variances(variances)).to(points.dtype)
-    return assignments, sizes, means, variances
+    return assignments, sizes, round_centroids(means, config), variances
 
 
 def build_cluster_index(

@@ -22,6 +22,7 @@ def selects(target_mass: float) -> bool:
 Estimator = Literal["lognormal", "inverse_fit"]
 VarianceModel = Literal["diagonal", "isotropic"]
 TailPolicy = Literal["score", "attend"]
+CentroidFormat = Literal["kv", "fp8"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class TacticConfig:
         value). Real keys are anisotropic and queries point along their quiet dimensions:
         on Gemma 3's global layers the isotropic s^2 is 2-3x the true score variance and the
         estimate several nats too high (benchmarks/estimator_study.py).
+    centroids: how centroids are stored for scoring. "kv": in the KV cache's dtype. "fp8": as
+        float8 e4m3 (clamped to +-448; 3 mantissa bits), half of a bf16 centroid's bytes,
+        which is most of what scoring reads; on Gemma 3's captured attention and the synthetic
+        workloads the share of heads meeting P and the overshoot do not move
+        (benchmarks/estimator_study.py). CUDA devices below compute capability 8.9 have no fp8
+        conversion and keep "kv" (with a warning).
     exact_fraction: most of the context, taken in whole density bins from the top of the
         estimated order, whose scores are computed exactly (the paper scores its top 1-2%; 1%
         meets P on as many synthetic heads as 2% and halves the exact reads).
@@ -81,6 +88,7 @@ class TacticConfig:
     outlier_share: float = 0.25
     estimator: Estimator = "lognormal"
     variance: VarianceModel = "diagonal"
+    centroids: CentroidFormat = "kv"
     exact_fraction: float = 0.01
     tail_policy: TailPolicy = "score"
     exact_tokens: bool = False
@@ -112,6 +120,8 @@ class TacticConfig:
             raise ValueError(
                 f"variance must be 'diagonal' or 'isotropic', got {self.variance!r}"
             )
+        if self.centroids not in ("kv", "fp8"):
+            raise ValueError(f"centroids must be 'kv' or 'fp8', got {self.centroids!r}")
         if not 0.0 <= self.exact_fraction <= 1.0:
             raise ValueError(f"exact_fraction must be in [0, 1], got {self.exact_fraction}")
         if self.tail_policy not in ("score", "attend"):
