@@ -16,9 +16,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   tail -3 "$OUT/gpu_kernel_tests.log"
 fi
 for shape in ${PROFILE:-}; do
-  python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
-    >"$OUT/profile_selection_${shape%%:*}_b${shape##*:}.txt" 2>&1
-  tail -1 "$OUT/profile_selection_${shape%%:*}_b${shape##*:}.txt"
+  for centroids in ${PROFILE_CENTROIDS:-kv}; do  # e.g. PROFILE_CENTROIDS="kv fp8"
+    name=profile_selection_${shape%%:*}_b${shape##*:}_$centroids.txt
+    python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
+      --centroids "$centroids" >"$OUT/$name" 2>&1
+    grep -E "_score_units_kernel|^step" "$OUT/$name"
+  done
 done
 # Nsight Compute on the selection kernels of one step (after two warm steps), per NCU shape
 for shape in ${NCU:-}; do
