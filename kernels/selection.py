@@ -732,6 +732,13 @@ def select_rows(
     list the clusters above it; score them exactly; find the walk's threshold bin; mark the
     selected units; write the CSR rows."""
     config = config or TacticConfig()
+    unsupported = [name for name, value in (("estimator", config.estimator != "lognormal"),
+                                            ("exact_tokens", config.exact_tokens),
+                                            ("boundary_tokens", config.boundary_tokens))
+                   if value]  # fmt: skip
+    if unsupported:  # the reference plans them (tactic.selection); these kernels do not
+        raise ValueError(f"the selection kernels compute the log-normal estimate with whole "
+                         f"units only: unsupported config {', '.join(unsupported)}")
     if config.segment_size != pool.segment_size:
         raise ValueError("config.segment_size must equal the cluster pool's segment_size")
     if pool.variances.shape[-1] != variance_dims(config, q.shape[-1]):

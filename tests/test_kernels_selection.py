@@ -163,6 +163,19 @@ def test_selection_on_bfloat16_cache(head_dim, variance, centroids):
             assert set(got.tolist()) == set((slots[positions].long() * 2 + head).tolist())
 
 
+@pytest.mark.parametrize("change", [dict(estimator="inverse_fit"), dict(exact_tokens=True),
+                                    dict(boundary_tokens=True)])  # fmt: skip
+def test_reference_only_options_are_refused(change):
+    """Options only the torch reference plans are refused, not silently ignored."""
+    config = TacticConfig(segment_size=64)
+    k_cache, req_to_token, pool, req_to_segment, pool_indices, q, _ = make_batch(
+        [70], ["topics"], config)  # fmt: skip
+    with pytest.raises(ValueError, match=next(iter(change))):
+        select_rows(q, k_cache, pool, req_to_segment, req_to_token, pool_indices,
+                    torch.tensor([70]), torch.ones(3), 70,
+                    TacticConfig(segment_size=64, **change))  # fmt: skip
+
+
 def test_segment_size_must_match_pool():
     config = TacticConfig(segment_size=64)
     k_cache, req_to_token, pool, req_to_segment, pool_indices, q, _ = make_batch(
