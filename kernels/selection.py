@@ -600,7 +600,6 @@ def _write_rows_kernel(
     indices_ptr,
     stride_req_segment,
     stride_req_token,
-    num_rows,
     num_kv_heads,
     max_units,
     num_blocks,
@@ -848,10 +847,9 @@ def select_rows(
     _write_rows_kernel[grid](
         pool.member_slots, pool.cluster_offsets, req_to_segment, req_to_token,
         req_pool_indices, clustered_segments, unit_size, picked, block_units, block_tokens,
-        row_tokens, indptr, indices, req_to_segment.stride(0), req_to_token.stride(0), rows,
-        num_kv_heads,
-        max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters, BLOCK_E=write_units_per_step,
-        BLOCK_M=write_members_per_step, **unit_block,
+        row_tokens, indptr, indices, req_to_segment.stride(0), req_to_token.stride(0),
+        num_kv_heads, max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters,
+        BLOCK_E=write_units_per_step, BLOCK_M=write_members_per_step, **unit_block,
         BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=triton.next_power_of_2(num_blocks),
     )  # fmt: skip
     return SelectedRows(

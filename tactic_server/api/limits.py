@@ -55,8 +55,7 @@ class BodyLimits:
         if declared.isdigit() and int(declared) > limit:
             if int(declared) <= LINGER_BYTES:
                 await self._discard_rest(receive)
-            await self._refuse(413, f"request body exceeds {limit} bytes", "request_too_large",
-                               scope, receive, send)  # fmt: skip
+            await self._too_large(scope, receive, send)
             return
         body = bytearray()
         try:
@@ -69,8 +68,7 @@ class BodyLimits:
                     if len(body) > limit:
                         if message.get("more_body", False):
                             await self._discard_rest(receive)
-                        await self._refuse(413, f"request body exceeds {limit} bytes",
-                                           "request_too_large", scope, receive, send)  # fmt: skip
+                        await self._too_large(scope, receive, send)
                         return
                     if not message.get("more_body", False):
                         break
@@ -107,6 +105,11 @@ class BodyLimits:
                         return
         except TimeoutError:
             return
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """413: the body is (or was declared) over the byte limit."""
+        await self._refuse(413, f"request body exceeds {self.limits.max_body_bytes} bytes",
+                           "request_too_large", scope, receive, send)  # fmt: skip
 
     async def _refuse(self, status: int, message: str, code: str, scope: Scope,
                       receive: Receive, send: Send) -> None:  # fmt: skip
