@@ -17,7 +17,6 @@ import torch
 from tactic_server.tactic.clustering import (
     FP8_CENTROID_MAX,
     ClusterIndex,
-    decode_variances,
     encode_variances,
 )
 from tactic_server.tactic.config import TacticConfig
@@ -26,9 +25,21 @@ logger = logging.getLogger(__name__)
 
 
 def _variance_dtype(variance_dims: int) -> torch.dtype:
-    """Per-dimension variances are as many values as a centroid: 8-bit codes of their log
+    """Per-dimension variances are as many values as a centroid: float8 e5m2
     (clustering.encode_variances); one mean variance per cluster costs little in float32."""
-    return torch.uint8 if variance_dims > 1 else torch.float32
+    return torch.float8_e5m2 if variance_dims > 1 else torch.float32
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor as its bytes (not every torch build indexes or fills float8 tensors);
+    others as they are."""
+    return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
+
+
+def _zeros(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros of any float dtype, float8 included: allocated as bytes (zero bits are 0.0)."""
+    return torch.zeros(*shape[:-1], shape[-1] * dtype.itemsize, dtype=torch.uint8,
+                       device=device).view(dtype)  # fmt: skip
 
 
 def centroid_dtype(config: TacticConfig, kv_dtype: torch.dtype,
@@ -47,17 +58,12 @@ def centroid_dtype(config: TacticConfig, kv_dtype: torch.dtype,
     return torch.float8_e4m3fn
 
 
-def stored_variances(variances: torch.Tensor) -> torch.Tensor:
-    """float32 variances of a pool's stored ones (codes or float32)."""
-    return decode_variances(variances) if variances.dtype == torch.uint8 else variances.float()
-
-
 @dataclass
 class ClusterPool:
     """Per segment slot s and KV head h:
     centroids [S_cap, H_kv, C, d] (kv dtype, or float8 e4m3: centroid_dtype),
-    variances [S_cap, H_kv, C, V] (ClusterIndex's: V = d per-dimension variances as 8-bit
-    float codes (clustering.encode_variances), or V = 1, their mean, in float32),
+    variances [S_cap, H_kv, C, V] (ClusterIndex's: V = d per-dimension variances as float8
+    e5m2 (clustering.encode_variances), or V = 1, their mean, in float32),
     cluster_offsets [S_cap, H_kv, C + 1] int32 (into the segment's member list),
     member_slots [S_cap, H_kv, segment_size] int32 KV slots in cluster order,
     token_cluster [S_cap, H_kv, segment_size] int32 cluster of each position of the segment."""
@@ -88,14 +94,10 @@ class ClusterPool:
         return cls(
             segment_size=segment_size,
             clusters_per_segment=clusters_per_segment,
-            # zero bits are 0.0 in every float dtype; allocated as bytes since not every torch
-            # build fills float8 tensors
-            centroids=torch.zeros(
-                *shape, clusters_per_segment, head_dim * (centroids_dtype or dtype).itemsize,
-                dtype=torch.uint8, device=device,
-            ).view(centroids_dtype or dtype),
-            variances=torch.zeros(*shape, clusters_per_segment, variance_dims,
-                                  dtype=_variance_dtype(variance_dims), device=device),
+            centroids=_zeros(*shape, clusters_per_segment, head_dim,
+                             dtype=centroids_dtype or dtype, device=device),
+            variances=_zeros(*shape, clusters_per_segment, variance_dims,
+                             dtype=_variance_dtype(variance_dims), device=device),
             cluster_offsets=torch.zeros(
                 *shape, clusters_per_segment + 1, dtype=torch.int32, device=device
             ),
@@ -129,10 +131,14 @@ class ClusterPool:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def stored_centroids(self, segment_slots: torch.Tensor) -> torch.Tensor:
-        """float32 centroids [len(segment_slots), H_kv, C, d] of those slots, as stored
-        (indexed as bytes: not every torch build indexes float8 tensors)."""
-        stored = self.centroids.view(torch.uint8)[segment_slots.to(self.centroids.device)]
+        """float32 centroids [len(segment_slots), H_kv, C, d] of those slots, as stored."""
+        stored = _bytes_of(self.centroids)[segment_slots.to(self.centroids.device)]
         return stored.view(self.centroids.dtype).float()
+
+    def stored_variances(self, segment_slots: torch.Tensor) -> torch.Tensor:
+        """float32 variances [len(segment_slots), H_kv, C, V] of those slots, as stored."""
+        stored = _bytes_of(self.variances)[segment_slots.to(self.variances.device)]
+        return stored.view(self.variances.dtype).float()
 
     def write_segments(
         self, index: ClusterIndex, token_slots: torch.Tensor, segment_slots: torch.Tensor
@@ -158,12 +164,13 @@ class ClusterPool:
         if self.centroids.dtype == torch.float8_e4m3fn:  # beyond its range the cast gives NaN
             centroids = centroids.clamp(-FP8_CENTROID_MAX, FP8_CENTROID_MAX)
         stored = centroids.to(self.centroids.dtype).contiguous()
-        self.centroids.view(torch.uint8)[slots] = stored.view(torch.uint8)  # float8 as bytes
+        _bytes_of(self.centroids)[slots] = _bytes_of(stored)
         if index.variances.shape[-1] != self.variances.shape[-1]:
             raise ValueError("the cluster index keeps other variances than this pool")
         variances = per_segment(index.variances, clusters)
-        self.variances[slots] = (encode_variances(variances) if self.variances.dtype == torch.uint8
-                                 else variances.to(self.variances.dtype))  # fmt: skip
+        variances = (encode_variances(variances) if self.variances.dtype == torch.float8_e5m2
+                     else variances.to(self.variances.dtype)).contiguous()  # fmt: skip
+        _bytes_of(self.variances)[slots] = _bytes_of(variances)
         offsets = per_segment(index.cluster_offsets[:, :-1], clusters) - (
             segment_starts[:, None, None] * size
         )

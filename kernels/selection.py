@@ -23,15 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tactic_server.tactic.clustering import VARIANCE_CODE_BIAS, VARIANCE_CODE_SHIFT, variance_dims
+from tactic_server.tactic.clustering import variance_dims
 from tactic_server.tactic.config import TacticConfig
-from tactic_server.tactic.selection import MAX_RELATIVE_LOG_MASS
+from tactic_server.tactic.selection import FP16_MAX, MAX_RELATIVE_LOG_MASS
 
 from .cluster_pool import ClusterPool
 from .decode_attention import dot_dtype, dot_precision, load_group_queries
 
-VARIANCE_BIAS = tl.constexpr(VARIANCE_CODE_BIAS)  # a variance code + this: its bf16 value's
-VARIANCE_SHIFT = tl.constexpr(VARIANCE_CODE_SHIFT)  # top bits, shifted left by VARIANCE_SHIFT
+FP16_LARGEST = tl.constexpr(FP16_MAX)
 
 
 @triton.jit
@@ -77,7 +76,6 @@ def _score_units_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
-    INTERPRETED: tl.constexpr,
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     capped log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
@@ -149,24 +147,17 @@ def _score_units_kernel(
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
         score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
     else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
-        codes = tl.load(  # 8-bit floats, the top bits of bf16 values (decode_variances)
+        variances = tl.load(  # float8 e5m2: the top byte of fp16 values (encode_variances)
             variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
             mask=is_cluster[:, None] & dim_mask[None, :],
-            other=0,
-        ).to(tl.int32)
-        fields = tl.where(codes > 0, codes + VARIANCE_BIAS, 0)
-        # bf16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
-        # registers and took 4x the centroid scoring): a code's bits are its bf16 value's, and
-        # q_i^2 is rounded as the reference rounds it (to nearest, ties to even, as the GPU's
-        # cast does). Under the interpreter the same bf16 values go through an fp32 dot
-        # (dot_dtype), whose default tf32 products of bf16 values are exact too; its casts
-        # truncate, so it rounds explicitly
-        weights = q * q
-        if INTERPRETED:
-            weights = _bf16_nearest(weights)
-            variances = (fields << (VARIANCE_SHIFT + 16)).to(tl.float32, bitcast=True)
-        else:
-            variances = (fields << VARIANCE_SHIFT).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            other=0.0,
+        ).to(tl.float16)
+        # fp16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
+        # registers and took 4x the centroid scoring): a pair of e5m2 values becomes its fp16
+        # operand with one byte permute, and q_i^2 is rounded as the reference rounds it (to
+        # nearest, clamped into fp16's range). Under the interpreter the same fp16 values go
+        # through an fp32 dot (dot_dtype), whose default tf32 products of them are exact too
+        weights = tl.minimum(q * q, FP16_LARGEST).to(tl.float16)
         score_variance = tl.dot(weights.to(VARIANCE_DOT_DTYPE),
                                 tl.trans(variances.to(VARIANCE_DOT_DTYPE))) * (scale * scale)
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
@@ -219,16 +210,6 @@ def _score_units_kernel(
                   sem="relaxed")  # fmt: skip
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
                   mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
-
-
-@triton.jit
-def _bf16_nearest(x):
-    """fp32 x >= 0 rounded to the nearest bf16 value, ties to even, as torch's
-    .to(torch.bfloat16) rounds: what a cast does on the GPU, for the Triton interpreter, whose
-    casts truncate; still fp32."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -792,8 +773,7 @@ def select_rows(
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
-        VARIANCE_DOT_DTYPE=dot_dtype(torch.bfloat16),
-        INTERPRETED=dot_dtype(torch.bfloat16) == tl.float32, **common,
+        VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), **common,
     )  # fmt: skip
 
     if config.exact_fraction > 0:

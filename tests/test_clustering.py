@@ -61,10 +61,10 @@ def test_index_structure_and_statistics(seq_len, segment_size):
             torch.testing.assert_close(
                 index.centroids[head, cluster].double(), mean, atol=1e-5, rtol=1e-5
             )
-            # per-dimension variances are on the grid of their 8-bit codes: within half a step
-            # (1/17, test_variance_codes)
+            # per-dimension variances are on the float8 e5m2 grid: within half a step (1/9,
+            # test_variance_codes)
             torch.testing.assert_close(
-                index.variances[head, cluster].double(), variance, atol=1e-5, rtol=1 / 17 + 1e-6
+                index.variances[head, cluster].double(), variance, atol=1e-5, rtol=1 / 9 + 1e-6
             )
             assert torch.equal(decode_variances(encode_variances(index.variances[head, cluster])),
                                index.variances[head, cluster])  # fmt: skip
@@ -162,17 +162,19 @@ def test_concatenated_segments_equal_one_index():
 
 
 def test_variance_codes():
-    """8-bit unsigned floats (three mantissa bits), decoded as bf16 values: within 1/17 (half a
-    step of 1/8 at a mantissa of 1 + 1/16) from 2^-15.5 to 2^15.5, zero for zero (singleton
-    clusters) and below the range, the largest code above it (and for inf); powers of two exact;
-    codes of decoded values are the same codes."""
-    values = torch.logspace(-15.5, 15.5, 2001, base=2.0)
+    """float8 e5m2 values (two mantissa bits), exact fp16 values: within 1/9 (half a step of
+    1/4 at a mantissa of 1 + 1/8) from 2^-14 to 2^15.5, zero for zero (singleton clusters),
+    the largest finite value above the range (inf included, no NaN); powers of two exact;
+    values of decoded values are the same values."""
+    values = torch.logspace(-14, 15.5, 2001, base=2.0)
     decoded = decode_variances(encode_variances(values))
-    assert ((decoded / values - 1).abs() <= 1 / 17 + 1e-6).all()
-    assert torch.equal(decoded.to(torch.bfloat16).float(), decoded)
-    powers = 2.0 ** torch.arange(-15, 16, dtype=torch.float32)
+    assert ((decoded / values - 1).abs() <= 1 / 9 + 1e-6).all()
+    assert torch.equal(decoded.to(torch.float16).float(), decoded)
+    powers = 2.0 ** torch.arange(-16, 16, dtype=torch.float32)
     assert torch.equal(decode_variances(encode_variances(powers)), powers)
     edges = torch.tensor([0.0, 2.0**-20, 2.0**20, float("inf")])
-    assert encode_variances(edges).tolist() == [0, 0, 255, 255]
-    codes = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(encode_variances(decode_variances(codes)), codes)
+    assert decode_variances(encode_variances(edges)).tolist() == [0.0, 0.0, 57344.0, 57344.0]
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e5m2)
+    finite = torch.isfinite(codes.float()) & (codes.float() >= 0)
+    again = encode_variances(decode_variances(codes[finite]))
+    assert torch.equal(again.view(torch.uint8), codes[finite].view(torch.uint8))

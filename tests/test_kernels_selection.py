@@ -52,8 +52,8 @@ def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dty
         # centroids: build_cluster_index rounded them so already)
         assert torch.equal(pool.stored_centroids(mine).transpose(0, 1).flatten(1, 2),
                            index.centroids.to(dtype).float())  # fmt: skip
-        variances = index.variances  # diagonal: on the grid of the pool's 8-bit codes
-        if pool.variances.dtype != torch.uint8:
+        variances = index.variances  # diagonal: on the pool's float8 e5m2 grid
+        if pool.variances.dtype != torch.float8_e5m2:
             variances = variances.to(pool.variances.dtype).float()
         index = type(index)(**{**index.__dict__, "centroids": index.centroids.to(dtype).float(),
                                "variances": variances})  # fmt: skip

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from tactic_server.kernels.cluster_pool import ClusterPool, centroid_dtype, stored_variances
+from tactic_server.kernels.cluster_pool import ClusterPool, centroid_dtype
 from tactic_server.tactic.clustering import (
     ClusterIndex,
     build_cluster_index,
@@ -211,7 +211,7 @@ class ClusterSide:
             seq_len=seq_len,
             clustered_len=count * size,
             centroids=per_head(pool.stored_centroids(chosen)),
-            variances=per_head(stored_variances(pool.variances[chosen])),
+            variances=per_head(pool.stored_variances(chosen)),
             cluster_sizes=per_head(offsets[:, :, 1:] - offsets[:, :, :-1]),
             cluster_offsets=torch.cat([per_head(offsets[:, :, :-1] + first_position), end], 1),
             token_positions=per_head(order + first_position),

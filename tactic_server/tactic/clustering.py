@@ -28,7 +28,7 @@ class ClusterIndex:
     clustered_len: positions [0, clustered_len) are clustered; [clustered_len, seq_len) is the tail.
     centroids: [H_kv, C, d] float32, the mean key of each cluster (what a query is scored against).
     variances: [H_kv, C, V] float32, the per-dimension variance of each cluster's keys (V = d,
-        config.variance "diagonal"; rounded to the 8-bit codes of encode_variances) or its mean
+        config.variance "diagonal"; rounded to the float8 values of encode_variances) or its mean
         over the dimensions (V = 1, "isotropic").
     cluster_sizes: [H_kv, C] int64.
     cluster_offsets: [H_kv, C + 1] int64, CSR offsets into token_positions.
@@ -79,34 +79,23 @@ def _cluster_means(points: torch.Tensor, assignments: torch.Tensor, num_clusters
     return sizes, sums / sizes.clamp_min(1.0).unsqueeze(-1)
 
 
-VARIANCE_CODE_STEPS = 8
-"""Per-dimension variances are kept as 8-bit unsigned floats: code c > 0 is
-2^((c >> 3) - 16) * (1 + (c & 7) / 8), VARIANCE_CODE_STEPS values per factor of 2 (a bf16 value's
-top three mantissa bits: decoding is an add and a shift, no exp2), 2^-15.8 .. 2^15.9, rounded to
-the nearest (at most 1/17 off); code 0 is a zero variance (a singleton cluster's) and what lies
-below the range. The mass estimate sums d of them, so their errors mostly cancel; a quarter of a
-bf16 value's bytes."""
-
-VARIANCE_CODE_BIAS = 127 * VARIANCE_CODE_STEPS - 128
-"""code + VARIANCE_CODE_BIAS is the (exponent, top mantissa bits) field of the code's bf16 value
-(code 128 is 1.0); shifted left by VARIANCE_CODE_SHIFT it is the bf16 value's bits."""
-VARIANCE_CODE_SHIFT = 7 - 3  # bf16 mantissa bits not kept (3 = log2 VARIANCE_CODE_STEPS)
+VARIANCE_MAX = 57344.0
+"""Per-dimension variances are kept as float8 e5m2 values (torch.float8_e5m2: 5 exponent, 2
+mantissa bits, rounded to the nearest, at most 1/9 off; 2^-14 .. 57344, subnormals down to
+2^-16, zero below): a quarter of a float32's bytes. The mass estimate sums d of them weighted by
+q_i^2, so their errors mostly cancel (the Gemma 3 estimator study does not move from 3 mantissa
+bits to 2). They are the top byte of a float16, so the scoring kernel turns a pair into its
+fp16 tensor-core operand with one byte permute; larger variances are clamped to VARIANCE_MAX."""
 
 
 def encode_variances(variances: torch.Tensor) -> torch.Tensor:
-    """uint8 codes of variances >= 0 (see VARIANCE_CODE_STEPS), rounded to the nearest code."""
-    bits = variances.float().contiguous().view(torch.int32).long()
-    dropped = VARIANCE_CODE_SHIFT + 16  # float32 bits below the code's
-    codes = ((bits + (1 << (dropped - 1))) >> dropped) - VARIANCE_CODE_BIAS
-    return codes.clamp(0, 255).to(torch.uint8)
+    """float8 e5m2 values of variances >= 0, rounded to the nearest (clamped to VARIANCE_MAX)."""
+    return variances.float().clamp(0.0, VARIANCE_MAX).to(torch.float8_e5m2)
 
 
 def decode_variances(codes: torch.Tensor) -> torch.Tensor:
-    """float32 variances of uint8 codes: bf16 values, as the selection kernel builds them from
-    the bits (it sums q_i^2 var_i on tensor cores)."""
-    fields = codes.long() + VARIANCE_CODE_BIAS
-    bits = (fields << (VARIANCE_CODE_SHIFT + 16)).to(torch.int32)
-    return torch.where(codes > 0, bits.view(torch.float32), 0.0)
+    """float32 variances of their float8 e5m2 values (exact)."""
+    return codes.float()
 
 
 FP8_CENTROID_MAX = 448.0  # the largest finite float8 e4m3 value (torch.float8_e4m3fn)

@@ -44,7 +44,7 @@ class TacticConfig:
         centroid-ordered token list.
     variance: what each cluster keeps of its keys' spread for the log-normal estimate.
         "diagonal": the variance of every dimension, s^2 = sum_i q_i^2 var_i / d (d values per
-        cluster, as many as its centroid, kept as 8-bit codes of their log2:
+        cluster, as many as its centroid, kept as float8 e5m2 values:
         clustering.encode_variances). "isotropic": their mean, s^2 = |q|^2 var / d (one
         value). Real keys are anisotropic and queries point along their quiet dimensions:
         on Gemma 3's global layers the isotropic s^2 is 2-3x the true score variance and the

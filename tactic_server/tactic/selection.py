@@ -25,6 +25,9 @@ def _log(tensor: torch.Tensor) -> torch.Tensor:
     )
 
 
+FP16_MAX = 65504.0  # the largest finite float16
+
+
 def _lognormal_estimate(grouped_query, index: ClusterIndex, centroid_scores):
     """log of n * exp(q.mu/sqrt(d) + min(s^2 / 2, s sqrt(2 ln n))) per cluster, [H_kv, group, C],
     with s^2 = sum_i q_i^2 var_i / d (|q|^2 var / d for isotropic variances): the mean of
@@ -34,8 +37,8 @@ def _lognormal_estimate(grouped_query, index: ClusterIndex, centroid_scores):
     weights = grouped_query.float().square()  # [H_kv, group, d]
     if index.variances.shape[-1] == 1:
         weights = weights.sum(dim=-1, keepdim=True)
-    else:  # bf16 q_i^2, as the scoring kernel's tensor-core dot takes them
-        weights = weights.to(torch.bfloat16).float()
+    else:  # fp16 q_i^2 (clamped into its range), as the scoring kernel's tensor-core dot takes
+        weights = weights.clamp_max(FP16_MAX).to(torch.float16).float()
     score_variance = torch.einsum("hgv,hcv->hgc", weights, index.variances.float()) / dim
     sizes = index.cluster_sizes[:, None, :].float()
     # n samples of a normal score rarely exceed mean + sigma sqrt(2 ln n): the log-normal mean

@@ -1,0 +1,120 @@
+"""Instructions of the selection's scoring kernel for Hopper (sm_90), counted without a GPU.
+
+Triton compiles for a CUDA target on any machine (its own ptxas and cuobjdump come with it), so
+the kernel's SASS can be read here: per thread, one program (BLOCK_U units, no loops) runs
+straight through it, so the count is what each warp issues per block of units. This is no
+timing (`benchmarks/decode_attention.py` on the GPU is), but it shows what a change to the
+kernel's arithmetic costs in issue slots: at 128k, batch 16 and 8 KV heads the kernel runs
+16,384 programs of 4 warps. Pointer arguments are taken as 16-byte aligned, as Triton's launcher
+specialises them.
+
+    python benchmarks/sass_count.py --out benchmarks/results/sass_score_kernel_sm90.md
+
+Another commit's kernel: `git worktree add /tmp/wt COMMIT`, copy this script into it, link
+`tactic_server/kernels` to `../kernels` there (the package maps it so only when installed) and
+run the copy from /tmp/wt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "offsets_ptr": "*i32", "req_to_segment_ptr": "*i32",
+            "req_to_token_ptr": "*i32", "req_pool_ptr": "*i32", "seq_lens_ptr": "*i32",
+            "clustered_ptr": "*i32", "log_mass_ptr": "*fp32", "unit_size_ptr": "*i32",
+            "forced_ptr": "*i8", "token_cluster_ptr": "*i32", "mass_hist_ptr": "*fp32"}  # fmt: skip
+FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
+
+
+def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
+                      block_u: int) -> str:  # fmt: skip
+    """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache."""
+    kernel = module._score_units_kernel
+    names = kernel.arg_names
+    codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
+    pointers = dict(POINTERS, centroids_ptr="*" + centroids,
+                    variances_ptr=codes if variance_dims > 1 else "*fp32")  # fmt: skip
+    constants = dict(GROUP=group, HEAD_DIM=head_dim, SEGMENT=1024, CLUSTERS=64,
+                     BLOCK_H=max(16, triton.next_power_of_2(group)),
+                     BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_U=block_u, BLOCK_F=32,
+                     ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, BINS=2048,
+                     DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
+                     VARIANCE_DOT_DTYPE=tl.bfloat16 if codes == "*u8" else tl.float16,
+                     INTERPRETED=False)  # fmt: skip
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if name in constants:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = constants[name]
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+            if name.startswith("stride") or name == "max_units":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                       attrs=attrs)  # fmt: skip
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "num_stages": 2})  # fmt: skip
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([str(cuobjdump), "-sass", cubin.name], check=True,
+                              capture_output=True, text=True).stdout  # fmt: skip
+
+
+def count(sass: str) -> collections.Counter:
+    """Instructions per opcode (without modifiers or predicates)."""
+    opcodes = collections.Counter()
+    for line in sass.splitlines():
+        match = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9]+)", line)
+        if match:
+            opcodes[match.group(1)] += 1
+    return opcodes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--block-u", type=int, default=64)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    from tactic_server.kernels import selection
+
+    rows = []
+    for centroids, variance_dims in (("bf16", args.head_dim), ("fp8e4nv", args.head_dim),
+                                     ("bf16", 1)):  # fmt: skip
+        opcodes = count(score_kernel_sass(selection, centroids, variance_dims, args.head_dim,
+                                          args.group, args.block_u))  # fmt: skip
+        top = ", ".join(f"{name} {n}" for name, n in opcodes.most_common(8))
+        variance = "diagonal" if variance_dims > 1 else "isotropic"
+        rows.append(f"| {centroids} | {variance} | {sum(opcodes.values())} | {top} |")
+        print(rows[-1], flush=True)
+    table = "\n".join([
+        f"_score_units_kernel for sm_90, head_dim {args.head_dim}, group {args.group}, "
+        f"{args.block_u} units a program, 4 warps: SASS instructions per thread (static count "
+        f"= issued per warp per program; no loops). `python benchmarks/sass_count.py`", "",
+        "| centroids | variances | instructions | most frequent |",
+        "|---|---|---|---|", *rows, ""])  # fmt: skip
+    if args.out:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
