@@ -137,6 +137,36 @@ def check_against_reference(config, group=4, **launch):
         torch.testing.assert_close(selected.estimated_mass[request].cpu(), plan.estimated_mass)
 
 
+@pytest.mark.parametrize("recent_window,sink_tokens", [(40, 3), (5, 40), (0, 0)])
+def test_always_attended_positions_across_segments(recent_window, sink_tokens):
+    """Sinks and recent windows that span several segments (and the tail), with programs of 16
+    units over segments of 4 clusters: the programs holding those segments look their clusters
+    up, the others only test tail positions, and the selection is the reference's."""
+    config = TacticConfig(segment_size=32, cluster_size=8, recent_window=recent_window,
+                          sink_tokens=sink_tokens, exact_fraction=0.1)  # fmt: skip
+    lengths = [400, 96, 70, 33]
+    k_cache, req_to_token, pool, req_to_segment, pool_indices, q, references = make_batch(
+        lengths, ["topics", "needles", "recency_sink", "flat"], config)  # fmt: skip
+    targets = torch.full((len(lengths) + 2,), 0.5)
+    selected = select_rows(
+        q.to(DEVICE), k_cache.to(DEVICE), to_device(pool), req_to_segment.to(DEVICE),
+        req_to_token.to(DEVICE), pool_indices.to(DEVICE),
+        torch.tensor(lengths, dtype=torch.int32, device=DEVICE), targets.to(DEVICE),
+        max_seq_len=400, config=config, score_units_per_program=16, units_per_program=16,
+    )  # fmt: skip
+    indptr, indices = selected.indptr.cpu(), selected.indices.cpu()
+    for request, (query, keys, index, slots) in enumerate(references):
+        plan = plan_tactic(query, keys, 0.5, index, config)
+        for head, positions in enumerate(plan.indices):
+            row = request * 2 + head
+            got = indices[indptr[row] : indptr[row + 1]].long()
+            expected = slots[positions].long() * 2 + head
+            assert torch.equal(got.sort().values, expected.sort().values), (request, head)
+            always = torch.arange(len(keys))
+            always = always[(always < sink_tokens) | (always >= len(keys) - recent_window)]
+            assert torch.isin(always, positions).all()  # the reference forces them too
+
+
 @pytest.mark.parametrize("head_dim,variance,centroids", [
     (32, "diagonal", "kv"), (256, "diagonal", "kv"), (256, "isotropic", "kv"),
     (256, "diagonal", "fp8")])  # fmt: skip
