@@ -50,8 +50,8 @@ def centroid_dtype(config: TacticConfig, kv_dtype: torch.dtype,
     if config.centroids != "fp8":
         return kv_dtype
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        capability = torch.cuda.get_device_capability(device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if capability is not None and capability < (8, 9):
         logger.warning("fp8 centroids need compute capability 8.9 (this GPU has %s): centroids "
                        "stay in %s", capability, kv_dtype)  # fmt: skip
         return kv_dtype
