@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # On the GPU machine: the decode benchmark with this tree's selection kernels and then with a
-# baseline copy of kernels/selection.py (git-ignored .baseline/selection.py, carried: e.g.
-# `git show <commit>:kernels/selection.py > .baseline/selection.py`), same machine, same run, so
-# a kernel change is judged against what it replaces. LAUNCH: the new kernels' launch options
+# baseline, same machine, same run, so a kernel change is judged against what it replaces. The
+# baseline is either a copy of kernels/selection.py (git-ignored .baseline/selection.py, carried:
+# e.g. `git show <commit>:kernels/selection.py > .baseline/selection.py`), swapped in for its
+# run, or, where the change reaches beyond that file (the cluster pool's format, say), a whole
+# tree of the baseline commit without the bundled model (.baseline/tree, which wins when both
+# are there): `mkdir -p .baseline/tree && git archive <commit> kernels tactic_server benchmarks |
+# tar x -C .baseline/tree --exclude='*.safetensors' --exclude='benchmarks/results'`; its own
+# benchmarks/decode_attention.py then runs over its own packages. LAUNCH: the new kernels' launch options
 # (decode_attention.py --launch-options); the baseline runs with its defaults. The rest of the
 # arguments go to decode_attention.py for both (FlashInfer left out: selection is what changes).
 # Results: $OUT/selection_new.{json,log}, $OUT/selection_base.{json,log}.
@@ -11,14 +16,24 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/gpu_env.sh >/dev/null 2>&1 || { echo "gpu_env failed"; exit 1; }
-[ -f .baseline/selection.py ] || { echo "no .baseline/selection.py (carry it)"; exit 1; }
+[ -f .baseline/selection.py ] || [ -d .baseline/tree ] ||
+  { echo "no .baseline/selection.py or .baseline/tree (carry it)"; exit 1; }
 common=(--no-flashinfer --clustering-contexts "$@")
 PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/selection_new.json" \
   --launch-options "${LAUNCH:-default}" "${common[@]}" >"$OUT/selection_new.log" 2>&1
 tail -8 "$OUT/selection_new.log"
-cp kernels/selection.py /tmp/selection_new.py
-cp .baseline/selection.py kernels/selection.py
-PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/selection_base.json" \
-  "${common[@]}" >"$OUT/selection_base.log" 2>&1
+if [ -d .baseline/tree ]; then
+  # its packages first on the path (the editable install's finder comes after it); the
+  # package maps kernels/ to tactic_server.kernels only when installed, so a link does it here
+  (cd .baseline/tree && ln -sfn ../kernels tactic_server/kernels &&
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 python3 \
+      benchmarks/decode_attention.py --output "$OUT/selection_base.json" "${common[@]}" \
+      >"$OUT/selection_base.log" 2>&1)
+else
+  cp kernels/selection.py /tmp/selection_new.py
+  cp .baseline/selection.py kernels/selection.py
+  PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/selection_base.json" \
+    "${common[@]}" >"$OUT/selection_base.log" 2>&1
+  cp /tmp/selection_new.py kernels/selection.py  # the tree as it came, for later steps
+fi
 tail -8 "$OUT/selection_base.log"
-cp /tmp/selection_new.py kernels/selection.py  # the tree as it came, for later steps
