@@ -8,7 +8,8 @@
 # are there): `mkdir -p .baseline/tree && git archive <commit> kernels tactic_server benchmarks |
 # tar x -C .baseline/tree --exclude='*.safetensors' --exclude='benchmarks/results'`; its own
 # benchmarks/decode_attention.py then runs over its own packages. LAUNCH: the new kernels' launch options
-# (decode_attention.py --launch-options); the baseline runs with its defaults. The rest of the
+# (decode_attention.py --launch-options), NEW_ARGS: more arguments for the new run alone (ones
+# the baseline's decode_attention.py may not know); the baseline runs with its defaults. The rest of the
 # arguments go to decode_attention.py for both (FlashInfer left out: selection is what changes).
 # Results: $OUT/selection_new.{json,log}, $OUT/selection_base.{json,log}.
 #     LAUNCH="default;score_replicas=1" bash benchmarks/run_gpu_selection_vs_baseline.sh \
@@ -19,8 +20,9 @@ source scripts/gpu_env.sh >/dev/null 2>&1 || { echo "gpu_env failed"; exit 1; }
 [ -f .baseline/selection.py ] || [ -d .baseline/tree ] ||
   { echo "no .baseline/selection.py or .baseline/tree (carry it)"; exit 1; }
 common=(--no-flashinfer --clustering-contexts "$@")
+# shellcheck disable=SC2086  # NEW_ARGS: words for the new run only (e.g. --centroids kv fp8)
 PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/selection_new.json" \
-  --launch-options "${LAUNCH:-default}" "${common[@]}" >"$OUT/selection_new.log" 2>&1
+  --launch-options "${LAUNCH:-default}" ${NEW_ARGS:-} "${common[@]}" >"$OUT/selection_new.log" 2>&1
 tail -8 "$OUT/selection_new.log"
 if [ -d .baseline/tree ]; then
   # its packages first on the path (the editable install's finder comes after it); the
