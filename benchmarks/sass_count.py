@@ -49,7 +49,7 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                     variances_ptr=codes if variance_dims > 1 else "*fp32")  # fmt: skip
     constants = dict(GROUP=group, HEAD_DIM=head_dim, SEGMENT=1024, CLUSTERS=64,
                      BLOCK_H=max(16, triton.next_power_of_2(group)),
-                     BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_U=block_u, BLOCK_F=32,
+                     BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_U=block_u, BLOCK_F=2,
                      ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, BINS=2048,
                      DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
                      VARIANCE_DOT_DTYPE=tl.bfloat16 if codes == "*u8" else tl.float16,

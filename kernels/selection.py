@@ -170,33 +170,25 @@ def _score_units_kernel(
     tl.store(log_mass_ptr + out, log_mass, mask=stored)
     tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
 
-    # the units of the always-attended positions: the last recent_window, the first sink_tokens
-    slots = tl.arange(0, BLOCK_F)
-    positions = tl.where(
-        slots < recent_window, seq_len - recent_window + slots, slots - recent_window
-    )
-    position_valid = (
-        (slots < recent_window + sink_tokens) & (positions >= 0) & (positions < seq_len)
-    )
-    position_segment = tl.load(
-        req_to_segment_ptr + pool_index * stride_req_segment + positions // SEGMENT,
-        mask=position_valid & (positions < tail_start),
+    # the always-attended positions: tail ones (the recent window always is: select_rows
+    # leaves a segment it reaches into to the tail, as the reference does) by arithmetic, and
+    # the clusters of the sinks that lie in clustered segments, looked up
+    tail_position = tail_start + units - num_cluster_units
+    forced = is_tail & ((tail_position < sink_tokens) | (tail_position >= seq_len - recent_window))
+    sinks = tl.arange(0, BLOCK_F)
+    clustered_sink = (sinks < sink_tokens) & (sinks < tail_start)
+    sink_segment = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + sinks // SEGMENT,
+        mask=clustered_sink,
         other=0,
     ).to(tl.int64)
-    local_cluster = tl.load(
-        token_cluster_ptr
-        + (position_segment * num_kv_heads + kv_head) * SEGMENT
-        + positions % SEGMENT,
-        mask=position_valid & (positions < tail_start),
+    sink_cluster = tl.load(
+        token_cluster_ptr + (sink_segment * num_kv_heads + kv_head) * SEGMENT + sinks % SEGMENT,
+        mask=clustered_sink,
         other=0,
     )
-    forced_units = tl.where(
-        positions < tail_start,
-        (positions // SEGMENT) * CLUSTERS + local_cluster,
-        num_cluster_units + positions - tail_start,
-    )
-    forced_units = tl.where(position_valid, forced_units, -1)
-    forced = tl.max((units[:, None] == forced_units[None, :]).to(tl.int32), axis=1) > 0
+    sink_units = tl.where(clustered_sink, (sinks // SEGMENT) * CLUSTERS + sink_cluster, -1)
+    forced = forced | (tl.max((units[:, None] == sink_units[None, :]).to(tl.int32), axis=1) > 0)
     if ATTEND_TAIL:
         forced = forced | is_tail
     tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=in_range)
@@ -699,7 +691,8 @@ def select_rows(
     the target mass P of each request by its pool index; max_seq_len (host) bounds seq_lens.
     clustered_segments [batch]: full segments whose clusters are in the pool (default all,
     seq_lens // segment_size); a segment completed but not yet clustered (at most one) is
-    scored token by token with the tail.
+    scored token by token with the tail, and so is one that the recent window reaches into
+    (as the reference does: recent positions are forced one by one, not through clusters).
     score_units_per_program: units one scoring program reads; units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
@@ -730,10 +723,14 @@ def select_rows(
     device = q.device
     size, clusters = pool.segment_size, pool.clusters_per_segment
     # clusters of the full segments, plus a tail of up to two segments (one not clustered yet)
-    max_units = (max_seq_len // size) * clusters + 2 * size
+    # and the recent window's reach into the segment before
+    max_units = (max_seq_len // size) * clusters + 2 * size + config.recent_window
     num_blocks = triton.cdiv(max_units, units_per_program)
     if clustered_segments is None:
         clustered_segments = seq_lens // size
+    if config.recent_window > 0:  # a segment the recent window reaches into is tail (reference)
+        clustered_segments = torch.minimum(
+            clustered_segments, (seq_lens - config.recent_window).clamp_min(0) // size)
     clustered_segments = clustered_segments.to(torch.int32)
     scale = 1.0 / math.sqrt(head_dim)
     bins = config.density_bins
@@ -771,7 +768,7 @@ def select_rows(
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
         bin_width=config.density_bin_width, **binning,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
-        BLOCK_F=max(16, triton.next_power_of_2(config.recent_window + config.sink_tokens)),
+        BLOCK_F=max(2, triton.next_power_of_2(config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), **common,
     )  # fmt: skip

@@ -216,6 +216,25 @@ def build_cluster_index(
     )
 
 
+def leading_segments(index: ClusterIndex, clustered_len: int) -> ClusterIndex:
+    """The index of its first clustered_len positions' segments (a multiple of the segment
+    size, at most index.clustered_len): the positions after them become tail."""
+    if clustered_len == index.clustered_len:
+        return index
+    # every segment has as many clusters; the offset after the last kept one is clustered_len
+    clusters = index.num_clusters * clustered_len // index.clustered_len
+    return ClusterIndex(
+        seq_len=index.seq_len,
+        clustered_len=clustered_len,
+        centroids=index.centroids[:, :clusters],
+        variances=index.variances[:, :clusters],
+        cluster_sizes=index.cluster_sizes[:, :clusters],
+        cluster_offsets=index.cluster_offsets[:, : clusters + 1],
+        token_positions=index.token_positions[:, :clustered_len],
+        token_cluster=index.token_cluster[:, :clustered_len],
+    )
+
+
 def concatenate_segments(segments: list[ClusterIndex], seq_len: int) -> ClusterIndex:
     """One index for a context from the indexes of its consecutive full segments (each built
     alone, positions from 0), e.g. segments cached separately and shared through a prefix cache.

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .attention import grouped_scores
-from .clustering import ClusterIndex, build_cluster_index
+from .clustering import ClusterIndex, build_cluster_index, leading_segments
 from .config import TacticConfig
 from .inputs import check_query_keys, check_target
 from .plan import SelectionPlan, plan_from_mask
@@ -146,6 +146,14 @@ def plan_tactic(
         )
     seq_len, num_kv_heads, dim = keys.shape
     device = keys.device
+    if config.segment_size is not None and config.recent_window > 0:
+        # a segment that the recent window reaches into is left to the tail (scored token by
+        # token), so recent positions are forced one by one, never through a whole cluster
+        # (and the kernels look up the clusters of sinks only)
+        recent_start = max(0, seq_len - config.recent_window)
+        index = leading_segments(index, min(index.clustered_len,
+                                            recent_start // config.segment_size
+                                            * config.segment_size))  # fmt: skip
     scores = grouped_scores(query, keys)  # [H_kv, group, seq_len]
     group = scores.shape[1]
     num_clusters, tail_len = index.num_clusters, seq_len - index.clustered_len
