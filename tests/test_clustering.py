@@ -12,6 +12,7 @@ from tactic_server.tactic.clustering import (
     concatenate_segments,
     decode_variances,
     encode_variances,
+    leading_segments,
 )
 
 
@@ -178,3 +179,18 @@ def test_variance_codes():
     finite = torch.isfinite(codes.float()) & (codes.float() >= 0)
     again = encode_variances(decode_variances(codes[finite]))
     assert torch.equal(again.view(torch.uint8), codes[finite].view(torch.uint8))
+
+
+@pytest.mark.parametrize("kept", [0, 1, 3])
+def test_leading_segments_are_the_index_of_fewer_positions(kept):
+    """The first segments of an index are the index built on their positions alone (segments
+    are clustered independently); the positions after them are tail."""
+    config = TacticConfig(segment_size=32, cluster_size=8)
+    keys = torch.randn(100, 2, 16, generator=torch.Generator().manual_seed(1))
+    whole = build_cluster_index(keys, config)
+    fewer = build_cluster_index(keys[: kept * 32], config)
+    cut = leading_segments(whole, kept * 32)
+    assert (cut.seq_len, cut.clustered_len) == (100, kept * 32)
+    for field in ("centroids", "variances", "cluster_sizes", "cluster_offsets", "token_positions",
+                  "token_cluster"):  # fmt: skip
+        assert torch.equal(getattr(cut, field), getattr(fewer, field)), field
