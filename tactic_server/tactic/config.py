@@ -68,7 +68,9 @@ class TacticConfig:
     boundary_band: with boundary_tokens, also the clusters whose density lies within this
         many nats of that bin, on either side (0: that bin alone). Their keys are read to score
         them, which is what a wider band costs.
-    recent_window: most recent positions that are always attended.
+    recent_window: most recent positions that are always attended, each on its own: a segment
+        the window reaches into is left to the tail (scored token by token) until the window
+        has passed it, so no recent position forces a whole cluster.
     sink_tokens: first positions that are always attended (attention sinks). One by default:
         Gemma 3's first token holds 15-21% of some heads' mass on its layer 5 and sits in a
         cluster the walk leaves; forcing it took that layer's (query head, step) meeting P from
