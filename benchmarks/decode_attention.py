@@ -359,7 +359,7 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     clusters = (context // config.segment_size) * (config.segment_size // config.cluster_size)
     tail = context % config.segment_size
     centroid_bytes = HEAD_DIM * centroid_dtype(config, DTYPE, "cuda").itemsize
-    spread_bytes = HEAD_DIM if config.variance == "diagonal" else 4  # 8-bit codes or one float
+    spread_bytes = HEAD_DIM if config.variance == "diagonal" else 4  # float8 values or a float32
     select_bytes = (
         rows
         * (
