@@ -14,11 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tactic_server.tactic.clustering import (
-    FP8_CENTROID_MAX,
-    ClusterIndex,
-    encode_variances,
-)
+from tactic_server.tactic.clustering import ClusterIndex, encode_variances, fp8_centroids
 from tactic_server.tactic.config import TacticConfig
 
 logger = logging.getLogger(__name__)
@@ -34,6 +30,11 @@ def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     """A float8 tensor as its bytes (not every torch build indexes or fills float8 tensors);
     others as they are."""
     return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
+
+
+def _rows_as_float(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """float32 copy of tensor[rows], float8 tensors included (indexed as bytes)."""
+    return _bytes_of(tensor)[rows.to(tensor.device)].view(tensor.dtype).float()
 
 
 def _zeros(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -132,13 +133,11 @@ class ClusterPool:
 
     def stored_centroids(self, segment_slots: torch.Tensor) -> torch.Tensor:
         """float32 centroids [len(segment_slots), H_kv, C, d] of those slots, as stored."""
-        stored = _bytes_of(self.centroids)[segment_slots.to(self.centroids.device)]
-        return stored.view(self.centroids.dtype).float()
+        return _rows_as_float(self.centroids, segment_slots)
 
     def stored_variances(self, segment_slots: torch.Tensor) -> torch.Tensor:
         """float32 variances [len(segment_slots), H_kv, C, V] of those slots, as stored."""
-        stored = _bytes_of(self.variances)[segment_slots.to(self.variances.device)]
-        return stored.view(self.variances.dtype).float()
+        return _rows_as_float(self.variances, segment_slots)
 
     def write_segments(
         self, index: ClusterIndex, token_slots: torch.Tensor, segment_slots: torch.Tensor
@@ -161,10 +160,9 @@ class ClusterPool:
             return tensor.reshape(heads, num_segments, width, *tensor.shape[2:]).transpose(0, 1)
 
         centroids = per_segment(index.centroids, clusters)
-        if self.centroids.dtype == torch.float8_e4m3fn:  # beyond its range the cast gives NaN
-            centroids = centroids.clamp(-FP8_CENTROID_MAX, FP8_CENTROID_MAX)
-        stored = centroids.to(self.centroids.dtype).contiguous()
-        _bytes_of(self.centroids)[slots] = _bytes_of(stored)
+        centroids = (fp8_centroids(centroids) if self.centroids.dtype == torch.float8_e4m3fn
+                     else centroids.to(self.centroids.dtype))  # fmt: skip
+        _bytes_of(self.centroids)[slots] = _bytes_of(centroids.contiguous())
         if index.variances.shape[-1] != self.variances.shape[-1]:
             raise ValueError("the cluster index keeps other variances than this pool")
         variances = per_segment(index.variances, clusters)

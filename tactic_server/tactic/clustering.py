@@ -101,14 +101,18 @@ def decode_variances(codes: torch.Tensor) -> torch.Tensor:
 FP8_CENTROID_MAX = 448.0  # the largest finite float8 e4m3 value (torch.float8_e4m3fn)
 
 
+def fp8_centroids(centroids: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3 centroids, clamped into its range first (beyond it the cast gives NaN)."""
+    return centroids.clamp(-FP8_CENTROID_MAX, FP8_CENTROID_MAX).to(torch.float8_e4m3fn)
+
+
 def round_centroids(centroids: torch.Tensor, config: TacticConfig) -> torch.Tensor:
     """Centroids on the grid a cluster pool of this config stores them on (config.centroids):
-    float8 e4m3 values, clamped into its range, for "fp8"; unchanged for "kv" (the pool's cast
-    to the cache dtype is the reference's too: it reads the pool back). Same dtype out."""
+    float8 e4m3 values (fp8_centroids) for "fp8"; unchanged for "kv" (the pool's cast to the
+    cache dtype is the reference's too: it reads the pool back). Same dtype out."""
     if config.centroids != "fp8":
         return centroids
-    limit = FP8_CENTROID_MAX
-    return centroids.clamp(-limit, limit).to(torch.float8_e4m3fn).to(centroids.dtype)
+    return fp8_centroids(centroids).to(centroids.dtype)
 
 
 def variance_dims(config: TacticConfig, head_dim: int) -> int:
