@@ -120,7 +120,7 @@ def topic_context(batch: int, context: int, fraction: float, generator: torch.Ge
     queries [batch, H_q, d] that ask about topics covering about `fraction` of the positions, so
     the oracle needs about that share of tokens for P = 0.9. Values are random."""
     num_topics, asked = (round(1 / fraction), 1) if fraction <= 0.1 else (10, round(fraction * 10))
-    device = "cuda"
+    device = generator.device  # the GPU here; benchmarks/hierarchy_study.py builds it on the CPU
     topics = torch.randn(NUM_KV_HEADS, num_topics, HEAD_DIM, device=device, generator=generator)
     topics = torch.nn.functional.normalize(topics, dim=-1) * math.sqrt(HEAD_DIM)
     total = batch * context
@@ -150,6 +150,12 @@ def topic_context(batch: int, context: int, fraction: float, generator: torch.Ge
     sharpness = 14.0 / math.sqrt(asked)
     queries = torch.nn.functional.normalize(direction[:, :, None, :] + jitter, dim=-1) * sharpness
     return keys, values.to(DTYPE), queries.reshape(batch, NUM_Q_HEADS, HEAD_DIM).to(DTYPE)
+
+
+def first_request_rows(selected) -> list[torch.Tensor]:
+    """The first request's selected positions per KV head (its rows come first in the CSR)."""
+    return [selected.indices[selected.indptr[h] : selected.indptr[h + 1]].long() // NUM_KV_HEADS
+            for h in range(NUM_KV_HEADS)]  # fmt: skip
 
 
 def oracle_and_recall(query, keys, rows):
@@ -287,10 +293,7 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
                                record["attend_split_tokens"]).float()  # fmt: skip
     nnz = int(indptr[-1])
     record["selected_fraction"] = nnz / (rows * context)
-    first_rows = [
-        selected.indices[indptr[h] : indptr[h + 1]].long() // NUM_KV_HEADS
-        for h in range(NUM_KV_HEADS)
-    ]
+    first_rows = first_request_rows(selected)
     record["needed_fraction"], record["min_recall"] = oracle_and_recall(
         q[0], keys[:context], first_rows
     )
@@ -329,9 +332,7 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
                                                        chosen.indices, context, split),
             (128, 256, 512),
         )  # fmt: skip
-        heads_rows = [chosen.indices[chosen.indptr[h] : chosen.indptr[h + 1]].long()
-                      // NUM_KV_HEADS for h in range(NUM_KV_HEADS)]  # fmt: skip
-        _, min_recall = oracle_and_recall(q[0], keys[:context], heads_rows)
+        _, min_recall = oracle_and_recall(q[0], keys[:context], first_request_rows(chosen))
         record[f"variant_{name}"] = {
             "select_ms": select_ms, "attend_ms": attend_ms, "tactic_ms": select_ms + attend_ms,
             "selected_fraction": int(chosen.indptr[-1]) / (rows * context),

@@ -28,15 +28,17 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from decode_attention import topic_context
 
 from tactic_server.tactic.baselines import plan_oracle
 from tactic_server.tactic.clustering import ClusterIndex, build_cluster_index, spherical_kmeans
 from tactic_server.tactic.config import TacticConfig
 from tactic_server.tactic.evaluation import RECALL_TOLERANCE
 from tactic_server.tactic.quality import recall
-from tactic_server.tactic.selection import plan_tactic
+from tactic_server.tactic.selection import _lognormal_estimate, plan_tactic
 from tactic_server.tactic.workloads import generate_workload
 
 GROUP_RECORD = 4 / 3  # mean, variances and centroid spread (bf16 + two 8-bit codes) per group
@@ -94,14 +96,11 @@ def build_groups(index: ClusterIndex, config: TacticConfig, group: int) -> Group
 
 
 def lognormal(query, means, variances, sizes):
-    """[H, g, U] log mass n exp(q.mu/sqrt(d) + min(s^2/2, s sqrt(2 ln n))) (selection's form)."""
-    dim = query.shape[-1]
-    centre = torch.einsum("hgd,hud->hgu", query, means) / math.sqrt(dim)
-    s2 = torch.einsum("hgd,hud->hgu", query.square(), variances) / dim
-    n = sizes[:, None, :]
-    ceiling = (s2 * 2 * n.clamp_min(1).log()).sqrt()
-    log_n = torch.where(n > 0, n.clamp_min(1).log(), torch.full_like(n, -math.inf))
-    return log_n + centre + torch.minimum(s2 / 2, ceiling)
+    """[H, g, U] log mass of units with these means, per-dimension variances and sizes: the
+    reference's capped log-normal estimate (tactic.selection), fed the units as an index."""
+    units = SimpleNamespace(variances=variances, cluster_sizes=sizes)
+    centre = torch.einsum("hgd,hud->hgu", query, means) / math.sqrt(query.shape[-1])
+    return _lognormal_estimate(query, units, centre)
 
 
 def first_threshold(query, keys, index, groups, target):
@@ -225,25 +224,11 @@ def study(workloads, target, config, group_sizes):
             for (label, name), (a, b, s, o, e, r, n) in tallies.items()}  # fmt: skip
 
 
-def topic_workload(context, fraction, seed, heads=(32, 8), dim=128):
-    """decode_attention.topic_context's workload (one request) on the CPU."""
-    q_heads, kv_heads = heads
-    g = torch.Generator().manual_seed(seed)
-    num_topics, asked = (round(1 / fraction), 1) if fraction <= 0.1 else (10, round(fraction * 10))
-    topics = torch.nn.functional.normalize(torch.randn(kv_heads, num_topics, dim, generator=g),
-                                           dim=-1) * math.sqrt(dim)  # fmt: skip
-    lengths = torch.randint(16, 257, (context // 16 + 1,), generator=g)
-    document = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)[:context]
-    document_topic = torch.randint(num_topics, (kv_heads, lengths.numel()), generator=g)
-    position_topic = document_topic[:, document]
-    keys = torch.stack([topics[h, position_topic[h]] + 0.5 * torch.randn(context, dim, generator=g)
-                        for h in range(kv_heads)], dim=1).bfloat16().float()  # fmt: skip
-    chosen = torch.randperm(num_topics, generator=g)[:asked]
-    direction = torch.nn.functional.normalize(topics[:, chosen].sum(1), dim=-1)
-    jitter = 0.05 * torch.randn(kv_heads, q_heads // kv_heads, dim, generator=g)
-    sharpness = 14 / math.sqrt(asked)
-    query = torch.nn.functional.normalize(direction[:, None] + jitter, dim=-1) * sharpness
-    return query.reshape(q_heads, dim).bfloat16().float(), keys
+def topic_workload(context: int, fraction: float, seed: int):
+    """decode_attention.py's workload (one request, a Llama-3.1-8B layer's heads) on the CPU:
+    query [H_q, d] and keys [context, H_kv, d] in float32."""
+    keys, _, queries = topic_context(1, context, fraction, torch.Generator().manual_seed(seed))
+    return queries[0].float(), keys.float()
 
 
 def main() -> None:
