@@ -108,6 +108,23 @@ def test_row_writing_steps_match_reference(write_units, write_members):
                             write_members_per_step=write_members)  # fmt: skip
 
 
+def assert_rows_match_reference(selected, references, targets, config, num_kv_heads=2):
+    """Each (request, KV head) CSR row of select_rows holds exactly the KV rows of the reference
+    plan's positions (make_batch's references, the requests' targets in order); returns the
+    plans."""
+    indptr, indices = selected.indptr.cpu(), selected.indices.cpu()
+    plans = []
+    for request, (query, keys, index, slots) in enumerate(references):
+        plan = plan_tactic(query, keys, float(targets[request]), index, config)
+        for head, positions in enumerate(plan.indices):
+            row = request * num_kv_heads + head
+            got = indices[indptr[row] : indptr[row + 1]].long()
+            expected = slots[positions].long() * num_kv_heads + head
+            assert torch.equal(got.sort().values, expected.sort().values), (request, head)
+        plans.append(plan)
+    return plans
+
+
 def check_against_reference(config, group=4, **launch):
     """select_rows over five requests (shorter than a segment, exactly one, with tails; five
     workloads and targets) gives each (request, KV head) the reference plan's tokens, query head
@@ -125,14 +142,9 @@ def check_against_reference(config, group=4, **launch):
         pool_indices.to(DEVICE), seq_lens.to(DEVICE), targets.to(DEVICE),
         max_seq_len=300, config=config, **launch,
     )  # fmt: skip
-    indptr, indices = selected.indptr.cpu(), selected.indices.cpu()
-    for request, (query, keys, index, slots) in enumerate(references):
-        plan = plan_tactic(query, keys, float(targets[pool_indices[request]]), index, config)
-        for head, positions in enumerate(plan.indices):
-            row = request * 2 + head
-            got = indices[indptr[row] : indptr[row + 1]].long()
-            expected = slots[positions].long() * 2 + head
-            assert torch.equal(got.sort().values, expected.sort().values), (request, head)
+    plans = assert_rows_match_reference(selected, references, targets[pool_indices].tolist(),
+                                        config)  # fmt: skip
+    for request, plan in enumerate(plans):
         assert torch.equal(selected.query_head_counts[request].cpu(), plan.query_head_counts)
         torch.testing.assert_close(selected.estimated_mass[request].cpu(), plan.estimated_mass)
 
@@ -154,16 +166,11 @@ def test_always_attended_positions_across_segments(recent_window, sink_tokens):
         torch.tensor(lengths, dtype=torch.int32, device=DEVICE), targets.to(DEVICE),
         max_seq_len=400, config=config, score_units_per_program=16, units_per_program=16,
     )  # fmt: skip
-    indptr, indices = selected.indptr.cpu(), selected.indices.cpu()
-    for request, (query, keys, index, slots) in enumerate(references):
-        plan = plan_tactic(query, keys, 0.5, index, config)
-        for head, positions in enumerate(plan.indices):
-            row = request * 2 + head
-            got = indices[indptr[row] : indptr[row + 1]].long()
-            expected = slots[positions].long() * 2 + head
-            assert torch.equal(got.sort().values, expected.sort().values), (request, head)
-            always = torch.arange(len(keys))
-            always = always[(always < sink_tokens) | (always >= len(keys) - recent_window)]
+    plans = assert_rows_match_reference(selected, references, [0.5] * len(lengths), config)
+    for length, plan in zip(lengths, plans, strict=True):
+        always = torch.arange(length)
+        always = always[(always < sink_tokens) | (always >= length - recent_window)]
+        for positions in plan.indices:
             assert torch.isin(always, positions).all()  # the reference forces them too
 
 
@@ -185,12 +192,7 @@ def test_selection_on_bfloat16_cache(head_dim, variance, centroids):
         targets.to(DEVICE), max_seq_len=200, config=config, score_units_per_program=16,
         units_per_program=32,
     )  # fmt: skip
-    for request, (query, keys, index, slots) in enumerate(references):
-        plan = plan_tactic(query, keys, 0.9, index, config)
-        for head, positions in enumerate(plan.indices):
-            row = request * 2 + head
-            got = selected.indices[selected.indptr[row] : selected.indptr[row + 1]].cpu().long()
-            assert set(got.tolist()) == set((slots[positions].long() * 2 + head).tolist())
+    assert_rows_match_reference(selected, references, [0.9, 0.9], config)
 
 
 @pytest.mark.parametrize("change", [dict(estimator="inverse_fit"), dict(exact_tokens=True),
