@@ -101,7 +101,6 @@ def _score_units_kernel(
     in_range = units < max_units
     is_cluster = units < num_cluster_units
     is_tail = (units >= num_cluster_units) & (units < num_units)
-    tail_position = tail_start + units - num_cluster_units  # a tail unit's position
     segment_slot = tl.load(
         req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
         mask=is_cluster,
@@ -109,7 +108,7 @@ def _score_units_kernel(
     ).to(tl.int64)
     cluster_row = (segment_slot * num_kv_heads + kv_head) * CLUSTERS + units % CLUSTERS
     kv_slot = tl.load(
-        req_to_token_ptr + pool_index * stride_req_token + tail_position,
+        req_to_token_ptr + pool_index * stride_req_token + tail_start + units - num_cluster_units,
         mask=is_tail,
         other=0,
     ).to(tl.int64)
@@ -174,6 +173,7 @@ def _score_units_kernel(
     # the always-attended positions: tail ones (the recent window always is: select_rows
     # leaves a segment it reaches into to the tail, as the reference does) by arithmetic, and
     # the clusters of the sinks that lie in clustered segments, looked up
+    tail_position = tail_start + units - num_cluster_units
     forced = is_tail & ((tail_position < sink_tokens) | (tail_position >= seq_len - recent_window))
     sinks = tl.arange(0, BLOCK_F)
     clustered_sink = (sinks < sink_tokens) & (sinks < tail_start)
