@@ -7,7 +7,8 @@
 # tree of the baseline commit without the bundled model (.baseline/tree, which wins when both
 # are there): `mkdir -p .baseline/tree && git archive <commit> kernels tactic_server benchmarks |
 # tar x -C .baseline/tree --exclude='*.safetensors' --exclude='benchmarks/results'`; its own
-# benchmarks/decode_attention.py then runs over its own packages. LAUNCH: the new kernels' launch options
+# benchmarks/decode_attention.py then runs over its own packages. Several trees,
+# .baseline/tree-NAME, run one after another (a bisection in one call: selection_base-NAME.*). LAUNCH: the new kernels' launch options
 # (decode_attention.py --launch-options), NEW_ARGS: more arguments for the new run alone (ones
 # the baseline's decode_attention.py may not know); the baseline runs with its defaults. The rest of the
 # arguments go to decode_attention.py for both (FlashInfer left out: selection is what changes).
@@ -17,25 +18,31 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/gpu_env.sh >/dev/null 2>&1 || { echo "gpu_env failed"; exit 1; }
-[ -f .baseline/selection.py ] || [ -d .baseline/tree ] ||
-  { echo "no .baseline/selection.py or .baseline/tree (carry it)"; exit 1; }
+[ -f .baseline/selection.py ] || compgen -G ".baseline/tree*/" >/dev/null ||
+  { echo "no .baseline/selection.py or .baseline/tree* (carry it)"; exit 1; }
 common=(--no-flashinfer --clustering-contexts "$@")
 # shellcheck disable=SC2086  # NEW_ARGS: words for the new run only (e.g. --centroids kv fp8)
 PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/selection_new.json" \
   --launch-options "${LAUNCH:-default}" ${NEW_ARGS:-} "${common[@]}" >"$OUT/selection_new.log" 2>&1
 tail -8 "$OUT/selection_new.log"
-if [ -d .baseline/tree ]; then
-  # its packages first on the path (the editable install's finder comes after it); the
-  # package maps kernels/ to tactic_server.kernels only when installed, so a link does it here
-  (cd .baseline/tree && ln -sfn ../kernels tactic_server/kernels &&
-    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 python3 \
-      benchmarks/decode_attention.py --output "$OUT/selection_base.json" "${common[@]}" \
-      >"$OUT/selection_base.log" 2>&1)
+trees=(.baseline/tree .baseline/tree-*)
+if compgen -G ".baseline/tree*/" >/dev/null; then
+  for tree in "${trees[@]}"; do
+    [ -d "$tree" ] || continue
+    name=selection_base${tree#.baseline/tree}
+    # its packages first on the path (the editable install's finder comes after it); the
+    # package maps kernels/ to tactic_server.kernels only when installed, so a link does it here
+    (cd "$tree" && ln -sfn ../kernels tactic_server/kernels &&
+      PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 python3 \
+        benchmarks/decode_attention.py --output "$OUT/$name.json" "${common[@]}" \
+        >"$OUT/$name.log" 2>&1)
+    echo "$name"; tail -3 "$OUT/$name.log"
+  done
 else
   cp kernels/selection.py /tmp/selection_new.py
   cp .baseline/selection.py kernels/selection.py
   PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/selection_base.json" \
     "${common[@]}" >"$OUT/selection_base.log" 2>&1
   cp /tmp/selection_new.py kernels/selection.py  # the tree as it came, for later steps
+  tail -8 "$OUT/selection_base.log"
 fi
-tail -8 "$OUT/selection_base.log"

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from greedy_equality import first_difference  # benchmarks/, this script's folder
 
-from tactic_server.sglang_plugin.engine import tactic_usage
+from tactic_server.sglang_plugin.engine import model_override_args, tactic_usage
 from tactic_server.testing.tiny_model import PEAKED_LLAMA, make_tiny_model
 
 LLAMA8B = {
@@ -85,7 +85,7 @@ def start(model_dir: Path, backend: str, context: int, **extra):
     args = dict(
         model_path=str(model_dir), skip_tokenizer_init=True, attention_backend=backend,
         sampling_backend="pytorch", grammar_backend="none", context_length=context,
-        log_level="info", disable_piecewise_cuda_graph=True,
+        log_level="info", disable_piecewise_cuda_graph=True, **model_override_args(model_dir),
     )  # fmt: skip
     args.update(extra)
     began = time.perf_counter()

@@ -12,6 +12,7 @@ transformers and FlashInfer), which the backend corrects. On a GPU: a tiny rando
 checkpoint served by SGLang, Tactic at P = 0.999 against dense requests, transformers and SGLang's
 dense backends."""
 
+import json
 import math
 
 import pytest
@@ -371,9 +372,10 @@ def serve_greedy(model_dir, backend: str, dtype: str, prompts, runs=SERVED) -> d
     sglang.Engine: each prompt's greedy tokens and its Tactic usage (None without)."""
     import sglang
 
-    from tactic_server.sglang_plugin.engine import tactic_usage
+    from tactic_server.sglang_plugin.engine import model_override_args, tactic_usage
 
     engine = sglang.Engine(model_path=str(model_dir), skip_tokenizer_init=True,
+                           **model_override_args(model_dir),
                            attention_backend=backend, dtype=dtype, context_length=1024,
                            sampling_backend="pytorch", grammar_backend="none",
                            mem_fraction_static=0.3, max_running_requests=4, cuda_graph_max_bs=4,
@@ -430,3 +432,26 @@ def test_sglang_serves_a_tiny_gemma3_with_tactic_on_its_global_layer(tmp_path, m
     for name, run in float16.items():
         assert [tokens for tokens, _ in run] == reference, name
         check_usage(run, SERVED[name])
+
+
+def test_gemma3_without_rope_scaling_loads_in_sglang(tmp_path):
+    """SGLang 0.5.12's Gemma 3 reads rope_parameters["full_attention"]["factor"], which a
+    checkpoint without RoPE scaling (Gemma 3 270M, this tiny one) lacks: the engine's override
+    gives it factor 1.0 (plain RoPE) as SGLang's own config loader applies it; other models get
+    none."""
+    from sglang.srt.utils.hf_transformers.config import get_config
+    from test_gemma3 import make_tiny_gemma3
+
+    from tactic_server.sglang_plugin.engine import model_override_args
+    from tactic_server.testing.tiny_model import make_tiny_model
+
+    (tmp_path / "gemma").mkdir()
+    model_dir = make_tiny_gemma3(tmp_path / "gemma", seed=1)
+    assert "factor" not in get_config(str(model_dir), False).rope_parameters["full_attention"]
+    override = model_override_args(model_dir)
+    config = get_config(str(model_dir), False,
+                        model_override_args=json.loads(override["json_model_override_args"]))
+    assert config.rope_parameters["full_attention"] == {"rope_type": "default",
+                                                        "rope_theta": 1e6, "factor": 1.0}
+    assert config.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert model_override_args(make_tiny_model(tmp_path / "llama")) == {}

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.model_config import ModelConfig
@@ -35,6 +37,23 @@ from tactic_server.engine.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def model_override_args(model_dir) -> dict:
+    """sglang.Engine arguments a checkpoint needs to load in SGLang 0.5.12 ({} for most).
+    Gemma 3 there always builds its global layers' RoPE as "linear" with
+    rope_parameters["full_attention"]["factor"], which checkpoints without scaling lack (Gemma 3
+    270M: KeyError 'factor' while the model is built, H100 2026-12-07): their factor is 1.0,
+    which is plain RoPE."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    rope = config.get("rope_parameters")
+    if config.get("model_type") not in ("gemma3", "gemma3_text") or not isinstance(rope, dict):
+        return {}
+    full = rope.get("full_attention")
+    if not isinstance(full, dict) or "factor" in full:
+        return {}
+    override = {"rope_parameters": {**rope, "full_attention": {**full, "factor": 1.0}}}
+    return {"json_model_override_args": json.dumps(override)}
 
 
 def tactic_usage(meta_info: dict) -> TacticUsage | None:
@@ -119,7 +138,7 @@ class SGLangEngine:
             attention_backend=attention_backend, context_length=self.max_model_len,
             max_running_requests=config.max_batch, sampling_backend="pytorch",
             grammar_backend="none", dtype="auto" if config.dtype == "auto" else config.dtype,
-            tp_size=tp_size, enable_metrics=True,
+            tp_size=tp_size, enable_metrics=True, **model_override_args(config.model_dir),
         )  # fmt: skip
         args.update(sglang_args)
         self.engine = sglang.Engine(**args)
