@@ -16,6 +16,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tactic_server.decode import ClusterSide, TacticDecoder
+from tactic_server.decode.clusters import DENSE_LAYER_STEPS, LAST_RATIO, STATS
 from tactic_server.decode.cost import (
     FIT_PARAMETERS,
     MODELS,
@@ -211,10 +212,107 @@ def test_metrics_count_decode_steps_by_path():
     metrics = ServerMetrics(lambda: None)
     request = RequestTracker(metrics, TacticParams(True, 0.9))
     last = dataclasses.make_dataclass("Last", ["prompt_tokens", "completion_tokens", "tactic"])
-    request.finish(last(10, 7, TacticUsage(0.8, 0.95, 100.0, decode_steps=6,
-                                           dense_fallback_steps=2)))  # fmt: skip
+    usage = TacticUsage(0.8, 0.95, 100.0, decode_steps=6, dense_fallback_steps=2,
+                        dense_layer_steps=5)
+    request.finish(last(10, 7, usage))
     text = generate_latest(metrics.registry).decode()
     families = text_string_to_metric_families(text)
     samples = {(s.name, s.labels.get("path")): s.value for f in families for s in f.samples}
     assert samples[("tactic_decode_steps_total", "selected")] == 4
     assert samples[("tactic_decode_steps_total", "dense_fallback")] == 2
+    assert samples[("tactic_dense_layer_steps_total", None)] == 5
+
+
+def layer_row(ratios: list[float]) -> list[float]:
+    """A stats row whose per-layer columns say each layer's last selected ratio."""
+    row = [0.0] * STATS + list(ratios)
+    row[LAST_RATIO] = sum(ratios) / len(ratios)
+    return row
+
+
+def test_a_flat_layer_decodes_dense_while_the_others_select():
+    """Per layer: at 128k the H200 model says selecting pays on a layer that read 1% and not on
+    one that read 99.7%; the batch selects, the flat layer is the plan's dense layer, and every
+    layer_probe_every-th such decision selects everywhere (the flat layer's ratio is measured
+    again). All flat: the batch falls back; ratios not yet seen per layer: the request's."""
+    side = ClusterSide(64, 3, 2, 16, torch.float32, "cpu", TacticConfig(segment_size=32), 4)
+    decoder = TacticDecoder(side, side.config, 2, cost_model=MODELS["H200"],
+                            bytes_per_token=LLAMA_BYTES, layer_probe_every=4)  # fmt: skip
+    decoder.measured.measure = False
+    long = [131072]
+    decoder.observe(1, layer_row([0.997, 0.01, 0.02]))
+    decisions = []
+    for _ in range(8):
+        assert decoder.selection_pays(long, [1])
+        decisions.append(decoder.dense_layers)
+    assert decisions == [{0}] * 3 + [set()] + [{0}] * 3 + [set()]
+    decoder.observe(1, layer_row([0.997, 0.995, 0.999]))
+    assert not decoder.selection_pays(long, [1]) and not decoder.dense_layers
+    decoder.observe(2, [0.0] * 5 + [0.01, 0.0] + [0.0] * 3)  # selected, no layer column yet
+    assert decoder.selection_pays(long, [2]) and not decoder.dense_layers
+
+
+def test_a_dense_layer_attends_to_everything_and_counts_as_reading_it():
+    """Under the Triton interpreter: a plan whose layer 0 is flat attends there exactly as
+    dense attention does (and layer 1 as selection does); the step's statistics count layer 0
+    as reading every position, keep its last selected ratio, and add one dense layer-step."""
+    torch.manual_seed(0)
+    config = TacticConfig(segment_size=32)
+    side = ClusterSide(256, 2, 2, 16, torch.float32, "cpu", config, 4)
+    decoder = TacticDecoder(side, config, 2)
+    keys = [torch.randn(256, 2, 16) for _ in range(2)]
+    values = [torch.randn(256, 2, 16) for _ in range(2)]
+    req_to_token = torch.zeros(4, 200, dtype=torch.int32)
+    req_to_token[1, :150] = torch.randperm(256)[:150].int()
+    side.start_request(1, 0.5)
+    side.cluster_requests([(1, 0, 149)], req_to_token, keys)
+    side.stats[1, STATS] = 0.25  # layer 0's last ratio, from an earlier step
+    decoder.dense_layers = frozenset({0})
+    plan = decoder.plan(req_to_token, torch.tensor([1]), torch.tensor([150], dtype=torch.int32),
+                        [150], [0.5])  # fmt: skip
+    query = torch.randn(1, 4, 16)
+    outputs = [decoder.attend(plan, query, keys[layer], values[layer], layer)
+               for layer in range(2)]  # fmt: skip
+    context = req_to_token[1, :150].long()
+    for layer, out in enumerate(outputs):
+        k = keys[layer][context].repeat_interleave(2, dim=1)  # [150, 4, 16]: 2 queries a head
+        v = values[layer][context].repeat_interleave(2, dim=1)
+        scores = torch.einsum("hd,nhd->hn", query[0], k) / 16**0.5
+        dense = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v)
+        if layer == 0:
+            torch.testing.assert_close(out[0], dense, atol=1e-5, rtol=1e-4)
+        else:  # selection at P = 0.5 reads less, and attends to something else
+            assert (out[0] - dense).abs().max() > 1e-3
+    selected_ratio = (plan.tactic.selections[1][0].diff().float().mean() / 150).item()
+    decoder.finish(plan)
+    stats = side.stats[1]
+    assert stats[3] == 1 and stats[4] == 0 and stats[DENSE_LAYER_STEPS] == 1
+    assert stats[0].item() == pytest.approx((1.0 + selected_ratio) / 2)
+    assert stats[STATS].item() == 0.25  # the flat layer's last selected ratio stays
+    assert stats[STATS + 1].item() == pytest.approx(selected_ratio)
+
+
+class LayerZeroFlat:
+    """A cost model by which selecting pays on every layer but the first (the decoder asks it
+    once per layer, in order): the engine's decode with a flat layer, whatever the tiny
+    model's attention."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers, self.calls = layers, 0
+
+    def pays(self, seq_lens, ratios, bytes_per_token) -> bool:
+        self.calls += 1
+        return (self.calls - 1) % self.layers != 0
+
+
+def test_the_engine_decodes_a_flat_layer_dense_and_reports_it(tmp_path):
+    """Under the Triton interpreter: layer 0 decodes dense in every selecting step (usage and
+    the /metrics counter say so), layer 1 selects; the request reads more than with every
+    layer selecting."""
+    (_, _, flat), _ = run_engine(tmp_path / "flat", LayerZeroFlat(2))
+    (_, _, selecting), _ = run_engine(tmp_path / "always", ALWAYS)
+    steps = flat.tactic.decode_steps
+    assert flat.tactic.dense_fallback_steps == 0 and steps > 0
+    assert flat.tactic.dense_layer_steps == steps  # one layer of two, every step
+    assert selecting.tactic.dense_layer_steps == 0
+    assert flat.tactic.selected_ratio > selecting.tactic.selected_ratio

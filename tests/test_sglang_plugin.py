@@ -120,7 +120,7 @@ def test_request_start_and_invalidation_write_the_device_without_host_copies():
     finally:
         if on_gpu:
             torch.cuda.set_sync_debug_mode("default")
-    assert side.targets[2].item() == 0.75 and side.stats[2].tolist() == [0.0] * STATS
+    assert side.targets[2].item() == 0.75 and not side.stats[2].any()
     cached = torch.tensor([200], device=DEVICE)
     _, clustered = side.segment_table(requests.req_to_token, torch.tensor([0], device=DEVICE),
                                       cached, 3)  # fmt: skip

@@ -62,6 +62,12 @@ class ServerMetrics:
             ["path"],
             registry=registry,
         )
+        self.dense_layer_steps = Counter(
+            "tactic_dense_layer_steps",
+            "Layer-steps of Tactic decode steps that selected, decoded dense on that layer "
+            "because its attention was flat (the cost model's per-layer decision)",
+            registry=registry,
+        )
         self.target_fraction = Histogram(
             "tactic_target_fraction",
             "Per request: the attention mass target P it ran with (Tactic requests)",
@@ -160,6 +166,7 @@ class RequestTracker:
             dense = last.tactic.dense_fallback_steps
             metrics.decode_steps.labels(path="selected").inc(last.tactic.decode_steps - dense)
             metrics.decode_steps.labels(path="dense_fallback").inc(dense)
+            metrics.dense_layer_steps.inc(last.tactic.dense_layer_steps)
 
 
 class _EngineStatsCollector(Collector):

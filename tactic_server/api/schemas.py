@@ -279,6 +279,8 @@ class TacticUsageReport(BaseModel):
     attended_tokens: float
     decode_steps: int = 0
     dense_fallback_steps: int = 0  # steps decoded dense: selecting would not have paid
+    # layer-steps of selecting steps decoded dense: that layer's attention was flat
+    dense_layer_steps: int = 0
 
 
 class Usage(BaseModel):

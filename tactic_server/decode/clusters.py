@@ -31,8 +31,11 @@ logger = logging.getLogger(__name__)
 
 # per request slot: sums of selected ratio, estimated mass, attended tokens; steps; dense-fallback
 # steps (counted in the sums as reading every position); the selected ratio of its last
-# selecting step (what the dense-fallback cost model expects of its next)
-STATS = 6
+# selecting step (what the dense-fallback cost model expects of its next); layer-steps decoded
+# dense by the per-layer rule (a selecting step's flat layers). After these STATS columns, one
+# per cluster layer: that layer's selected ratio at the request's last step that selected on it.
+STATS = 7
+LAST_RATIO, DENSE_LAYER_STEPS = 5, 6
 
 
 def metadata_bytes_per_token(
@@ -97,7 +100,7 @@ class ClusterSide:
         self._owner = [-1] * num_segment_slots  # host: the last slot each segment slot serves
         self._free = list(range(num_segment_slots - 1, -1, -1))
         self.targets = torch.ones(max_requests, device=device)
-        self.stats = torch.zeros(max_requests, STATS, device=device)
+        self.stats = torch.zeros(max_requests, STATS + num_layers, device=device)
         self.clustered = 0  # segments clustered (one per layer set), in all
         if self.device.type == "cuda":
             from tactic_server.kernels.kmeans import segment_kmeans

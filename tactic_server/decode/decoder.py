@@ -14,7 +14,7 @@ from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
 from tactic_server.kernels.selection import select_rows
 from tactic_server.tactic.config import TacticConfig, selects
 
-from .clusters import ClusterSide
+from .clusters import DENSE_LAYER_STEPS, LAST_RATIO, STATS, ClusterSide
 from .cost import DecodeCostModel, MeasuredPaths
 
 
@@ -39,7 +39,13 @@ class TacticRows(Rows):
     targets: torch.Tensor = None  # [n] float32
     req_to_segment: torch.Tensor = None  # [n, max_segments] int32
     clustered: torch.Tensor = None  # [n] int32
-    selections: list = field(default_factory=list)  # per layer (indptr, estimated_mass)
+    # per layer (indptr, estimated_mass), None where the layer decoded these rows dense
+    selections: list = field(default_factory=list)
+    # cluster layers whose attention was flat: they decode these rows over every position
+    # (full_indptr, full_indices), this step, instead of selecting
+    dense_layers: frozenset = frozenset()
+    full_indptr: torch.Tensor = None
+    full_indices: torch.Tensor = None
 
 
 @dataclass
@@ -63,7 +69,12 @@ class TacticDecoder:
     MeasuredPaths checks the prediction against the step periods the engine lives (the faster
     path measured wins; the other is probed now and then); bytes_per_token: K and V bytes of
     one position in one layer on this rank; probe_every: the steps before the first probe of
-    the path not taken."""
+    the path not taken.
+    The model also decides per layer (`dense_layers`): in a batch that selects, a layer whose
+    requests' last selected ratios there say selecting would not pay (flat attention on that
+    layer) decodes dense, except at every layer_probe_every-th such decision, when every layer
+    selects, so that the flat layers' ratios stay measured. CUDA-graph plans (`graph_plan`)
+    select on every layer."""
 
     def __init__(
         self,
@@ -75,6 +86,7 @@ class TacticDecoder:
         bytes_per_token: int = 0,
         probe_every: int = 16,
         clock: Callable[[], float] | None = None,
+        layer_probe_every: int = 32,
     ) -> None:
         self.side = side
         self.config = config
@@ -83,6 +95,10 @@ class TacticDecoder:
         self.cost_model = cost_model
         self.bytes_per_token = bytes_per_token
         self.expected_ratio: dict[int, float] = {}  # request slot -> its last selected ratio
+        self.expected_layers: dict[int, list[float]] = {}  # request slot -> the same per layer
+        self.dense_layers: frozenset[int] = frozenset()  # the next plan's flat layers
+        self.layer_probe_every = layer_probe_every
+        self.layer_decisions = 0  # decisions that found a flat layer
         # with tensor parallelism the ranks' clocks would split their paths: the model decides
         self.measured = MeasuredPaths(first_probe=probe_every, measure=combine_ranks is None,
                                       **({"clock": clock} if clock else {}))  # fmt: skip
@@ -90,21 +106,42 @@ class TacticDecoder:
     def observe(self, request_slot: int, stats_row) -> None:
         """A request's running sums as the engine read them back (a row of side.stats): its
         last selecting step's ratio is what the cost model expects of its next (0, selecting,
-        until one has run)."""
-        self.expected_ratio[request_slot] = float(stats_row[5])
+        until one has run), and per layer (the request's last ratio there; 0: never selected,
+        the request's ratio stands in)."""
+        self.expected_ratio[request_slot] = float(stats_row[LAST_RATIO])
+        layers = [float(ratio) for ratio in stats_row[STATS:]]
+        if any(layers):
+            self.expected_layers[request_slot] = layers
 
     def selection_pays(self, seq_lens_cpu: list[int], slots_cpu: list[int]) -> bool:
         """Whether this decode batch's selecting requests (contexts, request slots) should
         select, or decode dense (the fallback). Called once per decode step with selecting
-        requests; `interrupt` for the engine's other steps."""
+        requests; `interrupt` for the engine's other steps. The batch selects where any layer
+        pays; the layers that do not are the next plan's dense_layers."""
+        self.dense_layers = frozenset()
         if not seq_lens_cpu:
             self.interrupt()
             return True
         if self.cost_model is None:
             return True
+        pays = [self.cost_model.pays(seq_lens_cpu, ratios, self.bytes_per_token)
+                for ratios in self._layer_ratios(slots_cpu)]  # fmt: skip
+        chosen = self.measured.choose(len(seq_lens_cpu), any(pays))
+        if chosen and not all(pays):
+            self.layer_decisions += 1
+            if self.layer_decisions % self.layer_probe_every:
+                self.dense_layers = frozenset(i for i, p in enumerate(pays) if not p)
+        return chosen
+
+    def _layer_ratios(self, slots_cpu: list[int]) -> list[list[float]]:
+        """Per cluster layer, the ratio each request is expected to select there."""
         ratios = [self.expected_ratio.get(slot, 0.0) for slot in slots_cpu]
-        predicted = self.cost_model.pays(seq_lens_cpu, ratios, self.bytes_per_token)
-        return self.measured.choose(len(seq_lens_cpu), predicted)
+        columns = []
+        for layer in range(len(self.side.pools)):
+            columns.append([self.expected_layers[slot][layer] or ratio
+                            if slot in self.expected_layers else ratio
+                            for slot, ratio in zip(slots_cpu, ratios, strict=True)])  # fmt: skip
+        return columns
 
     def interrupt(self) -> None:
         """A step that was no decode of selecting requests: the next period is not measured."""
@@ -126,7 +163,8 @@ class TacticDecoder:
         (default i). None when no row selects, unless dense_too (an engine without a dense
         decode of its own): the caller's dense path runs. fallback (selection_pays said no):
         the rows that would select decode dense, and their statistics count the step as one
-        that read every position."""
+        that read every position. The tactic rows decode the decoder's dense_layers (set by
+        selection_pays) dense."""
         chosen = [i for i, target in enumerate(targets_cpu) if selects(target)]
         if fallback and chosen:
             rows = torch.tensor(chosen, dtype=torch.long, device=seq_lens.device)
@@ -141,6 +179,12 @@ class TacticDecoder:
         if chosen:
             tactic = self._rows(TacticRows, chosen, *rows)
             self._selection_inputs(tactic, req_to_token)
+            if self.dense_layers:
+                tactic.dense_layers = self.dense_layers
+                tactic.full_indptr, tactic.full_indices = dense_rows(
+                    tactic.req_to_token, tactic.compact, tactic.seq_lens, self.num_kv_heads,
+                    tactic.max_seq_len,
+                )  # fmt: skip
         dense = None
         if others:
             dense = self._rows(DenseRows, others, *rows)
@@ -193,7 +237,13 @@ class TacticDecoder:
         """Attention output [batch, H_q, d] of one layer (q [batch, H_q, d]) at the plan's rows,
         written into `out` when given (its other rows are left as they are)."""
         out = torch.empty_like(q) if out is None else out
-        if (tactic := plan.tactic) is not None:
+        if (tactic := plan.tactic) is not None and layer in tactic.dense_layers:
+            queries = q[tactic.rows].to(k_cache.dtype).contiguous()
+            out[tactic.rows] = sparse_decode(queries, k_cache, v_cache, tactic.full_indptr,
+                                             tactic.full_indices,
+                                             tactic.max_seq_len).to(q.dtype)  # fmt: skip
+            tactic.selections.append(None)
+        elif tactic is not None:
             queries = q[tactic.rows].to(k_cache.dtype).contiguous()
             selected = select_rows(
                 queries, k_cache, self.side.pools[layer], tactic.req_to_segment,
@@ -216,30 +266,46 @@ class TacticDecoder:
         tactic = plan.tactic
         if tactic is None or not tactic.selections:
             return
-        layers = len(tactic.selections)
-        indptr = torch.stack([indptr for indptr, _ in tactic.selections])
-        lengths = (indptr[:, 1:] - indptr[:, :-1]).view(layers, tactic.rows.shape[0], -1)
-        mass = torch.stack([m for _, m in tactic.selections]).mean(dim=2)  # [L, n]
+        rows = tactic.rows.shape[0]
+        picked = [entry for entry in tactic.selections if entry is not None]
+        selected = None
+        if picked:
+            indptr = torch.stack([indptr for indptr, _ in picked])
+            lengths = (indptr[:, 1:] - indptr[:, :-1]).view(len(picked), rows, -1)
+            attended = lengths.float().mean(dim=2)  # [layers that selected, n]
+            mass = torch.stack([m for _, m in picked]).mean(dim=2)
+        if len(picked) < len(tactic.selections):  # flat layers read every position
+            selected = [entry is not None for entry in tactic.selections]
+            where = torch.tensor(selected, device=tactic.seq_lens.device)[:, None]
+            full = tactic.seq_lens.float().expand(len(selected), rows).contiguous()
+            ones = torch.ones_like(full)
+            attended = full.masked_scatter(where, attended) if picked else full
+            mass = ones.masked_scatter(where, mass) if picked else ones
         # only rows that select (a graph's batch also holds dense rows and padding)
         counted = (tactic.seq_lens > 1) & selects(tactic.targets)
-        self.add_statistics(tactic.request_slots, tactic.seq_lens, lengths.float().mean(dim=2),
-                            mass, counted)  # fmt: skip
+        self.add_statistics(tactic.request_slots, tactic.seq_lens, attended, mass, counted,
+                            selected)  # fmt: skip
         tactic.selections.clear()
 
     def add_statistics(self, request_slots: torch.Tensor, seq_lens: torch.Tensor,
-                       attended: torch.Tensor, mass: torch.Tensor,
-                       counted: torch.Tensor) -> None:  # fmt: skip
+                       attended: torch.Tensor, mass: torch.Tensor, counted: torch.Tensor,
+                       selected: list[bool] | None = None) -> None:  # fmt: skip
         """One decode step of n requests: attended tokens and estimated mass [L, n] per layer
         (means over KV heads), into the running sums of the rows in `counted` [n] (selected
-        ratio, estimated mass and attended tokens, each a mean over the layers; steps)."""
+        ratio, estimated mass and attended tokens, each a mean over the layers; steps), and
+        each layer's ratio into the rows' per-layer columns where the layer selected
+        (`selected` [L], default all; the others decoded dense and count as layer-steps)."""
+        layer_ratios = (attended / seq_lens.float()).T  # [n, L]
         attended, mass = attended.mean(dim=0), mass.mean(dim=0)
         ratio = attended / seq_lens.float()
+        dense_layers = 0 if selected is None else selected.count(False)
         step = torch.stack([ratio, mass, attended, torch.ones_like(ratio),
-                            torch.zeros_like(ratio)], dim=1)  # fmt: skip
-        step = step * counted[:, None]
+                            torch.zeros_like(ratio), torch.full_like(ratio, dense_layers)],
+                           dim=1)  # fmt: skip
+        step = torch.cat([step, layer_ratios], dim=1) * counted[:, None]
         if self.combine_ranks is not None:
             step = self.combine_ranks(step)
-        self._add_step(request_slots, step, counted)
+        self._add_step(request_slots, step, counted, selected)
 
     def count_fallback(self, request_slots: torch.Tensor, seq_lens: torch.Tensor,
                        counted: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -248,16 +314,25 @@ class TacticDecoder:
         the same)."""
         lengths = seq_lens.float()
         ones = torch.ones_like(lengths)
-        step = torch.stack([ones, ones, lengths, ones, ones], dim=1)
+        step = torch.stack([ones, ones, lengths, ones, ones, torch.zeros_like(lengths)], dim=1)
         if counted is not None:
             step = step * counted[:, None]
         self._add_step(request_slots.long(), step, None)
 
     def _add_step(self, request_slots: torch.Tensor, step: torch.Tensor,
-                  selected: torch.Tensor | None) -> None:  # fmt: skip
-        """step [n, 5] into the sums; where selected, its ratio becomes the slot's last."""
+                  counted: torch.Tensor | None,
+                  layers: list[bool] | None = None) -> None:  # fmt: skip
+        """step [n, 6 (+ L)]: its first five columns and its dense layer-steps into the sums;
+        where counted, its ratio becomes the slot's last, and its per-layer ratios (columns 6
+        on) the slot's per-layer ones, on the `layers` that selected (default all)."""
         stats = self.side.stats
-        stats[:, :5].index_add_(0, request_slots, step)
-        if selected is not None:
-            last = stats[request_slots, 5]
-            stats[request_slots, 5] = torch.where(selected, step[:, 0], last)
+        stats[:, :5].index_add_(0, request_slots, step[:, :5])
+        stats[:, DENSE_LAYER_STEPS].index_add_(0, request_slots, step[:, 5])
+        if counted is not None:
+            last = stats[request_slots, LAST_RATIO]
+            stats[request_slots, LAST_RATIO] = torch.where(counted, step[:, 0], last)
+            keep = counted[:, None]
+            if layers is not None:
+                keep = keep & torch.tensor(layers, device=counted.device)[None, :]
+            per_layer = stats[request_slots, STATS:]
+            stats[request_slots, STATS:] = torch.where(keep, step[:, 6:], per_layer)

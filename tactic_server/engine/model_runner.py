@@ -11,6 +11,7 @@ import torch
 from tactic_server.kernels.decode_attention import dense_rows
 
 from tactic_server.decode import ClusterSide, DecodePlan, TacticDecoder, cost
+from tactic_server.decode.clusters import DENSE_LAYER_STEPS
 from tactic_server.decode.decoder import DenseRows
 from tactic_server.tactic.config import TacticConfig, selects
 
@@ -186,10 +187,11 @@ class ModelRunner:
         slots = torch.tensor([sequence.request_slot for sequence in chosen], device=self.device)
         for sequence, row in zip(chosen, self.side.stats[slots].tolist(), strict=True):
             self.decoder.observe(sequence.request_slot, row)
-            ratio, mass, attended, steps, dense_steps, _ = row
+            ratio, mass, attended, steps, dense_steps = row[:5]
             if steps > 0:
                 sequence.usage = TacticUsage(ratio / steps, mass / steps, attended / steps,
-                                             int(steps), int(dense_steps))  # fmt: skip
+                                             int(steps), int(dense_steps),
+                                             round(row[DENSE_LAYER_STEPS]))  # fmt: skip
 
     def _cluster_new_segments(self, sequences: list[Sequence]) -> None:
         """The full segments of selecting requests, once computed (a dense request's are

@@ -103,13 +103,15 @@ class GenerationRequest:
 class TacticUsage:
     """Means over the request's decode steps, layers and heads so far; its decode steps, and
     how many of them decoded dense because selecting would not have paid (they count as
-    reading every position)."""
+    reading every position); and of the steps that selected, the layer-steps that decoded dense
+    because that layer's attention was flat (they too count as reading every position)."""
 
     selected_ratio: float
     estimated_mass: float
     attended_tokens: float
     decode_steps: int = 0
     dense_fallback_steps: int = 0
+    dense_layer_steps: int = 0
 
 
 @dataclass(frozen=True)

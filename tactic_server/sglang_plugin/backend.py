@@ -24,6 +24,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.layers.dp_attention import get_attention_tp_size
 
 from tactic_server.decode import ClusterSide, TacticDecoder, cost
+from tactic_server.decode.clusters import STATS
 from tactic_server.tactic.config import selects
 
 from .settings import Settings, request_target
@@ -230,7 +231,8 @@ class TacticBackend:
         memory, copied without waiting (SGLang reads them after its own copy of the step's
         results). SGLang keeps one row per request and token and pickles them all to the
         tokenizer process when the request ends: numpy rows, because a torch tensor pickles
-        through torch.save, which cost hundreds of milliseconds a batch of long answers."""
+        through torch.save, which cost hundreds of milliseconds a batch of long answers; and
+        without the per-layer ratios after the sums, which only the cost model reads."""
         rows = self.side.stats[req_pool_indices.long()]
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=rows.is_cuda)
         host.copy_(rows, non_blocking=True)
@@ -242,7 +244,7 @@ class TacticBackend:
                 event.record()
             slots = [req.req_pool_idx for req in self.batch_reqs]
             self.pending_stats = [*self.pending_stats[-2:], (slots, host.numpy(), event)]
-        return host.numpy()
+        return host[:, :STATS].numpy()
 
     def _count_fallback(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """A dense-fallback step in the statistics of the batch's selecting rows (on the

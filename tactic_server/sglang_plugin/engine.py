@@ -21,6 +21,7 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from tactic_server.decode.clusters import DENSE_LAYER_STEPS, STATS
 from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.model_config import ModelConfig
 from tactic_server.engine.tokenizer import TextStream, Tokenizer
@@ -62,10 +63,10 @@ def tactic_usage(meta_info: dict) -> TacticUsage | None:
     if not entries:
         return None
     sums = [float(x) for x in list(entries[-1])]
-    if len(sums) != 6 or sums[3] <= 0:
+    if len(sums) != STATS or sums[3] <= 0:
         return None
     return TacticUsage(sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3], int(sums[3]),
-                       int(sums[4]))  # fmt: skip
+                       int(sums[4]), round(sums[DENSE_LAYER_STEPS]))  # fmt: skip
 
 
 def sglang_sampling_params(
