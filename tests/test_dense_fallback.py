@@ -250,6 +250,9 @@ def test_a_flat_layer_decodes_dense_while_the_others_select():
     assert not decoder.selection_pays(long, [1]) and not decoder.dense_layers
     decoder.observe(2, [0.0] * 5 + [0.01, 0.0] + [0.0] * 3)  # selected, no layer column yet
     assert decoder.selection_pays(long, [2]) and not decoder.dense_layers
+    decoder.observe(1, layer_row([0.997, 0.01, 0.02]))
+    decoder.observe(1, [0.0] * (STATS + 3))  # a new request in slot 1: not its layers
+    assert decoder.selection_pays(long, [1]) and not decoder.dense_layers
 
 
 def test_a_dense_layer_attends_to_everything_and_counts_as_reading_it():

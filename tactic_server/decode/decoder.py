@@ -112,6 +112,8 @@ class TacticDecoder:
         layers = [float(ratio) for ratio in stats_row[STATS:]]
         if any(layers):
             self.expected_layers[request_slot] = layers
+        else:  # none yet (a new request in the slot): not the slot's last request's
+            self.expected_layers.pop(request_slot, None)
 
     def selection_pays(self, seq_lens_cpu: list[int], slots_cpu: list[int]) -> bool:
         """Whether this decode batch's selecting requests (contexts, request slots) should
