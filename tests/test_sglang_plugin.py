@@ -210,7 +210,8 @@ NEVER_PAYS = DecodeCostModel(dense_floor_ms=1e-3, dense_ms_per_gb=1e-3, select_f
                              attend_ms_per_gb=1.0, attend_ms_per_row=1.0)  # fmt: skip
 
 
-def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False, fallback=False):
+def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False, fallback=False,
+                   dense_layer=None):  # fmt: skip
     """One decode ForwardBatch (three requests: P = 0.9, P = 0.999 and dense, each writing its
     new token's K/V) through the tactic backend and SGLang's own Triton backend, both built on
     the same real pools of `rank` out of `tp_size` (that rank's share of the heads). Checks the
@@ -221,7 +222,9 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False, fallback=
     clustering, then the forward of a capture), on SGLang's padded graph batch of 4: a padding
     row of length 1 whose stale request slot is a live request's; every request selects.
     fallback: the cost model says selecting does not pay, so every row decodes dense through
-    SGLang's Triton path (and the Tactic requests count a dense-fallback step)."""
+    SGLang's Triton path (and the Tactic requests count a dense-fallback step).
+    dense_layer: the cost model found that layer flat (the decoder's per-layer decision, set
+    here directly): the Tactic requests decode it dense, the other layers select."""
     custom, targets = (GRAPH_CUSTOM, GRAPH_TARGETS) if graph else (CUSTOM, TARGETS)
     from sglang.srt.layers.attention import triton_backend
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -301,6 +304,8 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False, fallback=
         rows = 3
         if backend is tactic:  # the TP worker hook does this before each forward
             tactic.admit(reqs, ForwardMode.DECODE, seq_lens.cpu())
+            if dense_layer is not None:
+                tactic.decoder.dense_layers = frozenset({dense_layer})
         if backend is tactic and graph:
             rows = 4
             tactic.graph_family = "tactic"
@@ -329,7 +334,7 @@ def decode_on_rank(tp_size=1, rank=0, combine_ranks=None, graph=False, fallback=
             length = LENGTHS[request]
             held = requests.req_to_token[reqs[request].req_pool_idx, :length].long()
             keys, values = kv.k_buffer[layer][held], kv.v_buffer[layer][held]
-            if target >= 1.0 or fallback:
+            if target >= 1.0 or fallback or layer == dense_layer:
                 # exact against the float32 torch reference; against SGLang's Triton decode as
                 # close as its products allow: its tl.dot takes a float32 cache in tf32 on a GPU
                 # (10-bit mantissas, about 1e-3 relative), exact under the interpreter
@@ -369,6 +374,20 @@ def test_dense_fallback_decodes_the_batch_through_sglangs_dense_path(monkeypatch
     assert stats[:, 4].tolist() == [1.0, 1.0, 0.0]  # of them dense-fallback steps
     assert stats[:2, 0].tolist() == [1.0, 1.0] and stats[:2, 2].tolist() == LENGTHS[:2]
     assert stats[:, 5].tolist() == [0.0, 0.0, 0.0]  # no selecting step measured a ratio
+
+
+def test_a_flat_layer_decodes_dense_beside_selecting_layers(monkeypatch):
+    """The per-layer decision in an eager batch: on the flat layer the Tactic requests equal
+    dense attention (the torch reference and SGLang's Triton decode), on the other layer the
+    Tactic reference; each counts one dense layer-step, and its ratio is the mean of every
+    position (the flat layer) and its selection."""
+    from tactic_server.decode.clusters import DENSE_LAYER_STEPS
+
+    monkeypatch.setenv("TACTIC_SEGMENT_SIZE", str(CONFIG.segment_size))
+    stats = decode_on_rank(dense_layer=0)
+    assert stats[:, 3].tolist() == [1.0, 1.0, 0.0] and stats[:, 4].tolist() == [0.0, 0.0, 0.0]
+    assert stats[:, DENSE_LAYER_STEPS].tolist() == [1.0, 1.0, 0.0]
+    assert 0.5 < stats[0, 0] < 1.0  # (1 + a selected share under 1) / 2
 
 
 def test_statistics_travel_through_sglangs_per_token_path_as_numpy_rows(monkeypatch):
