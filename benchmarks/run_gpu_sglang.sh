@@ -27,7 +27,7 @@
 #                      fa3 triton tactic), 256 new tokens a round (64 understate batch 8:
 #                      README), end to end and steady (streamed); about 310 s without fa3, of
 #                      which an engine may take 95 s to start on a machine that just unpacked
-#                      SGLang (fa3, where staged, adds an engine: not yet timed)
+#                      SGLang (fa3, where staged, adds an engine: up in 41-49 s on the H100)
 #   profile     300 s  where a decode step's time goes: SGLang's torch profiler over 32 decode
 #                      steps of the trained model at 128k, batch 8, triton and tactic (dense
 #                      requests and P = 0.9), each trace summarised (trace_summary.py)
