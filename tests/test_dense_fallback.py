@@ -296,23 +296,18 @@ def test_a_dense_layer_attends_to_everything_and_counts_as_reading_it():
 
 
 class LayerZeroFlat:
-    """A cost model by which selecting pays on every layer but the first (the decoder asks it
-    once per layer, in order): the engine's decode with a flat layer, whatever the tiny
-    model's attention."""
+    """A cost model by which selecting pays on every layer but the first: the engine's decode
+    with a flat layer, whatever the tiny model's attention."""
 
-    def __init__(self, layers: int) -> None:
-        self.layers, self.calls = layers, 0
-
-    def pays(self, seq_lens, ratios, bytes_per_token) -> bool:
-        self.calls += 1
-        return (self.calls - 1) % self.layers != 0
+    def pays_each(self, seq_lens, selected_tokens, bytes_per_token) -> list[bool]:
+        return [layer > 0 for layer in range(len(selected_tokens))]
 
 
 def test_the_engine_decodes_a_flat_layer_dense_and_reports_it(tmp_path):
     """Under the Triton interpreter: layer 0 decodes dense in every selecting step (usage and
     the /metrics counter say so), layer 1 selects; the request reads more than with every
     layer selecting."""
-    (_, _, flat), _ = run_engine(tmp_path / "flat", LayerZeroFlat(2))
+    (_, _, flat), _ = run_engine(tmp_path / "flat", LayerZeroFlat())
     (_, _, selecting), _ = run_engine(tmp_path / "always", ALWAYS)
     steps = flat.tactic.decode_steps
     assert flat.tactic.dense_fallback_steps == 0 and steps > 0

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 FIT_PARAMETERS = ("dense_floor_ms", "dense_ms_per_gb", "select_floor_ms", "select_ms_per_row",
@@ -70,11 +71,21 @@ class DecodeCostModel:
     def pays(self, seq_lens: Sequence[int], ratios: Sequence[float], bytes_per_token: int) -> bool:
         """Whether selecting beats dense for a batch of contexts seq_lens whose requests select
         the given shares; bytes_per_token: K and V bytes of one position in one layer."""
-        kv_bytes = float(sum(seq_lens)) * bytes_per_token
         pairs = zip(seq_lens, ratios, strict=True)
         selected = float(sum(n * min(max(r, 0.0), 1.0) for n, r in pairs))
-        tactic = self.tactic_ms(len(seq_lens), kv_bytes, selected * bytes_per_token)
-        return tactic <= self.margin * self.dense_ms(kv_bytes)
+        return self.pays_each(seq_lens, [selected], bytes_per_token)[0]
+
+    def pays_each(self, seq_lens: Sequence[int], selected_tokens: Sequence[float],
+                  bytes_per_token: int) -> list[bool]:  # fmt: skip
+        """pays for each entry of selected_tokens (the batch's selected positions in all, e.g.
+        one entry per layer), the dense and selection terms computed once."""
+        kv_bytes = float(sum(seq_lens)) * bytes_per_token
+        fixed = self.select_floor_ms + (self.select_ms_per_row + self.attend_ms_per_row) * len(
+            seq_lens) + self.select_ms_per_gb * kv_bytes / 2e9  # fmt: skip
+        bound = self.margin * self.dense_ms(kv_bytes) - fixed
+        selected_gb = np.asarray(selected_tokens, dtype=np.float64) * bytes_per_token / 1e9
+        attend = smooth_max(self.attend_floor_ms, self.attend_ms_per_gb * selected_gb)
+        return (attend <= bound).tolist()
 
 
 def fit(records: Sequence[dict], bytes_per_token: int, dense_key: str = "dense_ms",

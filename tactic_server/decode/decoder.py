@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
@@ -95,7 +96,7 @@ class TacticDecoder:
         self.cost_model = cost_model
         self.bytes_per_token = bytes_per_token
         self.expected_ratio: dict[int, float] = {}  # request slot -> its last selected ratio
-        self.expected_layers: dict[int, list[float]] = {}  # request slot -> the same per layer
+        self.expected_layers: dict[int, np.ndarray] = {}  # request slot -> the same per layer
         self.dense_layers: frozenset[int] = frozenset()  # the next plan's flat layers
         self.layer_probe_every = layer_probe_every
         self.layer_decisions = 0  # decisions that found a flat layer
@@ -109,8 +110,8 @@ class TacticDecoder:
         until one has run), and per layer (the request's last ratio there; 0: never selected,
         the request's ratio stands in)."""
         self.expected_ratio[request_slot] = float(stats_row[LAST_RATIO])
-        layers = [float(ratio) for ratio in stats_row[STATS:]]
-        if any(layers):
+        layers = np.asarray(stats_row[STATS:], dtype=np.float64)
+        if layers.any():
             self.expected_layers[request_slot] = layers
         else:  # none yet (a new request in the slot): not the slot's last request's
             self.expected_layers.pop(request_slot, None)
@@ -126,8 +127,8 @@ class TacticDecoder:
             return True
         if self.cost_model is None:
             return True
-        pays = [self.cost_model.pays(seq_lens_cpu, ratios, self.bytes_per_token)
-                for ratios in self._layer_ratios(slots_cpu)]  # fmt: skip
+        selected = self._selected_tokens(seq_lens_cpu, slots_cpu)
+        pays = self.cost_model.pays_each(seq_lens_cpu, selected, self.bytes_per_token)
         chosen = self.measured.choose(len(seq_lens_cpu), any(pays))
         if chosen and not all(pays):
             self.layer_decisions += 1
@@ -135,15 +136,16 @@ class TacticDecoder:
                 self.dense_layers = frozenset(i for i, p in enumerate(pays) if not p)
         return chosen
 
-    def _layer_ratios(self, slots_cpu: list[int]) -> list[list[float]]:
-        """Per cluster layer, the ratio each request is expected to select there."""
-        ratios = [self.expected_ratio.get(slot, 0.0) for slot in slots_cpu]
-        columns = []
-        for layer in range(len(self.side.pools)):
-            columns.append([self.expected_layers[slot][layer] or ratio
-                            if slot in self.expected_layers else ratio
-                            for slot, ratio in zip(slots_cpu, ratios, strict=True)])  # fmt: skip
-        return columns
+    def _selected_tokens(self, seq_lens_cpu: list[int], slots_cpu: list[int]) -> np.ndarray:
+        """Per cluster layer, the positions the batch is expected to select there: each
+        request's last ratio on that layer (its ratio where it has none), times its length."""
+        ratios = np.array([self.expected_ratio.get(slot, 0.0) for slot in slots_cpu])
+        per_layer = np.zeros((len(slots_cpu), len(self.side.pools)))
+        for row, slot in enumerate(slots_cpu):
+            if (layers := self.expected_layers.get(slot)) is not None:
+                per_layer[row] = layers
+        per_layer = np.where(per_layer > 0, per_layer, ratios[:, None]).clip(0.0, 1.0)
+        return np.asarray(seq_lens_cpu, dtype=np.float64) @ per_layer
 
     def interrupt(self) -> None:
         """A step that was no decode of selecting requests: the next period is not measured."""
