@@ -73,14 +73,16 @@ def log(message: str) -> None:
 def start(model_dir: Path, backend: str, context: int, **extra):
     """An engine; backend "tactic-eager" is the tactic backend without its CUDA graphs,
     "tactic-select" without its dense fallback (every decode batch selects), "tactic-triton"
-    over SGLang's Triton backend instead of the fastest one (TACTIC_DENSE_BACKEND=auto)."""
+    over SGLang's Triton backend instead of the fastest one (TACTIC_DENSE_BACKEND=auto),
+    "tactic-fa3" over SGLang's FA3 backend."""
     import os
 
     import sglang
 
     os.environ["TACTIC_CUDA_GRAPH"] = "0" if backend == "tactic-eager" else "1"
     os.environ["TACTIC_DENSE_FALLBACK"] = "off" if backend == "tactic-select" else "auto"
-    os.environ["TACTIC_DENSE_BACKEND"] = "triton" if backend == "tactic-triton" else "auto"
+    os.environ["TACTIC_DENSE_BACKEND"] = {"tactic-triton": "triton",
+                                          "tactic-fa3": "fa3"}.get(backend, "auto")  # fmt: skip
     backend = "tactic" if backend.startswith("tactic") else backend
     args = dict(
         model_path=str(model_dir), skip_tokenizer_init=True, attention_backend=backend,
@@ -238,7 +240,8 @@ def text_prompts(model_dir: Path, count: int, length: int, seed: int) -> list[li
 MODES = {"flashinfer": [("dense", None)], "fa3": [("dense", None)], "triton": [("dense", None)],
          "tactic": [("dense", None), ("tactic_0.9", 0.9)],
          "tactic-eager": [("tactic_0.9", 0.9)], "tactic-select": [("tactic_0.9", 0.9)],
-         "tactic-triton": [("dense", None), ("tactic_0.9", 0.9)]}  # fmt: skip
+         "tactic-triton": [("dense", None), ("tactic_0.9", 0.9)],
+         "tactic-fa3": [("dense", None), ("tactic_0.9", 0.9)]}  # fmt: skip
 
 FA3_NOT_STAGED = ("sgl_kernel.flash_ops not staged: 1022 MiB (260 MiB deflated in the "
                   "sglang-kernel wheel), left out by scripts/stage_sglang_wheels.sh unless "
@@ -268,8 +271,9 @@ def fa3_unavailable(capability: tuple[int, int]) -> str | None:
 def runnable(backends: list[str], capability: tuple[int, int]) -> tuple[list[str], dict]:
     """The backends to run, in order, and {backend: why not} for those this machine cannot run."""
     unavailable = {}
-    if "fa3" in backends and (why := fa3_unavailable(capability)):
-        unavailable["fa3"] = why
+    for name in ("fa3", "tactic-fa3"):
+        if name in backends and (why := fa3_unavailable(capability)):
+            unavailable[name] = why
     return [b for b in backends if b not in unavailable], unavailable
 
 

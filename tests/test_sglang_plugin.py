@@ -624,6 +624,11 @@ def test_dense_backend_choice(monkeypatch):
     assert dense_backend_class("triton") is TacticAttnBackend
     with pytest.raises(ValueError, match="unknown dense backend"):
         dense_backend_class("fa4")
+    if not torch.cuda.is_available():  # FA3 needs sgl-kernel's library and a GPU
+        with pytest.raises(ValueError, match="TACTIC_DENSE_BACKEND=fa3, but SGLang's FA3"):
+            dense_backend_class("fa3")
+    monkeypatch.setenv("TACTIC_DENSE_BACKEND", "fa3")
+    assert Settings.from_env().dense_backend == "fa3"
     monkeypatch.setenv("TACTIC_DENSE_BACKEND", "sdpa")
     with pytest.raises(ValueError, match="TACTIC_DENSE_BACKEND"):
         Settings.from_env()

@@ -16,6 +16,7 @@ included."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 
@@ -60,17 +61,26 @@ def dense_backend_name(choice: str, model_runner) -> str:
 def dense_backend_class(name: str) -> type:
     """The tactic backend over SGLang's backend `name` (a class per base, made once)."""
     if name not in _CLASSES:
-        if name != "flashinfer":
-            raise ValueError(f"unknown dense backend {name!r} (flashinfer or triton)")
+        if name not in _DENSE_CLASSES:
+            raise ValueError(f"unknown dense backend {name!r} (flashinfer, fa3 or triton)")
+        module, base, label = _DENSE_CLASSES[name]
         try:
-            from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
-        except ImportError as error:
-            raise ValueError(f"TACTIC_DENSE_BACKEND=flashinfer, but FlashInfer does not "
-                             f"import here: {error}") from error  # fmt: skip
-        _CLASSES[name] = type("TacticFlashInferBackend", (TacticBackend, FlashInferAttnBackend),
-                              {"__doc__": "The tactic backend over SGLang's FlashInfer one.",
-                               "dense_name": "flashinfer"})  # fmt: skip
+            dense = getattr(importlib.import_module(module), base)
+        except (ImportError, OSError) as error:
+            raise ValueError(f"TACTIC_DENSE_BACKEND={name}, but SGLang's {label} backend does "
+                             f"not import here: {error}") from error  # fmt: skip
+        _CLASSES[name] = type(f"Tactic{base}", (TacticBackend, dense),
+                              {"__doc__": f"The tactic backend over SGLang's {label} one.",
+                               "dense_name": name})  # fmt: skip
     return _CLASSES[name]
+
+
+# the dense backends the tactic one composes with besides Triton: module, class, name
+_DENSE_CLASSES = {
+    "flashinfer": ("sglang.srt.layers.attention.flashinfer_backend", "FlashInferAttnBackend",
+                   "FlashInfer"),
+    "fa3": ("sglang.srt.layers.attention.flashattention_backend", "FlashAttentionBackend", "FA3"),
+}  # fmt: skip
 
 
 def tactic_layer_ids(model_runner, num_layers: int) -> tuple[int, ...]:
@@ -146,6 +156,11 @@ class TacticBackend:
         self.cluster_layer = self.side.cluster_layer
         self.k_buffers = [pool.k_buffer[layer_id] for layer_id in self.side.layer_ids]
         self.windowed = len(self.side.layer_ids) < len(pool.k_buffer)
+        if self.windowed and self.dense_name == "fa3":
+            # the Tactic graphs' sliding layers replay the dense backend's graph metadata,
+            # which the backend keeps per context bound for FlashInfer and Triton only
+            raise ValueError("TACTIC_DENSE_BACKEND=fa3 runs models without sliding-window "
+                             "layers; take flashinfer or triton for this one")  # fmt: skip
         if self.windowed and self.dense_name == "triton":
             # SGLang's window W (Gemma 3: sliding_window - 1, the keys before the query): its
             # Triton extend masks to the W + 1 keys up to the query, as FlashInfer and

@@ -18,9 +18,10 @@ GRAPH_BS_ENV = "TACTIC_GRAPH_MAX_BS"  # the largest batch captured in a Tactic C
 # model's context, and the context itself): a batch replays the smallest that holds it
 GRAPH_CONTEXTS_ENV = "TACTIC_GRAPH_CONTEXTS"
 # which SGLang backend runs prefill and every dense decode: "auto" (flashinfer on a CUDA GPU with
-# a 16-bit KV cache where FlashInfer imports, else triton), "flashinfer" or "triton"
+# a 16-bit KV cache where FlashInfer imports, else triton), "flashinfer", "fa3" (Hopper and
+# Ampere, with sgl-kernel's FA3 library; models without sliding windows) or "triton"
 DENSE_BACKEND_ENV = "TACTIC_DENSE_BACKEND"
-DENSE_BACKENDS = ("auto", "flashinfer", "triton")
+DENSE_BACKENDS = ("auto", "flashinfer", "fa3", "triton")
 # "auto": a decode batch decodes dense where the GPU's cost model says selecting would not pay
 # (tactic_server.decode.cost); "off": always select
 DENSE_FALLBACK_ENV = "TACTIC_DENSE_FALLBACK"
