@@ -248,6 +248,9 @@ def test_a_flat_layer_decodes_dense_while_the_others_select():
     assert decisions == [{0}] * 3 + [set()] + [{0}] * 3 + [set()]
     decoder.observe(1, layer_row([0.997, 0.995, 0.999]))
     assert not decoder.selection_pays(long, [1]) and not decoder.dense_layers
+    # MeasuredPaths probes the selecting path now and then: those steps select on every layer
+    steps = [(decoder.selection_pays(long, [1]), decoder.dense_layers) for _ in range(40)]
+    assert any(chosen for chosen, _ in steps) and not any(layers for _, layers in steps)
     decoder.observe(2, [0.0] * 5 + [0.01, 0.0] + [0.0] * 3)  # selected, no layer column yet
     assert decoder.selection_pays(long, [2]) and not decoder.dense_layers
     decoder.observe(1, layer_row([0.997, 0.01, 0.02]))

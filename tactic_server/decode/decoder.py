@@ -130,7 +130,8 @@ class TacticDecoder:
         selected = self._selected_tokens(seq_lens_cpu, slots_cpu)
         pays = self.cost_model.pays_each(seq_lens_cpu, selected, self.bytes_per_token)
         chosen = self.measured.choose(len(seq_lens_cpu), any(pays))
-        if chosen and not all(pays):
+        # where the periods overruled a model that found no layer paying, every layer selects
+        if chosen and any(pays) and not all(pays):
             self.layer_decisions += 1
             if self.layer_decisions % self.layer_probe_every:
                 self.dense_layers = frozenset(i for i, p in enumerate(pays) if not p)
