@@ -234,7 +234,8 @@ def test_a_flat_layer_decodes_dense_while_the_others_select():
     """Per layer: at 128k the H200 model says selecting pays on a layer that read 1% and not on
     one that read 99.7%; the batch selects, the flat layer is the plan's dense layer, and every
     layer_probe_every-th such decision selects everywhere (the flat layer's ratio is measured
-    again). All flat: the batch falls back; ratios not yet seen per layer: the request's."""
+    again). All flat: the batch falls back, and the steps that probe the selecting path
+    select on every layer; ratios not yet seen per layer: the request's."""
     side = ClusterSide(64, 3, 2, 16, torch.float32, "cpu", TacticConfig(segment_size=32), 4)
     decoder = TacticDecoder(side, side.config, 2, cost_model=MODELS["H200"],
                             bytes_per_token=LLAMA_BYTES, layer_probe_every=4)  # fmt: skip
@@ -248,14 +249,15 @@ def test_a_flat_layer_decodes_dense_while_the_others_select():
     assert decisions == [{0}] * 3 + [set()] + [{0}] * 3 + [set()]
     decoder.observe(1, layer_row([0.997, 0.995, 0.999]))
     assert not decoder.selection_pays(long, [1]) and not decoder.dense_layers
-    # MeasuredPaths probes the selecting path now and then: those steps select on every layer
-    steps = [(decoder.selection_pays(long, [1]), decoder.dense_layers) for _ in range(40)]
-    assert any(chosen for chosen, _ in steps) and not any(layers for _, layers in steps)
     decoder.observe(2, [0.0] * 5 + [0.01, 0.0] + [0.0] * 3)  # selected, no layer column yet
     assert decoder.selection_pays(long, [2]) and not decoder.dense_layers
     decoder.observe(1, layer_row([0.997, 0.01, 0.02]))
     decoder.observe(1, [0.0] * (STATS + 3))  # a new request in slot 1: not its layers
     assert decoder.selection_pays(long, [1]) and not decoder.dense_layers
+    decoder.observe(1, layer_row([0.997, 0.995, 0.999]))
+    # MeasuredPaths probes the selecting path now and then: those steps select on every layer
+    steps = [(decoder.selection_pays(long, [1]), decoder.dense_layers) for _ in range(40)]
+    assert any(chosen for chosen, _ in steps) and not any(layers for _, layers in steps)
 
 
 def test_a_dense_layer_attends_to_everything_and_counts_as_reading_it():
