@@ -59,13 +59,12 @@ class DecodeCostModel:
     def dense_ms(self, kv_bytes: float) -> float:
         return float(smooth_max(self.dense_floor_ms, self.dense_ms_per_gb * kv_bytes / 1e9))
 
-    def tactic_ms(self, batch: int, kv_bytes: float, selected_bytes: float) -> float:
+    def tactic_ms(self, batch: int, kv_bytes: float, selected_bytes):
+        """selected_bytes: a number, or an array of them (one time each)."""
         # selection reads the keys' side only (centroids, and the keys it scores exactly)
         select = self.select_floor_ms + self.select_ms_per_row * batch
         select += self.select_ms_per_gb * kv_bytes / 2e9
-        attend = float(
-            smooth_max(self.attend_floor_ms, self.attend_ms_per_gb * selected_bytes / 1e9)
-        )
+        attend = smooth_max(self.attend_floor_ms, self.attend_ms_per_gb * selected_bytes / 1e9)
         return select + attend + self.attend_ms_per_row * batch
 
     def pays(self, seq_lens: Sequence[int], ratios: Sequence[float], bytes_per_token: int) -> bool:
@@ -78,14 +77,11 @@ class DecodeCostModel:
     def pays_each(self, seq_lens: Sequence[int], selected_tokens: Sequence[float],
                   bytes_per_token: int) -> list[bool]:  # fmt: skip
         """pays for each entry of selected_tokens (the batch's selected positions in all, e.g.
-        one entry per layer), the dense and selection terms computed once."""
+        one entry per layer), the dense time computed once."""
         kv_bytes = float(sum(seq_lens)) * bytes_per_token
-        fixed = self.select_floor_ms + (self.select_ms_per_row + self.attend_ms_per_row) * len(
-            seq_lens) + self.select_ms_per_gb * kv_bytes / 2e9  # fmt: skip
-        bound = self.margin * self.dense_ms(kv_bytes) - fixed
-        selected_gb = np.asarray(selected_tokens, dtype=np.float64) * bytes_per_token / 1e9
-        attend = smooth_max(self.attend_floor_ms, self.attend_ms_per_gb * selected_gb)
-        return (attend <= bound).tolist()
+        selected_bytes = np.asarray(selected_tokens, dtype=np.float64) * bytes_per_token
+        tactic = self.tactic_ms(len(seq_lens), kv_bytes, selected_bytes)
+        return (tactic <= self.margin * self.dense_ms(kv_bytes)).tolist()
 
 
 def fit(records: Sequence[dict], bytes_per_token: int, dense_key: str = "dense_ms",

@@ -281,11 +281,11 @@ class TacticDecoder:
             mass = torch.stack([m for _, m in picked]).mean(dim=2)
         if len(picked) < len(tactic.selections):  # flat layers read every position
             selected = [entry is not None for entry in tactic.selections]
-            where = torch.tensor(selected, device=tactic.seq_lens.device)[:, None]
-            full = tactic.seq_lens.float().expand(len(selected), rows).contiguous()
-            ones = torch.ones_like(full)
-            attended = full.masked_scatter(where, attended) if picked else full
-            mass = ones.masked_scatter(where, mass) if picked else ones
+            full = tactic.seq_lens.float()
+            measured = iter(zip(attended, mass, strict=True)) if picked else iter(())
+            layers = [next(measured) if s else (full, torch.ones_like(full)) for s in selected]
+            attended = torch.stack([a for a, _ in layers])
+            mass = torch.stack([m for _, m in layers])
         # only rows that select (a graph's batch also holds dense rows and padding)
         counted = (tactic.seq_lens > 1) & selects(tactic.targets)
         self.add_statistics(tactic.request_slots, tactic.seq_lens, attended, mass, counted,
