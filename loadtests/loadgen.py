@@ -35,6 +35,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 SCENARIOS = ("sweep", "burst", "long", "disconnect", "mixed", "oversized")
+KEEPALIVE_SECONDS = 1.0  # the client's, well under any server's keep-alive timeout
 TARGETS = (0.5, 0.75, 0.9, 0.99, None)  # None: dense
 WORDS = ("the", "cache", "keeps", "every", "key", "of", "its", "context", "and", "each", "query",
          "reads", "a", "few", "them")  # fmt: skip
@@ -165,6 +166,7 @@ def summarise(name: str, outcomes: list[Outcome], wall: float, **extra) -> dict:
         "statuses": dict(statuses),
         "server_errors": sum(1 for o in outcomes if o.status is not None and o.status >= 500),
         "connection_errors": statuses.get("connection error", 0),
+        "errors": dict(Counter(o.error for o in outcomes if o.error)),  # what the client met
         "ttft_seconds": percentiles([o.ttft for o in outcomes if o.ttft is not None]),
         "inter_token_seconds": percentiles([t for o in outcomes for t in o.inter_token]),
         "latency_seconds": percentiles([o.latency for o in outcomes if o.status == 200]),
@@ -319,17 +321,20 @@ async def oversized(client, settings: Settings, rng, rounds: int = 3,
     stream = asyncio.ensure_future(send(client, chat_body(
         prompt_of(40, rng), settings, stream=True, max_tokens=max(settings.max_tokens, 64))))
     await asyncio.sleep(0.2)  # the stream decoding before the first round
-    answers: dict[str, list[tuple[int | None, float]]] = {name: [] for name in bodies}
+    answers: dict[str, list[Outcome]] = {name: [] for name in bodies}
     probes: list[float] = []
     probe_statuses: Counter = Counter()
 
     async def post(name, route, content):
         started = time.perf_counter()
+        outcome = Outcome(status=None, latency=0.0)
         try:
-            status = (await client.post(route, content=content, headers=headers)).status_code
-        except httpx.HTTPError:
-            status = None
-        answers[name].append((status, time.perf_counter() - started))
+            outcome.status = (await client.post(route, content=content,
+                                                headers=headers)).status_code  # fmt: skip
+        except httpx.HTTPError as error:
+            outcome.error = f"{type(error).__name__}: {error}"
+        outcome.latency = time.perf_counter() - started
+        answers[name].append(outcome)
 
     for _ in range(rounds):
         posts = asyncio.ensure_future(asyncio.gather(
@@ -341,12 +346,11 @@ async def oversized(client, settings: Settings, rng, rounds: int = 3,
             await asyncio.sleep(probe_every)
         await posts
     streamed = await stream
-    outcomes = [Outcome(status=status, latency=latency)
-                for results in answers.values() for status, latency in results]  # fmt: skip
+    outcomes = [outcome for results in answers.values() for outcome in results]
     return [summarise(
         "oversized", outcomes, time.perf_counter() - began,
-        answers={name: {"statuses": sorted({str(s) for s, _ in results}),
-                        "max_seconds": max(latency for _, latency in results)}
+        answers={name: {"statuses": sorted({str(o.status) for o in results}),
+                        "max_seconds": max(o.latency for o in results)}
                  for name, results in answers.items()},
         probes=len(probes), probe_statuses={str(k): v for k, v in probe_statuses.items()},
         probe_seconds={**percentiles(probes), "max": max(probes, default=None)},
@@ -382,7 +386,11 @@ RUNNERS = {"sweep": sweep, "burst": burst, "long": long_prompts, "disconnect": d
 async def run(settings: Settings, scenarios=SCENARIOS, log=print) -> dict:
     rng = random.Random(settings.seed)
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    # an idle connection is dropped here well before the server's keep-alive timeout closes it
+    # (uvicorn's default, and this server's: 5 s, as httpx's own expiry): at equal timeouts a
+    # request can go out on a connection the server is closing and fail without an answer
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                          keepalive_expiry=KEEPALIVE_SECONDS)  # fmt: skip
     async with httpx.AsyncClient(base_url=settings.url, headers=headers, limits=limits,
                                  timeout=settings.timeout) as client:  # fmt: skip
         model = (await served_model(client))["id"]

@@ -83,7 +83,8 @@ def test_every_scenario_holds_and_reports(engine, url):
     # the oversized bodies are refused (this server's body limit is 1 MiB: the first two by
     # their size, the others by what they hold), the probes meanwhile answered, the stream done
     answers = oversized["answers"]
-    assert oversized["server_errors"] == 0 and oversized["connection_errors"] == 0
+    assert oversized["server_errors"] == 0 and oversized["connection_errors"] == 0, (
+        oversized["errors"], answers)
     assert answers["6 MB prompt"]["statuses"] == ["413"]
     assert answers["250,000 empty messages"]["statuses"] == ["413"]
     assert answers["2,049 empty messages"]["statuses"] == ["400"]
