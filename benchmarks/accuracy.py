@@ -37,6 +37,7 @@ from tactic_server.engine.config import EngineConfig
 from tactic_server.engine.engine import Engine
 from tactic_server.engine.tokenizer import Tokenizer
 from tactic_server.engine.types import GenerationRequest, SamplingParams, TacticParams
+from tactic_server.tactic.clustering import query_moments
 from tactic_server.tactic.config import WHOLE_CONTEXT, TacticConfig
 from tactic_server.tactic.evaluation import EvaluationSetup, evaluate_workloads
 from tactic_server.tactic.workloads import Workload
@@ -185,10 +186,13 @@ def capture_workloads(model_dir: str, prompts: list[list[int]], device: str, ste
             model.get_decoder()(input_ids=torch.tensor([ids], device=device), use_cache=False)
         positions = [len(ids) - 1 - i * stride for i in range(steps) if len(ids) - 1 >= i * stride]
         for layer, queries, keys, values in captured:
+            # the prompt's queries as a server keeps them for query-weighted clustering
+            moments = query_moments(queries[:, : min(positions)].transpose(0, 1),
+                                    keys.shape[1]).sum(0)  # fmt: skip
             for position in positions:
                 yield f"layer {layer}", Workload(
                     f"layer {layer} prompt {number} position {position}", queries[:, position],
-                    keys[: position + 1], values[: position + 1],
+                    keys[: position + 1], values[: position + 1], moments,
                 )  # fmt: skip
 
 

@@ -56,19 +56,20 @@ VARIANTS = {
 
 
 def capture_workloads(path: Path, steps: int):
-    """(layer, query [H_q, d], keys [n, H_kv, d]) of the first `steps` steps of each prompt."""
+    """(layer, query [H_q, d], keys [n, H_kv, d], the prompt's query moments or None) of the
+    first `steps` steps of each prompt."""
     store = torch.load(path)
     for prompt, entry in store.items():
         layer = prompt.split(" prompt")[0]
         for position, query in entry["queries"][:steps]:
-            yield layer, query, entry["keys"][: position + 1]
+            yield layer, query, entry["keys"][: position + 1], entry.get("query_moments")
 
 
 def synthetic_workloads(seq_len: int, seeds: tuple[int, ...]):
     for kind in WORKLOAD_KINDS:
         for seed in seeds:
             workload = generate_workload(kind, seq_len, 16, 4, 128, seed)
-            yield kind, workload.query, workload.keys
+            yield kind, workload.query, workload.keys, None  # no prompt queries
 
 
 def score_variance_ratios(query, keys, index) -> dict[str, float]:
@@ -120,12 +121,12 @@ def evaluate(workloads, target: float, variants: dict) -> tuple[dict, dict]:
     the variance diagnostics, averaged over its workloads. variants: name -> (TacticConfig,
     variance weight), "diagonal (after)" among them."""
     tallies, diagnostics = {}, {}
-    for group, query, keys in workloads:
+    for group, query, keys, moments in workloads:
         oracle = plan_oracle(query, keys, target).selected_counts
         indexes = {}
         for name, (config, weight) in variants.items():
             if config not in indexes:
-                indexes[config] = build_cluster_index(keys, config)
+                indexes[config] = build_cluster_index(keys, config, query_moments=moments)
             index = indexes[config]
             if weight != 1.0:
                 index = dataclasses.replace(index, variances=index.variances * weight)
@@ -196,6 +197,7 @@ def record_captures(model_dir: str, lengths: list[int], paths: list[Path], promp
         for _, workload in capture(model_dir, sequences, "cpu", steps, 1):
             prompt = workload.name.split(" position")[0]
             entry = store.setdefault(prompt, {"keys": workload.keys, "values": workload.values,
+                                              "query_moments": workload.query_moments,
                                               "queries": []})  # fmt: skip
             if workload.keys.shape[0] > entry["keys"].shape[0]:
                 entry["keys"], entry["values"] = workload.keys, workload.values

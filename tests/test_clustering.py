@@ -13,6 +13,8 @@ from tactic_server.tactic.clustering import (
     decode_variances,
     encode_variances,
     leading_segments,
+    query_moments,
+    query_weights,
 )
 
 
@@ -194,3 +196,75 @@ def test_leading_segments_are_the_index_of_fewer_positions(kept):
     for field in ("centroids", "variances", "cluster_sizes", "cluster_offsets", "token_positions",
                   "token_cluster"):  # fmt: skip
         assert torch.equal(getattr(cut, field), getattr(fewer, field)), field
+
+
+def test_query_moments_and_weights():
+    """query_moments sums squared components over a KV head's query heads and over RoPE pairs;
+    query_weights are their root mean squares, normalised, ones where no query was seen."""
+    queries = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(2))  # 2 KV heads
+    moments = query_moments(queries, 2)
+    squared = queries.square().reshape(5, 2, 2, 8).sum(2)
+    torch.testing.assert_close(moments, squared[..., :4] + squared[..., 4:])
+    summed = moments.sum(0)
+    weights = query_weights(torch.stack([summed[0], torch.zeros(4)]))
+    torch.testing.assert_close(weights[0, :4], weights[0, 4:])
+    torch.testing.assert_close(weights[0].square().mean(), torch.tensor(1.0))
+    ratios = (summed[0] / summed[0, 0]).sqrt().repeat(2)
+    torch.testing.assert_close(weights[0] / weights[0, 0], ratios)
+    assert torch.equal(weights[1], torch.ones(8))
+
+
+def quiet_topics(generator, tokens=512, dim=64, topics=8):
+    """Keys whose topic lies in a few quiet dimensions (0-3 and their RoPE partners 32-35) under
+    loud noise in all the others, and prompt queries that read the quiet ones only."""
+    quiet = torch.tensor([0, 1, 2, 3, 32, 33, 34, 35])
+    topic = torch.randint(topics, (tokens,), generator=generator)
+    centres = torch.randn(topics, quiet.numel(), generator=generator)
+    keys = 4.0 * torch.randn(tokens, 1, dim, generator=generator)
+    keys[:, 0, quiet] = centres[topic] + 0.05 * torch.randn(tokens, quiet.numel(),
+                                                             generator=generator)  # fmt: skip
+    queries = torch.zeros(64, 2, dim)
+    queries[..., quiet] = torch.randn(64, 2, quiet.numel(), generator=generator)
+    return keys, topic, query_moments(queries, 1).sum(0)
+
+
+def topic_purity(index, topic) -> float:
+    """Share of tokens in their cluster's most common topic."""
+    clusters = index.token_cluster[0]
+    positions = torch.arange(clusters.numel())
+    kept = 0
+    for cluster in clusters.unique():
+        members = topic[positions[clusters == cluster]]
+        kept += members.bincount().max().item()
+    return kept / clusters.numel()
+
+
+def test_query_weighted_clustering_groups_keys_by_what_the_queries_read():
+    """Scaled by the prompt queries' moments, k-means finds the topics that the quiet dimensions
+    hold (what q.k depends on) where unscaled it follows the loud noise; the scaling is that of
+    k-means alone: centroids and variances are of the keys themselves. Without moments, or with
+    query_weighted off, the index is the unweighted one."""
+    keys, topic, moments = quiet_topics(torch.Generator().manual_seed(5))
+    config = TacticConfig(segment_size=256, cluster_size=16, outlier_share=0.0,
+                          query_weighted=False)
+    weighted_config = dataclasses.replace(config, query_weighted=True)
+    plain = build_cluster_index(keys, config)
+    weighted = build_cluster_index(keys, weighted_config, query_moments=moments)
+    assert topic_purity(weighted, topic) > 0.95 > 0.6 > topic_purity(plain, topic)
+    # the same function as k-means on the scaled keys, segment by segment
+    scaled = keys[:, 0] * query_weights(moments)[0]
+    for segment in range(2):
+        rows = slice(segment * 256, (segment + 1) * 256)
+        want = spherical_kmeans(scaled[rows][None], 16, config.kmeans_iterations)[0]
+        got = weighted.token_cluster[0, rows] - segment * 16
+        assert torch.equal(got, want)
+    for cluster in range(weighted.num_clusters):
+        members = weighted.token_positions[0, weighted.cluster_offsets[0, cluster]:
+                                           weighted.cluster_offsets[0, cluster + 1]]  # fmt: skip
+        if members.numel():
+            torch.testing.assert_close(weighted.centroids[0, cluster], keys[members, 0].mean(0))
+    unseen = torch.zeros_like(moments)
+    for same in (build_cluster_index(keys, weighted_config),
+                 build_cluster_index(keys, config, query_moments=moments),
+                 build_cluster_index(keys, weighted_config, query_moments=unseen)):
+        assert torch.equal(same.token_cluster, plain.token_cluster)

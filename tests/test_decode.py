@@ -10,6 +10,7 @@ import torch
 
 from tactic_server.decode import ClusterSide
 from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic
+from tactic_server.tactic.clustering import query_moments
 
 SEGMENT = 32
 CONFIG = TacticConfig(segment_size=SEGMENT, cluster_size=8)
@@ -61,3 +62,37 @@ def test_a_shared_prefix_is_clustered_once_and_a_freed_slot_forgets_its_segment(
     for request_slot, seq_len in ((0, 201), (1, 251)):
         segments = side.leading_segments(req_to_token, request_slot, seq_len)
         assert side.cluster_index(0, segments, seq_len).clustered_len == 2 * SEGMENT
+
+
+def test_segments_are_clustered_by_their_requests_prompt_queries():
+    """query_weighted: record_queries keeps each request's query_moments (zeroed when its slot
+    starts again), and each request's segments are clustered scaled by its own, as
+    build_cluster_index does with them."""
+    config = dataclasses.replace(CONFIG, query_weighted=True)
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(NUM_SLOTS, HEADS, DIM, generator=generator)
+    side = ClusterSide(NUM_SLOTS, 1, HEADS, DIM, torch.float32, "cpu", config, max_requests=2)
+    req_to_token = torch.arange(NUM_SLOTS, dtype=torch.int32).view(2, 300)
+    queries = torch.randn(40, 2 * HEADS, DIM, generator=generator)
+    queries[:25, :, : DIM // 4] *= 8  # the two prompts read different dimensions
+    queries[25:, :, DIM // 4 : DIM // 2] *= 8
+    slots = torch.tensor([0] * 25 + [1] * 15)
+    side.start_request(0, 0.9)
+    side.start_request(1, 0.9)
+    side.record_queries(0, queries[:10], slots[:10])  # in two chunks
+    side.record_queries(0, queries[10:], slots[10:])
+    expected = [query_moments(part, HEADS).sum(0) for part in (queries[:25], queries[25:])]
+    for request in range(2):
+        torch.testing.assert_close(side.query_moments[0, request], expected[request])
+    side.cluster_requests([(0, 0, 128), (1, 0, 128)], req_to_token, [keys])
+    for request in range(2):
+        seq_len = 129
+        got = side.cluster_index(0, side.leading_segments(req_to_token, request, seq_len), seq_len)
+        context = keys[req_to_token[request, :128].long()]
+        want = build_cluster_index(context, config, query_moments=expected[request])
+        assert torch.equal(got.token_positions, want.token_positions)
+        assert torch.equal(got.centroids, want.centroids)
+        unweighted = build_cluster_index(context, CONFIG)
+        assert not torch.equal(got.token_positions, unweighted.token_positions)
+    side.start_request(0, 0.9)
+    assert not side.query_moments[0, 0].any() and side.query_moments[0, 1].any()

@@ -238,3 +238,42 @@ def test_triton_backend_equals_torch_backend(tmp_path):
     assert triton_usage.selected_ratio == pytest.approx(torch_usage.selected_ratio, rel=1e-6)
     assert triton_usage.estimated_mass == pytest.approx(torch_usage.estimated_mass, rel=1e-4)
     assert outputs["triton"][1][2].tactic is None
+
+
+def test_prompt_queries_weight_the_clustering_of_its_segments(llama_dir):
+    """query_weighted: a prompt's queries on every layer (what the attention modules got in
+    prefill) are the moments its request slot keeps, and the segments it completed are clustered
+    scaled by them, as build_cluster_index does; the answer is still the model's at P near 1."""
+    from tactic_server.engine.attention import PagedAttention
+    from tactic_server.tactic.clustering import build_cluster_index, query_moments
+
+    config = TacticConfig(segment_size=SEGMENT, query_weighted=True)
+    engine = make_engine(llama_dir, tactic=config)
+    prefill_queries = {}
+
+    def record(module, args):
+        q, context = args[0], args[3]
+        if any(not part.is_decode for part in context.slices):
+            prefill_queries.setdefault(module.cluster_layer, []).append(q.detach().clone())
+
+    attention = [m for m in engine.runner.model.modules() if isinstance(m, PagedAttention)]
+    hooks = [module.register_forward_pre_hook(record) for module in attention]
+    prompt = prompt_ids(3 * SEGMENT + 7, seed=4)
+    request = GenerationRequest("w", prompt, dataclasses.replace(GREEDY, max_tokens=4),
+                                TacticParams(True, 0.999))  # fmt: skip
+    tokens, _, _ = run(engine, request)
+    for hook in hooks:
+        hook.remove()
+    assert tokens == transformers_greedy(llama_dir, prompt, 4)
+    side, runner = engine.runner.side, engine.runner
+    slot = 0  # the only request's
+    heads = side.pools[0].centroids.shape[1]
+    for layer, pool_layer in enumerate(side.layer_ids):
+        recorded = query_moments(torch.cat(prefill_queries[layer]), heads).sum(0)
+        torch.testing.assert_close(side.query_moments[layer, slot], recorded)
+        segments = side.leading_segments(runner.req_to_token, slot, len(prompt) + 1)
+        got = side.cluster_index(layer, segments, len(prompt) + 1)
+        keys = engine.runner.pool.k[pool_layer][runner.req_to_token[slot, : 3 * SEGMENT].long()]
+        want = build_cluster_index(keys, config, query_moments=recorded)
+        assert got.clustered_len == 3 * SEGMENT
+        assert torch.equal(got.token_positions, want.token_positions)

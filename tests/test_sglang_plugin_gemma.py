@@ -34,6 +34,7 @@ from tactic_server.sglang_plugin import backend as backend_module  # noqa: E402
 from tactic_server.sglang_plugin import hooks  # noqa: E402
 from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic  # noqa: E402
 from tactic_server.tactic.attention import sparse_attention  # noqa: E402
+from tactic_server.tactic.clustering import query_moments  # noqa: E402
 from tactic_server.tactic.workloads import generate_workload  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,6 +308,10 @@ def test_prefill_keeps_the_window_through_sglangs_extend(one_rank):
             expected = attention(queries[position], keys[: position + 1], values[: position + 1],
                                  SCALING, window)  # fmt: skip
             torch.testing.assert_close(out[i].double(), expected, **DENSE_TOL)
+    # and the chunk's queries on the global layers are kept for query-weighted clustering
+    kept = query_moments(queries[prefix:], KV_HEADS).sum(0)
+    for cluster_layer in range(len(GLOBAL)):
+        torch.testing.assert_close(backend.side.query_moments[cluster_layer, request_slot], kept)
 
 
 def test_cluster_metadata_only_for_global_layers(eager_step, one_rank, monkeypatch):

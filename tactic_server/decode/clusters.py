@@ -22,6 +22,7 @@ from tactic_server.kernels.cluster_pool import ClusterPool, centroid_dtype
 from tactic_server.tactic.clustering import (
     ClusterIndex,
     build_cluster_index,
+    query_moments,
     spherical_kmeans,
     variance_dims,
 )
@@ -102,6 +103,11 @@ class ClusterSide:
         self.targets = torch.ones(max_requests, device=device)
         self.stats = torch.zeros(max_requests, STATS + num_layers, device=device)
         self.clustered = 0  # segments clustered (one per layer set), in all
+        # query-weighted clustering: per cluster layer and request slot, the query_moments of
+        # the request's prompt (head_dim / 2 floats a KV head: 64 KiB a request for Llama 8B)
+        self.query_moments = (
+            torch.zeros(num_layers, max_requests, num_kv_heads, head_dim // 2, device=device)
+            if config.query_weighted else None)  # fmt: skip
         if self.device.type == "cuda":
             from tactic_server.kernels.kmeans import segment_kmeans
 
@@ -111,7 +117,9 @@ class ClusterSide:
 
     @property
     def nbytes(self) -> int:
-        return sum(pool.segment_bytes for pool in self.pools) + self.last_slot_segment.nbytes
+        moments = 0 if self.query_moments is None else self.query_moments.nbytes
+        return (sum(pool.segment_bytes for pool in self.pools) + self.last_slot_segment.nbytes
+                + moments)  # fmt: skip
 
     def invalidate(self, freed_slots: torch.Tensor) -> None:
         """KV slots were freed: segments ending at them are gone. index_fill_ takes the -1 as a
@@ -128,15 +136,31 @@ class ClusterSide:
         wait for the stream."""
         self.targets[request_slot].fill_(target)
         self.stats[request_slot].zero_()
+        if self.query_moments is not None:
+            self.query_moments[:, request_slot].zero_()
+
+    def record_queries(self, layer: int, queries: torch.Tensor,
+                       request_slots: torch.Tensor) -> None:  # fmt: skip
+        """Add the query_moments of prompt queries [tokens, H_q, d] of cluster layer `layer` to
+        those of their requests' slots [tokens], which the requests' next segments are
+        clustered by (config.query_weighted; otherwise nothing is kept). The engines record
+        their prefill (extend) queries: a decode step's one query would add little."""
+        if self.query_moments is None or queries.shape[0] == 0:
+            return
+        moments = self.query_moments[layer]
+        moments.index_add_(0, request_slots.to(moments.device).long(),
+                           query_moments(queries, moments.shape[1]))  # fmt: skip
 
     def cluster(self, work, req_to_token: torch.Tensor, k_buffers) -> int:
         """Cluster the segments [first, end) of each (request_slot, first, end) in work unless
         an equal segment is already known; returns how many were clustered."""
         size = self.segment_size
+        work = [(slot, first, end) for slot, first, end in work if end > first]
         rows = [req_to_token[slot, first * size : end * size].view(-1, size)
-                for slot, first, end in work if end > first]  # fmt: skip
+                for slot, first, end in work]  # fmt: skip
         if not rows:
             return 0
+        row_slots = [slot for slot, first, end in work for _ in range(end - first)]
         slots = torch.cat(rows).long()  # [m, S]
         last = slots[:, -1]
         known = self.last_slot_segment[last].tolist()
@@ -155,8 +179,11 @@ class ClusterSide:
         chosen = slots[torch.tensor(new, device=slots.device)]
         token_slots = chosen.flatten()
         where = torch.tensor(segment_slots, device=self.device)
-        for pool, k_buffer in zip(self.pools, k_buffers, strict=True):
-            index = build_cluster_index(k_buffer[token_slots], self.config, kmeans=self.kmeans)
+        owners = torch.tensor([row_slots[i] for i in new], device=self.device)
+        for layer, (pool, k_buffer) in enumerate(zip(self.pools, k_buffers, strict=True)):
+            moments = None if self.query_moments is None else self.query_moments[layer][owners]
+            index = build_cluster_index(k_buffer[token_slots], self.config, kmeans=self.kmeans,
+                                        query_moments=moments)  # fmt: skip
             pool.write_segments(index, token_slots, where)
         self.last_slot_segment[chosen[:, -1]] = where.int()
         for segment_slot, last_slot in zip(segment_slots, chosen[:, -1].tolist(), strict=True):

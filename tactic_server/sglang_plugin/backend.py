@@ -151,6 +151,7 @@ class TacticBackend:
         self.decoder = TacticDecoder(self.side, self.settings.config, self.num_kv_head, combine,
                                      cost_model, bytes_per_token)  # fmt: skip
         self.plan = None
+        self.extend_slots = None  # the request slot of each extended token (query_weighted)
         # SGLang layer id -> cluster layer, for the layers Tactic selects on; the others (sliding
         # windows) decode through the dense backend, whose metadata every decode then needs
         self.cluster_layer = self.side.cluster_layer
@@ -271,7 +272,7 @@ class TacticBackend:
     # SGLang's hooks
 
     def init_forward_metadata(self, forward_batch) -> None:
-        self.plan, self.graph_capture = None, False
+        self.plan, self.graph_capture, self.extend_slots = None, False, None
         mode = forward_batch.forward_mode
         reqs = self.batch_reqs
         admitted = reqs is not None and len(reqs) == forward_batch.batch_size
@@ -363,6 +364,21 @@ class TacticBackend:
         counts = self.side.cluster_requests(entries, self.req_to_token, self.k_buffers)
         for (req, _), count in zip(chosen, counts, strict=True):
             req._tactic_clustered = count
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        """The dense backend's extend; on a cluster layer the extended queries are recorded
+        first for query-weighted clustering (ClusterSide.record_queries)."""
+        cluster_layer = self.cluster_layer.get(layer.layer_id)
+        if cluster_layer is not None and self.side.query_moments is not None:
+            if self.extend_slots is None:  # once a forward (init_forward_metadata resets it)
+                # the token count from the host, so that the device is not waited for
+                self.extend_slots = torch.repeat_interleave(
+                    forward_batch.req_pool_indices, forward_batch.extend_seq_lens,
+                    output_size=sum(forward_batch.extend_seq_lens_cpu))  # fmt: skip
+            queries = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            self.side.record_queries(cluster_layer, queries[: self.extend_slots.numel()],
+                                     self.extend_slots)  # fmt: skip
+        return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         cluster_layer = self.cluster_layer.get(layer.layer_id)

@@ -120,24 +120,50 @@ def variance_dims(config: TacticConfig, head_dim: int) -> int:
     return head_dim if config.variance == "diagonal" else 1
 
 
+def query_moments(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """What query-weighted clustering keeps of queries [..., H_q, d] (any scale: only their
+    proportions count), [..., H_kv, d/2]: their squared components summed over each KV head's
+    query heads and over the two dimensions of a RoPE pair (j and j + d/2), since the rotation
+    moves a query's weight between them with its position. Summed over queries, they are what
+    query_weights reads."""
+    dim = queries.shape[-1]
+    squared = queries.float().square()
+    squared = squared.reshape(*queries.shape[:-2], num_kv_heads, -1, dim).sum(dim=-2)
+    return squared[..., : dim // 2] + squared[..., dim // 2 :]
+
+
+def query_weights(moments: torch.Tensor) -> torch.Tensor:
+    """Per-dimension scales [..., d] of query-weighted clustering (TacticConfig.query_weighted)
+    from query_moments [..., d/2]: the root mean square of each RoPE pair's components, for
+    both of its dimensions. The squared distance of scaled keys sum_i w_i^2 (k_i - k'_i)^2 is
+    then the mean over those queries of (q.k - q.k')^2, up to the pairing. Normalised to a mean
+    square of 1; all ones where no query was seen."""
+    weights = torch.cat([moments, moments], dim=-1).float().sqrt()
+    scale = weights.square().mean(dim=-1, keepdim=True).sqrt()
+    return torch.where(scale > 0, weights / scale.clamp_min(_NORM_EPS), torch.ones_like(weights))
+
+
 KMeans = Callable[[torch.Tensor, int, int], torch.Tensor]
 """(points [B, m, d], num_clusters, iterations) -> assignments [B, m]: spherical_kmeans or a
 kernel computing the same function (tactic_server.kernels.kmeans.segment_kmeans)."""
 
 
 def _cluster_segments(
-    points: torch.Tensor, num_clusters: int, config: TacticConfig, kmeans: KMeans
-):
+    points: torch.Tensor, num_clusters: int, config: TacticConfig, kmeans: KMeans,
+    weights: torch.Tensor | None = None,
+):  # fmt: skip
     """Cluster each row of points [B, m, d]: assignments [B, m], sizes [B, C], means [B, C, d],
     variances [B, C, V] (see ClusterIndex). The worst-explained tokens become singleton clusters
-    (see outlier_share)."""
+    (see outlier_share). weights [B, d]: each row's points are grouped (k-means and outliers)
+    scaled by them (query_weights); means and variances are of the points themselves."""
     num_points, dim = points.shape[1], points.shape[2]
     num_outliers = min(int(num_clusters * config.outlier_share), num_clusters - 1, num_points)
     kmeans_clusters = num_clusters - num_outliers
-    assignments = kmeans(points, kmeans_clusters, config.kmeans_iterations)
+    grouped = points if weights is None else points * weights[:, None, :]
+    assignments = kmeans(grouped, kmeans_clusters, config.kmeans_iterations)
     if num_outliers > 0:
-        _, means = _cluster_means(points, assignments, kmeans_clusters)
-        residual = points - torch.gather(means, 1, assignments.unsqueeze(-1).expand(-1, -1, dim))
+        _, means = _cluster_means(grouped, assignments, kmeans_clusters)
+        residual = grouped - torch.gather(means, 1, assignments.unsqueeze(-1).expand(-1, -1, dim))
         worst = residual.norm(dim=-1).topk(num_outliers, dim=-1).indices
         singleton_ids = torch.arange(kmeans_clusters, num_clusters, device=points.device)
         assignments = assignments.scatter(1, worst, singleton_ids.expand_as(worst))
@@ -155,9 +181,13 @@ def _cluster_segments(
 
 
 def build_cluster_index(
-    keys: torch.Tensor, config: TacticConfig, kmeans: KMeans = spherical_kmeans
-) -> ClusterIndex:
-    """Cluster keys [seq_len, H_kv, d] (any float dtype; computed in float32)."""
+    keys: torch.Tensor, config: TacticConfig, kmeans: KMeans = spherical_kmeans,
+    query_moments: torch.Tensor | None = None,
+) -> ClusterIndex:  # fmt: skip
+    """Cluster keys [seq_len, H_kv, d] (any float dtype; computed in float32). query_moments:
+    the sums of squared query components that query-weighted clustering scales keys by
+    (query_moments; read when config.query_weighted), [H_kv, d/2] for every segment or
+    [segments, H_kv, d/2] one per full segment."""
     seq_len, num_kv_heads, dim = keys.shape
     if config.segment_size is None:
         segment_len, num_segments = seq_len, 1 if seq_len > 0 else 0
@@ -175,9 +205,13 @@ def build_cluster_index(
         .permute(0, 2, 1, 3)
         .reshape(num_segments * num_kv_heads, segment_len, dim)
     )
+    weights = None
+    if config.query_weighted and query_moments is not None and num_segments:
+        moments = query_moments.to(device).expand(num_segments, num_kv_heads, dim // 2)
+        weights = query_weights(moments.reshape(num_segments * num_kv_heads, dim // 2))
     if num_segments:
         assignments, sizes, means, variances = _cluster_segments(
-            points, clusters_per_segment, config, kmeans
+            points, clusters_per_segment, config, kmeans, weights
         )
     else:
         assignments = torch.zeros(0, segment_len, dtype=torch.long, device=device)

@@ -96,7 +96,7 @@ def evaluate_workloads(
     for kind, workload in workloads:
         started = time.perf_counter()
         indexes = {
-            name: build_cluster_index(workload.keys, config)
+            name: build_cluster_index(workload.keys, config, query_moments=workload.query_moments)
             for name, config in setup.tactic_variants.items()
         }
         for target in setup.targets:

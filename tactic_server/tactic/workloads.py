@@ -32,6 +32,9 @@ class Workload:
     query: torch.Tensor  # [H_q, d]
     keys: torch.Tensor  # [seq_len, H_kv, d]
     values: torch.Tensor  # [seq_len, H_kv, d]
+    # [H_kv, d/2]: clustering.query_moments of the queries before the decode steps (what a
+    # server sees of them at prefill, and query-weighted clustering reads)
+    query_moments: torch.Tensor | None = None
 
 
 def rope_frequencies(head_dim: int) -> torch.Tensor:
