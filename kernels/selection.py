@@ -25,7 +25,11 @@ import triton.language as tl
 
 from tactic_server.tactic.clustering import variance_dims
 from tactic_server.tactic.config import TacticConfig
-from tactic_server.tactic.selection import FP16_MAX, MAX_RELATIVE_LOG_MASS
+from tactic_server.tactic.selection import (
+    FP16_MAX,
+    MAX_RELATIVE_LOG_MASS,
+    segments_before_recent,
+)
 
 from .cluster_pool import ClusterPool
 from .decode_attention import dot_dtype, dot_precision, load_group_queries
@@ -728,9 +732,9 @@ def select_rows(
     num_blocks = triton.cdiv(max_units, units_per_program)
     if clustered_segments is None:
         clustered_segments = seq_lens // size
-    if config.recent_window > 0:  # a segment the recent window reaches into is tail (reference)
-        clustered_segments = torch.minimum(
-            clustered_segments, (seq_lens - config.recent_window).clamp_min(0) // size)
+    if config.recent_window > 0:
+        clustered_segments = torch.minimum(clustered_segments,
+                                           segments_before_recent(seq_lens, config))
     clustered_segments = clustered_segments.to(torch.int32)
     scale = 1.0 / math.sqrt(head_dim)
     bins = config.density_bins

@@ -126,6 +126,16 @@ def _suffix_sums(values: torch.Tensor) -> torch.Tensor:
     return values.sum(dim=-1, keepdim=True) - (values.cumsum(dim=-1) - values)
 
 
+def segments_before_recent(seq_lens, config: TacticConfig):
+    """Full segments that end before the recent window starts (seq_lens: an int or a tensor of
+    them): only these are selected by cluster. A segment the window reaches into is left to the
+    tail, scored token by token, so recent positions are forced one by one, never through a
+    whole cluster (and the kernels look up the clusters of sinks only)."""
+    if isinstance(seq_lens, torch.Tensor):
+        return (seq_lens - config.recent_window).clamp_min(0) // config.segment_size
+    return max(0, seq_lens - config.recent_window) // config.segment_size
+
+
 def plan_tactic(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -147,13 +157,8 @@ def plan_tactic(
     seq_len, num_kv_heads, dim = keys.shape
     device = keys.device
     if config.segment_size is not None and config.recent_window > 0:
-        # a segment that the recent window reaches into is left to the tail (scored token by
-        # token), so recent positions are forced one by one, never through a whole cluster
-        # (and the kernels look up the clusters of sinks only)
-        recent_start = max(0, seq_len - config.recent_window)
-        index = leading_segments(index, min(index.clustered_len,
-                                            recent_start // config.segment_size
-                                            * config.segment_size))  # fmt: skip
+        usable = segments_before_recent(seq_len, config) * config.segment_size
+        index = leading_segments(index, min(index.clustered_len, usable))
     scores = grouped_scores(query, keys)  # [H_kv, group, seq_len]
     group = scores.shape[1]
     num_clusters, tail_len = index.num_clusters, seq_len - index.clustered_len
