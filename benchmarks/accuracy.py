@@ -344,6 +344,9 @@ def main(argv=None) -> int:
                         help="also evaluate segment-local Tactic with these TacticConfig fields "
                              "changed (FIELD=VALUE,FIELD=VALUE), in the per-head analysis "
                              "(repeatable)")  # fmt: skip
+    parser.add_argument("--engine-variant", metavar="FIELD=VALUE,...",
+                        help="the engine's TacticConfig for the tasks (as --tactic-variant; "
+                        "default: TacticConfig())")  # fmt: skip
     parser.add_argument("--no-whole-context", action="store_true",
                         help="leave out whole-context clustering (quadratic in the context)")
     parser.add_argument("--haystack", nargs="+", metavar="DIR",
@@ -418,7 +421,8 @@ def main(argv=None) -> int:
     engine = Engine.from_config(EngineConfig(
         model_dir=args.model, device=args.device,
         kv_slots=min(args.trials, 16) * max(args.lengths),
-        max_batch=min(args.trials, 16), max_waiting=max(64, args.trials)))  # fmt: skip
+        max_batch=min(args.trials, 16), max_waiting=max(64, args.trials),
+        tactic=variant(args.engine_variant) if args.engine_variant else TacticConfig()))
     retrieval(engine, args.lengths, args.trials, args.targets, args.tasks, haystack, args.seed,
               result["retrieval"], save, result["skipped"])  # fmt: skip
     result["goals"], result["complete"] = goals(result), True

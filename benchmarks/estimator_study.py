@@ -14,13 +14,15 @@ cores. Captures made before 2026-12-07 lack the prompt's query moments: query-we
 variants cluster unweighted on them.) Query-weighted clustering, as recorded in
 benchmarks/results/estimator_study_query_weighted.md:
 
-    python benchmarks/estimator_study.py --captures gemma_4096.pt gemma_8192.pt --only-given \
-        --variant query_weighted=true --variant query_weighted=false,exact_fraction=1.0 \
-        --variant exact_fraction=1.0 --variant cluster_size=8 \
+    python benchmarks/estimator_study.py --captures gemma_4096.pt gemma_8192.pt --only-given \\
+        --variant query_weighted=true --variant exact_fraction=1.0 \\
+        --variant query_weighted=true,exact_fraction=1.0 \\
+        --variant query_weighted=true,cluster_size=8 \\
         --output benchmarks/results/estimator_study_query_weighted.json
 
-A capture is a dict prompt -> {"queries": [(position, q [H_q, d])], "keys", "values"} whose
-prompt names start with "layer N ". Variants differ in TacticConfig fields; a variance weight w
+A capture is a dict prompt -> {"queries": [(position, q [H_q, d])], "keys", "values",
+"query_moments" (clustering.query_moments of the prompt's queries)} whose prompt names start
+with "layer N ". Variants differ in TacticConfig fields; a variance weight w
 scales every cluster's variances (the log-normal term's s^2) by w, 0 leaving the centroid alone.
 Computed in float32 on whatever device runs it (the recorded run: CPU).
 """

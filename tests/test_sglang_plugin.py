@@ -7,6 +7,7 @@ backend decodes a hand-built ForwardBatch like SGLang's Triton backend (dense) a
 (Tactic), also as two tensor-parallel ranks whose statistics are combined."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -436,8 +437,6 @@ def test_backend_decode_as_its_cuda_graph_records_it(monkeypatch):
 
 
 def _tp_rank(rank: int, tp_size: int, init_file: str, results) -> None:
-    import os
-
     import torch.distributed as dist
 
     os.environ["TACTIC_SEGMENT_SIZE"] = str(CONFIG.segment_size)
@@ -647,4 +646,23 @@ def test_graph_context_bounds_from_the_environment(monkeypatch):
     assert Settings.from_env().graph_bounds(16384) == [4096, 16384]
     monkeypatch.setenv("TACTIC_GRAPH_CONTEXTS", "0")
     with pytest.raises(ValueError, match="TACTIC_GRAPH_CONTEXTS"):
+        Settings.from_env()
+
+
+def test_query_weighting_from_the_environment(monkeypatch):
+    """TACTIC_QUERY_WEIGHTED turns query-weighted clustering on (off by default) and travels
+    to SGLang's processes with the other settings."""
+    from tactic_server.sglang_plugin.settings import Settings
+
+    monkeypatch.delenv("TACTIC_QUERY_WEIGHTED", raising=False)
+    assert not Settings.from_env().config.query_weighted
+    monkeypatch.setenv("TACTIC_QUERY_WEIGHTED", "1")
+    settings = Settings.from_env()
+    assert settings.config.query_weighted
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # export writes this copy
+    os.environ["TACTIC_QUERY_WEIGHTED"] = "0"
+    settings.export()
+    assert Settings.from_env().config.query_weighted
+    monkeypatch.setenv("TACTIC_QUERY_WEIGHTED", "yes")
+    with pytest.raises(ValueError, match="TACTIC_QUERY_WEIGHTED"):
         Settings.from_env()

@@ -269,10 +269,12 @@ def test_sglangs_triton_decode_reads_one_key_less_than_the_window(eager_step):
         torch.testing.assert_close(ours.double(), full, **DENSE_TOL)
 
 
-def test_prefill_keeps_the_window_through_sglangs_extend(one_rank):
+def test_prefill_keeps_the_window_through_sglangs_extend(one_rank, monkeypatch):
     """A chunk of 24 tokens after 40 cached ones (chunked prefill) through the tactic backend's
     extend, SGLang's Triton one with its decode window raised: each new query still sees the
-    last WINDOW keys up to itself on a sliding layer, every key up to itself on a global one."""
+    last WINDOW keys up to itself on a sliding layer, every key up to itself on a global one.
+    With TACTIC_QUERY_WEIGHTED=1 the global layers' queries are kept for clustering."""
+    monkeypatch.setenv("TACTIC_QUERY_WEIGHTED", "1")
     runner = gemma_runner(gemma_layers())
     backend = backend_module.TacticAttnBackend(runner)
     kv, prefix, chunk = runner.token_to_kv_pool, 40, 24

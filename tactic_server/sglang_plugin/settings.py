@@ -12,6 +12,7 @@ from tactic_server.tactic.config import TacticConfig
 
 TARGET_ENV = "TACTIC_DEFAULT_TARGET"
 SEGMENT_ENV = "TACTIC_SEGMENT_SIZE"
+QUERY_WEIGHTED_ENV = "TACTIC_QUERY_WEIGHTED"  # 1: TacticConfig.query_weighted (default 0)
 GRAPH_ENV = "TACTIC_CUDA_GRAPH"  # 0: decode batches with a Tactic request run eagerly
 GRAPH_BS_ENV = "TACTIC_GRAPH_MAX_BS"  # the largest batch captured in a Tactic CUDA graph
 # context bounds of the Tactic graph sets, comma-separated (default 16384,65536 below the
@@ -50,6 +51,10 @@ class Settings:
         config = TacticConfig()
         if SEGMENT_ENV in os.environ:
             config = dataclasses.replace(config, segment_size=int(os.environ[SEGMENT_ENV]))
+        weighted = os.environ.get(QUERY_WEIGHTED_ENV, "1" if config.query_weighted else "0")
+        if weighted not in ("0", "1"):
+            raise ValueError(f"{QUERY_WEIGHTED_ENV} must be 0 or 1, got {weighted!r}")
+        config = dataclasses.replace(config, query_weighted=weighted == "1")
         graphs = os.environ.get(GRAPH_ENV, "1")
         if graphs not in ("0", "1"):
             raise ValueError(f"{GRAPH_ENV} must be 0 or 1, got {graphs!r}")
@@ -73,6 +78,7 @@ class Settings:
         graph settings are read from the environment only)."""
         os.environ[TARGET_ENV] = repr(self.default_target)
         os.environ[SEGMENT_ENV] = str(self.config.segment_size)
+        os.environ[QUERY_WEIGHTED_ENV] = "1" if self.config.query_weighted else "0"
         os.environ[DENSE_BACKEND_ENV] = self.dense_backend
         os.environ[DENSE_FALLBACK_ENV] = self.dense_fallback
 

@@ -154,16 +154,17 @@ def _cluster_segments(
 ):  # fmt: skip
     """Cluster each row of points [B, m, d]: assignments [B, m], sizes [B, C], means [B, C, d],
     variances [B, C, V] (see ClusterIndex). The worst-explained tokens become singleton clusters
-    (see outlier_share). weights [B, d]: each row's points are grouped (k-means and outliers)
-    scaled by them (query_weights); means and variances are of the points themselves."""
+    (see outlier_share). weights [B, d]: k-means groups each row's points scaled by them
+    (query_weights); the outliers are the points themselves worst explained (a decode query
+    may read directions the prompt's did not), and means and variances are theirs."""
     num_points, dim = points.shape[1], points.shape[2]
     num_outliers = min(int(num_clusters * config.outlier_share), num_clusters - 1, num_points)
     kmeans_clusters = num_clusters - num_outliers
     grouped = points if weights is None else points * weights[:, None, :]
     assignments = kmeans(grouped, kmeans_clusters, config.kmeans_iterations)
     if num_outliers > 0:
-        _, means = _cluster_means(grouped, assignments, kmeans_clusters)
-        residual = grouped - torch.gather(means, 1, assignments.unsqueeze(-1).expand(-1, -1, dim))
+        _, means = _cluster_means(points, assignments, kmeans_clusters)
+        residual = points - torch.gather(means, 1, assignments.unsqueeze(-1).expand(-1, -1, dim))
         worst = residual.norm(dim=-1).topk(num_outliers, dim=-1).indices
         singleton_ids = torch.arange(kmeans_clusters, num_clusters, device=points.device)
         assignments = assignments.scatter(1, worst, singleton_ids.expand_as(worst))

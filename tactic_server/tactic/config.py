@@ -38,11 +38,12 @@ class TacticConfig:
         queries that read them (clustering.query_weights, from the request's prompt queries):
         a cluster is then a group of keys whose scores agree for those queries, not of keys
         close in every direction alike (queries point along few of a key's dimensions), so
-        fewer whole clusters carry the same mass: on Gemma 3's captured attention at P = 0.9
-        overshoot went from 1.47x to 1.35x the oracle at 4k and from 1.55x to 1.40x at 8k,
-        (head, step) meeting P - 0.01 from 99.9% / 100% to 99.4% / 99.6%
-        (benchmarks/estimator_study.py). Without those queries (no moments given, or none
-        seen yet) keys cluster unscaled, as with False.
+        fewer whole clusters carry the same mass. Off by default: on Gemma 3 it read fewer
+        tokens at the same P (overshoot over the oracle 1.47x -> 1.36x at 4k, 1.55x -> 1.42x
+        at 8k on captured attention, (head, step) meeting P - 0.01 >= 99%;
+        benchmarks/estimator_study.py) but lost RULER prompts at 8k that the unweighted
+        clusters answer as dense does (README, "Query-weighted clustering"). Without those
+        queries (no moments given, or none seen yet) keys cluster unscaled, as with False.
     outlier_share: share of a segment's clusters given to the tokens their k-means centroid
         explains worst (largest residual norm); each becomes a singleton cluster, so needles and
         massive-activation keys are scored exactly instead of hiding inside a mean.
@@ -96,7 +97,7 @@ class TacticConfig:
     segment_size: int | None = 1024
     cluster_size: int = 16
     kmeans_iterations: int = 10
-    query_weighted: bool = True
+    query_weighted: bool = False
     outlier_share: float = 0.25
     estimator: Estimator = "lognormal"
     variance: VarianceModel = "diagonal"
