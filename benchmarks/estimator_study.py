@@ -47,8 +47,8 @@ from tactic_server.tactic.quality import recall
 from tactic_server.tactic.selection import plan_tactic
 from tactic_server.tactic.workloads import generate_workload
 
-# the built-in variants cluster unweighted (as before query_weighted became the default), so
-# that they stay what they were measured as; --variant builds on today's defaults
+# the built-in variants cluster unweighted, as they were measured (whatever the defaults);
+# --variant builds on today's defaults
 ISOTROPIC = TacticConfig(variance="isotropic", query_weighted=False)
 DIAGONAL = TacticConfig(variance="diagonal", query_weighted=False)
 VARIANTS = {

@@ -277,3 +277,5 @@ def test_prompt_queries_weight_the_clustering_of_its_segments(llama_dir):
         want = build_cluster_index(keys, config, query_moments=recorded)
         assert got.clustered_len == 3 * SEGMENT
         assert torch.equal(got.token_positions, want.token_positions)
+        unweighted = build_cluster_index(keys, TacticConfig(segment_size=SEGMENT))
+        assert not torch.equal(got.token_positions, unweighted.token_positions)
