@@ -242,23 +242,22 @@ class TacticDecoder:
         """Attention output [batch, H_q, d] of one layer (q [batch, H_q, d]) at the plan's rows,
         written into `out` when given (its other rows are left as they are)."""
         out = torch.empty_like(q) if out is None else out
-        if (tactic := plan.tactic) is not None and layer in tactic.dense_layers:
+        if (tactic := plan.tactic) is not None:
             queries = q[tactic.rows].to(k_cache.dtype).contiguous()
-            out[tactic.rows] = sparse_decode(queries, k_cache, v_cache, tactic.full_indptr,
-                                             tactic.full_indices,
-                                             tactic.max_seq_len).to(q.dtype)  # fmt: skip
-            tactic.selections.append(None)
-        elif tactic is not None:
-            queries = q[tactic.rows].to(k_cache.dtype).contiguous()
-            selected = select_rows(
-                queries, k_cache, self.side.pools[layer], tactic.req_to_segment,
-                tactic.req_to_token, tactic.compact, tactic.seq_lens,
-                tactic.targets, tactic.max_seq_len, self.config, tactic.clustered,
-            )  # fmt: skip
-            attended = sparse_decode(queries, k_cache, v_cache, selected.indptr,
-                                     selected.indices, tactic.max_seq_len)  # fmt: skip
+            if layer in tactic.dense_layers:  # flat here: every position, no selection
+                indptr, indices = tactic.full_indptr, tactic.full_indices
+                tactic.selections.append(None)
+            else:
+                selected = select_rows(
+                    queries, k_cache, self.side.pools[layer], tactic.req_to_segment,
+                    tactic.req_to_token, tactic.compact, tactic.seq_lens,
+                    tactic.targets, tactic.max_seq_len, self.config, tactic.clustered,
+                )  # fmt: skip
+                indptr, indices = selected.indptr, selected.indices
+                tactic.selections.append((selected.indptr, selected.estimated_mass))
+            attended = sparse_decode(queries, k_cache, v_cache, indptr, indices,
+                                     tactic.max_seq_len)  # fmt: skip
             out[tactic.rows] = attended.to(q.dtype)
-            tactic.selections.append((selected.indptr, selected.estimated_mass))
         if (dense := plan.dense) is not None:
             queries = q[dense.rows].to(k_cache.dtype).contiguous()
             out[dense.rows] = sparse_decode(queries, k_cache, v_cache, dense.indptr, dense.indices,

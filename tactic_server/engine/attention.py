@@ -119,8 +119,10 @@ class PagedAttention(nn.Module):
                 out[new] = self._causal(q[new], keys, values, part.start, first)
                 continue
             keys, values = k_cache[part.slots], v_cache[part.slots]
-            if not part.is_decode:  # a prompt's queries, which its segments are clustered by
-                slots = torch.full((part.end - part.start,), part.sequence.request_slot)
+            if not part.is_decode and context.side.query_moments is not None:
+                # a prompt's queries, which its segments are clustered by (query_weighted)
+                slots = torch.full((part.end - part.start,), part.sequence.request_slot,
+                                   device=q.device)  # fmt: skip
                 context.side.record_queries(self.cluster_layer, q[new], slots)
             if part.selects:
                 plan = self._select(q[new][0], keys, part, context)
