@@ -684,6 +684,7 @@ def select_rows(
     config: TacticConfig | None = None,
     clustered_segments: torch.Tensor | None = None,
     score_units_per_program: int = 64,
+    score_warps: int = 4,
     units_per_program: int = 64,
     exact_units_per_program: int = 4,
     write_units_per_step: int = 16,
@@ -697,7 +698,8 @@ def select_rows(
     seq_lens // segment_size); a segment completed but not yet clustered (at most one) is
     scored token by token with the tail, and so is one that the recent window reaches into
     (as the reference does: recent positions are forced one by one, not through clusters).
-    score_units_per_program: units one scoring program reads; units_per_program: units of one
+    score_units_per_program: units one scoring program reads, score_warps: its warps (more
+    share its tiles, so each thread holds fewer registers); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program: clusters whose members one exact-scoring step reads as one tile;
@@ -774,7 +776,7 @@ def select_rows(
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(2, triton.next_power_of_2(config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
-        VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), **common,
+        VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
     )  # fmt: skip
 
     if config.exact_fraction > 0:
