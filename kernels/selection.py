@@ -687,6 +687,7 @@ def select_rows(
     score_warps: int = 4,
     units_per_program: int = 64,
     exact_units_per_program: int = 4,
+    exact_members_per_step: int = 32,
     write_units_per_step: int = 16,
     write_members_per_step: int = 16,
 ) -> SelectedRows:
@@ -702,7 +703,8 @@ def select_rows(
     share its tiles, so each thread holds fewer registers); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
-    exact_units_per_program: clusters whose members one exact-scoring step reads as one tile;
+    exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
+    exact-scoring step (a cluster of more members takes more steps);
     write_units_per_step, write_members_per_step: the [units, members] tile of a row writing
     step (it walks only the units a block picked).
 
@@ -800,7 +802,8 @@ def select_rows(
             log_mass, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
             q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
             bin_width=config.density_bin_width, **binning,
-            BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program, BLOCK_M=32,
+            BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program,
+            BLOCK_M=exact_members_per_step,
             **common,
         )  # fmt: skip
     else:  # nothing is scored exactly: no bin reaches the threshold

@@ -99,6 +99,16 @@ def test_groups_match_reference(group, exact_units, variance):
                             units_per_program=32, exact_units_per_program=exact_units)  # fmt: skip
 
 
+@pytest.mark.parametrize("exact_units,exact_members", [(8, 16), (4, 4)])
+def test_exact_scoring_steps_match_reference(exact_units, exact_members):
+    """Exact scoring in [clusters, members] steps (segments of 64 in 4 clusters of about 16
+    members: 16 or 4 members a step take a cluster one step or several) and 8 warps a scoring
+    program: the same rows as the reference."""
+    config = TacticConfig(segment_size=64, exact_fraction=0.2)
+    check_against_reference(config, units_per_program=32, exact_units_per_program=exact_units,
+                            exact_members_per_step=exact_members, score_warps=8)  # fmt: skip
+
+
 @pytest.mark.parametrize("write_units,write_members", [(16, 16), (4, 32), (1, 1)])
 def test_row_writing_steps_match_reference(write_units, write_members):
     """The write kernel walks each block's picked units in [units, members] steps: any step
