@@ -25,11 +25,7 @@ import triton.language as tl
 
 from tactic_server.tactic.clustering import variance_dims
 from tactic_server.tactic.config import TacticConfig
-from tactic_server.tactic.selection import (
-    FP16_MAX,
-    MAX_RELATIVE_LOG_MASS,
-    segments_before_recent,
-)
+from tactic_server.tactic.selection import FP16_MAX, MAX_RELATIVE_LOG_MASS
 
 from .cluster_pool import ClusterPool
 from .decode_attention import dot_dtype, dot_precision, load_group_queries
@@ -49,6 +45,7 @@ def _score_units_kernel(
     req_pool_ptr,
     seq_lens_ptr,
     clustered_ptr,
+    clustered_out_ptr,
     log_mass_ptr,
     unit_size_ptr,
     forced_ptr,
@@ -75,6 +72,7 @@ def _score_units_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_F: tl.constexpr,
     ATTEND_TAIL: tl.constexpr,
+    CLUSTERED_GIVEN: tl.constexpr,
     VARIANCE_DIMS: tl.constexpr,
     BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -92,7 +90,14 @@ def _score_units_kernel(
     row = tl.program_id(0)
     request = row // num_kv_heads
     seq_len = tl.load(seq_lens_ptr + request)
-    clustered = tl.load(clustered_ptr + request)
+    # segments selected by cluster: the full ones (those clustered, where given) that end before
+    # the recent window (tactic.selection.segments_before_recent); the later kernels read them
+    # from clustered_out, so no launch before this one computes them
+    clustered = tl.maximum(seq_len - recent_window, 0) // SEGMENT
+    if CLUSTERED_GIVEN:
+        clustered = tl.minimum(clustered, tl.load(clustered_ptr + request).to(clustered.dtype))
+    if (row % num_kv_heads == 0) & (tl.program_id(1) == 0):
+        tl.store(clustered_out_ptr + request, clustered)
     num_cluster_units = clustered * CLUSTERS
     tail_start = clustered * SEGMENT
     num_units = num_cluster_units + seq_len - tail_start  # _row_units, from what is loaded here
@@ -734,12 +739,6 @@ def select_rows(
     # and the recent window's reach into the segment before
     max_units = (max_seq_len // size) * clusters + 2 * size + config.recent_window
     num_blocks = triton.cdiv(max_units, units_per_program)
-    if clustered_segments is None:
-        clustered_segments = seq_lens // size
-    if config.recent_window > 0:
-        clustered_segments = torch.minimum(clustered_segments,
-                                           segments_before_recent(seq_lens, config))
-    clustered_segments = clustered_segments.to(torch.int32)
     scale = 1.0 / math.sqrt(head_dim)
     bins = config.density_bins
     binning = dict(lowest_density=config.lowest_density,
@@ -757,12 +756,14 @@ def select_rows(
 
     # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
     # bins] float32, then int32 counters: row tokens [rows], head tokens [rows, group], listed
-    # exact clusters [rows]
+    # exact clusters [rows]; and the segments each request selects by cluster [batch], which
+    # the scoring kernel writes
     hist_len = 3 * rows * group * bins
-    workspace = torch.zeros(hist_len + rows * (group + 2), dtype=torch.int32, device=device)
+    workspace = torch.zeros(hist_len + rows * (group + 2) + batch, dtype=torch.int32,
+                            device=device)  # fmt: skip
     mass_hist = workspace[:hist_len].view(torch.float32)
-    row_tokens, head_tokens, exact_count = workspace[hist_len:].split(
-        [rows, rows * group, rows]
+    row_tokens, head_tokens, exact_count, clustered = workspace[hist_len:].split(
+        [rows, rows * group, rows, batch]
     )
 
     log_mass = torch.empty(rows, group, max_units, device=device)
@@ -770,14 +771,17 @@ def select_rows(
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
     _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
         q, k_cache, pool.centroids, pool.variances, pool.cluster_offsets, req_to_segment,
-        req_to_token, req_pool_indices, seq_lens, clustered_segments, log_mass, unit_size, forced,
+        req_to_token, req_pool_indices, seq_lens,
+        seq_lens if clustered_segments is None else clustered_segments, clustered,
+        log_mass, unit_size, forced,
         pool.token_cluster, mass_hist,
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
         bin_width=config.density_bin_width, **binning,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(2, triton.next_power_of_2(config.sink_tokens)),
-        ATTEND_TAIL=config.tail_policy == "attend", VARIANCE_DIMS=pool.variances.shape[-1],
+        ATTEND_TAIL=config.tail_policy == "attend", CLUSTERED_GIVEN=clustered_segments is not None,
+        VARIANCE_DIMS=pool.variances.shape[-1],
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
     )  # fmt: skip
 
@@ -789,7 +793,7 @@ def select_rows(
         )  # fmt: skip
         exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         _exact_list_kernel[grid](
-            log_mass, unit_size, forced, clustered_segments, seq_lens, exact_threshold, mass_hist,
+            log_mass, unit_size, forced, clustered, seq_lens, exact_threshold, mass_hist,
             exact_units, exact_count, num_kv_heads, max_units,
             bin_width=config.density_bin_width, **binning, GROUP=group, SEGMENT=size,
             CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
@@ -822,7 +826,7 @@ def select_rows(
     block_units = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
     block_tokens = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
     _mark_kernel[grid](
-        log_mass, unit_size, forced, walk_threshold, seq_lens, clustered_segments, picked,
+        log_mass, unit_size, forced, walk_threshold, seq_lens, clustered, picked,
         block_units, block_tokens, row_tokens, head_tokens, num_kv_heads, max_units, num_blocks,
         **binning,
         GROUP=group, SEGMENT=size, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad,
@@ -832,7 +836,7 @@ def select_rows(
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
     _write_rows_kernel[grid](
         pool.member_slots, pool.cluster_offsets, req_to_segment, req_to_token,
-        req_pool_indices, clustered_segments, unit_size, picked, block_units, block_tokens,
+        req_pool_indices, clustered, unit_size, picked, block_units, block_tokens,
         row_tokens, indptr, indices, req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters,
         BLOCK_E=write_units_per_step, BLOCK_M=write_members_per_step, **unit_block,
