@@ -25,17 +25,19 @@ LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "slid
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def make_tiny_gemma3(path, seed: int, head_dim: int = 32):
+def make_tiny_gemma3(path, seed: int, head_dim: int = 32, tied: bool = False):
     """A Gemma3ForCausalLM saved by transformers, weights redrawn so that activations keep unit
     variance, norms are not the identity, and attention is peaked (q/k norm weights near 1, so
-    (1 + w) doubles q and k: scores of standard deviation about 4)."""
+    (1 + w) doubles q and k: scores of standard deviation about 4). tied: the output layer is
+    the embedding, as in Gemma 3 270M (SGLang's Gemma 3 serves only such checkpoints); else its
+    own matrix, which an engine that loaded the wrong one would show at the first token."""
     tokenizer = train_tokenizer(CORPUS.splitlines(keepends=True))
     write_tokenizer(path, tokenizer, 4096)
     config = transformers.Gemma3TextConfig(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
         num_hidden_layers=len(LAYER_TYPES), num_attention_heads=4, num_key_value_heads=2,
         head_dim=head_dim, sliding_window=WINDOW, layer_types=LAYER_TYPES,
-        max_position_embeddings=4096, query_pre_attn_scalar=24, tie_word_embeddings=False,
+        max_position_embeddings=4096, query_pre_attn_scalar=24, tie_word_embeddings=tied,
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
     )  # fmt: skip

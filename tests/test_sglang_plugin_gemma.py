@@ -404,7 +404,8 @@ def serve_greedy(model_dir, backend: str, dtype: str, prompts, runs=SERVED) -> d
 @pytest.mark.gpu
 def test_sglang_serves_a_tiny_gemma3_with_tactic_on_its_global_layer(tmp_path, monkeypatch):
     """A tiny random Gemma 3 (test_gemma3's: a window of 8, one global layer of four,
-    query_pre_attn_scalar 24, here head_dim 64) served by SGLang on a GPU, prompts of 300 tokens,
+    query_pre_attn_scalar 24, here head_dim 64 and the output layer tied to the embedding, as
+    SGLang's Gemma 3 needs) served by SGLang on a GPU, prompts of 300 tokens,
     segments of 64, every decode of a Tactic request selecting (TACTIC_DENSE_FALLBACK=off).
     float32 (the tactic backend over Triton): dense requests and Tactic at P = 0.999, alone (the
     Tactic graph family) and beside a dense request (eager), give transformers' greedy tokens.
@@ -412,7 +413,7 @@ def test_sglang_serves_a_tiny_gemma3_with_tactic_on_its_global_layer(tmp_path, m
     at P = 0.999 the same."""
     from test_gemma3 import make_tiny_gemma3, prompt_ids, transformers_greedy
 
-    model_dir = make_tiny_gemma3(tmp_path, seed=1, head_dim=64)
+    model_dir = make_tiny_gemma3(tmp_path, seed=1, head_dim=64, tied=True)
     prompts = [prompt_ids(300, seed=seed) for seed in (1, 2)]
     expected = [transformers_greedy(model_dir, prompt, NEW_TOKENS) for prompt in prompts]
     monkeypatch.setenv("TACTIC_SEGMENT_SIZE", "64")
@@ -453,7 +454,7 @@ def test_gemma3_without_rope_scaling_loads_in_sglang(tmp_path):
     from tactic_server.testing.tiny_model import make_tiny_model
 
     (tmp_path / "gemma").mkdir()
-    model_dir = make_tiny_gemma3(tmp_path / "gemma", seed=1)
+    model_dir = make_tiny_gemma3(tmp_path / "gemma", seed=1, tied=True)
     assert "factor" not in get_config(str(model_dir), False).rope_parameters["full_attention"]
     override = model_override_args(model_dir)
     config = get_config(str(model_dir), False,
@@ -462,3 +463,16 @@ def test_gemma3_without_rope_scaling_loads_in_sglang(tmp_path):
                                                         "rope_theta": 1e6, "factor": 1.0}
     assert config.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
     assert model_override_args(make_tiny_model(tmp_path / "llama")) == {}
+
+
+def test_untied_gemma3_is_refused_for_sglang(tmp_path):
+    """SGLang's Gemma 3 skips lm_head.weight and takes its logits from the embedding, so a
+    Gemma 3 with its own output layer would be served other tokens than its own (H100,
+    2026-12-07): refused before SGLang starts, naming the engine that serves it."""
+    from test_gemma3 import make_tiny_gemma3
+
+    from tactic_server.sglang_plugin.engine import model_override_args
+
+    model_dir = make_tiny_gemma3(tmp_path, seed=1, tied=False)
+    with pytest.raises(ValueError, match="lm_head.weight.*--engine embedded"):
+        model_override_args(model_dir)

@@ -45,10 +45,21 @@ def model_override_args(model_dir) -> dict:
     Gemma 3 there always builds its global layers' RoPE as "linear" with
     rope_parameters["full_attention"]["factor"], which checkpoints without scaling lack (Gemma 3
     270M: KeyError 'factor' while the model is built, H100 2026-12-07): their factor is 1.0,
-    which is plain RoPE."""
+    which is plain RoPE. ValueError for a Gemma 3 whose output layer is not its embedding
+    (tie_word_embeddings false): SGLang's Gemma 3 skips lm_head.weight and computes logits
+    with the embedding, so it would serve other tokens than the checkpoint's (H100 2026-12-07,
+    a tiny untied model: other tokens from the first on); Gemma 3 270M ties them."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") not in ("gemma3", "gemma3_text"):
+        return {}
+    if not config.get("tie_word_embeddings", True):
+        raise ValueError(
+            f"{model_dir}: a Gemma 3 checkpoint with its own output layer (tie_word_embeddings "
+            "false); SGLang's Gemma 3 ignores lm_head.weight and would answer with the "
+            "embedding's logits instead: serve it with the embedded engine (--engine embedded)"
+        )
     rope = config.get("rope_parameters")
-    if config.get("model_type") not in ("gemma3", "gemma3_text") or not isinstance(rope, dict):
+    if not isinstance(rope, dict):
         return {}
     full = rope.get("full_attention")
     if not isinstance(full, dict) or "factor" in full:
