@@ -660,6 +660,8 @@ def _write_rows_kernel(
 
 EXACT_PROGRAMS_PER_BATCH = 2048
 """Programs that score a batch's exact clusters, shared among its rows (at least one each)."""
+EXACT_SMALL_TILE_ROWS = 64
+"""From this many rows (batch * H_kv) up, exact scoring steps over [8 clusters, 16 members]."""
 
 
 @dataclass(frozen=True)
@@ -691,8 +693,8 @@ def select_rows(
     score_units_per_program: int = 64,
     score_warps: int = 4,
     units_per_program: int = 64,
-    exact_units_per_program: int = 4,
-    exact_members_per_step: int = 32,
+    exact_units_per_program: int | None = None,
+    exact_members_per_step: int | None = None,
     write_units_per_step: int = 16,
     write_members_per_step: int = 16,
 ) -> SelectedRows:
@@ -709,7 +711,9 @@ def select_rows(
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
-    exact-scoring step (a cluster of more members takes more steps);
+    exact-scoring step (a cluster of more members takes more steps); by default [8, 16] from
+    64 rows (batch * H_kv) up, else [4, 32] (H100, 128k: [8, 16] 2-3% less selection at 128
+    rows, 6% more at 8; benchmarks/results/selection_vs_f1ab0ac_new_0f254fa_h100.json);
     write_units_per_step, write_members_per_step: the [units, members] tile of a row writing
     step (it walks only the units a block picked).
 
@@ -734,6 +738,9 @@ def select_rows(
     group = num_q_heads // num_kv_heads
     rows = batch * num_kv_heads
     device = q.device
+    exact_tile = (8, 16) if rows >= EXACT_SMALL_TILE_ROWS else (4, 32)
+    exact_units_per_program = exact_units_per_program or exact_tile[0]
+    exact_members_per_step = exact_members_per_step or exact_tile[1]
     size, clusters = pool.segment_size, pool.clusters_per_segment
     # clusters of the full segments, plus a tail of up to two segments (one not clustered yet)
     # and the recent window's reach into the segment before
