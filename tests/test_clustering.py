@@ -42,7 +42,7 @@ def check_index_structure(index, seq_len, num_kv_heads, segment_size):
 def test_index_structure_and_statistics(seq_len, segment_size):
     generator = torch.Generator().manual_seed(seq_len)
     keys = torch.randn(seq_len, 3, 32, generator=generator).to(torch.bfloat16)
-    config = TacticConfig(segment_size=segment_size)
+    config = TacticConfig(segment_size=segment_size, centroids="kv")  # the means themselves
     index = build_cluster_index(keys, config)
     isotropic = build_cluster_index(keys, dataclasses.replace(config, variance="isotropic"))
     check_index_structure(index, seq_len, 3, segment_size)
@@ -144,7 +144,7 @@ def test_outliers_become_singletons():
     keys[517, 0] = (
         6.0 * torch.nn.functional.normalize(torch.randn(64, generator=generator), dim=0) * 8
     )
-    index = build_cluster_index(keys, TacticConfig(segment_size=1024))
+    index = build_cluster_index(keys, TacticConfig(segment_size=1024, centroids="kv"))
     cluster = index.token_cluster[0, 517]
     assert index.cluster_sizes[0, cluster] == 1
     torch.testing.assert_close(index.centroids[0, cluster], keys[517, 0])
@@ -245,7 +245,7 @@ def test_query_weighted_clustering_groups_keys_by_what_the_queries_read():
     k-means alone: centroids and variances are of the keys themselves. Without moments, or with
     query_weighted off, the index is the unweighted one."""
     keys, topic, moments = quiet_topics(torch.Generator().manual_seed(5))
-    config = TacticConfig(segment_size=256, cluster_size=16, outlier_share=0.0,
+    config = TacticConfig(segment_size=256, cluster_size=16, outlier_share=0.0, centroids="kv",
                           query_weighted=False)
     weighted_config = dataclasses.replace(config, query_weighted=True)
     plain = build_cluster_index(keys, config)

@@ -267,7 +267,7 @@ def test_fp8_centroids_are_clamped_onto_the_float8_grid():
     on_grid = index.centroids.to(torch.float8_e4m3fn).float()
     assert torch.equal(index.centroids, on_grid)
     plain = build_cluster_index(keys, TacticConfig(segment_size=32, cluster_size=8,
-                                                   outlier_share=0.0))  # fmt: skip
+                                                   outlier_share=0.0, centroids="kv"))  # fmt: skip
     assert not torch.equal(index.centroids, plain.centroids)
     assert torch.equal(index.cluster_sizes, plain.cluster_sizes)
     pool = ClusterPool.allocate(

@@ -343,7 +343,7 @@ def test_cluster_metadata_only_for_global_layers(eager_step, one_rank, monkeypat
     cell = hooks.cell_size_around(lambda self, runner, num_layers: 0, None, step.runner,
                                   len(LAYER_TYPES))  # fmt: skip
     assert cell == math.ceil(metadata_bytes_per_token(KV_HEADS, DIM, torch.float32, CONFIG,
-                                                      len(GLOBAL)))  # fmt: skip
+                                                      len(GLOBAL), DEVICE))  # fmt: skip
 
     sliding_only = gemma_runner(gemma_layers(("sliding",) * 3))
     assert sliding_only.token_to_kv_pool.tactic_side.layer_ids == ()

@@ -63,8 +63,10 @@ class TacticConfig:
         float8 e4m3 (clamped to +-448; 3 mantissa bits), half of a bf16 centroid's bytes,
         which is most of what scoring reads; on Gemma 3's captured attention and the synthetic
         workloads the share of heads meeting P and the overshoot do not move
-        (benchmarks/estimator_study.py). CUDA devices below compute capability 8.9 have no fp8
-        conversion and keep "kv" (with a warning).
+        (benchmarks/estimator_study.py), and on the H100 selection takes 3-5% less time at
+        128k (benchmarks/results/decode_attention_4e03bc2_h100.log, variant lines): the default.
+        CUDA devices below compute capability 8.9 have no fp8 conversion and keep "kv" (with a
+        warning).
     exact_fraction: most of the context, taken in whole density bins from the top of the
         estimated order, whose scores are computed exactly (the paper scores its top 1-2%; 1%
         meets P on as many synthetic heads as 2% and halves the exact reads).
@@ -101,7 +103,7 @@ class TacticConfig:
     outlier_share: float = 0.25
     estimator: Estimator = "lognormal"
     variance: VarianceModel = "diagonal"
-    centroids: CentroidFormat = "kv"
+    centroids: CentroidFormat = "fp8"
     exact_fraction: float = 0.01
     tail_policy: TailPolicy = "score"
     exact_tokens: bool = False
