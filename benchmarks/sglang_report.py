@@ -3,7 +3,9 @@ run and every `equality` run of benchmarks/results/ for that device, per run sid
 (SGLang's dense backends: flashinfer and fa3 where the run measured them, and triton, whose
 decode the tactic backend's dense path runs; the tactic backend with dense requests; Tactic at
 P = 0.9 with and without its CUDA graphs; a run whose JSON says "tactic_graphs": false predates
-them, so its tactic rows are eager). Tactic's speed is judged against the **fastest** dense
+them, so its tactic rows are eager; the tactic backend over FA3, tactic-fa3, where the run
+measured it). Tactic's speed (the faster of its P = 0.9 rows with graphs, over its default
+dense base or over FA3) is judged against the **fastest** dense
 backend of the same line, and only in runs that measured a dense backend besides triton (triton
 alone is no user's best choice); the cost of the tactic backend's dense requests against triton,
 the path they run. Goals are judged only within a run (never a number of one run against a
@@ -36,10 +38,16 @@ COLUMNS = (*((name, name, "dense") for name in DENSE_BACKENDS),
            ("tactic, dense requests", "tactic", "dense"),
            ("tactic P = 0.9, graphs", "tactic", "tactic_0.9"),
            ("tactic P = 0.9, eager", "tactic-eager", "tactic_0.9"),
-           ("tactic P = 0.9, no fallback", "tactic-select", "tactic_0.9"))  # fmt: skip
+           ("tactic P = 0.9, no fallback", "tactic-select", "tactic_0.9"),
+           # the tactic backend over SGLang's FA3 (TACTIC_DENSE_BACKEND=fa3), graphs too
+           ("tactic-fa3, dense requests", "tactic-fa3", "dense"),
+           ("tactic-fa3 P = 0.9", "tactic-fa3", "tactic_0.9"))  # fmt: skip
+# Tactic as a user runs it (with its CUDA graphs), by its dense base: the column of each
+SPARSE_COLUMNS = {"tactic": "tactic P = 0.9, graphs", "tactic-fa3": "tactic-fa3 P = 0.9"}
 SPARSE_CONTEXT = 131072  # the goal's 128k
 SPEEDUP_GOAL, OVERHEAD_GOAL, FLAT_GOAL = 2.0, 0.03, 0.97
-STEADY_COLUMNS = (*DENSE_BACKENDS, "tactic, dense requests", "tactic P = 0.9, graphs")
+STEADY_COLUMNS = (*DENSE_BACKENDS, "tactic, dense requests", "tactic P = 0.9, graphs",
+                  "tactic-fa3, dense requests", "tactic-fa3 P = 0.9")
 FASTEST = "graphs / fastest dense"
 
 
@@ -69,11 +77,12 @@ def summarize_run(name: str, report: dict) -> dict:
                 line[title] = value
                 if invalid:
                     line.setdefault("invalid_rounds", {})[title] = invalid
-                if backend == "tactic" and mode != "dense":
+                if backend in ("tactic", "tactic-fa3") and mode != "dense":
+                    suffix = "" if backend == "tactic" else ", tactic-fa3"
                     if row.get("selected_ratio") is not None:
-                        line["selected"] = row["selected_ratio"]
+                        line["selected" + suffix] = row["selected_ratio"]
                     if row.get("dense_fallback_share") is not None:
-                        line["dense fallback"] = row["dense_fallback_share"]
+                        line["dense fallback" + suffix] = row["dense_fallback_share"]
                 if row.get("steady_rounds") and title in STEADY_COLUMNS:
                     line.setdefault("steady", {})[title] = row_value(row, "steady_rounds")[0]
     # the SGLang backend the tactic one ran over (its dense requests' path): triton before the
@@ -93,23 +102,32 @@ def summarize_run(name: str, report: dict) -> dict:
 
 
 def ratios(line: dict, base: str = "triton") -> None:
-    """A line's ratios from its tok/s cells, in place: Tactic against the fastest dense backend
-    of the line (named in "fastest dense") where one besides triton ran, and against triton;
-    the overhead of the tactic backend's dense requests against `base`, the backend they run."""
+    """A line's ratios from its tok/s cells, in place: Tactic (the faster of its P = 0.9 rows
+    with graphs, over the default dense base or over FA3: named in "tactic") against the
+    fastest dense backend of the line (named in "fastest dense") where one besides triton ran,
+    and against triton; the overhead of the tactic backend's dense requests against `base`,
+    the backend they run, and of tactic-fa3's against fa3."""
     triton, dense = line.get("triton"), line.get("tactic, dense requests")
     sparse = line.get("tactic P = 0.9, graphs")
+    runs_of_tactic = {name: line[title] for name, title in SPARSE_COLUMNS.items()
+                      if line.get(title)}  # fmt: skip
+    if runs_of_tactic:
+        line["tactic"] = max(runs_of_tactic, key=runs_of_tactic.get)
     measured = {name: line[name] for name in DENSE_BACKENDS if line.get(name)}
     if set(measured) - {"triton"}:
         fastest = max(measured, key=measured.get)
         line["fastest dense"] = fastest
-        if sparse:
-            line[FASTEST] = sparse / measured[fastest]
+        if runs_of_tactic:
+            line[FASTEST] = runs_of_tactic[line["tactic"]] / measured[fastest]
     if triton and sparse:
         line["graphs / triton"] = sparse / triton
     if dense and sparse:
         line["graphs / dense requests"] = sparse / dense
     if line.get(base) and dense:
         line["overhead at P = 1"] = 1.0 - dense / line[base]
+    over_fa3 = line.get("tactic-fa3, dense requests")
+    if line.get("fa3") and over_fa3:
+        line["overhead at P = 1, tactic-fa3"] = 1.0 - over_fa3 / line["fa3"]
 
 
 def judge(runs: list[dict], equality: list[dict]) -> dict:
@@ -118,19 +136,22 @@ def judge(runs: list[dict], equality: list[dict]) -> dict:
 
     def speedups(cells):
         return [dict(file=r["file"], batch=line["batch"], value=cells(line)[FASTEST],
-                     against=cells(line)["fastest dense"])
+                     against=cells(line)["fastest dense"], tactic=cells(line)["tactic"])
                 for r in runs if r["trained"] for line in r["lines"]
                 if line["context"] == SPARSE_CONTEXT and FASTEST in cells(line)]  # fmt: skip
 
     def overheads(cells):
         return [dict(file=r["file"], context=line["context"], batch=line["batch"],
-                     value=cells(line)["overhead at P = 1"], against=r["tactic_dense_backend"])
-                for r in runs for line in r["lines"] if "overhead at P = 1" in cells(line)
-                and not line.get("invalid_rounds")]  # fmt: skip
+                     value=cells(line)[key], against=against)
+                for r in runs for line in r["lines"]
+                for key, against in (("overhead at P = 1", r["tactic_dense_backend"]),
+                                     ("overhead at P = 1, tactic-fa3", "fa3"))
+                if key in cells(line) and not line.get("invalid_rounds")]  # fmt: skip
 
     def flat(cells):  # attention that selection cannot thin out: the dense fallback's lines
         return [dict(file=r["file"], context=line["context"], batch=line["batch"],
-                     value=cells(line)[FASTEST], against=cells(line)["fastest dense"])
+                     value=cells(line)[FASTEST], against=cells(line)["fastest dense"],
+                     tactic=cells(line)["tactic"])
                 for r in runs if r["dense_fallback"] and not r["trained"]
                 for line in r["lines"] if FASTEST in cells(line)]  # fmt: skip
 
@@ -153,7 +174,8 @@ def judge(runs: list[dict], equality: list[dict]) -> dict:
             verdict=verdict(fast, lambda v: v >= SPEEDUP_GOAL), measured=fast)
         goals[f"overhead_at_p1{suffix}"] = dict(
             goal=f"dense requests within {OVERHEAD_GOAL:.0%} of the dense backend they run "
-                 f"(triton, flashinfer since the runs that record it), {how}",
+                 f"(triton, flashinfer since the runs that record it; fa3 for tactic-fa3), "
+                 f"{how}",
             verdict=verdict(over, lambda v: v <= OVERHEAD_GOAL), measured=over)
         goals[f"flat_attention{suffix}"] = dict(
             goal=f"P = 0.9 >= {FLAT_GOAL}x the fastest dense backend where attention is flat "
@@ -177,9 +199,12 @@ def equality_summary(name: str, report: dict) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    titles = [t for t, _, _ in COLUMNS] + ["selected", "dense fallback", "fastest dense", FASTEST,
+    titles = [t for t, _, _ in COLUMNS] + ["selected", "dense fallback",
+                                           "selected, tactic-fa3", "dense fallback, tactic-fa3",
+                                           "fastest dense", "tactic", FASTEST,
                                            "graphs / triton", "graphs / dense requests",
-                                           "overhead at P = 1"]  # fmt: skip
+                                           "overhead at P = 1",
+                                           "overhead at P = 1, tactic-fa3"]  # fmt: skip
     out = [f"# SGLang with the tactic backend on {summary['device']}", ""]
     for run in summary["runs"]:
         out += [f"## {run['file']}", "", f"{run['model']}; {run['decode_tokens']} new tokens a "
@@ -207,8 +232,10 @@ def markdown(summary: dict) -> str:
         if steady:
             out += steady_table(steady)
     out += ["(*) a round of this cell came out negative and is left out. "
-            f"{FASTEST}: Tactic P = 0.9 over the fastest of {', '.join(DENSE_BACKENDS)} on its "
-            "line, where a backend besides triton ran.", "", "## Goals", ""]
+            f"{FASTEST}: Tactic P = 0.9 (the faster of "
+            f"{' and '.join(SPARSE_COLUMNS.values())}, named in `tactic`) over the fastest of "
+            f"{', '.join(DENSE_BACKENDS)} on its line, where a backend besides triton ran.", "",
+            "## Goals", ""]
     for name, goal in summary["goals"].items():
         values = ", ".join(measured_value(m) for m in goal["measured"])
         out.append(f"- {name}: {goal['goal']}: **{goal['verdict']}** ({values or 'no run'})")
@@ -220,7 +247,8 @@ def measured_value(measured: dict) -> str:
     if "value" not in measured:
         return f"{measured['equal']}/{measured['prompts']} ({measured['dtype']})"
     against = f" vs {measured['against']}" if "against" in measured else ""
-    return f"{measured['value']:.2f}{against}"
+    tactic = " (tactic-fa3)" if measured.get("tactic") == "tactic-fa3" else ""
+    return f"{measured['value']:.2f}{tactic}{against}"
 
 
 def cell(title: str, value: float | str | None) -> str:
@@ -229,14 +257,15 @@ def cell(title: str, value: float | str | None) -> str:
         return "-"
     if isinstance(value, str):  # the fastest dense backend's name
         return value
-    if title in ("selected", "dense fallback", "overhead at P = 1"):
+    if title.startswith(("selected", "dense fallback", "overhead at P = 1")):
         return f"{value:.1%}"
     return f"{value:.2f}x" if "/" in title else f"{value:,.1f}"
 
 
 def steady_table(lines: list[dict]) -> list[str]:
     """A run's steady decode tok/s (the batch streamed, while all its requests decode)."""
-    titles = [*STEADY_COLUMNS, "fastest dense", FASTEST, "graphs / triton", "overhead at P = 1"]
+    titles = [*STEADY_COLUMNS, "fastest dense", "tactic", FASTEST, "graphs / triton",
+              "overhead at P = 1", "overhead at P = 1, tactic-fa3"]
     out = ["Steady decode, streamed (tok/s while every request of the batch decodes):", "",
            "| context | batch | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(titles)]
     for line in lines:
