@@ -128,20 +128,32 @@ def score_variance_ratios(query, keys, index) -> dict[str, float]:
     return result
 
 
+def group_means(variances: torch.Tensor, size: int) -> torch.Tensor:
+    """[..., d] per-dimension variances -> each dimension's mean over its group of `size`
+    consecutive dimensions: the estimate a cluster keeping d / size values would give
+    (s^2 = sum over groups of the group's q_i^2 times its mean variance, / d)."""
+    shape = variances.shape
+    means = variances.reshape(*shape[:-1], shape[-1] // size, size).mean(dim=-1, keepdim=True)
+    return means.expand(*shape[:-1], shape[-1] // size, size).reshape(shape)
+
+
 def evaluate(workloads, target: float, variants: dict) -> tuple[dict, dict]:
     """Per (variant, group): heads meeting target, tokens selected and needed; and per group
     the variance diagnostics, averaged over its workloads. variants: name -> (TacticConfig,
-    variance weight), "diagonal (after)" among them."""
+    variance weight[, dimensions a kept variance covers]), "diagonal (after)" among them."""
     tallies, diagnostics = {}, {}
     for group, query, keys, moments in workloads:
         oracle = plan_oracle(query, keys, target).selected_counts
         indexes = {}
-        for name, (config, weight) in variants.items():
+        for name, (config, weight, *groups) in variants.items():
             if config not in indexes:
                 indexes[config] = build_cluster_index(keys, config, query_moments=moments)
             index = indexes[config]
             if weight != 1.0:
                 index = dataclasses.replace(index, variances=index.variances * weight)
+            if groups:  # variances kept per group of dimensions: each dimension gets its mean
+                index = dataclasses.replace(index, variances=group_means(index.variances,
+                                                                         groups[0]))
             plan = plan_tactic(query, keys, target, index, config)
             recalled = recall(query, keys, plan)
             tally = tallies.setdefault((name, group), [0, 0, 0, 0, 0, 0])
@@ -236,6 +248,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE,...",
                         help="also this TacticConfig (fields changed from the defaults, as "
                         "accuracy.py's --tactic-variant), named by its spec")  # fmt: skip
+    parser.add_argument("--variance-groups", type=int, nargs="*", default=[],
+                        help="also the default config with its variances kept per group of "
+                        "this many consecutive dimensions (their mean)")  # fmt: skip
     parser.add_argument("--only-given", action="store_true",
                         help="of the built-in variants keep only 'diagonal (after)'")
     args = parser.parse_args()
@@ -245,6 +260,8 @@ def main() -> None:
         from accuracy import variant
 
         variants.update({spec: (variant(spec), 1.0) for spec in args.variant})
+    variants.update({f"variances per {size} dimensions": (TacticConfig(), 1.0, size)
+                     for size in args.variance_groups})  # fmt: skip
     if args.capture_model:
         if len(args.capture_lengths) != len(args.captures):
             parser.error("--capture-lengths needs one length per --captures path")
@@ -253,7 +270,8 @@ def main() -> None:
     torch.set_num_threads(1)  # the recorded run shared a 2-core machine
     report = {"device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "target": args.target, "variants": {name: {"config": dataclasses.asdict(config),
-              "variance_weight": weight} for name, (config, weight) in variants.items()},
+              "variance_weight": weight, "variance_group": (groups or [1])[0]}
+              for name, (config, weight, *groups) in variants.items()},
               "tables": {}}  # fmt: skip
     sections = [(f"{path.name}, P={args.target}", capture_workloads(path, args.steps))
                 for path in args.captures]  # fmt: skip
