@@ -137,6 +137,19 @@ def group_means(variances: torch.Tensor, size: int) -> torch.Tensor:
     return means.expand(*shape[:-1], shape[-1] // size, size).reshape(shape)
 
 
+def segment_profile(variances: torch.Tensor, clusters: int) -> torch.Tensor:
+    """[H_kv, C, d] per-dimension variances (C: whole segments of `clusters`) -> the rank-one
+    form a cluster would keep with one value: per (segment, KV head) the clusters' mean
+    variance of each dimension (the profile v), per cluster a scale a (its mean variance over
+    the profile's mean), a * v."""
+    heads, count, dim = variances.shape
+    segments = variances.reshape(heads, count // clusters, clusters, dim)
+    profile = segments.mean(dim=2, keepdim=True)  # [H, S, 1, d]
+    scale = segments.mean(dim=-1, keepdim=True) / profile.mean(dim=-1, keepdim=True).clamp_min(
+        1e-30)  # fmt: skip
+    return (scale * profile).reshape(heads, count, dim)
+
+
 def evaluate(workloads, target: float, variants: dict) -> tuple[dict, dict]:
     """Per (variant, group): heads meeting target, tokens selected and needed; and per group
     the variance diagnostics, averaged over its workloads. variants: name -> (TacticConfig,
@@ -151,9 +164,12 @@ def evaluate(workloads, target: float, variants: dict) -> tuple[dict, dict]:
             index = indexes[config]
             if weight != 1.0:
                 index = dataclasses.replace(index, variances=index.variances * weight)
-            if groups:  # variances kept per group of dimensions: each dimension gets its mean
+            if groups and groups[0] > 0:  # variances per group of dimensions: their mean
                 index = dataclasses.replace(index, variances=group_means(index.variances,
                                                                          groups[0]))
+            elif groups:  # one profile over the dimensions per segment, one scale per cluster
+                index = dataclasses.replace(index, variances=segment_profile(
+                    index.variances, config.segment_size // config.cluster_size))
             plan = plan_tactic(query, keys, target, index, config)
             recalled = recall(query, keys, plan)
             tally = tallies.setdefault((name, group), [0, 0, 0, 0, 0, 0])
@@ -250,7 +266,8 @@ def main() -> None:
                         "accuracy.py's --tactic-variant), named by its spec")  # fmt: skip
     parser.add_argument("--variance-groups", type=int, nargs="*", default=[],
                         help="also the default config with its variances kept per group of "
-                        "this many consecutive dimensions (their mean)")  # fmt: skip
+                        "this many consecutive dimensions (their mean); 0: one profile over the "
+                        "dimensions per segment times one scale per cluster")  # fmt: skip
     parser.add_argument("--only-given", action="store_true",
                         help="of the built-in variants keep only 'diagonal (after)'")
     args = parser.parse_args()
@@ -260,8 +277,8 @@ def main() -> None:
         from accuracy import variant
 
         variants.update({spec: (variant(spec), 1.0) for spec in args.variant})
-    variants.update({f"variances per {size} dimensions": (TacticConfig(), 1.0, size)
-                     for size in args.variance_groups})  # fmt: skip
+    variants.update({f"variances per {size} dimensions" if size else "segment profile x scale":
+                     (TacticConfig(), 1.0, size) for size in args.variance_groups})  # fmt: skip
     if args.capture_model:
         if len(args.capture_lengths) != len(args.captures):
             parser.error("--capture-lengths needs one length per --captures path")
