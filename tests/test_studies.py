@@ -1,0 +1,75 @@
+"""The CPU studies' own arithmetic: benchmarks/estimator_study.py's variance forms (kept per group
+of dimensions, or as a per-segment profile times a per-cluster scale) and
+benchmarks/reuse_study.py's mass of a reused selection, on small hand-checked inputs, and the
+reuse study end to end on a capture file it reads as the recorded ones."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # estimator_study imports accuracy lazily
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_group_means_average_each_group_of_dimensions():
+    study = load("estimator_study")
+    variances = torch.arange(16.0).reshape(1, 2, 8)
+    grouped = study.group_means(variances, 4)
+    assert grouped.shape == variances.shape
+    assert grouped[0, 0].tolist() == [1.5] * 4 + [5.5] * 4
+    assert torch.equal(study.group_means(variances, 1), variances)
+
+
+def test_segment_profile_keeps_rank_one_variances_and_each_clusters_mean():
+    study = load("estimator_study")
+    generator = torch.Generator().manual_seed(0)
+    profile = torch.rand(2, 3, 1, 8, generator=generator) + 0.1  # [H, segments, 1, d]
+    scale = torch.rand(2, 3, 4, 1, generator=generator) + 0.1  # [H, segments, clusters, 1]
+    rank_one = (scale * profile).reshape(2, 12, 8)
+    torch.testing.assert_close(study.segment_profile(rank_one, 4), rank_one)
+    noisy = rank_one * (1 + 0.5 * torch.rand(rank_one.shape, generator=generator))
+    kept = study.segment_profile(noisy, 4)
+    torch.testing.assert_close(kept.mean(-1), noisy.mean(-1))  # each cluster's mean variance
+    per_segment = kept.reshape(2, 3, 4, 8)
+    ratios = per_segment / per_segment[:, :, :1]  # every cluster a multiple of one profile
+    torch.testing.assert_close(ratios, ratios[..., :1].expand_as(ratios))
+
+
+def test_covered_mass_counts_kept_and_added_positions():
+    study = load("reuse_study")
+    query = torch.zeros(2, 4)
+    keys = torch.zeros(10, 1, 4)  # equal scores: each position holds a tenth
+    kept = [torch.tensor([0, 1, 2])]
+    torch.testing.assert_close(study.covered_mass(query, keys, kept, range(0)),
+                               torch.full((2,), 0.3))  # fmt: skip
+    torch.testing.assert_close(study.covered_mass(query, keys, kept, range(8, 10)),
+                               torch.full((2,), 0.5))  # fmt: skip
+
+
+def test_reuse_study_on_a_capture(tmp_path):
+    """A capture of one prompt (8 consecutive positions) in the recorded format: at age 0 the
+    reused plan is the fresh one, and every age has its row."""
+    study = load("reuse_study")
+    generator = torch.Generator().manual_seed(1)
+    keys = torch.randn(300, 1, 16, generator=generator)
+    queries = [(position, 3 * torch.randn(2, 16, generator=generator))
+               for position in range(299, 291, -1)]  # newest first, as recorded
+    torch.save({"layer 0 prompt 0": {"queries": queries, "keys": keys}}, tmp_path / "c.pt")
+    config = study.TacticConfig(segment_size=64)
+    (rows,) = study.study([tmp_path / "c.pt"], 0.9, config).values()
+    assert sorted(rows) == list(range(8))
+    assert rows[0]["meeting"] == rows[0]["fresh_meeting"]
+    assert rows[0]["tokens_over_fresh"] == 1.0
+    assert all(0.0 < row["mean_mass"] <= 1.0 for row in rows.values())
+    assert "| c.pt | 7 |" in study.markdown({"c.pt": rows}, 0.9)
