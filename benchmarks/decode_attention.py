@@ -360,7 +360,7 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     clusters = (context // config.segment_size) * (config.segment_size // config.cluster_size)
     tail = context % config.segment_size
     centroid_bytes = HEAD_DIM * centroid_dtype(config, DTYPE, "cuda").itemsize
-    spread_bytes = HEAD_DIM if config.variance == "diagonal" else 4  # float8 values or a float32
+    spread_bytes = 4 if config.variance == "isotropic" else HEAD_DIM  # a float32 or float8 values
     select_bytes = (
         rows
         * (
@@ -467,7 +467,7 @@ def main() -> int:
     parser.add_argument("--no-flashinfer", action="store_true")
     parser.add_argument("--exact-fraction", type=float, default=None,
                         help="TacticConfig.exact_fraction (default: the config's)")  # fmt: skip
-    parser.add_argument("--variance", choices=["diagonal", "isotropic"], default=None,
+    parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"], default=None,
                         help="TacticConfig.variance (default: the config's)")  # fmt: skip
     parser.add_argument("--centroids", choices=["kv", "fp8"], nargs="+", default=["kv"],
                         help="TacticConfig.centroids: the first is the cell's; each further one "

@@ -77,6 +77,33 @@ def test_index_structure_and_statistics(seq_len, segment_size):
             )  # fmt: skip
 
 
+def test_profile_variances_are_rank_one_per_segment_and_kv_head():
+    """variance="profile": each (segment, KV head)'s clusters keep their per-dimension variances
+    as one profile times a scale each, the profile the clusters' mean variance of each
+    dimension and the scale a cluster's mean variance over the profile's mean (before the
+    float8 rounding the pool's grid applies to both forms alike)."""
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(512, 2, 16, generator=generator) * torch.linspace(0.1, 3.0, 16)
+    config = TacticConfig(segment_size=128, centroids="kv")
+    diagonal = build_cluster_index(keys, config)
+    profile = build_cluster_index(keys, dataclasses.replace(config, variance="profile"))
+    assert torch.equal(profile.token_cluster, diagonal.token_cluster)  # the same clusters
+    clusters = 128 // config.cluster_size
+    for head in range(2):
+        for segment in range(4):
+            part = slice(segment * clusters, (segment + 1) * clusters)
+            exact = diagonal.variances[head, part].double()
+            want_profile = exact.mean(dim=0)
+            want = exact.mean(dim=-1, keepdim=True) / want_profile.mean() * want_profile
+            # both forms on the float8 grid: within a step of each rounding (1/9 each)
+            torch.testing.assert_close(profile.variances[head, part].double(), want,
+                                       atol=1e-5, rtol=0.25)  # fmt: skip
+            kept = profile.variances[head, part]
+            kept = kept[kept.sum(dim=-1) > 0]  # singletons keep no spread
+            shapes = kept / kept.sum(dim=-1, keepdim=True)  # every cluster the same profile
+            torch.testing.assert_close(shapes, shapes[:1].expand_as(shapes), rtol=0.25, atol=0)
+
+
 def test_short_context_has_only_a_tail():
     keys = torch.randn(100, 2, 16)
     index = build_cluster_index(keys, TacticConfig(segment_size=128))

@@ -88,7 +88,7 @@ def test_selection_matches_reference(config):
 
 
 @pytest.mark.parametrize("group,exact_units", [(1, 4), (2, 2), (4, 4), (8, 4)])
-@pytest.mark.parametrize("variance", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("variance", ["diagonal", "isotropic", "profile"])
 def test_groups_match_reference(group, exact_units, variance):
     """Query heads per KV head from 1 to 8 (the kernels pad a group to their 16-row dot tiles),
     64 units a scoring program, exact scoring on (a tenth of the context) in steps of 2 or 4

@@ -28,8 +28,9 @@ class ClusterIndex:
     clustered_len: positions [0, clustered_len) are clustered; [clustered_len, seq_len) is the tail.
     centroids: [H_kv, C, d] float32, the mean key of each cluster (what a query is scored against).
     variances: [H_kv, C, V] float32, the per-dimension variance of each cluster's keys (V = d,
-        config.variance "diagonal"; rounded to the float8 values of encode_variances) or its mean
-        over the dimensions (V = 1, "isotropic").
+        config.variance "diagonal"; rounded to the float8 values of encode_variances), their
+        rank-one form (V = d, "profile": a profile of each segment's KV head times a scale per
+        cluster, rounded so too) or its mean over the dimensions (V = 1, "isotropic").
     cluster_sizes: [H_kv, C] int64.
     cluster_offsets: [H_kv, C + 1] int64, CSR offsets into token_positions.
     token_positions: [H_kv, clustered_len] int64, clustered positions in cluster order.
@@ -117,7 +118,7 @@ def round_centroids(centroids: torch.Tensor, config: TacticConfig) -> torch.Tens
 
 def variance_dims(config: TacticConfig, head_dim: int) -> int:
     """Values of spread each cluster keeps (see ClusterIndex.variances)."""
-    return head_dim if config.variance == "diagonal" else 1
+    return 1 if config.variance == "isotropic" else head_dim
 
 
 def query_moments(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -176,7 +177,11 @@ def _cluster_segments(
     sums = torch.zeros(*sizes.shape, squared.shape[-1], device=points.device, dtype=points.dtype)
     sums.scatter_add_(1, assignments.unsqueeze(-1).expand_as(squared), squared)
     variances = sums / sizes.clamp_min(1.0).unsqueeze(-1)
-    if config.variance == "diagonal":  # on the grid the cluster pool stores
+    if config.variance == "profile":  # rank one per row (a segment's KV head): scale x profile
+        profile = variances.mean(dim=1, keepdim=True)
+        scale = variances.mean(dim=-1, keepdim=True) / profile.mean(dim=-1, keepdim=True)
+        variances = scale.nan_to_num(0.0) * profile
+    if config.variance != "isotropic":  # on the grid the cluster pool stores
         variances = decode_variances(encode_variances(variances)).to(points.dtype)
     return assignments, sizes, round_centroids(means, config), variances
 

@@ -20,7 +20,7 @@ def selects(target_mass: float) -> bool:
 
 
 Estimator = Literal["lognormal", "inverse_fit"]
-VarianceModel = Literal["diagonal", "isotropic"]
+VarianceModel = Literal["diagonal", "isotropic", "profile"]
 TailPolicy = Literal["score", "attend"]
 CentroidFormat = Literal["kv", "fp8"]
 
@@ -58,7 +58,13 @@ class TacticConfig:
         clustering.encode_variances). "isotropic": their mean, s^2 = |q|^2 var / d (one
         value). Real keys are anisotropic and queries point along their quiet dimensions:
         on Gemma 3's global layers the isotropic s^2 is 2-3x the true score variance and the
-        estimate several nats too high (benchmarks/estimator_study.py).
+        estimate several nats too high (benchmarks/estimator_study.py). "profile": the
+        per-dimension variances in rank-one form, per (segment, KV head) a profile over the
+        dimensions (the clusters' mean variance of each) times a scale per cluster (its mean
+        variance over the profile's mean): on Gemma 3's captures the same estimate as
+        "diagonal" (benchmarks/results/estimator_study_variance_profile.md), and what a pool
+        could keep in one value a cluster plus one profile a segment; stored today as
+        "diagonal" stores its d values (the compact form is not built yet).
     centroids: how centroids are stored for scoring. "kv": in the KV cache's dtype. "fp8": as
         float8 e4m3 (clamped to +-448; 3 mantissa bits), half of a bf16 centroid's bytes,
         which is most of what scoring reads; on Gemma 3's captured attention and the synthetic
@@ -131,9 +137,9 @@ class TacticConfig:
             raise ValueError(
                 f"estimator must be 'lognormal' or 'inverse_fit', got {self.estimator!r}"
             )
-        if self.variance not in ("diagonal", "isotropic"):
+        if self.variance not in ("diagonal", "isotropic", "profile"):
             raise ValueError(
-                f"variance must be 'diagonal' or 'isotropic', got {self.variance!r}"
+                f"variance must be 'diagonal', 'isotropic' or 'profile', got {self.variance!r}"
             )
         if self.centroids not in ("kv", "fp8"):
             raise ValueError(f"centroids must be 'kv' or 'fp8', got {self.centroids!r}")
