@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from tactic_server.tactic.baselines import plan_oracle
-from tactic_server.tactic.clustering import build_cluster_index
+from tactic_server.tactic.clustering import build_cluster_index, rank_one_variances
 from tactic_server.tactic.config import WORKLOAD_KINDS, TacticConfig
 from tactic_server.tactic.evaluation import RECALL_TOLERANCE
 from tactic_server.tactic.quality import recall
@@ -138,16 +138,12 @@ def group_means(variances: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def segment_profile(variances: torch.Tensor, clusters: int) -> torch.Tensor:
-    """[H_kv, C, d] per-dimension variances (C: whole segments of `clusters`) -> the rank-one
-    form a cluster would keep with one value: per (segment, KV head) the clusters' mean
-    variance of each dimension (the profile v), per cluster a scale a (its mean variance over
-    the profile's mean), a * v."""
+    """[H_kv, C, d] per-dimension variances (C: whole segments of `clusters`) -> their rank-one
+    form per (segment, KV head) (clustering.rank_one_variances, what variance "profile" keeps),
+    from the variances as the index holds them (already on the float8 grid)."""
     heads, count, dim = variances.shape
     segments = variances.reshape(heads, count // clusters, clusters, dim)
-    profile = segments.mean(dim=2, keepdim=True)  # [H, S, 1, d]
-    scale = segments.mean(dim=-1, keepdim=True) / profile.mean(dim=-1, keepdim=True).clamp_min(
-        1e-30)  # fmt: skip
-    return (scale * profile).reshape(heads, count, dim)
+    return rank_one_variances(segments).reshape(heads, count, dim)
 
 
 def evaluate(workloads, target: float, variants: dict) -> tuple[dict, dict]:

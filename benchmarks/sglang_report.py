@@ -255,7 +255,7 @@ def cell(title: str, value: float | str | None) -> str:
     """A table cell: a share, a ratio or tok/s by its column's title."""
     if value is None:
         return "-"
-    if isinstance(value, str):  # the fastest dense backend's name
+    if isinstance(value, str):  # a backend's name (the fastest dense one, the faster tactic)
         return value
     if title.startswith(("selected", "dense fallback", "overhead at P = 1")):
         return f"{value:.1%}"

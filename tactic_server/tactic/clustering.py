@@ -116,6 +116,15 @@ def round_centroids(centroids: torch.Tensor, config: TacticConfig) -> torch.Tens
     return fp8_centroids(centroids).to(centroids.dtype)
 
 
+def rank_one_variances(variances: torch.Tensor) -> torch.Tensor:
+    """[..., C, d] per-dimension variances of C clusters (a segment's, for one KV head) -> their
+    rank-one form (variance "profile"): the profile v (the clusters' mean variance of each
+    dimension) times a scale per cluster (its mean variance over v's mean; 0 where v is)."""
+    profile = variances.mean(dim=-2, keepdim=True)
+    scale = variances.mean(dim=-1, keepdim=True) / profile.mean(dim=-1, keepdim=True)
+    return scale.nan_to_num(0.0) * profile
+
+
 def variance_dims(config: TacticConfig, head_dim: int) -> int:
     """Values of spread each cluster keeps (see ClusterIndex.variances)."""
     return 1 if config.variance == "isotropic" else head_dim
@@ -177,10 +186,8 @@ def _cluster_segments(
     sums = torch.zeros(*sizes.shape, squared.shape[-1], device=points.device, dtype=points.dtype)
     sums.scatter_add_(1, assignments.unsqueeze(-1).expand_as(squared), squared)
     variances = sums / sizes.clamp_min(1.0).unsqueeze(-1)
-    if config.variance == "profile":  # rank one per row (a segment's KV head): scale x profile
-        profile = variances.mean(dim=1, keepdim=True)
-        scale = variances.mean(dim=-1, keepdim=True) / profile.mean(dim=-1, keepdim=True)
-        variances = scale.nan_to_num(0.0) * profile
+    if config.variance == "profile":  # rank one per row (a segment's KV head)
+        variances = rank_one_variances(variances)
     if config.variance != "isotropic":  # on the grid the cluster pool stores
         variances = decode_variances(encode_variances(variances)).to(points.dtype)
     return assignments, sizes, round_centroids(means, config), variances
