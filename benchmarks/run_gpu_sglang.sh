@@ -23,7 +23,7 @@
 #                      $TOKENS new tokens a round (default 64), batches 1 and 8
 #   trained     540 s  (c) the same on the trained model $MODEL (default the repo's bundled
 #                      one, else /tmp/run-code/model), where attention is really sparse:
-#                      $CONTEXTS (default 32768 65536 131072), $BACKENDS (default flashinfer
+#                      $CONTEXTS (default 32768 65536 131072), $BATCHES (default 1 8), $BACKENDS (default flashinfer
 #                      fa3 triton tactic tactic-fa3: the tactic backend over FA3), 256 new
 #                      tokens a round (64 understate batch 8:
 #                      README), end to end and steady (streamed); about 310 s without fa3, of
@@ -84,7 +84,8 @@ for step in ${STEPS:-warm serve equality trained}; do
       # shellcheck disable=SC2086
       timeout 540 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
         --contexts ${CONTEXTS:-32768 65536 131072} \
-        --backends ${BACKENDS:-flashinfer fa3 triton tactic tactic-fa3} --batches 1 8 --repeats ${REPEATS:-3} \
+        --backends ${BACKENDS:-flashinfer fa3 triton tactic tactic-fa3} --batches ${BATCHES:-1 8} \
+        --repeats ${REPEATS:-3} \
         --tokens 256 \
         --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
     profile)
