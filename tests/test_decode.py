@@ -96,3 +96,35 @@ def test_segments_are_clustered_by_their_requests_prompt_queries():
         assert not torch.equal(got.token_positions, unweighted.token_positions)
     side.start_request(0, 0.9)
     assert not side.query_moments[0, 0].any() and side.query_moments[0, 1].any()
+
+
+def test_clustering_in_bounded_passes_stores_what_one_pass_does(monkeypatch):
+    """A batch of long prompts is clustered CLUSTER_CHUNK_ELEMENTS key components a pass (one
+    pass over 32 x 128k keys ran out of GPU memory beside SGLang's KV pool): passes of three
+    segments, crossing from one request's segments to the next's (each clustered by its own
+    prompt queries), store exactly what a single pass stores."""
+    from tactic_server.decode import clusters
+
+    config = dataclasses.replace(CONFIG, query_weighted=True)
+    generator = torch.Generator().manual_seed(5)
+    keys = torch.randn(NUM_SLOTS, HEADS, DIM, generator=generator)
+    req_to_token = torch.arange(NUM_SLOTS, dtype=torch.int32).view(2, 300)
+    queries = torch.randn(40, 2 * HEADS, DIM, generator=generator)
+    queries[:20, :, : DIM // 4] *= 8
+    slots = torch.tensor([0] * 20 + [1] * 20)
+    sides = []
+    for elements in (1 << 26, 3 * SEGMENT * HEADS * DIM):
+        monkeypatch.setattr(clusters, "CLUSTER_CHUNK_ELEMENTS", elements)
+        side = ClusterSide(NUM_SLOTS, 2, HEADS, DIM, torch.float32, "cpu", config,
+                           max_requests=2)  # fmt: skip
+        for layer in range(2):
+            side.record_queries(layer, queries, slots)
+        assert side.cluster_requests([(0, 0, 250), (1, 0, 300)], req_to_token,
+                                     [keys, keys.flip(0)]) == [7, 9]  # fmt: skip
+        sides.append(side)
+    one, passes = sides
+    assert torch.equal(one.last_slot_segment, passes.last_slot_segment)
+    for pool, other in zip(one.pools, passes.pools, strict=True):
+        for name in ("centroids", "variances", "cluster_offsets", "member_slots",
+                     "token_cluster"):  # fmt: skip
+            assert torch.equal(getattr(pool, name), getattr(other, name)), name

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # per cluster layer: that layer's selected ratio at the request's last step that selected on it.
 STATS = 7
 LAST_RATIO, DENSE_LAYER_STEPS = 5, 6
+# key components (tokens x KV heads x head size) k-means clusters in one pass (ClusterSide.cluster):
+# 256 MiB a float32 copy, about 1.3 GiB at its peak
+CLUSTER_CHUNK_ELEMENTS = 1 << 26
 
 
 def metadata_bytes_per_token(
@@ -177,14 +180,23 @@ class ClusterSide:
                 return 0
         segment_slots = [self._free.pop() for _ in new]
         chosen = slots[torch.tensor(new, device=slots.device)]
-        token_slots = chosen.flatten()
         where = torch.tensor(segment_slots, device=self.device)
         owners = torch.tensor([row_slots[i] for i in new], device=self.device)
+        # k-means works in float32 on a copy of every key it clusters, and a batch of long
+        # prompts (32 x 128k on one KV head: 2 GiB a copy) would not fit beside a full KV pool:
+        # at most CLUSTER_CHUNK_ELEMENTS key components a pass (segments are independent
+        # problems, so the passes give what one would)
+        elements = size * k_buffers[0].shape[1] * k_buffers[0].shape[2]
+        step = max(1, CLUSTER_CHUNK_ELEMENTS // elements)
         for layer, (pool, k_buffer) in enumerate(zip(self.pools, k_buffers, strict=True)):
-            moments = None if self.query_moments is None else self.query_moments[layer][owners]
-            index = build_cluster_index(k_buffer[token_slots], self.config, kmeans=self.kmeans,
-                                        query_moments=moments)  # fmt: skip
-            pool.write_segments(index, token_slots, where)
+            for start in range(0, len(new), step):
+                part = slice(start, start + step)
+                token_slots = chosen[part].flatten()
+                moments = (None if self.query_moments is None
+                           else self.query_moments[layer][owners[part]])  # fmt: skip
+                index = build_cluster_index(k_buffer[token_slots], self.config,
+                                            kmeans=self.kmeans, query_moments=moments)  # fmt: skip
+                pool.write_segments(index, token_slots, where[part])
         self.last_slot_segment[chosen[:, -1]] = where.int()
         for segment_slot, last_slot in zip(segment_slots, chosen[:, -1].tolist(), strict=True):
             self._owner[segment_slot] = last_slot
