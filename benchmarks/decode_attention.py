@@ -34,7 +34,7 @@ from tactic_server.kernels.selection import select_rows
 
 from tactic_server.decode import cost
 from tactic_server.tactic import TacticConfig, build_cluster_index
-from tactic_server.tactic.clustering import variance_dims
+from tactic_server.tactic.clustering import stored_variance_dims
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_LAYERS = 32, 8, 128, 32
 DTYPE = torch.bfloat16
@@ -187,7 +187,8 @@ def build_pool(keys, batch, context, config):
     pool = ClusterPool.allocate(
         num_segment_slots=max(1, batch * segments), num_kv_heads=NUM_KV_HEADS,
         head_dim=HEAD_DIM, segment_size=size, clusters_per_segment=clusters, dtype=DTYPE,
-        device="cuda", variance_dims=variance_dims(config, HEAD_DIM),
+        device="cuda", variance_dims=stored_variance_dims(config, HEAD_DIM)[0],
+        profile_dims=stored_variance_dims(config, HEAD_DIM)[1],
         centroids_dtype=centroid_dtype(config, DTYPE, "cuda"),
     )  # fmt: skip
     req_to_segment = torch.zeros(batch, segments + 1, dtype=torch.int32, device="cuda")
@@ -467,8 +468,9 @@ def main() -> int:
     parser.add_argument("--no-flashinfer", action="store_true")
     parser.add_argument("--exact-fraction", type=float, default=None,
                         help="TacticConfig.exact_fraction (default: the config's)")  # fmt: skip
-    parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"], default=None,
-                        help="TacticConfig.variance (default: the config's)")  # fmt: skip
+    parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"], nargs="+",
+                        default=None, help="TacticConfig.variance (default: the config's); each "
+                        "further one is timed beside it, as --centroids")  # fmt: skip
     parser.add_argument("--centroids", choices=["kv", "fp8"], nargs="+", default=["kv"],
                         help="TacticConfig.centroids: the first is the cell's; each further one "
                         "is timed beside it on the same inputs (variant_<name> in the JSON)")
@@ -490,10 +492,12 @@ def main() -> int:
     if args.exact_fraction is not None:
         config = dataclasses.replace(config, exact_fraction=args.exact_fraction)
     if args.variance is not None:
-        config = dataclasses.replace(config, variance=args.variance)
+        config = dataclasses.replace(config, variance=args.variance[0])
     config = dataclasses.replace(config, centroids=args.centroids[0])
     variants = {f"centroids_{name}": dataclasses.replace(config, centroids=name)
                 for name in args.centroids[1:]}  # fmt: skip
+    variants |= {f"variance_{name}": dataclasses.replace(config, variance=name)
+                 for name in (args.variance or [])[1:]}  # fmt: skip
     log(f"{device_name}; torch {torch.__version__}, triton {triton.__version__}")
     copy_bytes_per_s = copy_bandwidth()
     flops_per_s = matmul_rate()

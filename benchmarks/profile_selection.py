@@ -27,9 +27,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--centroids", choices=["kv", "fp8"], default="kv",
                         help="TacticConfig.centroids")  # fmt: skip
+    parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"],
+                        default="diagonal", help="TacticConfig.variance")  # fmt: skip
     args = parser.parse_args()
     context, batch = args.context, args.batch
-    config = TacticConfig(centroids=args.centroids)
+    config = TacticConfig(centroids=args.centroids, variance=args.variance)
     generator = torch.Generator(device="cuda").manual_seed(0)
     keys, values, q = topic_context(batch, context, 0.03, generator)
     req_to_token = torch.arange(batch * context, device="cuda", dtype=torch.int32).reshape(

@@ -17,9 +17,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 for shape in ${PROFILE:-}; do
   for centroids in ${PROFILE_CENTROIDS:-kv}; do  # e.g. PROFILE_CENTROIDS="kv fp8"
-    name=profile_selection_${shape%%:*}_b${shape##*:}_$centroids.txt
+    variance=${PROFILE_VARIANCE:-diagonal}  # e.g. PROFILE_VARIANCE=profile
+    name=profile_selection_${shape%%:*}_b${shape##*:}_${centroids}_$variance.txt
     python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
-      --centroids "$centroids" >"$OUT/$name" 2>&1
+      --centroids "$centroids" --variance "$variance" >"$OUT/$name" 2>&1
     grep -E "_score_units_kernel|^step" "$OUT/$name"
   done
 done

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "offsets_ptr": "*i32", "req_to_segment_ptr": "*i32",
             "req_to_token_ptr": "*i32", "req_pool_ptr": "*i32", "seq_lens_ptr": "*i32",
             "clustered_ptr": "*i32", "log_mass_ptr": "*fp32", "unit_size_ptr": "*i32",
-            "forced_ptr": "*i8", "token_cluster_ptr": "*i32", "mass_hist_ptr": "*fp32"}  # fmt: skip
+            "forced_ptr": "*i8", "token_cluster_ptr": "*i32", "mass_hist_ptr": "*fp32",
+            "profiles_ptr": "*fp16"}  # fmt: skip
 FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 
 
@@ -50,7 +51,7 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
     constants = dict(GROUP=group, HEAD_DIM=head_dim, SEGMENT=1024, CLUSTERS=64,
                      BLOCK_H=max(16, triton.next_power_of_2(group)),
                      BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_U=block_u, BLOCK_F=2,
-                     ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, BINS=2048,
+                     ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, PROFILE=0, BINS=2048,
                      DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
                      VARIANCE_DOT_DTYPE=tl.bfloat16 if codes == "*u8" else tl.float16,
                      INTERPRETED=False)  # fmt: skip

@@ -64,7 +64,9 @@ class ClusterPool:
     """Per segment slot s and KV head h:
     centroids [S_cap, H_kv, C, d] (kv dtype, or float8 e4m3: centroid_dtype),
     variances [S_cap, H_kv, C, V] (ClusterIndex's: V = d per-dimension variances as float8
-    e5m2 (clustering.encode_variances), or V = 1, their mean, in float32),
+    e5m2 (clustering.encode_variances), or V = 1, their mean or the "profile" scale, in float32),
+    profiles [S_cap, H_kv, P] float16 ("profile" variances: P = d, the segment's profile, which
+    a cluster's scale multiplies; else P = 0),
     cluster_offsets [S_cap, H_kv, C + 1] int32 (into the segment's member list),
     member_slots [S_cap, H_kv, segment_size] int32 KV slots in cluster order,
     token_cluster [S_cap, H_kv, segment_size] int32 cluster of each position of the segment."""
@@ -76,6 +78,7 @@ class ClusterPool:
     cluster_offsets: torch.Tensor
     member_slots: torch.Tensor
     token_cluster: torch.Tensor
+    profiles: torch.Tensor
 
     @classmethod
     def allocate(
@@ -89,8 +92,10 @@ class ClusterPool:
         device: torch.device | str,
         variance_dims: int = 1,
         centroids_dtype: torch.dtype | None = None,
+        profile_dims: int = 0,
     ) -> ClusterPool:
-        """centroids_dtype: None keeps centroids in dtype (the KV cache's)."""
+        """centroids_dtype: None keeps centroids in dtype (the KV cache's); variance_dims,
+        profile_dims: clustering.stored_variance_dims."""
         shape = (num_segment_slots, num_kv_heads)
         return cls(
             segment_size=segment_size,
@@ -104,6 +109,7 @@ class ClusterPool:
             ),
             member_slots=torch.zeros(*shape, segment_size, dtype=torch.int32, device=device),
             token_cluster=torch.zeros(*shape, segment_size, dtype=torch.int32, device=device),
+            profiles=torch.zeros(*shape, profile_dims, dtype=torch.float16, device=device),
         )
 
     @staticmethod
@@ -115,20 +121,21 @@ class ClusterPool:
         dtype: torch.dtype,
         variance_dims: int = 1,
         centroids_dtype: torch.dtype | None = None,
+        profile_dims: int = 0,
     ) -> int:
         """Device bytes of one segment slot: what a KV pool
         must count beside the KV of the segment_size tokens it describes."""
         element = (centroids_dtype or dtype).itemsize
         variance = variance_dims * _variance_dtype(variance_dims).itemsize
         per_cluster = head_dim * element + variance + 4  # centroid, variances, offset
-        per_head = clusters_per_segment * per_cluster + 4 + 2 * 4 * segment_size
+        per_head = clusters_per_segment * per_cluster + 4 + 2 * 4 * segment_size + 2 * profile_dims
         return num_kv_heads * per_head
 
     @property
     def segment_bytes(self) -> int:
         """Device bytes of all segment slots (what bytes_per_segment_slot counts, allocated)."""
         tensors = (self.centroids, self.variances, self.cluster_offsets, self.member_slots,
-                   self.token_cluster)  # fmt: skip
+                   self.token_cluster, self.profiles)  # fmt: skip
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def stored_centroids(self, segment_slots: torch.Tensor) -> torch.Tensor:
@@ -136,8 +143,17 @@ class ClusterPool:
         return _rows_as_float(self.centroids, segment_slots)
 
     def stored_variances(self, segment_slots: torch.Tensor) -> torch.Tensor:
-        """float32 variances [len(segment_slots), H_kv, C, V] of those slots, as stored."""
-        return _rows_as_float(self.variances, segment_slots)
+        """float32 variances [len(segment_slots), H_kv, C, V] of those slots, as stored ("profile":
+        V = d, scale times profile, the products clustering made)."""
+        variances = _rows_as_float(self.variances, segment_slots)
+        if self.profiles.shape[-1] == 0:
+            return variances
+        return variances * self.stored_profiles(segment_slots)[:, :, None, :]
+
+    def stored_profiles(self, segment_slots: torch.Tensor) -> torch.Tensor:
+        """float32 profiles [len(segment_slots), H_kv, P] of those slots (P = 0 but for
+        "profile" variances)."""
+        return self.profiles[segment_slots.to(self.profiles.device)].float()
 
     def write_segments(
         self, index: ClusterIndex, token_slots: torch.Tensor, segment_slots: torch.Tensor
@@ -163,9 +179,16 @@ class ClusterPool:
         centroids = (fp8_centroids(centroids) if self.centroids.dtype == torch.float8_e4m3fn
                      else centroids.to(self.centroids.dtype))  # fmt: skip
         _bytes_of(self.centroids)[slots] = _bytes_of(centroids.contiguous())
-        if index.variances.shape[-1] != self.variances.shape[-1]:
+        profiled = self.profiles.shape[-1] > 0
+        if profiled != (index.variance_profiles is not None) or (
+                not profiled and index.variances.shape[-1] != self.variances.shape[-1]):
             raise ValueError("the cluster index keeps other variances than this pool")
-        variances = per_segment(index.variances, clusters)
+        if profiled:  # the scales where the others keep variances, and the profiles
+            self.profiles[slots] = per_segment(index.variance_profiles, 1)[:, :, 0].to(
+                self.profiles.dtype)  # fmt: skip
+            variances = per_segment(index.variance_scales[..., None], clusters)
+        else:
+            variances = per_segment(index.variances, clusters)
         variances = (encode_variances(variances) if self.variances.dtype == torch.float8_e5m2
                      else variances.to(self.variances.dtype)).contiguous()  # fmt: skip
         _bytes_of(self.variances)[slots] = _bytes_of(variances)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tactic_server.tactic.clustering import variance_dims
+from tactic_server.tactic.clustering import stored_variance_dims
 from tactic_server.tactic.config import TacticConfig
 from tactic_server.tactic.selection import FP16_MAX, MAX_RELATIVE_LOG_MASS
 
@@ -39,6 +39,7 @@ def _score_units_kernel(
     k_ptr,
     centroids_ptr,
     variances_ptr,
+    profiles_ptr,
     offsets_ptr,
     req_to_segment_ptr,
     req_to_token_ptr,
@@ -74,6 +75,7 @@ def _score_units_kernel(
     ATTEND_TAIL: tl.constexpr,
     CLUSTERED_GIVEN: tl.constexpr,
     VARIANCE_DIMS: tl.constexpr,
+    PROFILE: tl.constexpr,
     BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -81,8 +83,10 @@ def _score_units_kernel(
 ):
     """Program (row, unit block): log of each unit's mass for each query head of the row, the
     capped log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
-    VARIANCE_DIMS is 1 or HEAD_DIM) for clusters and the exact score
-    for tail positions (-inf for padding); each unit's size; whether it holds an
+    VARIANCE_DIMS is 1 or HEAD_DIM; "profile" variances, VARIANCE_DIMS 1 and PROFILE > 0: a
+    scale per cluster times its segment's profile, read once a block where the block's
+    clusters are one segment's, PROFILE 2, else per cluster, PROFILE 1) for clusters and the
+    exact score for tail positions (-inf for padding); each unit's size; whether it holds an
     always-attended position (recent window, sinks, the tail when ATTEND_TAIL); and the
     units' share of the row's density histograms: estimated mass of the units the walk may take
     (plane 0 of mass_hist), mass of the forced ones (plane 2). One atomic per (query head,
@@ -152,7 +156,36 @@ def _score_units_kernel(
         segment_offsets + local, mask=is_cluster, other=0
     )
     size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
-    if VARIANCE_DIMS == 1:
+    if PROFILE == 2:  # sum_i q_i^2 p_i once for the block's segment, times each scale
+        spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
+        first = tl.program_id(1) * BLOCK_U
+        block_segment = tl.load(
+            req_to_segment_ptr + pool_index * stride_req_segment + first // CLUSTERS,
+            mask=first < num_cluster_units,
+            other=0,
+        ).to(tl.int64)
+        profile = tl.load(
+            profiles_ptr + (block_segment * num_kv_heads + kv_head) * HEAD_DIM + dims,
+            mask=dim_mask & (first < num_cluster_units),
+            other=0.0,
+        ).to(tl.float32)
+        # q_i^2 on float16's grid, as the reference's per-dimension estimate rounds it
+        weights = tl.minimum(q * q, FP16_LARGEST).to(tl.float16).to(tl.float32)
+        weighted = tl.sum(weights * profile[None, :], axis=1)
+        score_variance = weighted[:, None] * spread[None, :] * (scale * scale)
+    elif PROFILE == 1:  # each cluster's segment profile, as the per-dimension variances are
+        spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
+        profiles = tl.load(
+            profiles_ptr + (segment_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM
+            + dims[None, :],
+            mask=is_cluster[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
+        weights = tl.minimum(q * q, FP16_LARGEST).to(tl.float16)
+        weighted = tl.dot(weights.to(VARIANCE_DOT_DTYPE),
+                          tl.trans(profiles.to(VARIANCE_DOT_DTYPE)))  # fmt: skip
+        score_variance = weighted * spread[None, :] * (scale * scale)
+    elif VARIANCE_DIMS == 1:
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
         score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
     else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
@@ -731,7 +764,8 @@ def select_rows(
                          f"units only: unsupported config {', '.join(unsupported)}")
     if config.segment_size != pool.segment_size:
         raise ValueError("config.segment_size must equal the cluster pool's segment_size")
-    if pool.variances.shape[-1] != variance_dims(config, q.shape[-1]):
+    if (pool.variances.shape[-1], pool.profiles.shape[-1]) != stored_variance_dims(config,
+                                                                                 q.shape[-1]):
         raise ValueError(f"config.variance {config.variance!r} is not what the pool keeps")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -776,8 +810,12 @@ def select_rows(
     log_mass = torch.empty(rows, group, max_units, device=device)
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
+    # "profile" variances: one profile a scoring block where its clusters are one segment's
+    profile = 0 if pool.profiles.shape[-1] == 0 else (
+        2 if clusters % score_units_per_program == 0 else 1)
     _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
-        q, k_cache, pool.centroids, pool.variances, pool.cluster_offsets, req_to_segment,
+        q, k_cache, pool.centroids, pool.variances, pool.profiles, pool.cluster_offsets,
+        req_to_segment,
         req_to_token, req_pool_indices, seq_lens,
         seq_lens if clustered_segments is None else clustered_segments, clustered,
         log_mass, unit_size, forced,
@@ -788,7 +826,7 @@ def select_rows(
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(2, triton.next_power_of_2(config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", CLUSTERED_GIVEN=clustered_segments is not None,
-        VARIANCE_DIMS=pool.variances.shape[-1],
+        VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
     )  # fmt: skip
 

@@ -80,28 +80,43 @@ def test_index_structure_and_statistics(seq_len, segment_size):
 def test_profile_variances_are_rank_one_per_segment_and_kv_head():
     """variance="profile": each (segment, KV head)'s clusters keep their per-dimension variances
     as one profile times a scale each, the profile the clusters' mean variance of each
-    dimension and the scale a cluster's mean variance over the profile's mean (before the
-    float8 rounding the pool's grid applies to both forms alike)."""
+    dimension (on float16's grid) and the scale a cluster's mean variance over the profile's
+    mean; the index carries both parts, and its variances are their float32 products."""
     generator = torch.Generator().manual_seed(3)
     keys = torch.randn(512, 2, 16, generator=generator) * torch.linspace(0.1, 3.0, 16)
     config = TacticConfig(segment_size=128, centroids="kv")
     diagonal = build_cluster_index(keys, config)
     profile = build_cluster_index(keys, dataclasses.replace(config, variance="profile"))
+    assert diagonal.variance_scales is None and diagonal.variance_profiles is None
     assert torch.equal(profile.token_cluster, diagonal.token_cluster)  # the same clusters
     clusters = 128 // config.cluster_size
+    assert profile.variance_scales.shape == (2, 4 * clusters)
+    assert profile.variance_profiles.shape == (2, 4, 16)
+    profiles = profile.variance_profiles
+    assert torch.equal(profiles, profiles.half().float())
+    products = profile.variance_scales[..., None] * profiles.repeat_interleave(clusters, dim=1)
+    assert torch.equal(profile.variances, products)
     for head in range(2):
         for segment in range(4):
             part = slice(segment * clusters, (segment + 1) * clusters)
-            exact = diagonal.variances[head, part].double()
+            exact = diagonal.variances[head, part].double()  # on the float8 grid (1/9 a step)
             want_profile = exact.mean(dim=0)
             want = exact.mean(dim=-1, keepdim=True) / want_profile.mean() * want_profile
-            # both forms on the float8 grid: within a step of each rounding (1/9 each)
             torch.testing.assert_close(profile.variances[head, part].double(), want,
                                        atol=1e-5, rtol=0.25)  # fmt: skip
             kept = profile.variances[head, part]
             kept = kept[kept.sum(dim=-1) > 0]  # singletons keep no spread
             shapes = kept / kept.sum(dim=-1, keepdim=True)  # every cluster the same profile
-            torch.testing.assert_close(shapes, shapes[:1].expand_as(shapes), rtol=0.25, atol=0)
+            torch.testing.assert_close(shapes, shapes[:1].expand_as(shapes))
+    # a context's leading segments, and segments concatenated, keep the parts they cover
+    first = leading_segments(profile, 256)
+    assert torch.equal(first.variance_profiles, profiles[:, :2])
+    assert torch.equal(first.variance_scales, profile.variance_scales[:, : 2 * clusters])
+    profiled = dataclasses.replace(config, variance="profile")
+    halves = [build_cluster_index(keys[i : i + 256], profiled) for i in (0, 256)]
+    joined = concatenate_segments(halves, 512)
+    assert torch.equal(joined.variance_profiles, profiles)
+    assert torch.equal(joined.variances, profile.variances)
 
 
 def test_short_context_has_only_a_tail():

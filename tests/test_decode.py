@@ -128,3 +128,21 @@ def test_clustering_in_bounded_passes_stores_what_one_pass_does(monkeypatch):
         for name in ("centroids", "variances", "cluster_offsets", "member_slots",
                      "token_cluster"):  # fmt: skip
             assert torch.equal(getattr(pool, name), getattr(other, name)), name
+
+
+def test_profile_variances_are_stored_compact_and_read_back_exactly():
+    """variance="profile": the pool keeps a float32 scale per cluster and a float16 profile per
+    (segment, KV head), not d values a cluster, and what the torch path reads back is the
+    index's variances, their products, exactly."""
+    config = dataclasses.replace(CONFIG, variance="profile")
+    _, keys, req_to_token = store_and_tables()
+    side = ClusterSide(NUM_SLOTS, 1, HEADS, DIM, torch.float32, "cpu", config, max_requests=2)
+    side.cluster_requests([(0, 0, 200)], req_to_token, [keys])
+    pool = side.pools[0]
+    assert pool.variances.shape[-1] == 1 and pool.variances.dtype == torch.float32
+    assert pool.profiles.shape[-1] == DIM and pool.profiles.dtype == torch.float16
+    got = side.cluster_index(0, side.leading_segments(req_to_token, 0, 201), 201)
+    want = build_cluster_index(keys[req_to_token[0, :200].long()], config)
+    assert torch.equal(got.variances, want.variances)
+    diagonal = ClusterSide(NUM_SLOTS, 1, HEADS, DIM, torch.float32, "cpu", CONFIG, max_requests=2)
+    assert side.nbytes < diagonal.nbytes

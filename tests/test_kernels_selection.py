@@ -7,7 +7,7 @@ from tactic_server.kernels.cluster_pool import ClusterPool, centroid_dtype
 from tactic_server.kernels.selection import select_rows
 
 from tactic_server.tactic import TacticConfig, build_cluster_index, plan_tactic
-from tactic_server.tactic.clustering import variance_dims
+from tactic_server.tactic.clustering import stored_variance_dims
 from tactic_server.tactic.workloads import generate_workload
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +26,8 @@ def make_batch(lengths, kinds, config, num_kv_heads=2, group=4, head_dim=32, dty
     pool = ClusterPool.allocate(
         num_segment_slots=64, num_kv_heads=num_kv_heads, head_dim=head_dim,
         segment_size=segment_size, clusters_per_segment=segment_size // config.cluster_size,
-        dtype=dtype, device="cpu", variance_dims=variance_dims(config, head_dim),
+        dtype=dtype, device="cpu", variance_dims=stored_variance_dims(config, head_dim)[0],
+        profile_dims=stored_variance_dims(config, head_dim)[1],
         centroids_dtype=centroid_dtype(config, dtype, "cpu"),
     )  # fmt: skip
     # requests sit in pool slots in reverse order, segments in shuffled slots
@@ -79,6 +80,10 @@ def to_device(pool):
         TacticConfig(segment_size=64, exact_fraction=0.0, density_bin_width=0.25,
                      density_bins=256),
         TacticConfig(segment_size=64, centroids="fp8"),
+        # "profile" variances: 4 clusters a segment, a profile per cluster read (PROFILE 1);
+        # 16 a segment, as many as a scoring block, one profile a block (PROFILE 2)
+        TacticConfig(segment_size=64, variance="profile"),
+        TacticConfig(segment_size=64, cluster_size=4, variance="profile"),
     ],
 )
 def test_selection_matches_reference(config):
@@ -230,24 +235,27 @@ def test_segment_size_must_match_pool():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("variance,centroids,share", [
-    ("isotropic", "kv", 0.05), ("diagonal", "kv", 0.065), ("diagonal", "fp8", 0.048)])  # fmt: skip
+    ("isotropic", "kv", 0.05), ("diagonal", "kv", 0.065), ("diagonal", "fp8", 0.048),
+    ("profile", "fp8", 0.033)])  # fmt: skip
 def test_cluster_pool_bytes_are_counted(dtype, variance, centroids, share):
     """bytes_per_segment_slot (what a KV pool sizes with before allocating) equals what the
     allocation holds; at the default shape it stays under 5% of the KV it describes with one
     variance per cluster (4.8%), under 6.5% with d of them in 8-bit codes (6.3%; in bf16 it
-    would be 7.9%), under 4.8% with those and float8 centroids (4.7%)."""
+    would be 7.9%), under 4.8% with those and float8 centroids (4.7%), under 3.3% with float8
+    centroids and "profile" variances (a scale per cluster, a float16 profile per segment:
+    3.27%)."""
     config = TacticConfig(variance=variance, centroids=centroids)
     clusters = config.segment_size // config.cluster_size
-    dims = variance_dims(config, 128)
+    dims, profile_dims = stored_variance_dims(config, 128)
     stored_as = centroid_dtype(config, dtype, "cpu")
     pool = ClusterPool.allocate(
         num_segment_slots=3, num_kv_heads=8, head_dim=128,
         segment_size=config.segment_size, clusters_per_segment=clusters, dtype=dtype,
-        device="cpu", variance_dims=dims, centroids_dtype=stored_as,
+        device="cpu", variance_dims=dims, centroids_dtype=stored_as, profile_dims=profile_dims,
     )  # fmt: skip
     assert pool.centroids.dtype == (torch.float8_e4m3fn if centroids == "fp8" else dtype)
     per_slot = ClusterPool.bytes_per_segment_slot(8, 128, config.segment_size, clusters, dtype,
-                                                  dims, stored_as)  # fmt: skip
+                                                  dims, stored_as, profile_dims)  # fmt: skip
     assert pool.segment_bytes == 3 * per_slot
     if dtype == torch.bfloat16:
         kv_bytes = 2 * config.segment_size * 8 * 128 * 2

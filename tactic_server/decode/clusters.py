@@ -24,7 +24,7 @@ from tactic_server.tactic.clustering import (
     build_cluster_index,
     query_moments,
     spherical_kmeans,
-    variance_dims,
+    stored_variance_dims,
 )
 from tactic_server.tactic.config import TacticConfig
 
@@ -51,10 +51,10 @@ def metadata_bytes_per_token(
     as the pool on `device` keeps them (centroid_dtype); without a device, in dtype, which
     is never less."""
     clusters = -(-config.segment_size // config.cluster_size)
+    per_cluster, per_segment = stored_variance_dims(config, head_dim)
     per_slot = ClusterPool.bytes_per_segment_slot(
-        num_kv_heads, head_dim, config.segment_size, clusters, dtype,
-        variance_dims(config, head_dim),
-        None if device is None else centroid_dtype(config, dtype, device),
+        num_kv_heads, head_dim, config.segment_size, clusters, dtype, per_cluster,
+        None if device is None else centroid_dtype(config, dtype, device), per_segment,
     )  # fmt: skip
     return num_layers * per_slot / config.segment_size + 4
 
@@ -90,12 +90,13 @@ class ClusterSide:
         # partial overlaps of requests that share part of a segment
         num_segment_slots = num_slots // self.segment_size + max_requests + 1
         clusters = -(-self.segment_size // config.cluster_size)
+        per_cluster, per_segment = stored_variance_dims(config, head_dim)
         self.pools = [
             ClusterPool.allocate(
                 num_segment_slots, num_kv_heads=num_kv_heads,
                 head_dim=head_dim, segment_size=self.segment_size,
                 clusters_per_segment=clusters, dtype=dtype, device=device,
-                variance_dims=variance_dims(config, head_dim),
+                variance_dims=per_cluster, profile_dims=per_segment,
                 centroids_dtype=centroid_dtype(config, dtype, device),
             )  # fmt: skip
             for _ in range(num_layers)

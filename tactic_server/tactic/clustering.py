@@ -29,12 +29,15 @@ class ClusterIndex:
     centroids: [H_kv, C, d] float32, the mean key of each cluster (what a query is scored against).
     variances: [H_kv, C, V] float32, the per-dimension variance of each cluster's keys (V = d,
         config.variance "diagonal"; rounded to the float8 values of encode_variances), their
-        rank-one form (V = d, "profile": a profile of each segment's KV head times a scale per
-        cluster, rounded so too) or its mean over the dimensions (V = 1, "isotropic").
+        rank-one form (V = d, "profile": variance_scales times variance_profiles, the float32
+        products) or its mean over the dimensions (V = 1, "isotropic").
     cluster_sizes: [H_kv, C] int64.
     cluster_offsets: [H_kv, C + 1] int64, CSR offsets into token_positions.
     token_positions: [H_kv, clustered_len] int64, clustered positions in cluster order.
     token_cluster: [H_kv, clustered_len] int64, the cluster of each position (inverse map).
+    variance_scales, variance_profiles: the rank-one parts of "profile" variances (else None),
+        what a cluster pool stores of them: a scale per cluster [H_kv, C] float32 and a
+        profile per segment [H_kv, segments, d] float32 on float16's grid (rank_one_parts).
     """
 
     seq_len: int
@@ -45,6 +48,8 @@ class ClusterIndex:
     cluster_offsets: torch.Tensor
     token_positions: torch.Tensor
     token_cluster: torch.Tensor
+    variance_scales: torch.Tensor | None = None
+    variance_profiles: torch.Tensor | None = None
 
     @property
     def num_clusters(self) -> int:
@@ -100,6 +105,7 @@ def decode_variances(codes: torch.Tensor) -> torch.Tensor:
 
 
 FP8_CENTROID_MAX = 448.0  # the largest finite float8 e4m3 value (torch.float8_e4m3fn)
+FP16_GRID_MAX = 65504.0  # the largest finite float16 ("profile" variances are kept as float16)
 
 
 def fp8_centroids(centroids: torch.Tensor) -> torch.Tensor:
@@ -120,14 +126,32 @@ def rank_one_variances(variances: torch.Tensor) -> torch.Tensor:
     """[..., C, d] per-dimension variances of C clusters (a segment's, for one KV head) -> their
     rank-one form (variance "profile"): the profile v (the clusters' mean variance of each
     dimension) times a scale per cluster (its mean variance over v's mean; 0 where v is)."""
+    scale, profile = rank_one_parts(variances, rounded=False)
+    return scale * profile
+
+
+def rank_one_parts(variances: torch.Tensor, rounded: bool = True):
+    """The parts of rank_one_variances: scales [..., C, 1] and the profile [..., 1, d]; rounded:
+    the profile on float16's grid (clamped into its range), as a cluster pool stores it."""
     profile = variances.mean(dim=-2, keepdim=True)
     scale = variances.mean(dim=-1, keepdim=True) / profile.mean(dim=-1, keepdim=True)
-    return scale.nan_to_num(0.0) * profile
+    if rounded:
+        profile = profile.clamp_max(FP16_GRID_MAX).to(torch.float16).to(profile.dtype)
+    return scale.nan_to_num(0.0), profile
 
 
 def variance_dims(config: TacticConfig, head_dim: int) -> int:
-    """Values of spread each cluster keeps (see ClusterIndex.variances)."""
+    """Values of spread each cluster keeps in a ClusterIndex (see ClusterIndex.variances)."""
     return 1 if config.variance == "isotropic" else head_dim
+
+
+def stored_variance_dims(config: TacticConfig, head_dim: int) -> tuple[int, int]:
+    """What a cluster pool stores of the variances: values per cluster (1: a float32 mean
+    variance or a "profile" scale; d: float8 per-dimension variances) and per segment and KV
+    head (d float16 for "profile", else 0)."""
+    if config.variance == "profile":
+        return 1, head_dim
+    return variance_dims(config, head_dim), 0
 
 
 def query_moments(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -163,7 +187,8 @@ def _cluster_segments(
     weights: torch.Tensor | None = None,
 ):  # fmt: skip
     """Cluster each row of points [B, m, d]: assignments [B, m], sizes [B, C], means [B, C, d],
-    variances [B, C, V] (see ClusterIndex). The worst-explained tokens become singleton clusters
+    variances [B, C, V] (see ClusterIndex) and, for "profile", their rank-one parts (scales
+    [B, C, 1], profiles [B, 1, d]; else None). The worst-explained tokens become singleton clusters
     (see outlier_share). weights [B, d]: k-means groups each row's points scaled by them
     (query_weights); the outliers are the points themselves worst explained (a decode query
     may read directions the prompt's did not), and means and variances are theirs."""
@@ -186,11 +211,13 @@ def _cluster_segments(
     sums = torch.zeros(*sizes.shape, squared.shape[-1], device=points.device, dtype=points.dtype)
     sums.scatter_add_(1, assignments.unsqueeze(-1).expand_as(squared), squared)
     variances = sums / sizes.clamp_min(1.0).unsqueeze(-1)
-    if config.variance == "profile":  # rank one per row (a segment's KV head)
-        variances = rank_one_variances(variances)
-    if config.variance != "isotropic":  # on the grid the cluster pool stores
+    parts = None
+    if config.variance == "profile":  # rank one per row (a segment's KV head), as stored
+        parts = rank_one_parts(variances)
+        variances = parts[0] * parts[1]
+    elif config.variance == "diagonal":  # on the grid the cluster pool stores
         variances = decode_variances(encode_variances(variances)).to(points.dtype)
-    return assignments, sizes, round_centroids(means, config), variances
+    return assignments, sizes, round_centroids(means, config), variances, parts
 
 
 def build_cluster_index(
@@ -223,7 +250,7 @@ def build_cluster_index(
         moments = query_moments.to(device).expand(num_segments, num_kv_heads, dim // 2)
         weights = query_weights(moments.reshape(num_segments * num_kv_heads, dim // 2))
     if num_segments:
-        assignments, sizes, means, variances = _cluster_segments(
+        assignments, sizes, means, variances, parts = _cluster_segments(
             points, clusters_per_segment, config, kmeans, weights
         )
     else:
@@ -231,6 +258,8 @@ def build_cluster_index(
         sizes = torch.zeros(0, 0, device=device)
         means = torch.zeros(0, 0, dim, device=device)
         variances = torch.zeros(0, 0, variance_dims(config, dim), device=device)
+        parts = (torch.zeros(0, 0, 1, device=device), torch.zeros(0, 1, dim, device=device)) \
+            if config.variance == "profile" else None
 
     local_positions = torch.arange(segment_len, device=device)
     # cluster order within a segment; ties (same cluster) keep position order
@@ -264,6 +293,8 @@ def build_cluster_index(
         cluster_offsets=cluster_offsets,
         token_positions=token_positions,
         token_cluster=token_cluster,
+        variance_scales=None if parts is None else per_head(parts[0])[..., 0],
+        variance_profiles=None if parts is None else per_head(parts[1]),
     )
 
 
@@ -274,6 +305,9 @@ def leading_segments(index: ClusterIndex, clustered_len: int) -> ClusterIndex:
         return index
     # every segment has as many clusters; the offset after the last kept one is clustered_len
     clusters = index.num_clusters * clustered_len // index.clustered_len
+    profiles = index.variance_profiles
+    if profiles is not None:
+        profiles = profiles[:, : profiles.shape[1] * clustered_len // index.clustered_len]
     return ClusterIndex(
         seq_len=index.seq_len,
         clustered_len=clustered_len,
@@ -283,6 +317,9 @@ def leading_segments(index: ClusterIndex, clustered_len: int) -> ClusterIndex:
         cluster_offsets=index.cluster_offsets[:, : clusters + 1],
         token_positions=index.token_positions[:, :clustered_len],
         token_cluster=index.token_cluster[:, :clustered_len],
+        variance_scales=(None if index.variance_scales is None
+                         else index.variance_scales[:, :clusters]),  # fmt: skip
+        variance_profiles=profiles,
     )
 
 
@@ -305,6 +342,7 @@ def concatenate_segments(segments: list[ClusterIndex], seq_len: int) -> ClusterI
         )
     num_kv_heads = segments[0].centroids.shape[0]
     device = segments[0].centroids.device
+    profiled = all(s.variance_profiles is not None for s in segments)
     end = torch.full((num_kv_heads, 1), clustered_len, dtype=torch.long, device=device)
     return ClusterIndex(
         seq_len=seq_len,
@@ -324,4 +362,7 @@ def concatenate_segments(segments: list[ClusterIndex], seq_len: int) -> ClusterI
             [s.token_cluster + first for s, first in zip(segments, first_cluster, strict=False)],
             dim=1,
         ),
+        variance_scales=torch.cat([s.variance_scales for s in segments], 1) if profiled else None,
+        variance_profiles=(torch.cat([s.variance_profiles for s in segments], 1) if profiled
+                           else None),  # fmt: skip
     )
