@@ -134,7 +134,23 @@ def test_measured_periods_overrule_a_wrong_model_and_probes_back_off():
     assert taken[6:] == [True, True]  # measured faster: selecting wins over the model
     taken = clock.run(paths, 400, predicted=False)
     assert 0 < taken.count(False) <= 0.05 * len(taken)  # dense probed, ever more rarely
-    assert paths.interval > 64
+    assert paths.intervals[1] > 64
+
+
+def test_a_new_batch_size_is_probed_soon_whatever_another_has_learned():
+    """Batch 1 selects faster and its probes back off to long intervals; batch 8, where the
+    model still predicts selecting but dense is faster, is probed after first_probe of its own
+    steps, measures both paths and decodes dense from then on."""
+    clock = Clock(select_s=0.66e-3, dense_s=0.79e-3)
+    paths = MeasuredPaths(clock=clock, first_probe=4, probe_steps=3, max_interval=512)
+    clock.run(paths, 600, predicted=True)
+    assert paths.intervals[1] >= 256
+    clock.cost = {True: 1.0e-3, False: 0.6e-3}  # batch 8's steps: selecting does not pay
+    taken = clock.run(paths, 200, predicted=True, batch=8)
+    assert taken[:3] == [True] * 3 and taken[3:6] == [False] * 3  # its first probe
+    assert paths.periods[(8, False)] == pytest.approx(0.6e-3)
+    # measured faster: dense wins over the model, selecting probed ever more rarely
+    assert taken[6:9] == [False] * 3 and taken[6:].count(False) >= 0.9 * len(taken[6:])
 
 
 def test_measured_periods_confirm_a_right_model_and_reset_on_other_steps():

@@ -177,8 +177,11 @@ class MeasuredPaths:
     measured (its period still holds the other path's work, with overlapped scheduling too),
     nor a period a non-decode step came into (`interrupt`). Until both paths are measured for
     a batch size, the model's prediction decides; the path not preferred is probed for
-    probe_steps steps after every `interval` steps, which starts at first_probe and doubles
-    (up to max_interval) each time a probe confirms the preference. measure=False (tensor
+    probe_steps steps after every `interval` steps of that batch size, which starts at
+    first_probe and doubles (up to max_interval) each time a probe confirms the preference:
+    per batch size, so that one whose paths were never measured is probed soon even where
+    another's probes have backed off (H100, trained 13M at 128k: batch 1's grew past a whole
+    run of batch 8, which never measured its dense path and selected though slower). measure=False (tensor
     parallelism: every rank must take the same path, and their clocks differ) leaves the
     model's prediction alone to decide, probes still at the same steps on every rank."""
 
@@ -191,8 +194,11 @@ class MeasuredPaths:
         self.max_interval, self.alpha = max_interval, alpha
         self.periods: dict[tuple[int, bool], float] = {}  # (batch, selects) -> seconds
         self.last: tuple[float, int, bool, int] | None = None  # time, batch, path, run
-        self.interval, self.since_probe, self.probing = first_probe, 0, 0
+        self.intervals: dict[int, int] = {}  # batch -> steps between its probes
+        self.since_probe: dict[int, int] = {}  # batch -> its steps since its last probe
+        self.probing = 0  # steps the running probe still takes
         self.probe_preferred: bool | None = None
+        self.probe_batch = 0  # the batch size the running probe measures
 
     def interrupt(self) -> None:
         """A step that is not a decode of this kind came between: no period to measure."""
@@ -218,15 +224,17 @@ class MeasuredPaths:
             choice = not self.probe_preferred
             if not self.probing:  # the probe's last step: back off while the preference holds
                 held = self.probe_preferred == preferred
-                self.interval = min(2 * self.interval, self.max_interval) if held \
-                    else self.first_probe
+                interval = self.intervals.get(self.probe_batch, self.first_probe)
+                self.intervals[self.probe_batch] = (min(2 * interval, self.max_interval) if held
+                                                    else self.first_probe)  # fmt: skip
         else:
-            self.since_probe += 1
+            since = self.since_probe.get(batch, 0) + 1
             choice = preferred
-            if self.since_probe >= self.interval:
-                self.since_probe, self.probing = 0, self.probe_steps - 1
-                self.probe_preferred = preferred
+            if since >= self.intervals.get(batch, self.first_probe):
+                since, self.probing = 0, self.probe_steps - 1
+                self.probe_preferred, self.probe_batch = preferred, batch
                 choice = not preferred
+            self.since_probe[batch] = since
         same = self.last is not None and self.last[1] == batch and self.last[2] == choice
         self.last = (now, batch, choice, self.last[3] + 1 if same else 0)
         return choice
