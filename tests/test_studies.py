@@ -1,7 +1,8 @@
 """The CPU studies' own arithmetic: benchmarks/estimator_study.py's variance forms (kept per group
 of dimensions, or as a per-segment profile times a per-cluster scale) and
 benchmarks/reuse_study.py's mass of a reused selection, on small hand-checked inputs, and the
-reuse study end to end on a capture file it reads as the recorded ones."""
+reuse study end to end on a capture file it reads as the recorded ones; the cuts of
+benchmarks/ablate_scoring.py still apply to the scoring kernel."""
 
 from __future__ import annotations
 
@@ -73,3 +74,17 @@ def test_reuse_study_on_a_capture(tmp_path):
     assert rows[0]["tokens_over_fresh"] == 1.0
     assert all(0.0 < row["mean_mass"] <= 1.0 for row in rows.values())
     assert "| c.pt | 7 |" in study.markdown({"c.pt": rows}, 0.9)
+
+
+def test_the_scoring_ablations_still_cut_the_kernel_they_name():
+    """benchmarks/ablate_scoring.py cuts text out of kernels/selection.py: each cut still finds
+    its text there (a kernel edit that moved it fails here, not on the GPU), changes the
+    source, and the variant loads as a module with its own select_rows."""
+    ablation = load("ablate_scoring")
+    source = ablation.SOURCE.read_text()
+    for name, cuts in ablation.CUTS.items():
+        for old, new in cuts:
+            assert old in source and old != new, name
+        module = ablation.load_variant(name, cuts)
+        assert callable(module.select_rows)
+        assert (Path(module.__file__).read_text() == source) == (not cuts), name
