@@ -76,6 +76,7 @@ def _score_units_kernel(
     CLUSTERED_GIVEN: tl.constexpr,
     VARIANCE_DIMS: tl.constexpr,
     PROFILE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -140,14 +141,22 @@ def _score_units_kernel(
     )
     vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
 
-    heads = tl.arange(0, BLOCK_H)
-    head_mask = heads < GROUP
     q = load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
     ).to(tl.float32)
     # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
-    # products (tf32 would move scores by 1e-3 and the selection with them)
-    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION) * scale
+    # products (tf32 would move scores by 1e-3 and the selection with them). The dots need
+    # 16 rows; everything after them works on the GROUP_PAD rows of real query heads only
+    scores = _leading_rows(
+        tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION),
+        GROUP_PAD, BLOCK_H, BLOCK_U,
+    ) * scale  # fmt: skip
+    heads = tl.arange(0, GROUP_PAD)
+    head_mask = heads < GROUP
+    q = load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, GROUP_PAD,
+        BLOCK_D,
+    ).to(tl.float32)  # fmt: skip
     query_norm_sq = tl.sum(q * q, axis=1)
 
     segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
@@ -181,9 +190,12 @@ def _score_units_kernel(
             mask=is_cluster[:, None] & dim_mask[None, :],
             other=0.0,
         )
-        weights = tl.minimum(q * q, FP16_LARGEST).to(tl.float16)
-        weighted = tl.dot(weights.to(VARIANCE_DOT_DTYPE),
-                          tl.trans(profiles.to(VARIANCE_DOT_DTYPE)))  # fmt: skip
+        weighted = _leading_rows(
+            tl.dot(_variance_weights(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+                                     GROUP, HEAD_DIM, BLOCK_H, BLOCK_D).to(VARIANCE_DOT_DTYPE),
+                   tl.trans(profiles.to(VARIANCE_DOT_DTYPE))),
+            GROUP_PAD, BLOCK_H, BLOCK_U,
+        )  # fmt: skip
         score_variance = weighted * spread[None, :] * (scale * scale)
     elif VARIANCE_DIMS == 1:
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
@@ -199,9 +211,12 @@ def _score_units_kernel(
         # operand with one byte permute, and q_i^2 is rounded as the reference rounds it (to
         # nearest, clamped into fp16's range). Under the interpreter the same fp16 values go
         # through an fp32 dot (dot_dtype), whose default tf32 products of them are exact too
-        weights = tl.minimum(q * q, FP16_LARGEST).to(tl.float16)
-        score_variance = tl.dot(weights.to(VARIANCE_DOT_DTYPE),
-                                tl.trans(variances.to(VARIANCE_DOT_DTYPE))) * (scale * scale)
+        score_variance = _leading_rows(
+            tl.dot(_variance_weights(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+                                     GROUP, HEAD_DIM, BLOCK_H, BLOCK_D).to(VARIANCE_DOT_DTYPE),
+                   tl.trans(variances.to(VARIANCE_DOT_DTYPE))),
+            GROUP_PAD, BLOCK_H, BLOCK_U,
+        ) * (scale * scale)  # fmt: skip
     # log-normal correction, capped at the expected largest of n normal scores (as the reference)
     log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
     ceiling = tl.sqrt(score_variance * 2.0 * log_size)
@@ -244,6 +259,29 @@ def _score_units_kernel(
                   sem="relaxed")  # fmt: skip
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
                   mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
+
+
+@triton.jit
+def _leading_rows(tile, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_U: tl.constexpr):
+    """tile[:ROWS] of a [BLOCK_H, BLOCK_U] tile (ROWS a power of two up to BLOCK_H): the rows
+    of the real query heads of a dot padded to 16, so that the arithmetic after it is not done
+    over the padding too (exact: each row summed with zeros)."""
+    if ROWS == BLOCK_H:
+        return tile
+    parts = tl.reshape(tile, [BLOCK_H // ROWS, ROWS, BLOCK_U])
+    first = (tl.arange(0, BLOCK_H // ROWS) == 0)[:, None, None]
+    return tl.sum(tl.where(first, parts, 0.0), axis=0)
+
+
+@triton.jit
+def _variance_weights(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_D: tl.constexpr):  # fmt: skip
+    """[BLOCK_H, BLOCK_D] float16 q_i^2 of the group's queries for the tensor-core variance dot:
+    rounded to nearest, clamped into fp16's range, as the reference rounds them."""
+    q = load_group_queries(q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP,
+                           HEAD_DIM, BLOCK_H, BLOCK_D).to(tl.float32)  # fmt: skip
+    return tl.minimum(q * q, FP16_LARGEST).to(tl.float16)
 
 
 @triton.jit
@@ -725,6 +763,7 @@ def select_rows(
     clustered_segments: torch.Tensor | None = None,
     score_units_per_program: int = 64,
     score_warps: int = 4,
+    score_real_rows: bool = False,
     units_per_program: int = 64,
     exact_units_per_program: int | None = None,
     exact_members_per_step: int | None = None,
@@ -740,7 +779,10 @@ def select_rows(
     scored token by token with the tail, and so is one that the recent window reaches into
     (as the reference does: recent positions are forced one by one, not through clusters).
     score_units_per_program: units one scoring program reads, score_warps: its warps (more
-    share its tiles, so each thread holds fewer registers); units_per_program: units of one
+    share its tiles, so each thread holds fewer registers), score_real_rows: its arithmetic
+    after the dots on the real query heads' rows only, not on the dots' padding to 16 rows
+    (the same selection; written 2026-12-07 and tested under the interpreter, not yet timed
+    on a GPU: off until it is); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
@@ -827,6 +869,7 @@ def select_rows(
         BLOCK_F=max(2, triton.next_power_of_2(config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", CLUSTERED_GIVEN=clustered_segments is not None,
         VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
+        GROUP_PAD=group_pad if score_real_rows else block_h,
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
     )  # fmt: skip
 

@@ -86,22 +86,26 @@ def to_device(pool):
         TacticConfig(segment_size=64, cluster_size=4, variance="profile"),
     ],
 )
-def test_selection_matches_reference(config):
+@pytest.mark.parametrize("real_rows", [False, True])
+def test_selection_matches_reference(config, real_rows):
     # a context shorter than a segment, one of exactly one segment, and ones with tails
     check_against_reference(config, score_units_per_program=16, units_per_program=32,
-                            exact_units_per_program=4)  # fmt: skip
+                            exact_units_per_program=4, score_real_rows=real_rows)  # fmt: skip
 
 
 @pytest.mark.parametrize("group,exact_units", [(1, 4), (2, 2), (4, 4), (8, 4)])
 @pytest.mark.parametrize("variance", ["diagonal", "isotropic", "profile"])
-def test_groups_match_reference(group, exact_units, variance):
-    """Query heads per KV head from 1 to 8 (the kernels pad a group to their 16-row dot tiles),
-    64 units a scoring program, exact scoring on (a tenth of the context) in steps of 2 or 4
-    clusters, the tail attended, sinks and a recent window."""
+@pytest.mark.parametrize("real_rows", [False, True])
+def test_groups_match_reference(group, exact_units, variance, real_rows):
+    """Query heads per KV head from 1 to 8 (the kernels pad a group to their 16-row dot tiles;
+    real_rows: scoring's arithmetic after its dots on the group's rows alone), 64 units a
+    scoring program, exact scoring on (a tenth of the context) in steps of 2 or 4 clusters,
+    the tail attended, sinks and a recent window."""
     config = TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5,
                           variance=variance, exact_fraction=0.1)  # fmt: skip
     check_against_reference(config, group=group, score_units_per_program=64,
-                            units_per_program=32, exact_units_per_program=exact_units)  # fmt: skip
+                            units_per_program=32, exact_units_per_program=exact_units,
+                            score_real_rows=real_rows)  # fmt: skip
 
 
 @pytest.mark.parametrize("exact_units,exact_members", [(8, 16), (4, 4)])
