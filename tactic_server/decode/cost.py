@@ -146,6 +146,33 @@ MODELS: dict[str, DecodeCostModel] = {
         attend_ms_per_row=0.000893972,
         source="benchmarks/results/decode_attention_h200.json (2026-12-02), flashinfer_dense_ms",
     ),
+    # python benchmarks/fit_cost_model.py <the run> [--dense-key flashinfer_dense_ms]: 20 of 20
+    # cells picked the faster path over our dense kernel, 18 of 20 over FlashInfer's (the two
+    # others, 32k batch 1 at 1-2% needed, decode dense for 1.2x what selecting would take)
+    "H100": DecodeCostModel(
+        dense_floor_ms=0.06851336,
+        dense_ms_per_gb=0.342428447,
+        select_floor_ms=0.038609753,
+        select_ms_per_row=0.001551514,
+        select_ms_per_gb=0.076406646,
+        attend_floor_ms=0.017286927,
+        attend_ms_per_gb=0.445277937,
+        attend_ms_per_row=0.000627621,
+        source="benchmarks/results/decode_attention_fp8_table_b440d66_h100.json (2026-12-07, "
+        "float8 centroids)",
+    ),
+    "H100/flashinfer": DecodeCostModel(
+        dense_floor_ms=0.063469496,
+        dense_ms_per_gb=0.333856187,
+        select_floor_ms=0.038609753,
+        select_ms_per_row=0.001551514,
+        select_ms_per_gb=0.076406646,
+        attend_floor_ms=0.017286927,
+        attend_ms_per_gb=0.445277937,
+        attend_ms_per_row=0.000627621,
+        source="benchmarks/results/decode_attention_fp8_table_b440d66_h100.json (2026-12-07), "
+        "flashinfer_dense_ms",
+    ),
 }
 
 
@@ -181,9 +208,10 @@ class MeasuredPaths:
     first_probe and doubles (up to max_interval) each time a probe confirms the preference:
     per batch size, so that one whose paths were never measured is probed soon even where
     another's probes have backed off (H100, trained 13M at 128k: batch 1's grew past a whole
-    run of batch 8, which never measured its dense path and selected though slower). measure=False (tensor
-    parallelism: every rank must take the same path, and their clocks differ) leaves the
-    model's prediction alone to decide, probes still at the same steps on every rank."""
+    run of batch 8, which never measured its dense path and selected though slower).
+    measure=False (tensor parallelism: every rank must take the same path, and their clocks
+    differ) leaves the model's prediction alone to decide, probes still at the same steps on
+    every rank."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter, first_probe: int = 16,
                  probe_steps: int = 3, max_interval: int = 512, alpha: float = 0.3,
