@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
@@ -42,12 +43,19 @@ CUTS = {
 }
 
 
+def apply(text: str, old: str, new: str) -> str:
+    """text with old (at its own indentation or nested up to two levels deeper: the kernel's
+    body may sit in a loop) replaced by new, indented alike; ValueError where it is not."""
+    for extra in ("        ", "    ", ""):  # the deepest first: a shallower one is its suffix
+        if textwrap.indent(old, extra) in text:
+            return text.replace(textwrap.indent(old, extra), textwrap.indent(new, extra))
+    raise ValueError(f"not in {SOURCE.name} any more: {old.strip()[:60]!r}")
+
+
 def load_variant(name: str, cuts) -> object:
     text = SOURCE.read_text()
     for old, new in cuts:
-        if old not in text:
-            raise SystemExit(f"{name}: the text to cut is not in {SOURCE} any more")
-        text = text.replace(old, new)
+        text = apply(text, old, new)
     folder = Path(tempfile.mkdtemp())
     path = folder / f"selection_{abs(hash(name))}.py"
     path.write_text(text)

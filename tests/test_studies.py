@@ -84,7 +84,7 @@ def test_the_scoring_ablations_still_cut_the_kernel_they_name():
     source = ablation.SOURCE.read_text()
     for name, cuts in ablation.CUTS.items():
         for old, new in cuts:
-            assert old in source and old != new, name
+            assert ablation.apply(source, old, new) != source, name
         module = ablation.load_variant(name, cuts)
         assert callable(module.select_rows)
         assert (Path(module.__file__).read_text() == source) == (not cuts), name
