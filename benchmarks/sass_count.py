@@ -36,13 +36,16 @@ POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "offsets_ptr": "*i32", "req_to_s
             "req_to_token_ptr": "*i32", "req_pool_ptr": "*i32", "seq_lens_ptr": "*i32",
             "clustered_ptr": "*i32", "log_mass_ptr": "*fp32", "unit_size_ptr": "*i32",
             "forced_ptr": "*i8", "token_cluster_ptr": "*i32", "mass_hist_ptr": "*fp32",
-            "profiles_ptr": "*fp16"}  # fmt: skip
+            "profiles_ptr": "*fp16", "clustered_out_ptr": "*i32"}  # fmt: skip
 FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 
 
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
-                      block_u: int) -> str:  # fmt: skip
-    """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache."""
+                      block_u: int, real_rows: bool = False,
+                      resources: bool = False) -> str:  # fmt: skip
+    """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
+    (real_rows: its score_real_rows); resources: the cubin's resource usage (registers a
+    thread) instead."""
     kernel = module._score_units_kernel
     names = kernel.arg_names
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
@@ -52,6 +55,9 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                      BLOCK_H=max(16, triton.next_power_of_2(group)),
                      BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_U=block_u, BLOCK_F=2,
                      ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, PROFILE=0, BINS=2048,
+                     CLUSTERED_GIVEN=False,
+                     GROUP_PAD=(triton.next_power_of_2(group) if real_rows
+                                else max(16, triton.next_power_of_2(group))),
                      DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
                      VARIANCE_DOT_DTYPE=tl.bfloat16 if codes == "*u8" else tl.float16,
                      INTERPRETED=False)  # fmt: skip
@@ -75,8 +81,9 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        return subprocess.run([str(cuobjdump), "-sass", cubin.name], check=True,
-                              capture_output=True, text=True).stdout  # fmt: skip
+        return subprocess.run([str(cuobjdump), "-res-usage" if resources else "-sass",
+                               cubin.name], check=True, capture_output=True,
+                              text=True).stdout  # fmt: skip
 
 
 def count(sass: str) -> collections.Counter:
@@ -94,6 +101,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--block-u", type=int, default=64)
+    parser.add_argument("--real-rows", action="store_true", help="score_real_rows")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from tactic_server.kernels import selection
@@ -101,18 +109,22 @@ def main() -> None:
     rows = []
     for centroids, variance_dims in (("bf16", args.head_dim), ("fp8e4nv", args.head_dim),
                                      ("bf16", 1)):  # fmt: skip
-        opcodes = count(score_kernel_sass(selection, centroids, variance_dims, args.head_dim,
-                                          args.group, args.block_u))  # fmt: skip
+        launch = (selection, centroids, variance_dims, args.head_dim, args.group, args.block_u,
+                  args.real_rows)  # fmt: skip
+        opcodes = count(score_kernel_sass(*launch))
+        registers = re.search(r"REG:(\d+)", score_kernel_sass(*launch, resources=True))
         top = ", ".join(f"{name} {n}" for name, n in opcodes.most_common(8))
         variance = "diagonal" if variance_dims > 1 else "isotropic"
-        rows.append(f"| {centroids} | {variance} | {sum(opcodes.values())} | {top} |")
+        rows.append(f"| {centroids} | {variance} | {sum(opcodes.values())} | "
+                    f"{registers.group(1) if registers else '?'} | {top} |")  # fmt: skip
         print(rows[-1], flush=True)
     table = "\n".join([
         f"_score_units_kernel for sm_90, head_dim {args.head_dim}, group {args.group}, "
-        f"{args.block_u} units a program, 4 warps: SASS instructions per thread (static count "
-        f"= issued per warp per program; no loops). `python benchmarks/sass_count.py`", "",
-        "| centroids | variances | instructions | most frequent |",
-        "|---|---|---|---|", *rows, ""])  # fmt: skip
+        f"{args.block_u} units a program, real rows {args.real_rows}, 4 warps: SASS "
+        f"instructions per thread (static count = issued per warp per program; no loops) and "
+        f"registers a thread. `python benchmarks/sass_count.py`",
+        "", "| centroids | variances | instructions | registers | most frequent |",
+        "|---|---|---|---|---|", *rows, ""])  # fmt: skip
     if args.out:
         args.out.write_text(table)
 

@@ -77,7 +77,6 @@ def _score_units_kernel(
     VARIANCE_DIMS: tl.constexpr,
     PROFILE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
-    BLOCKS: tl.constexpr,
     BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -107,24 +106,51 @@ def _score_units_kernel(
     num_cluster_units = clustered * CLUSTERS
     tail_start = clustered * SEGMENT
     num_units = num_cluster_units + seq_len - tail_start  # _row_units, from what is loaded here
-    first_unit = tl.program_id(1) * (BLOCKS * BLOCK_U)
-    if first_unit >= num_units:
-        return  # blocks wholly beyond the row's units
+    if tl.program_id(1) * BLOCK_U >= num_units:
+        return  # a block wholly beyond the row's units
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
+
+    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    in_range = units < max_units
+    is_cluster = units < num_cluster_units
+    is_tail = (units >= num_cluster_units) & (units < num_units)
+    segment_slot = tl.load(
+        req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
+        mask=is_cluster,
+        other=0,
+    ).to(tl.int64)
+    cluster_row = (segment_slot * num_kv_heads + kv_head) * CLUSTERS + units % CLUSTERS
+    kv_slot = tl.load(
+        req_to_token_ptr + pool_index * stride_req_token + tail_start + units - num_cluster_units,
+        mask=is_tail,
+        other=0,
+    ).to(tl.int64)
+
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
+    centroid = tl.load(
+        centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+        mask=is_cluster[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
+    key = tl.load(
+        k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
+        mask=is_tail[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
+    vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
 
-    # the row's queries, once for all its blocks. Products of 16-bit values are exact in fp32 on
-    # tensor cores; a float32 cache gets IEEE products (tf32 would move scores by 1e-3 and the
-    # selection with them). The dots need 16 rows; everything after them works on the GROUP_PAD
-    # rows of real query heads only
-    q_dot = load_group_queries(
+    q = load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
-    ).to(tl.float32).to(DOT_DTYPE)
-    variance_weights = _variance_weights(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
-                                         GROUP, HEAD_DIM, BLOCK_H,
-                                         BLOCK_D).to(VARIANCE_DOT_DTYPE)  # fmt: skip
+    ).to(tl.float32)
+    # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
+    # products (tf32 would move scores by 1e-3 and the selection with them). The dots need
+    # 16 rows; everything after them works on the GROUP_PAD rows of real query heads only
+    scores = _leading_rows(
+        tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION),
+        GROUP_PAD, BLOCK_H, BLOCK_U,
+    ) * scale  # fmt: skip
     heads = tl.arange(0, GROUP_PAD)
     head_mask = heads < GROUP
     q = load_group_queries(
@@ -132,9 +158,80 @@ def _score_units_kernel(
         BLOCK_D,
     ).to(tl.float32)  # fmt: skip
     query_norm_sq = tl.sum(q * q, axis=1)
-    # q_i^2 on float16's grid, as the reference's per-dimension estimate rounds it
-    profile_weights = tl.minimum(q * q, FP16_LARGEST).to(tl.float16).to(tl.float32)
-    # the units of the sinks that lie in clustered segments
+
+    segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
+    local = units % CLUSTERS
+    cluster_size = tl.load(segment_offsets + local + 1, mask=is_cluster, other=0) - tl.load(
+        segment_offsets + local, mask=is_cluster, other=0
+    )
+    size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
+    if PROFILE == 2:  # sum_i q_i^2 p_i once for the block's segment, times each scale
+        spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
+        first = tl.program_id(1) * BLOCK_U
+        block_segment = tl.load(
+            req_to_segment_ptr + pool_index * stride_req_segment + first // CLUSTERS,
+            mask=first < num_cluster_units,
+            other=0,
+        ).to(tl.int64)
+        profile = tl.load(
+            profiles_ptr + (block_segment * num_kv_heads + kv_head) * HEAD_DIM + dims,
+            mask=dim_mask & (first < num_cluster_units),
+            other=0.0,
+        ).to(tl.float32)
+        # q_i^2 on float16's grid, as the reference's per-dimension estimate rounds it
+        weights = tl.minimum(q * q, FP16_LARGEST).to(tl.float16).to(tl.float32)
+        weighted = tl.sum(weights * profile[None, :], axis=1)
+        score_variance = weighted[:, None] * spread[None, :] * (scale * scale)
+    elif PROFILE == 1:  # each cluster's segment profile, as the per-dimension variances are
+        spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
+        profiles = tl.load(
+            profiles_ptr + (segment_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM
+            + dims[None, :],
+            mask=is_cluster[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
+        weighted = _leading_rows(
+            tl.dot(_variance_weights(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+                                     GROUP, HEAD_DIM, BLOCK_H, BLOCK_D).to(VARIANCE_DOT_DTYPE),
+                   tl.trans(profiles.to(VARIANCE_DOT_DTYPE))),
+            GROUP_PAD, BLOCK_H, BLOCK_U,
+        )  # fmt: skip
+        score_variance = weighted * spread[None, :] * (scale * scale)
+    elif VARIANCE_DIMS == 1:
+        spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
+        score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
+    else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
+        variances = tl.load(  # float8 e5m2: the top byte of fp16 values (encode_variances)
+            variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
+            mask=is_cluster[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(tl.float16)
+        # fp16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
+        # registers and took 4x the centroid scoring): a pair of e5m2 values becomes its fp16
+        # operand with one byte permute, and q_i^2 is rounded as the reference rounds it (to
+        # nearest, clamped into fp16's range). Under the interpreter the same fp16 values go
+        # through an fp32 dot (dot_dtype), whose default tf32 products of them are exact too
+        score_variance = _leading_rows(
+            tl.dot(_variance_weights(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+                                     GROUP, HEAD_DIM, BLOCK_H, BLOCK_D).to(VARIANCE_DOT_DTYPE),
+                   tl.trans(variances.to(VARIANCE_DOT_DTYPE))),
+            GROUP_PAD, BLOCK_H, BLOCK_U,
+        ) * (scale * scale)  # fmt: skip
+    # log-normal correction, capped at the expected largest of n normal scores (as the reference)
+    log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
+    ceiling = tl.sqrt(score_variance * 2.0 * log_size)
+    log_mass = log_size + scores + tl.minimum(score_variance * 0.5, ceiling)
+    log_mass = tl.where((size > 0)[None, :], log_mass, float("-inf"))
+    stored = head_mask[:, None] & in_range[None, :]
+    out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
+    tl.store(log_mass_ptr + out, log_mass, mask=stored)
+    tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
+
+    # the always-attended positions: tail ones (the recent window always is: select_rows
+    # leaves a segment it reaches into to the tail, as the reference does) by arithmetic, and
+    # the clusters of the sinks that lie in clustered segments, looked up
+    tail_position = tail_start + units - num_cluster_units
+    forced = is_tail & ((tail_position < sink_tokens) | (tail_position >= seq_len - recent_window))
     sinks = tl.arange(0, BLOCK_F)
     clustered_sink = (sinks < sink_tokens) & (sinks < tail_start)
     sink_segment = tl.load(
@@ -148,129 +245,20 @@ def _score_units_kernel(
         other=0,
     )
     sink_units = tl.where(clustered_sink, (sinks // SEGMENT) * CLUSTERS + sink_cluster, -1)
+    forced = forced | (tl.max((units[:, None] == sink_units[None, :]).to(tl.int32), axis=1) > 0)
+    if ATTEND_TAIL:
+        forced = forced | is_tail
+    tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=in_range)
 
-    # BLOCKS blocks of BLOCK_U units, unrolled (a block past the row's units is masked whole)
-    for block in tl.static_range(BLOCKS):
-        units = first_unit + block * BLOCK_U + tl.arange(0, BLOCK_U)
-        in_range = units < max_units
-        is_cluster = units < num_cluster_units
-        is_tail = (units >= num_cluster_units) & (units < num_units)
-        segment_slot = tl.load(
-            req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
-            mask=is_cluster,
-            other=0,
-        ).to(tl.int64)
-        cluster_row = (segment_slot * num_kv_heads + kv_head) * CLUSTERS + units % CLUSTERS
-        kv_slot = tl.load(
-            req_to_token_ptr + pool_index * stride_req_token + tail_start + units
-            - num_cluster_units,
-            mask=is_tail,
-            other=0,
-        ).to(tl.int64)
-
-        centroid = tl.load(
-            centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
-            mask=is_cluster[:, None] & dim_mask[None, :],
-            other=0.0,
-        )
-        key = tl.load(
-            k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
-            mask=is_tail[:, None] & dim_mask[None, :],
-            other=0.0,
-        )
-        vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
-
-        scores = _leading_rows(
-            tl.dot(q_dot, tl.trans(vectors), input_precision=DOT_PRECISION),
-            GROUP_PAD, BLOCK_H, BLOCK_U,
-        ) * scale  # fmt: skip
-
-        segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
-        local = units % CLUSTERS
-        cluster_size = tl.load(segment_offsets + local + 1, mask=is_cluster, other=0) - tl.load(
-            segment_offsets + local, mask=is_cluster, other=0
-        )
-        size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
-        if PROFILE == 2:  # sum_i q_i^2 p_i once for the block's segment, times each scale
-            spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
-            first = first_unit + block * BLOCK_U
-            block_segment = tl.load(
-                req_to_segment_ptr + pool_index * stride_req_segment + first // CLUSTERS,
-                mask=first < num_cluster_units,
-                other=0,
-            ).to(tl.int64)
-            profile = tl.load(
-                profiles_ptr + (block_segment * num_kv_heads + kv_head) * HEAD_DIM + dims,
-                mask=dim_mask & (first < num_cluster_units),
-                other=0.0,
-            ).to(tl.float32)
-            weighted = tl.sum(profile_weights * profile[None, :], axis=1)
-            score_variance = weighted[:, None] * spread[None, :] * (scale * scale)
-        elif PROFILE == 1:  # each cluster's segment profile, as the per-dimension variances are
-            spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
-            profiles = tl.load(
-                profiles_ptr + (segment_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM
-                + dims[None, :],
-                mask=is_cluster[:, None] & dim_mask[None, :],
-                other=0.0,
-            )
-            weighted = _leading_rows(
-                tl.dot(variance_weights,
-                       tl.trans(profiles.to(VARIANCE_DOT_DTYPE))),
-                GROUP_PAD, BLOCK_H, BLOCK_U,
-            )  # fmt: skip
-            score_variance = weighted * spread[None, :] * (scale * scale)
-        elif VARIANCE_DIMS == 1:
-            spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
-            score_variance = query_norm_sq[:, None] * spread[None, :] * (scale * scale)
-        else:  # sum_i q_i^2 var_i: a second [units, d] tile like the centroids'
-            variances = tl.load(  # float8 e5m2: the top byte of fp16 values (encode_variances)
-                variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
-                mask=is_cluster[:, None] & dim_mask[None, :],
-                other=0.0,
-            ).to(tl.float16)
-            # fp16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
-            # registers and took 4x the centroid scoring): a pair of e5m2 values becomes its fp16
-            # operand with one byte permute, and q_i^2 is rounded as the reference rounds it (to
-            # nearest, clamped into fp16's range). Under the interpreter the same fp16 values go
-            # through an fp32 dot (dot_dtype), whose default tf32 products of them are exact too
-            score_variance = _leading_rows(
-                tl.dot(variance_weights,
-                       tl.trans(variances.to(VARIANCE_DOT_DTYPE))),
-                GROUP_PAD, BLOCK_H, BLOCK_U,
-            ) * (scale * scale)  # fmt: skip
-        # log-normal correction, capped at the expected largest of n normal scores (as the
-        # reference)
-        log_size = tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
-        ceiling = tl.sqrt(score_variance * 2.0 * log_size)
-        log_mass = log_size + scores + tl.minimum(score_variance * 0.5, ceiling)
-        log_mass = tl.where((size > 0)[None, :], log_mass, float("-inf"))
-        stored = head_mask[:, None] & in_range[None, :]
-        out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
-        tl.store(log_mass_ptr + out, log_mass, mask=stored)
-        tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
-
-        # the always-attended positions: tail ones (the recent window always is: select_rows
-        # leaves a segment it reaches into to the tail, as the reference does) by arithmetic, and
-        # the clusters of the sinks that lie in clustered segments (sink_units)
-        tail_position = tail_start + units - num_cluster_units
-        forced = is_tail & ((tail_position < sink_tokens)
-                            | (tail_position >= seq_len - recent_window))  # fmt: skip
-        forced = forced | (tl.max((units[:, None] == sink_units[None, :]).to(tl.int32),
-                                  axis=1) > 0)  # fmt: skip
-        if ATTEND_TAIL:
-            forced = forced | is_tail
-        tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=in_range)
-
-        occupied = size > 0
-        bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
-        relative = _relative_mass(log_mass, bins, lowest_density, bin_width)
-        hist_row = (row * GROUP + heads)[:, None]
-        candidate = stored & (occupied & ~forced)[None, :]
-        tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 0) * BINS + bins, relative, mask=candidate,
-                      sem="relaxed")  # fmt: skip
-        tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
-                      mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
+    occupied = size > 0
+    bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
+    relative = _relative_mass(log_mass, bins, lowest_density, bin_width)
+    hist_row = (row * GROUP + heads)[:, None]
+    candidate = stored & (occupied & ~forced)[None, :]
+    tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 0) * BINS + bins, relative, mask=candidate,
+                  sem="relaxed")  # fmt: skip
+    tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
+                  mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
 
 
 @triton.jit
@@ -776,7 +764,6 @@ def select_rows(
     score_units_per_program: int = 64,
     score_warps: int = 4,
     score_real_rows: bool = False,
-    score_blocks_per_program: int = 1,
     units_per_program: int = 64,
     exact_units_per_program: int | None = None,
     exact_members_per_step: int | None = None,
@@ -795,12 +782,9 @@ def select_rows(
     share its tiles, so each thread holds fewer registers), score_real_rows: its arithmetic
     after the dots on the real query heads' rows only, not on the dots' padding to 16 rows
     (the same selection; written 2026-12-07 and tested under the interpreter, not yet timed
-    on a GPU: off until it is), score_blocks_per_program: blocks of score_units_per_program
-    units each scoring program scores one after another (unrolled, so that one block's loads
-    may overlap another's arithmetic; likewise untimed, 1 until timed); units_per_program:
-    units of one program of the lighter unit-parallel kernels (listing, marking, writing:
-    more units per program keeps large batches from paying per-program latency many times
-    over);
+    on a GPU: off until it is); units_per_program: units of one
+    program of the lighter unit-parallel kernels (listing, marking, writing: more units per
+    program keeps large batches from paying per-program latency many times over);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
     exact-scoring step (a cluster of more members takes more steps); by default [8, 16] from
     64 rows (batch * H_kv) up, else [4, 32] (H100, 128k: [8, 16] 2-3% less selection at 128
@@ -871,8 +855,7 @@ def select_rows(
     # "profile" variances: one profile a scoring block where its clusters are one segment's
     profile = 0 if pool.profiles.shape[-1] == 0 else (
         2 if clusters % score_units_per_program == 0 else 1)
-    score_blocks = score_units_per_program * score_blocks_per_program
-    _score_units_kernel[(rows, triton.cdiv(max_units, score_blocks))](
+    _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
         q, k_cache, pool.centroids, pool.variances, pool.profiles, pool.cluster_offsets,
         req_to_segment,
         req_to_token, req_pool_indices, seq_lens,
@@ -886,7 +869,7 @@ def select_rows(
         BLOCK_F=max(2, triton.next_power_of_2(config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", CLUSTERED_GIVEN=clustered_segments is not None,
         VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
-        GROUP_PAD=group_pad if score_real_rows else block_h, BLOCKS=score_blocks_per_program,
+        GROUP_PAD=group_pad if score_real_rows else block_h,
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
     )  # fmt: skip
 

@@ -108,20 +108,6 @@ def test_groups_match_reference(group, exact_units, variance, real_rows):
                             score_real_rows=real_rows)  # fmt: skip
 
 
-@pytest.mark.parametrize("blocks,real_rows", [(2, False), (3, True)])
-@pytest.mark.parametrize("config", [
-    TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5),
-    TacticConfig(segment_size=64, cluster_size=4, variance="profile", sink_tokens=70),
-])  # fmt: skip
-def test_scoring_programs_of_several_blocks_match_reference(config, blocks, real_rows):
-    """Scoring programs that score 2 or 3 blocks of 16 units one after another (the last
-    program of a row partly past its units; sinks beyond the first segment on 16-cluster
-    segments, one profile a block): the same rows as the reference."""
-    check_against_reference(config, score_units_per_program=16, units_per_program=32,
-                            exact_units_per_program=4, score_blocks_per_program=blocks,
-                            score_real_rows=real_rows)  # fmt: skip
-
-
 @pytest.mark.parametrize("exact_units,exact_members", [(8, 16), (4, 4)])
 def test_exact_scoring_steps_match_reference(exact_units, exact_members):
     """Exact scoring in [clusters, members] steps (segments of 64 in 4 clusters of about 16
