@@ -41,11 +41,11 @@ FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 
 
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
-                      block_u: int, real_rows: bool = False,
+                      block_u: int, real_rows: bool = False, fp16_centroids: bool = False,
                       resources: bool = False) -> str:  # fmt: skip
     """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
-    (real_rows: its score_real_rows); resources: the cubin's resource usage (registers a
-    thread) instead."""
+    (real_rows, fp16_centroids: its score_real_rows, score_fp16_centroids); resources: the
+    cubin's resource usage (registers a thread) instead."""
     kernel = module._score_units_kernel
     names = kernel.arg_names
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
@@ -55,7 +55,8 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                      BLOCK_H=max(16, triton.next_power_of_2(group)),
                      BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_U=block_u, BLOCK_F=2,
                      ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, PROFILE=0, BINS=2048,
-                     CLUSTERED_GIVEN=False,
+                     CLUSTERED_GIVEN=False, SPLIT_DOT=fp16_centroids and centroids == "fp8e4nv",
+                     CENTROID_DOT_DTYPE=tl.float16,
                      GROUP_PAD=(triton.next_power_of_2(group) if real_rows
                                 else max(16, triton.next_power_of_2(group))),
                      DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--block-u", type=int, default=64)
     parser.add_argument("--real-rows", action="store_true", help="score_real_rows")
+    parser.add_argument("--fp16-centroids", action="store_true", help="score_fp16_centroids")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from tactic_server.kernels import selection
@@ -110,7 +112,7 @@ def main() -> None:
     for centroids, variance_dims in (("bf16", args.head_dim), ("fp8e4nv", args.head_dim),
                                      ("bf16", 1)):  # fmt: skip
         launch = (selection, centroids, variance_dims, args.head_dim, args.group, args.block_u,
-                  args.real_rows)  # fmt: skip
+                  args.real_rows, args.fp16_centroids)  # fmt: skip
         opcodes = count(score_kernel_sass(*launch))
         registers = re.search(r"REG:(\d+)", score_kernel_sass(*launch, resources=True))
         top = ", ".join(f"{name} {n}" for name, n in opcodes.most_common(8))
@@ -120,7 +122,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = "\n".join([
         f"_score_units_kernel for sm_90, head_dim {args.head_dim}, group {args.group}, "
-        f"{args.block_u} units a program, real rows {args.real_rows}, 4 warps: SASS "
+        f"{args.block_u} units a program, real rows {args.real_rows}, fp16 centroids "
+        f"{args.fp16_centroids}, 4 warps: SASS "
         f"instructions per thread (static count = issued per warp per program; no loops) and "
         f"registers a thread. `python benchmarks/sass_count.py`",
         "", "| centroids | variances | instructions | registers | most frequent |",
