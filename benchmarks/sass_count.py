@@ -44,7 +44,7 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                       block_u: int, real_rows: bool = False, fp16_centroids: bool = False,
                       resources: bool = False) -> str:  # fmt: skip
     """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
-    (real_rows, fp16_centroids: its score_real_rows, score_fp16_centroids); resources: the
+    (real_rows, fp16_centroids: its real_rows, score_fp16_centroids); resources: the
     cubin's resource usage (registers a thread) instead."""
     kernel = module._score_units_kernel
     names = kernel.arg_names
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--block-u", type=int, default=64)
-    parser.add_argument("--real-rows", action="store_true", help="score_real_rows")
+    parser.add_argument("--real-rows", action="store_true", help="real_rows")
     parser.add_argument("--fp16-centroids", action="store_true", help="score_fp16_centroids")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -463,6 +463,7 @@ def _exact_units_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -477,7 +478,7 @@ def _exact_units_kernel(
         request = row // num_kv_heads
         kv_head = row % num_kv_heads
         pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-        heads = tl.arange(0, BLOCK_H)
+        heads = tl.arange(0, GROUP_PAD)  # the dot's 16 rows, or the group's alone (real_rows)
         head_mask = heads < GROUP
         hist_row = (row * GROUP + heads)[:, None]
         thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask,
@@ -503,8 +504,8 @@ def _exact_units_kernel(
             unit_bins = _density_bin(unit_estimate, unit_size[None, :], lowest_density,
                                      inverse_bin_width, BINS)  # fmt: skip
             flags = head_mask[:, None] & live[None, :] & (unit_bins >= thresholds[:, None])
-            running_max = tl.full([BLOCK_H, BLOCK_E], float("-inf"), dtype=tl.float32)
-            running_sum = tl.zeros([BLOCK_H, BLOCK_E], dtype=tl.float32)
+            running_max = tl.full([GROUP_PAD, BLOCK_E], float("-inf"), dtype=tl.float32)
+            running_sum = tl.zeros([GROUP_PAD, BLOCK_E], dtype=tl.float32)
             for member_start in range(0, tl.max(members_count, axis=0), BLOCK_M):
                 member_mask = (member_start + members)[None, :] < members_count[:, None]
                 slots = tl.load(
@@ -521,8 +522,11 @@ def _exact_units_kernel(
                     other=0.0,
                 ).to(DOT_DTYPE)  # fmt: skip
                 keys = tl.reshape(keys, (BLOCK_E * BLOCK_M, BLOCK_D))
-                scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
-                scores = tl.reshape(scores, (BLOCK_H, BLOCK_E, BLOCK_M))
+                scores = _leading_rows(
+                    tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION),
+                    GROUP_PAD, BLOCK_H, BLOCK_E * BLOCK_M,
+                ) * scale  # fmt: skip
+                scores = tl.reshape(scores, (GROUP_PAD, BLOCK_E, BLOCK_M))
                 scores = tl.where(member_mask[None, :, :], scores, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, axis=2))
                 safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -778,7 +782,7 @@ def select_rows(
     clustered_segments: torch.Tensor | None = None,
     score_units_per_program: int = 64,
     score_warps: int = 4,
-    score_real_rows: bool = False,
+    real_rows: bool = False,
     score_fp16_centroids: bool = False,
     units_per_program: int = 64,
     exact_units_per_program: int | None = None,
@@ -795,14 +799,14 @@ def select_rows(
     scored token by token with the tail, and so is one that the recent window reaches into
     (as the reference does: recent positions are forced one by one, not through clusters).
     score_units_per_program: units one scoring program reads, score_warps: its warps (more
-    share its tiles, so each thread holds fewer registers), score_real_rows: its arithmetic
-    after the dots on the real query heads' rows only, not on the dots' padding to 16 rows
-    (the same selection; written 2026-12-07 and tested under the interpreter, not yet timed
-    on a GPU: off until it is), score_fp16_centroids: float8 centroids enter the scoring dot
-    as fp16 operands (exactly; the queries rounded to fp16 for them, exact but below fp16's
-    normal range) and the tail keys a dot of their own, instead of both converted to the
-    cache's bf16, which Hopper does through fp16 with a quarter-rate F2F per value (likewise
-    untimed, off); units_per_program: units of one
+    share its tiles, so each thread holds fewer registers), real_rows: the scoring and exact
+    scoring kernels' arithmetic after their dots on the real query heads' rows only, not on
+    the dots' padding to 16 rows (the same selection; written 2026-12-07 and tested under the
+    interpreter, not yet timed on a GPU: off until it is), score_fp16_centroids: float8
+    centroids enter the scoring dot as fp16 operands (exactly; the queries rounded to fp16
+    for them, exact but below fp16's normal range) and the tail keys a dot of their own,
+    instead of both converted to the cache's bf16, which Hopper does through fp16 with a
+    quarter-rate F2F per value (likewise untimed, off); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
@@ -889,7 +893,7 @@ def select_rows(
         BLOCK_F=max(2, triton.next_power_of_2(config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", CLUSTERED_GIVEN=clustered_segments is not None,
         VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
-        GROUP_PAD=group_pad if score_real_rows else block_h,
+        GROUP_PAD=group_pad if real_rows else block_h,
         SPLIT_DOT=score_fp16_centroids and pool.centroids.dtype == torch.float8_e4m3fn,
         CENTROID_DOT_DTYPE=dot_dtype(torch.float16),
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
@@ -917,7 +921,7 @@ def select_rows(
             q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
             bin_width=config.density_bin_width, **binning,
             BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program,
-            BLOCK_M=exact_members_per_step,
+            BLOCK_M=exact_members_per_step, GROUP_PAD=group_pad if real_rows else block_h,
             **common,
         )  # fmt: skip
     else:  # nothing is scored exactly: no bin reaches the threshold

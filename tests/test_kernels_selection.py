@@ -86,8 +86,8 @@ def to_device(pool):
         TacticConfig(segment_size=64, cluster_size=4, variance="profile"),
     ],
 )
-@pytest.mark.parametrize("options", [{}, {"score_real_rows": True},
-                                     {"score_real_rows": True, "score_fp16_centroids": True}])
+@pytest.mark.parametrize("options", [{}, {"real_rows": True},
+                                     {"real_rows": True, "score_fp16_centroids": True}])
 def test_selection_matches_reference(config, options):
     # a context shorter than a segment, one of exactly one segment, and ones with tails;
     # the scoring kernel's options (score_fp16_centroids acts on float8 centroids only)
@@ -100,14 +100,15 @@ def test_selection_matches_reference(config, options):
 @pytest.mark.parametrize("real_rows", [False, True])
 def test_groups_match_reference(group, exact_units, variance, real_rows):
     """Query heads per KV head from 1 to 8 (the kernels pad a group to their 16-row dot tiles;
-    real_rows: scoring's arithmetic after its dots on the group's rows alone), 64 units a
+    real_rows: scoring's and exact scoring's arithmetic after their dots on the group's rows
+    alone), 64 units a
     scoring program, exact scoring on (a tenth of the context) in steps of 2 or 4 clusters,
     the tail attended, sinks and a recent window."""
     config = TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5,
                           variance=variance, exact_fraction=0.1)  # fmt: skip
     check_against_reference(config, group=group, score_units_per_program=64,
                             units_per_program=32, exact_units_per_program=exact_units,
-                            score_real_rows=real_rows)  # fmt: skip
+                            real_rows=real_rows)  # fmt: skip
 
 
 @pytest.mark.parametrize("exact_units,exact_members", [(8, 16), (4, 4)])
@@ -198,7 +199,7 @@ def test_always_attended_positions_across_segments(recent_window, sink_tokens):
 @pytest.mark.parametrize("head_dim,variance,centroids,options", [
     (32, "diagonal", "kv", {}), (256, "diagonal", "kv", {}), (256, "isotropic", "kv", {}),
     (256, "diagonal", "fp8", {}),
-    (128, "diagonal", "fp8", {"score_real_rows": True, "score_fp16_centroids": True}),
+    (128, "diagonal", "fp8", {"real_rows": True, "score_fp16_centroids": True}),
     (128, "profile", "fp8", {"score_fp16_centroids": True})])  # fmt: skip
 def test_selection_on_bfloat16_cache(head_dim, variance, centroids, options):
     """bf16 caches, at Gemma 3's head_dim of 256 too (its centroid and variance tiles are the
