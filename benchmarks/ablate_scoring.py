@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, "benchmarks")
-from decode_attention import TARGET, build_pool, topic_context  # noqa: E402
+from profile_selection import selection_inputs  # noqa: E402
 
 from tactic_server.tactic import TacticConfig  # noqa: E402
 
@@ -70,20 +70,10 @@ def load_variant(name: str, cuts) -> object:
 def scoring_us(module, args) -> tuple[float, float]:
     """(scoring kernel's mean CUDA time, selection step's) in us over 20 steps."""
     config = TacticConfig(centroids=args.centroids, variance=args.variance)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    batch, context = args.batch, args.context
-    keys, _, q = topic_context(batch, context, 0.03, generator)
-    req_to_token = torch.arange(batch * context, device="cuda", dtype=torch.int32).reshape(
-        batch, -1
-    )
-    pool_indices = torch.arange(batch, device="cuda", dtype=torch.int32)
-    seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
-    targets = torch.full((batch,), TARGET, device="cuda")
-    pool, req_to_segment, _ = build_pool(keys, batch, context, config)
+    inputs, _ = selection_inputs(args.context, args.batch, config)
 
     def step():
-        return module.select_rows(q, keys, pool, req_to_segment, req_to_token, pool_indices,
-                                  seq_lens, targets, context, config)  # fmt: skip
+        return module.select_rows(*inputs, config)
 
     for _ in range(3):
         step()

@@ -21,6 +21,23 @@ from tactic_server.kernels.selection import select_rows  # noqa: E402
 from tactic_server.tactic import TacticConfig  # noqa: E402
 
 
+def selection_inputs(context: int, batch: int, config: TacticConfig) -> tuple:
+    """select_rows' arguments before the config for `batch` requests of `context` tokens of
+    the decode benchmark's topic workload (3% needed): q, keys, pool, req_to_segment,
+    req_to_token, pool_indices, seq_lens, targets, max_seq_len; and the values."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    keys, values, q = topic_context(batch, context, 0.03, generator)
+    req_to_token = torch.arange(batch * context, device="cuda", dtype=torch.int32).reshape(
+        batch, -1
+    )
+    pool_indices = torch.arange(batch, device="cuda", dtype=torch.int32)
+    seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    targets = torch.full((batch,), TARGET, device="cuda")
+    pool, req_to_segment, _ = build_pool(keys, batch, context, config)
+    return (q, keys, pool, req_to_segment, req_to_token, pool_indices, seq_lens, targets,
+            context), values  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=32768)
@@ -32,19 +49,11 @@ def main() -> int:
     args = parser.parse_args()
     context, batch = args.context, args.batch
     config = TacticConfig(centroids=args.centroids, variance=args.variance)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    keys, values, q = topic_context(batch, context, 0.03, generator)
-    req_to_token = torch.arange(batch * context, device="cuda", dtype=torch.int32).reshape(
-        batch, -1
-    )
-    pool_indices = torch.arange(batch, device="cuda", dtype=torch.int32)
-    seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
-    targets = torch.full((batch,), TARGET, device="cuda")
-    pool, req_to_segment, _ = build_pool(keys, batch, context, config)
+    inputs, values = selection_inputs(context, batch, config)
+    q, keys = inputs[:2]
 
     def step():
-        selected = select_rows(q, keys, pool, req_to_segment, req_to_token, pool_indices,
-                               seq_lens, targets, context, config)  # fmt: skip
+        selected = select_rows(*inputs, config)
         return sparse_decode(q, keys, values, selected.indptr, selected.indices, context, 256)
 
     for _ in range(3):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -121,58 +121,47 @@ def fit(records: Sequence[dict], bytes_per_token: int, dense_key: str = "dense_m
 
 # fitted by `python benchmarks/fit_cost_model.py benchmarks/results/decode_attention_h200.json`
 # (Llama-3.1-8B layer: 8 KV heads of 128, bf16; the fallback is our dense decode kernel)
+_H200 = DecodeCostModel(
+    dense_floor_ms=0.031986177,
+    dense_ms_per_gb=0.257157694,
+    select_floor_ms=0.035871121,
+    select_ms_per_row=0.003370284,
+    select_ms_per_gb=0.090142209,
+    attend_floor_ms=0.018243056,
+    attend_ms_per_gb=0.303331711,
+    attend_ms_per_row=0.000893972,
+    source="benchmarks/results/decode_attention_h200.json (2026-12-02, seven-launch selection)",
+)
+# python benchmarks/fit_cost_model.py <the run> [--dense-key flashinfer_dense_ms]: 20 of 20
+# cells picked the faster path over our dense kernel, 18 of 20 over FlashInfer's (the two
+# others, 32k batch 1 at 1-2% needed, decode dense for 1.2x what selecting would take)
+_H100 = DecodeCostModel(
+    dense_floor_ms=0.06851336,
+    dense_ms_per_gb=0.342428447,
+    select_floor_ms=0.038609753,
+    select_ms_per_row=0.001551514,
+    select_ms_per_gb=0.076406646,
+    attend_floor_ms=0.017286927,
+    attend_ms_per_gb=0.445277937,
+    attend_ms_per_row=0.000627621,
+    source="benchmarks/results/decode_attention_fp8_table_b440d66_h100.json (2026-12-07, "
+    "float8 centroids)",
+)
+# each GPU's "/flashinfer" model: the same run against FlashInfer's dense decode
+# (`--dense-key flashinfer_dense_ms`), what the SGLang plugin falls back to over SGLang's
+# FlashInfer backend; its selection and attention constants are the run's own
 MODELS: dict[str, DecodeCostModel] = {
-    "H200": DecodeCostModel(
-        dense_floor_ms=0.031986177,
-        dense_ms_per_gb=0.257157694,
-        select_floor_ms=0.035871121,
-        select_ms_per_row=0.003370284,
-        select_ms_per_gb=0.090142209,
-        attend_floor_ms=0.018243056,
-        attend_ms_per_gb=0.303331711,
-        attend_ms_per_row=0.000893972,
-        source="benchmarks/results/decode_attention_h200.json (2026-12-02, seven-launch selection)",
-    ),
-    # the same run, against FlashInfer's dense decode (`--dense-key flashinfer_dense_ms`): what
-    # the SGLang plugin falls back to over SGLang's FlashInfer backend
-    "H200/flashinfer": DecodeCostModel(
-        dense_floor_ms=0.028171037,
-        dense_ms_per_gb=0.246448637,
-        select_floor_ms=0.035871121,
-        select_ms_per_row=0.003370284,
-        select_ms_per_gb=0.090142209,
-        attend_floor_ms=0.018243056,
-        attend_ms_per_gb=0.303331711,
-        attend_ms_per_row=0.000893972,
+    "H200": _H200,
+    "H200/flashinfer": replace(
+        _H200, dense_floor_ms=0.028171037, dense_ms_per_gb=0.246448637,
         source="benchmarks/results/decode_attention_h200.json (2026-12-02), flashinfer_dense_ms",
-    ),
-    # python benchmarks/fit_cost_model.py <the run> [--dense-key flashinfer_dense_ms]: 20 of 20
-    # cells picked the faster path over our dense kernel, 18 of 20 over FlashInfer's (the two
-    # others, 32k batch 1 at 1-2% needed, decode dense for 1.2x what selecting would take)
-    "H100": DecodeCostModel(
-        dense_floor_ms=0.06851336,
-        dense_ms_per_gb=0.342428447,
-        select_floor_ms=0.038609753,
-        select_ms_per_row=0.001551514,
-        select_ms_per_gb=0.076406646,
-        attend_floor_ms=0.017286927,
-        attend_ms_per_gb=0.445277937,
-        attend_ms_per_row=0.000627621,
-        source="benchmarks/results/decode_attention_fp8_table_b440d66_h100.json (2026-12-07, "
-        "float8 centroids)",
-    ),
-    "H100/flashinfer": DecodeCostModel(
-        dense_floor_ms=0.063469496,
-        dense_ms_per_gb=0.333856187,
-        select_floor_ms=0.038609753,
-        select_ms_per_row=0.001551514,
-        select_ms_per_gb=0.076406646,
-        attend_floor_ms=0.017286927,
-        attend_ms_per_gb=0.445277937,
-        attend_ms_per_row=0.000627621,
+    ),  # fmt: skip
+    "H100": _H100,
+    "H100/flashinfer": replace(
+        _H100, dense_floor_ms=0.063469496, dense_ms_per_gb=0.333856187,
         source="benchmarks/results/decode_attention_fp8_table_b440d66_h100.json (2026-12-07), "
         "flashinfer_dense_ms",
-    ),
+    ),  # fmt: skip
 }
 
 
