@@ -42,10 +42,11 @@ FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
                       block_u: int, real_rows: bool = False, fp16_centroids: bool = False,
-                      resources: bool = False) -> str:  # fmt: skip
+                      resources: bool = False, profile: int = 0) -> str:  # fmt: skip
     """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
-    (real_rows, fp16_centroids: its real_rows, score_fp16_centroids); resources: the
-    cubin's resource usage (registers a thread) instead."""
+    (real_rows, fp16_centroids: its real_rows, score_fp16_centroids; profile: its PROFILE,
+    2 for compact "profile" variances with variance_dims 1); resources: the cubin's resource
+    usage (registers a thread) instead."""
     kernel = module._score_units_kernel
     names = kernel.arg_names
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
@@ -54,7 +55,7 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
     constants = dict(GROUP=group, HEAD_DIM=head_dim, SEGMENT=1024, CLUSTERS=64,
                      BLOCK_H=max(16, triton.next_power_of_2(group)),
                      BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_U=block_u, BLOCK_F=2,
-                     ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, PROFILE=0, BINS=2048,
+                     ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, PROFILE=profile, BINS=2048,
                      CLUSTERED_GIVEN=False, SPLIT_DOT=fp16_centroids and centroids == "fp8e4nv",
                      CENTROID_DOT_DTYPE=tl.float16,
                      GROUP_PAD=(triton.next_power_of_2(group) if real_rows
@@ -109,14 +110,17 @@ def main() -> None:
     from tactic_server.kernels import selection
 
     rows = []
-    for centroids, variance_dims in (("bf16", args.head_dim), ("fp8e4nv", args.head_dim),
-                                     ("bf16", 1)):  # fmt: skip
+    for centroids, variance_dims, profile in (("bf16", args.head_dim, 0),
+                                              ("fp8e4nv", args.head_dim, 0), ("bf16", 1, 0),
+                                              ("fp8e4nv", 1, 2)):  # fmt: skip
         launch = (selection, centroids, variance_dims, args.head_dim, args.group, args.block_u,
                   args.real_rows, args.fp16_centroids)  # fmt: skip
-        opcodes = count(score_kernel_sass(*launch))
-        registers = re.search(r"REG:(\d+)", score_kernel_sass(*launch, resources=True))
+        opcodes = count(score_kernel_sass(*launch, profile=profile))
+        registers = re.search(r"REG:(\d+)",
+                              score_kernel_sass(*launch, resources=True, profile=profile))
         top = ", ".join(f"{name} {n}" for name, n in opcodes.most_common(8))
-        variance = "diagonal" if variance_dims > 1 else "isotropic"
+        variance = ("profile (compact)" if profile else
+                    "diagonal" if variance_dims > 1 else "isotropic")  # fmt: skip
         rows.append(f"| {centroids} | {variance} | {sum(opcodes.values())} | "
                     f"{registers.group(1) if registers else '?'} | {top} |")  # fmt: skip
         print(rows[-1], flush=True)
