@@ -48,7 +48,6 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
     2 for compact "profile" variances with variance_dims 1); resources: the cubin's resource
     usage (registers a thread) instead."""
     kernel = module._score_units_kernel
-    names = kernel.arg_names
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
     pointers = dict(POINTERS, centroids_ptr="*" + centroids,
                     variances_ptr=codes if variance_dims > 1 else "*fp32")  # fmt: skip
@@ -63,6 +62,28 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                      DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
                      VARIANCE_DOT_DTYPE=tl.bfloat16 if codes == "*u8" else tl.float16,
                      INTERPRETED=False)  # fmt: skip
+    return kernel_sass(kernel, constants, pointers, resources)
+
+
+def exact_kernel_sass(module, head_dim: int, group: int, real_rows: bool = False,
+                      resources: bool = False) -> str:  # fmt: skip
+    """SASS of module's _exact_units_kernel as select_rows launches it on a bf16 cache from 64
+    rows up ([8 clusters, 16 members] a step); real_rows: its real_rows. It loops over a
+    cluster's members, so its static count is per step plus the rest, not per program."""
+    block_h = max(16, triton.next_power_of_2(group))
+    constants = dict(GROUP=group, HEAD_DIM=head_dim, SEGMENT=1024, CLUSTERS=64, BINS=2048,
+                     BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_E=8,
+                     BLOCK_M=16, GROUP_PAD=triton.next_power_of_2(group) if real_rows else block_h,
+                     DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")  # fmt: skip
+    pointers = dict(POINTERS, member_slots_ptr="*i32", exact_threshold_ptr="*i32",
+                    exact_units_ptr="*i32", exact_count_ptr="*i32")  # fmt: skip
+    return kernel_sass(module._exact_units_kernel, constants, pointers, resources)
+
+
+def kernel_sass(kernel, constants: dict, pointers: dict, resources: bool) -> str:
+    """SASS (or resource usage) of a Triton kernel for sm_90, 4 warps: constants for its
+    constexpr arguments, pointer types by name, floats by FLOATS, the rest int32."""
+    names = kernel.arg_names
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
         if name in constants:
@@ -105,10 +126,25 @@ def main() -> None:
     parser.add_argument("--block-u", type=int, default=64)
     parser.add_argument("--real-rows", action="store_true", help="real_rows")
     parser.add_argument("--fp16-centroids", action="store_true", help="score_fp16_centroids")
+    parser.add_argument("--exact", action="store_true",
+                        help="the exact-scoring kernel instead (with --real-rows or not)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from tactic_server.kernels import selection
 
+    if args.exact:
+        opcodes = count(exact_kernel_sass(selection, args.head_dim, args.group, args.real_rows))
+        registers = re.search(r"REG:(\d+)", exact_kernel_sass(
+            selection, args.head_dim, args.group, args.real_rows, resources=True))  # fmt: skip
+        mufu = sum(n for name, n in opcodes.items() if name == "MUFU")
+        text = (f"_exact_units_kernel for sm_90, head_dim {args.head_dim}, group {args.group}, "
+                f"[8, 16] steps, real rows {args.real_rows}: {sum(opcodes.values())} SASS "
+                f"instructions (static), {mufu} MUFU, {registers.group(1)} registers a thread; "
+                + ", ".join(f"{name} {n}" for name, n in opcodes.most_common(8)) + "\n")
+        print(text, end="")
+        if args.out:
+            args.out.write_text(text)
+        return
     rows = []
     for centroids, variance_dims, profile in (("bf16", args.head_dim, 0),
                                               ("fp8e4nv", args.head_dim, 0), ("bf16", 1, 0),
