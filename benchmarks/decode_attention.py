@@ -184,11 +184,11 @@ def build_pool(keys, batch, context, config):
     size = config.segment_size
     clusters = size // config.cluster_size
     segments = context // size
+    per_cluster, per_segment = stored_variance_dims(config, HEAD_DIM)
     pool = ClusterPool.allocate(
         num_segment_slots=max(1, batch * segments), num_kv_heads=NUM_KV_HEADS,
         head_dim=HEAD_DIM, segment_size=size, clusters_per_segment=clusters, dtype=DTYPE,
-        device="cuda", variance_dims=stored_variance_dims(config, HEAD_DIM)[0],
-        profile_dims=stored_variance_dims(config, HEAD_DIM)[1],
+        device="cuda", variance_dims=per_cluster, profile_dims=per_segment,
         centroids_dtype=centroid_dtype(config, DTYPE, "cuda"),
     )  # fmt: skip
     req_to_segment = torch.zeros(batch, segments + 1, dtype=torch.int32, device="cuda")
@@ -240,6 +240,11 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     targets = torch.full((batch,), TARGET, device="cuda")
     pool, req_to_segment, _ = build_pool(keys, batch, context, config)
     record = {"context": context, "batch": batch, "target": TARGET}
+    # what scoring reads of a cluster in this pool: its centroid, spread values and offset, and
+    # its share of its segment's variance profile ("profile" variances)
+    cluster_bytes = sum(t.shape[-1] * t.element_size() for t in (pool.centroids, pool.variances))
+    cluster_bytes += 4 + pool.profiles.shape[-1] * pool.profiles.element_size() / (
+        pool.clusters_per_segment)  # fmt: skip
 
     # dense: SDPA over contiguous [batch, H_kv, context, d], ours and FlashInfer over full rows
     sdpa_k = keys.view(batch, context, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
@@ -360,12 +365,10 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     dense_bytes = rows * context * (2 * KV_ROW_BYTES)
     clusters = (context // config.segment_size) * (config.segment_size // config.cluster_size)
     tail = context % config.segment_size
-    centroid_bytes = HEAD_DIM * centroid_dtype(config, DTYPE, "cuda").itemsize
-    spread_bytes = 4 if config.variance == "isotropic" else HEAD_DIM  # a float32 or float8 values
     select_bytes = (
         rows
         * (
-            clusters * (centroid_bytes + spread_bytes + 4)  # centroid, spread, offset
+            clusters * cluster_bytes
             + tail * KV_ROW_BYTES  # tail keys, scored exactly
             + config.exact_fraction * context * (KV_ROW_BYTES + INDEX_BYTES)  # the exact top
         )
