@@ -193,8 +193,8 @@ def _score_units_kernel(
             mask=dim_mask & (first < num_cluster_units),
             other=0.0,
         ).to(tl.float32)
-        # q_i^2 on float16's grid, as the reference's per-dimension estimate rounds it
-        weights = tl.minimum(q * q, FP16_LARGEST).to(tl.float16).to(tl.float32)
+        weights = _variance_weights(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+                                    GROUP, HEAD_DIM, GROUP_PAD, BLOCK_D).to(tl.float32)
         weighted = tl.sum(weights * profile[None, :], axis=1)
         score_variance = weighted[:, None] * spread[None, :] * (scale * scale)
     elif PROFILE == 1:  # each cluster's segment profile, as the per-dimension variances are
