@@ -46,14 +46,18 @@ def main() -> int:
                         help="TacticConfig.centroids")  # fmt: skip
     parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"],
                         default="diagonal", help="TacticConfig.variance")  # fmt: skip
+    parser.add_argument("--launch", default="",
+                        help="select_rows launch options: 'real_rows=1,score_fp16_centroids=1'")
     args = parser.parse_args()
+    options = {name: int(value) for name, value in
+               (item.split("=") for item in args.launch.split(",") if item)}  # fmt: skip
     context, batch = args.context, args.batch
     config = TacticConfig(centroids=args.centroids, variance=args.variance)
     inputs, values = selection_inputs(context, batch, config)
     q, keys = inputs[:2]
 
     def step():
-        selected = select_rows(*inputs, config)
+        selected = select_rows(*inputs, config, **options)
         return sparse_decode(q, keys, values, selected.indptr, selected.indices, context, 256)
 
     for _ in range(3):

@@ -18,10 +18,15 @@ fi
 for shape in ${PROFILE:-}; do
   for centroids in ${PROFILE_CENTROIDS:-kv}; do  # e.g. PROFILE_CENTROIDS="kv fp8"
     variance=${PROFILE_VARIANCE:-diagonal}  # e.g. PROFILE_VARIANCE=profile
-    name=profile_selection_${shape%%:*}_b${shape##*:}_${centroids}_$variance.txt
-    python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
-      --centroids "$centroids" --variance "$variance" >"$OUT/$name" 2>&1
-    grep -E "_score_units_kernel|^step" "$OUT/$name"
+    # PROFILE_LAUNCH="default real_rows=1,score_fp16_centroids=1": select_rows' launch options
+    for launch in ${PROFILE_LAUNCH:-default}; do
+      [ "$launch" = default ] && launch=
+      name=profile_selection_${shape%%:*}_b${shape##*:}_${centroids}_$variance
+      name=$name${launch:+_${launch//[=,]/_}}.txt
+      python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
+        --centroids "$centroids" --variance "$variance" --launch "$launch" >"$OUT/$name" 2>&1
+      echo "$name"; grep -E "_score_units_kernel|_exact_units_kernel|^step" "$OUT/$name"
+    done
   done
 done
 # Nsight Compute on the selection kernels of one step (after two warm steps), per NCU shape
