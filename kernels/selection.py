@@ -48,6 +48,7 @@ def _score_units_kernel(
     clustered_ptr,
     clustered_out_ptr,
     log_mass_ptr,
+    unit_bin_ptr,
     unit_size_ptr,
     forced_ptr,
     token_cluster_ptr,
@@ -84,8 +85,9 @@ def _score_units_kernel(
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
 ):
-    """Program (row, unit block): log of each unit's mass for each query head of the row, the
-    capped log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
+    """Program (row, unit block): the density bin (unit_bin, int16) of each unit's log mass for
+    each query head of the row (the log mass itself for tail positions alone), the capped
+    log-normal estimate of tactic.selection (isotropic or per-dimension variances, as
     VARIANCE_DIMS is 1 or HEAD_DIM; "profile" variances, VARIANCE_DIMS 1 and PROFILE > 0: a
     scale per cluster times its segment's profile, read once a block where the block's
     clusters are one segment's, PROFILE 2, else per cluster, PROFILE 1) for clusters and the
@@ -239,7 +241,8 @@ def _score_units_kernel(
     log_mass = tl.where((size > 0)[None, :], log_mass, float("-inf"))
     stored = head_mask[:, None] & in_range[None, :]
     out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
-    tl.store(log_mass_ptr + out, log_mass, mask=stored)
+    # the later kernels compare density bins; only the tail's move between planes by value
+    tl.store(log_mass_ptr + out, log_mass, mask=stored & is_tail[None, :])
     tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
 
     # the always-attended positions: tail ones (the recent window always is: select_rows
@@ -267,6 +270,7 @@ def _score_units_kernel(
 
     occupied = size > 0
     bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
+    tl.store(unit_bin_ptr + out, bins.to(tl.int16), mask=stored)
     relative = _relative_mass(log_mass, bins, lowest_density, bin_width)
     hist_row = (row * GROUP + heads)[:, None]
     candidate = stored & (occupied & ~forced)[None, :]
@@ -356,6 +360,7 @@ def _exact_threshold_kernel(
 @triton.jit
 def _exact_list_kernel(
     log_mass_ptr,
+    unit_bin_ptr,
     unit_size_ptr,
     forced_ptr,
     clustered_ptr,
@@ -393,20 +398,19 @@ def _exact_list_kernel(
     thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
     size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
     forced = tl.load(forced_ptr + row * max_units + units, mask=in_range, other=1) > 0
-    estimated = tl.load(
-        log_mass_ptr + hist_row * max_units + units[None, :],
-        mask=head_mask[:, None] & in_range[None, :],
-        other=float("-inf"),
-    )
-    bins = _density_bin(estimated, size[None, :], lowest_density, inverse_bin_width, BINS)
+    bins = tl.load(unit_bin_ptr + hist_row * max_units + units[None, :],
+                   mask=head_mask[:, None] & in_range[None, :], other=0).to(tl.int32)  # fmt: skip
     flagged = (
         head_mask[:, None]
         & ((size > 0) & ~forced)[None, :]
         & (bins >= thresholds[:, None])
     )  # fmt: skip
+    moved = flagged & (units >= num_cluster_units)[None, :]  # tail positions: log mass kept
+    estimated = tl.load(log_mass_ptr + hist_row * max_units + units[None, :], mask=moved,
+                        other=0.0)  # fmt: skip
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 1) * BINS + bins,
                   _relative_mass(estimated, bins, lowest_density, bin_width),
-                  mask=flagged & (units >= num_cluster_units)[None, :], sem="relaxed")  # fmt: skip
+                  mask=moved, sem="relaxed")  # fmt: skip
     wanted = ((tl.max(flagged.to(tl.int32), axis=0) > 0) & (units < num_cluster_units)).to(tl.int32)
     count = tl.sum(wanted, axis=0)
     if count > 0:
@@ -439,7 +443,7 @@ def _exact_units_kernel(
     offsets_ptr,
     req_to_segment_ptr,
     req_pool_ptr,
-    log_mass_ptr,
+    unit_bin_ptr,
     unit_size_ptr,
     exact_threshold_ptr,
     mass_hist_ptr,
@@ -499,10 +503,8 @@ def _exact_units_kernel(
                 stride_req_segment, num_kv_heads, CLUSTERS,
             )  # fmt: skip
             unit_size = tl.load(unit_size_ptr + row * max_units + unit, mask=live, other=0)
-            unit_estimate = tl.load(log_mass_ptr + hist_row * max_units + unit[None, :],
-                                    mask=head_mask[:, None] & live[None, :], other=0.0)  # fmt: skip
-            unit_bins = _density_bin(unit_estimate, unit_size[None, :], lowest_density,
-                                     inverse_bin_width, BINS)  # fmt: skip
+            unit_bins = tl.load(unit_bin_ptr + hist_row * max_units + unit[None, :],
+                                mask=head_mask[:, None] & live[None, :], other=0)  # fmt: skip
             flags = head_mask[:, None] & live[None, :] & (unit_bins >= thresholds[:, None])
             running_max = tl.full([GROUP_PAD, BLOCK_E], float("-inf"), dtype=tl.float32)
             running_sum = tl.zeros([GROUP_PAD, BLOCK_E], dtype=tl.float32)
@@ -535,9 +537,10 @@ def _exact_units_kernel(
                 )
                 running_max = new_max
             exact = running_max + tl.log(tl.where(running_sum > 0, running_sum, 1.0))
-            tl.store(log_mass_ptr + hist_row * max_units + unit[None, :], exact, mask=flags)
             exact_bins = _density_bin(exact, unit_size[None, :], lowest_density,
                                       inverse_bin_width, BINS)  # fmt: skip
+            tl.store(unit_bin_ptr + hist_row * max_units + unit[None, :],
+                     exact_bins.to(tl.int16), mask=flags)  # fmt: skip
             tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 1) * BINS + exact_bins,
                           _relative_mass(exact, exact_bins, lowest_density, bin_width),
                           mask=flags, sem="relaxed")  # fmt: skip
@@ -587,7 +590,7 @@ def _walk_threshold_kernel(
 
 @triton.jit
 def _mark_kernel(
-    log_mass_ptr,
+    unit_bin_ptr,
     unit_size_ptr,
     forced_ptr,
     walk_threshold_ptr,
@@ -601,8 +604,6 @@ def _mark_kernel(
     num_kv_heads,
     max_units,
     num_blocks,
-    lowest_density,
-    inverse_bin_width,
     GROUP: tl.constexpr,
     SEGMENT: tl.constexpr,
     CLUSTERS: tl.constexpr,
@@ -628,12 +629,8 @@ def _mark_kernel(
     head_mask = heads < GROUP
     size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
     forced = tl.load(forced_ptr + row * max_units + units, mask=in_range, other=0) > 0
-    log_mass = tl.load(
-        log_mass_ptr + (row * GROUP + heads)[:, None] * max_units + units[None, :],
-        mask=head_mask[:, None] & in_range[None, :],
-        other=float("-inf"),
-    )
-    bins = _density_bin(log_mass, size[None, :], lowest_density, inverse_bin_width, BINS)
+    bins = tl.load(unit_bin_ptr + (row * GROUP + heads)[:, None] * max_units + units[None, :],
+                   mask=head_mask[:, None] & in_range[None, :], other=0)  # fmt: skip
     thresholds = tl.load(walk_threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
     by_head = (
         head_mask[:, None]
@@ -873,7 +870,8 @@ def select_rows(
         [rows, rows * group, rows, batch]
     )
 
-    log_mass = torch.empty(rows, group, max_units, device=device)
+    log_mass = torch.empty(rows, group, max_units, device=device)  # written for the tail only
+    unit_bin = torch.empty(rows, group, max_units, dtype=torch.int16, device=device)
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
     # "profile" variances: one profile a scoring block where its clusters are one segment's
@@ -884,7 +882,7 @@ def select_rows(
         req_to_segment,
         req_to_token, req_pool_indices, seq_lens,
         seq_lens if clustered_segments is None else clustered_segments, clustered,
-        log_mass, unit_size, forced,
+        log_mass, unit_bin, unit_size, forced,
         pool.token_cluster, mass_hist,
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
@@ -907,7 +905,8 @@ def select_rows(
         )  # fmt: skip
         exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         _exact_list_kernel[grid](
-            log_mass, unit_size, forced, clustered, seq_lens, exact_threshold, mass_hist,
+            log_mass, unit_bin, unit_size, forced, clustered, seq_lens, exact_threshold,
+            mass_hist,
             exact_units, exact_count, num_kv_heads, max_units,
             bin_width=config.density_bin_width, **binning, GROUP=group, SEGMENT=size,
             CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
@@ -917,7 +916,7 @@ def select_rows(
                                     EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
         _exact_units_kernel[(rows, exact_programs)](
             q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
-            log_mass, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
+            unit_bin, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
             q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
             bin_width=config.density_bin_width, **binning,
             BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program,
@@ -940,9 +939,8 @@ def select_rows(
     block_units = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
     block_tokens = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
     _mark_kernel[grid](
-        log_mass, unit_size, forced, walk_threshold, seq_lens, clustered, picked,
+        unit_bin, unit_size, forced, walk_threshold, seq_lens, clustered, picked,
         block_units, block_tokens, row_tokens, head_tokens, num_kv_heads, max_units, num_blocks,
-        **binning,
         GROUP=group, SEGMENT=size, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad,
         **unit_block,
     )  # fmt: skip
