@@ -29,7 +29,10 @@
 #                      tokens a round (64 understate batch 8:
 #                      README), end to end and steady (streamed); about 310 s without fa3, of
 #                      which an engine may take 95 s to start on a machine that just unpacked
-#                      SGLang (fa3, where staged, adds an engine: up in 41-49 s on the H100)
+#                      SGLang (fa3, where staged, adds an engine: up in 41-49 s on the H100);
+#                      INFLATE="8 2": the model through benchmarks/inflate_model.py first (its
+#                      KV heads x8, a reader copy before each layer: the same function with an
+#                      attention-bound decode), results *_trained_inflated_kv8x2.*
 #   profile     300 s  where a decode step's time goes: SGLang's torch profiler over 32 decode
 #                      steps of the trained model at 128k, batch 8, triton and tactic (dense
 #                      requests and P = 0.9), each trace summarised (trace_summary.py)
@@ -82,13 +85,21 @@ for step in ${STEPS:-warm serve equality trained}; do
         --out "$out/sglang_throughput.json" >"$out/throughput.log" 2>&1 ;;
     trained)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
+      served=$model suffix=
+      if [ -n "${INFLATE:-}" ]; then  # INFLATE="8 2": KV heads x8, two layers per layer
+        read -r kv_heads copies <<<"$INFLATE"
+        served=/tmp/inflated-kv${kv_heads}x$copies suffix=_inflated_kv${kv_heads}x$copies
+        python3 benchmarks/inflate_model.py "$model" "$served" --kv-heads "$kv_heads" \
+          --layer-copies "$copies" >"$out/trained$suffix.log" 2>&1
+      fi
       # shellcheck disable=SC2086
-      timeout 540 python3 benchmarks/sglang_gpu.py throughput --model "$model" \
+      timeout 540 python3 benchmarks/sglang_gpu.py throughput --model "$served" \
         --contexts ${CONTEXTS:-32768 65536 131072} \
         --backends ${BACKENDS:-flashinfer fa3 triton tactic tactic-fa3} --batches ${BATCHES:-1 8} \
         --repeats ${REPEATS:-3} \
-        --tokens 256 \
-        --out "$out/sglang_throughput_trained.json" >"$out/trained.log" 2>&1 ;;
+        --tokens ${TOKENS:-256} \
+        --out "$out/sglang_throughput_trained$suffix.json" >>"$out/trained$suffix.log" 2>&1
+      grep -a "sglang_gpu" "$out/trained$suffix.log" | tail -20 ;;
     profile)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
       timeout 300 python3 benchmarks/sglang_gpu.py profile --model "$model" --context 131072 \
