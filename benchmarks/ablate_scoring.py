@@ -39,7 +39,8 @@ CUTS = {
     "one atomic per unit (head 0's)": [
         (HISTOGRAM, HISTOGRAM.replace("mask=candidate", "mask=candidate & (heads == 0)[:, None]")
          .replace("mask=stored &", "mask=(heads == 0)[:, None] & stored &"))],
-    "no log-mass stores": [("    tl.store(log_mass_ptr + out, log_mass, mask=stored)\n", "")],
+    "no density-bin stores": [
+        ("    tl.store(unit_bin_ptr + out, bins.to(tl.int16), mask=stored)\n", "")],
 }
 
 
