@@ -36,7 +36,8 @@ POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "offsets_ptr": "*i32", "req_to_s
             "req_to_token_ptr": "*i32", "req_pool_ptr": "*i32", "seq_lens_ptr": "*i32",
             "clustered_ptr": "*i32", "log_mass_ptr": "*fp32", "unit_size_ptr": "*i32",
             "forced_ptr": "*i8", "token_cluster_ptr": "*i32", "mass_hist_ptr": "*fp32",
-            "profiles_ptr": "*fp16", "clustered_out_ptr": "*i32"}  # fmt: skip
+            "profiles_ptr": "*fp16", "clustered_out_ptr": "*i32",
+            "unit_bin_ptr": "*i16"}  # fmt: skip
 FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 
 
