@@ -43,11 +43,12 @@ FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
                       block_u: int, real_rows: bool = False, fp16_centroids: bool = False,
-                      resources: bool = False, profile: int = 0) -> str:  # fmt: skip
+                      resources: bool = False, profile: int = 0,
+                      max_registers: int = 0) -> str:  # fmt: skip
     """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
-    (real_rows, fp16_centroids: its real_rows, score_fp16_centroids; profile: its PROFILE,
-    2 for compact "profile" variances with variance_dims 1); resources: the cubin's resource
-    usage (registers a thread) instead."""
+    (real_rows, fp16_centroids, max_registers: its real_rows, score_fp16_centroids,
+    score_max_registers; profile: its PROFILE, 2 for compact "profile" variances with
+    variance_dims 1); resources: the cubin's resource usage (registers a thread) instead."""
     kernel = module._score_units_kernel
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
     pointers = dict(POINTERS, centroids_ptr="*" + centroids,
@@ -63,7 +64,7 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                      DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
                      VARIANCE_DOT_DTYPE=tl.bfloat16 if codes == "*u8" else tl.float16,
                      INTERPRETED=False)  # fmt: skip
-    return kernel_sass(kernel, constants, pointers, resources)
+    return kernel_sass(kernel, constants, pointers, resources, max_registers)
 
 
 def exact_kernel_sass(module, head_dim: int, group: int, real_rows: bool = False,
@@ -81,9 +82,11 @@ def exact_kernel_sass(module, head_dim: int, group: int, real_rows: bool = False
     return kernel_sass(module._exact_units_kernel, constants, pointers, resources)
 
 
-def kernel_sass(kernel, constants: dict, pointers: dict, resources: bool) -> str:
+def kernel_sass(kernel, constants: dict, pointers: dict, resources: bool,
+                max_registers: int = 0) -> str:  # fmt: skip
     """SASS (or resource usage) of a Triton kernel for sm_90, 4 warps: constants for its
-    constexpr arguments, pointer types by name, floats by FLOATS, the rest int32."""
+    constexpr arguments, pointer types by name, floats by FLOATS, the rest int32;
+    max_registers: ptxas's cap (Triton's maxnreg; 0: none)."""
     names = kernel.arg_names
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -100,7 +103,8 @@ def kernel_sass(kernel, constants: dict, pointers: dict, resources: bool) -> str
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                        attrs=attrs)  # fmt: skip
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "num_stages": 2})  # fmt: skip
+                              options={"num_warps": 4, "num_stages": 2,
+                                       **({"maxnreg": max_registers} if max_registers else {})})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -127,6 +131,7 @@ def main() -> None:
     parser.add_argument("--block-u", type=int, default=64)
     parser.add_argument("--real-rows", action="store_true", help="real_rows")
     parser.add_argument("--fp16-centroids", action="store_true", help="score_fp16_centroids")
+    parser.add_argument("--max-registers", type=int, default=0, help="score_max_registers")
     parser.add_argument("--exact", action="store_true",
                         help="the exact-scoring kernel instead (with --real-rows or not)")
     parser.add_argument("--out", type=Path)
@@ -152,9 +157,10 @@ def main() -> None:
                                               ("fp8e4nv", 1, 2)):  # fmt: skip
         launch = (selection, centroids, variance_dims, args.head_dim, args.group, args.block_u,
                   args.real_rows, args.fp16_centroids)  # fmt: skip
-        opcodes = count(score_kernel_sass(*launch, profile=profile))
-        registers = re.search(r"REG:(\d+)",
-                              score_kernel_sass(*launch, resources=True, profile=profile))
+        opcodes = count(score_kernel_sass(*launch, profile=profile,
+                                          max_registers=args.max_registers))
+        registers = re.search(r"REG:(\d+)", score_kernel_sass(
+            *launch, resources=True, profile=profile, max_registers=args.max_registers))
         top = ", ".join(f"{name} {n}" for name, n in opcodes.most_common(8))
         variance = ("profile (compact)" if profile else
                     "diagonal" if variance_dims > 1 else "isotropic")  # fmt: skip
@@ -164,7 +170,7 @@ def main() -> None:
     table = "\n".join([
         f"_score_units_kernel for sm_90, head_dim {args.head_dim}, group {args.group}, "
         f"{args.block_u} units a program, real rows {args.real_rows}, fp16 centroids "
-        f"{args.fp16_centroids}, 4 warps: SASS "
+        f"{args.fp16_centroids}, at most {args.max_registers or 'any'} registers, 4 warps: SASS "
         f"instructions per thread (static count = issued per warp per program; no loops) and "
         f"registers a thread. `python benchmarks/sass_count.py`",
         "", "| centroids | variances | instructions | registers | most frequent |",

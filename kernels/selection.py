@@ -781,6 +781,7 @@ def select_rows(
     score_warps: int = 4,
     real_rows: bool = False,
     score_fp16_centroids: bool = False,
+    score_max_registers: int = 0,
     units_per_program: int = 64,
     exact_units_per_program: int | None = None,
     exact_members_per_step: int | None = None,
@@ -803,7 +804,9 @@ def select_rows(
     centroids enter the scoring dot as fp16 operands (exactly; the queries rounded to fp16
     for them, exact but below fp16's normal range) and the tail keys a dot of their own,
     instead of both converted to the cache's bf16, which Hopper does through fp16 with a
-    quarter-rate F2F per value (likewise untimed, off); units_per_program: units of one
+    quarter-rate F2F per value (likewise untimed, off), score_max_registers: ptxas's register
+    cap for the scoring kernel (Triton's maxnreg; 0: none; the options above leave it at
+    150-156 registers, where 128 lets four programs share an SM); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
@@ -895,6 +898,7 @@ def select_rows(
         SPLIT_DOT=score_fp16_centroids and pool.centroids.dtype == torch.float8_e4m3fn,
         CENTROID_DOT_DTYPE=dot_dtype(torch.float16),
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
+        **({"maxnreg": score_max_registers} if score_max_registers and q.is_cuda else {}),
     )  # fmt: skip
 
     if config.exact_fraction > 0:
