@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -153,6 +154,25 @@ def test_measured_periods_overrule_a_wrong_model_and_probes_back_off():
     taken = clock.run(paths, 400, predicted=False)
     assert 0 < taken.count(False) <= 0.05 * len(taken)  # dense probed, ever more rarely
     assert paths.intervals[1] > 64
+
+
+def test_each_probe_logs_the_periods_it_leaves_the_choice_with(caplog):
+    """An operator (or a benchmark's log) sees why the engine decodes as it does: each probe's
+    end logs both paths' periods for its batch size and the path taken next."""
+    clock = Clock(select_s=0.66e-3, dense_s=0.79e-3)
+    paths = MeasuredPaths(clock=clock, first_probe=4, probe_steps=3)
+    with caplog.at_level(logging.INFO, logger="tactic_server.decode.cost"):
+        clock.run(paths, 8, predicted=False)
+    lines = [r.getMessage() for r in caplog.records if "decode paths" in r.getMessage()]
+    # the model said dense; the probe measured selecting faster: it selects from here, and the
+    # preference having changed, the next probe comes as soon as the first did
+    assert lines == ["tactic decode paths, batch 1: selecting 0.660 ms, dense 0.790 ms a step; "
+                     "selecting next (probe again in 4 steps)"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="tactic_server.decode.cost"):
+        clock.run(paths, 10, predicted=False)
+    assert caplog.records[-1].getMessage() == (
+        "tactic decode paths, batch 1: selecting 0.660 ms, dense 0.790 ms a step; selecting "
+        "next (probe again in 8 steps)")  # fmt: skip
 
 
 def test_a_new_batch_size_is_probed_soon_whatever_another_has_learned():

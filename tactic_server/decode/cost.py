@@ -22,12 +22,15 @@ slower.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 FIT_PARAMETERS = ("dense_floor_ms", "dense_ms_per_gb", "select_floor_ms", "select_ms_per_row",
                   "select_ms_per_gb", "attend_floor_ms", "attend_ms_per_gb",
@@ -227,6 +230,15 @@ class MeasuredPaths:
             return predicted
         return selecting <= dense
 
+    def _log_probe(self, batch: int, preferred: bool) -> None:
+        """What a probe leaves the choice with (INFO; as often as probes run, which back off):
+        the two paths' periods of this batch size, and the path taken from here."""
+        selecting, dense = self.periods.get((batch, True)), self.periods.get((batch, False))
+        shown = ["not measured" if p is None else f"{p * 1e3:.3f} ms" for p in (selecting, dense)]
+        logger.info("tactic decode paths, batch %d: selecting %s, dense %s a step; %s next "
+                    "(probe again in %d steps)", batch, *shown,
+                    "selecting" if preferred else "dense", self.intervals[batch])  # fmt: skip
+
     def choose(self, batch: int, predicted: bool) -> bool:
         """This decode step's path (True: select), given the cost model's prediction."""
         now = self.clock() if self.measure else 0.0
@@ -244,6 +256,7 @@ class MeasuredPaths:
                 interval = self.intervals.get(self.probe_batch, self.first_probe)
                 self.intervals[self.probe_batch] = (min(2 * interval, self.max_interval) if held
                                                     else self.first_probe)  # fmt: skip
+                self._log_probe(self.probe_batch, preferred)
         else:
             since = self.since_probe.get(batch, 0) + 1
             choice = preferred
