@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"],
                         default="diagonal", help="TacticConfig.variance")  # fmt: skip
     parser.add_argument("--launch", default="",
-                        help="select_rows launch options: 'real_rows=1,score_fp16_centroids=1'")
+                        help="select_rows launch options: 'real_rows=0,score_max_registers=128'")
     args = parser.parse_args()
     options = {name: int(value) for name, value in
                (item.split("=") for item in args.launch.split(",") if item)}  # fmt: skip

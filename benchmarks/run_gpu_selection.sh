@@ -18,7 +18,7 @@ fi
 for shape in ${PROFILE:-}; do
   for centroids in ${PROFILE_CENTROIDS:-kv}; do  # e.g. PROFILE_CENTROIDS="kv fp8"
     variance=${PROFILE_VARIANCE:-diagonal}  # e.g. PROFILE_VARIANCE=profile
-    # PROFILE_LAUNCH="default real_rows=1,score_fp16_centroids=1": select_rows' launch options
+    # PROFILE_LAUNCH="default real_rows=0": select_rows' launch options
     for launch in ${PROFILE_LAUNCH:-default}; do
       [ "$launch" = default ] && launch=
       name=profile_selection_${shape%%:*}_b${shape##*:}_${centroids}_$variance

@@ -42,13 +42,13 @@ FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 
 
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
-                      block_u: int, real_rows: bool = False, fp16_centroids: bool = False,
+                      block_u: int, real_rows: bool = True,
                       resources: bool = False, profile: int = 0,
                       max_registers: int = 0) -> str:  # fmt: skip
     """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
-    (real_rows, fp16_centroids, max_registers: its real_rows, score_fp16_centroids,
-    score_max_registers; profile: its PROFILE, 2 for compact "profile" variances with
-    variance_dims 1); resources: the cubin's resource usage (registers a thread) instead."""
+    (real_rows, max_registers: its real_rows, score_max_registers; profile: its PROFILE, 2
+    for compact "profile" variances with variance_dims 1); resources: the cubin's resource
+    usage (registers a thread) instead."""
     kernel = module._score_units_kernel
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
     pointers = dict(POINTERS, centroids_ptr="*" + centroids,
@@ -57,8 +57,7 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                      BLOCK_H=max(16, triton.next_power_of_2(group)),
                      BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_U=block_u, BLOCK_F=2,
                      ATTEND_TAIL=False, VARIANCE_DIMS=variance_dims, PROFILE=profile, BINS=2048,
-                     CLUSTERED_GIVEN=False, SPLIT_DOT=fp16_centroids and centroids == "fp8e4nv",
-                     CENTROID_DOT_DTYPE=tl.float16,
+                     CLUSTERED_GIVEN=False,
                      GROUP_PAD=(triton.next_power_of_2(group) if real_rows
                                 else max(16, triton.next_power_of_2(group))),
                      DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
@@ -67,7 +66,7 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
     return kernel_sass(kernel, constants, pointers, resources, max_registers)
 
 
-def exact_kernel_sass(module, head_dim: int, group: int, real_rows: bool = False,
+def exact_kernel_sass(module, head_dim: int, group: int, real_rows: bool = True,
                       resources: bool = False) -> str:  # fmt: skip
     """SASS of module's _exact_units_kernel as select_rows launches it on a bf16 cache from 64
     rows up ([8 clusters, 16 members] a step); real_rows: its real_rows. It loops over a
@@ -129,22 +128,23 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--block-u", type=int, default=64)
-    parser.add_argument("--real-rows", action="store_true", help="real_rows")
-    parser.add_argument("--fp16-centroids", action="store_true", help="score_fp16_centroids")
+    parser.add_argument("--padded-rows", action="store_true",
+                        help="real_rows=False: the arithmetic on the dots' 16 rows")
     parser.add_argument("--max-registers", type=int, default=0, help="score_max_registers")
     parser.add_argument("--exact", action="store_true",
-                        help="the exact-scoring kernel instead (with --real-rows or not)")
+                        help="the exact-scoring kernel instead (with --padded-rows or not)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from tactic_server.kernels import selection
 
     if args.exact:
-        opcodes = count(exact_kernel_sass(selection, args.head_dim, args.group, args.real_rows))
+        real_rows = not args.padded_rows
+        opcodes = count(exact_kernel_sass(selection, args.head_dim, args.group, real_rows))
         registers = re.search(r"REG:(\d+)", exact_kernel_sass(
-            selection, args.head_dim, args.group, args.real_rows, resources=True))  # fmt: skip
+            selection, args.head_dim, args.group, real_rows, resources=True))  # fmt: skip
         mufu = sum(n for name, n in opcodes.items() if name == "MUFU")
         text = (f"_exact_units_kernel for sm_90, head_dim {args.head_dim}, group {args.group}, "
-                f"[8, 16] steps, real rows {args.real_rows}: {sum(opcodes.values())} SASS "
+                f"[8, 16] steps, real rows {real_rows}: {sum(opcodes.values())} SASS "
                 f"instructions (static), {mufu} MUFU, {registers.group(1)} registers a thread; "
                 + ", ".join(f"{name} {n}" for name, n in opcodes.most_common(8)) + "\n")
         print(text, end="")
@@ -156,7 +156,7 @@ def main() -> None:
                                               ("fp8e4nv", args.head_dim, 0), ("bf16", 1, 0),
                                               ("fp8e4nv", 1, 2)):  # fmt: skip
         launch = (selection, centroids, variance_dims, args.head_dim, args.group, args.block_u,
-                  args.real_rows, args.fp16_centroids)  # fmt: skip
+                  not args.padded_rows)  # fmt: skip
         opcodes = count(score_kernel_sass(*launch, profile=profile,
                                           max_registers=args.max_registers))
         registers = re.search(r"REG:(\d+)", score_kernel_sass(
@@ -169,8 +169,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = "\n".join([
         f"_score_units_kernel for sm_90, head_dim {args.head_dim}, group {args.group}, "
-        f"{args.block_u} units a program, real rows {args.real_rows}, fp16 centroids "
-        f"{args.fp16_centroids}, at most {args.max_registers or 'any'} registers, 4 warps: SASS "
+        f"{args.block_u} units a program, real rows {not args.padded_rows}, at most "
+        f"{args.max_registers or 'any'} registers, 4 warps: SASS "
         f"instructions per thread (static count = issued per warp per program; no loops) and "
         f"registers a thread. `python benchmarks/sass_count.py`",
         "", "| centroids | variances | instructions | registers | most frequent |",

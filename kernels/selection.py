@@ -78,8 +78,6 @@ def _score_units_kernel(
     VARIANCE_DIMS: tl.constexpr,
     PROFILE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
-    SPLIT_DOT: tl.constexpr,
-    CENTROID_DOT_DTYPE: tl.constexpr,
     BINS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -143,8 +141,7 @@ def _score_units_kernel(
         mask=is_tail[:, None] & dim_mask[None, :],
         other=0.0,
     )
-    if not SPLIT_DOT:
-        vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
+    vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
 
     q = load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
@@ -152,22 +149,10 @@ def _score_units_kernel(
     # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
     # products (tf32 would move scores by 1e-3 and the selection with them). The dots need
     # 16 rows; everything after them works on the GROUP_PAD rows of real query heads only
-    if SPLIT_DOT:  # float8 centroids as fp16 operands (exact), tail keys in the cache's dtype
-        scores = _leading_rows(
-            tl.where(
-                is_cluster[None, :],
-                tl.dot(q.to(CENTROID_DOT_DTYPE), tl.trans(centroid.to(CENTROID_DOT_DTYPE)),
-                       input_precision=DOT_PRECISION),
-                tl.dot(q.to(DOT_DTYPE), tl.trans(key.to(DOT_DTYPE)),
-                       input_precision=DOT_PRECISION),
-            ),
-            GROUP_PAD, BLOCK_H, BLOCK_U,
-        ) * scale  # fmt: skip
-    else:
-        scores = _leading_rows(
-            tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION),
-            GROUP_PAD, BLOCK_H, BLOCK_U,
-        ) * scale  # fmt: skip
+    scores = _leading_rows(
+        tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION),
+        GROUP_PAD, BLOCK_H, BLOCK_U,
+    ) * scale  # fmt: skip
     heads = tl.arange(0, GROUP_PAD)
     head_mask = heads < GROUP
     q = load_group_queries(
@@ -779,8 +764,7 @@ def select_rows(
     clustered_segments: torch.Tensor | None = None,
     score_units_per_program: int = 64,
     score_warps: int = 4,
-    real_rows: bool = False,
-    score_fp16_centroids: bool = False,
+    real_rows: bool = True,
     score_max_registers: int = 0,
     units_per_program: int = 64,
     exact_units_per_program: int | None = None,
@@ -799,14 +783,11 @@ def select_rows(
     score_units_per_program: units one scoring program reads, score_warps: its warps (more
     share its tiles, so each thread holds fewer registers), real_rows: the scoring and exact
     scoring kernels' arithmetic after their dots on the real query heads' rows only, not on
-    the dots' padding to 16 rows (the same selection; written 2026-12-07 and tested under the
-    interpreter, not yet timed on a GPU: off until it is), score_fp16_centroids: float8
-    centroids enter the scoring dot as fp16 operands (exactly; the queries rounded to fp16
-    for them, exact but below fp16's normal range) and the tail keys a dot of their own,
-    instead of both converted to the cache's bf16, which Hopper does through fp16 with a
-    quarter-rate F2F per value (likewise untimed, off), score_max_registers: ptxas's register
-    cap for the scoring kernel (Triton's maxnreg; 0: none; the options above leave it at
-    150-156 registers, where 128 lets four programs share an SM); units_per_program: units of one
+    the dots' padding to 16 rows (the same selection; the default since it was timed: H100,
+    128k, float8 centroids, scoring 183 against 217 us at batch 16, 15.1 against 19.3 at
+    batch 1, exact scoring 52 against 62 and 9.2 against 10.5;
+    benchmarks/results/profile_launch_options_*_h100.txt), score_max_registers: ptxas's
+    register cap for the scoring kernel (Triton's maxnreg; 0: none); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
@@ -895,8 +876,6 @@ def select_rows(
         ATTEND_TAIL=config.tail_policy == "attend", CLUSTERED_GIVEN=clustered_segments is not None,
         VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
         GROUP_PAD=group_pad if real_rows else block_h,
-        SPLIT_DOT=score_fp16_centroids and pool.centroids.dtype == torch.float8_e4m3fn,
-        CENTROID_DOT_DTYPE=dot_dtype(torch.float16),
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
         **({"maxnreg": score_max_registers} if score_max_registers and q.is_cuda else {}),
     )  # fmt: skip

@@ -86,11 +86,10 @@ def to_device(pool):
         TacticConfig(segment_size=64, cluster_size=4, variance="profile"),
     ],
 )
-@pytest.mark.parametrize("options", [{}, {"real_rows": True},
-                                     {"real_rows": True, "score_fp16_centroids": True}])
+@pytest.mark.parametrize("options", [{}, {"real_rows": False}])
 def test_selection_matches_reference(config, options):
     # a context shorter than a segment, one of exactly one segment, and ones with tails;
-    # the scoring kernel's options (score_fp16_centroids acts on float8 centroids only)
+    # the kernels' arithmetic on the group's rows (the default) and on the dots' 16
     check_against_reference(config, score_units_per_program=16, units_per_program=32,
                             exact_units_per_program=4, **options)  # fmt: skip
 
@@ -198,14 +197,11 @@ def test_always_attended_positions_across_segments(recent_window, sink_tokens):
 
 @pytest.mark.parametrize("head_dim,variance,centroids,options", [
     (32, "diagonal", "kv", {}), (256, "diagonal", "kv", {}), (256, "isotropic", "kv", {}),
-    (256, "diagonal", "fp8", {}),
-    (128, "diagonal", "fp8", {"real_rows": True, "score_fp16_centroids": True}),
-    (128, "profile", "fp8", {"score_fp16_centroids": True})])  # fmt: skip
+    (256, "diagonal", "fp8", {}), (128, "diagonal", "fp8", {"real_rows": False}),
+    (128, "profile", "fp8", {})])  # fmt: skip
 def test_selection_on_bfloat16_cache(head_dim, variance, centroids, options):
     """bf16 caches, at Gemma 3's head_dim of 256 too (its centroid and variance tiles are the
-    widest the scoring kernel loads), with centroids in the cache dtype or in float8 (scored
-    through fp16 operands of their own too: score_fp16_centroids; on a GPU the fp16 queries,
-    here float32 ones, as the interpreter's dots are)."""
+    widest the scoring kernel loads), with centroids in the cache dtype or in float8."""
     config = TacticConfig(segment_size=64, variance=variance, centroids=centroids)
     k_cache, req_to_token, pool, req_to_segment, pool_indices, q, references = make_batch(
         [200, 130], ["needles", "topics"], config, head_dim=head_dim, dtype=torch.bfloat16
