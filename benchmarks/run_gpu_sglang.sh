@@ -85,10 +85,10 @@ for step in ${STEPS:-warm serve equality trained}; do
         --out "$out/sglang_throughput.json" >"$out/throughput.log" 2>&1 ;;
     trained)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
-      served=$model suffix=
+      served=$model suffix=${TAG:+_$TAG}  # TAG: a second run's files beside the first's
       if [ -n "${INFLATE:-}" ]; then  # INFLATE="8 2": KV heads x8, two layers per layer
         read -r kv_heads copies <<<"$INFLATE"
-        served=/tmp/inflated-kv${kv_heads}x$copies suffix=_inflated_kv${kv_heads}x$copies
+        served=/tmp/inflated-kv${kv_heads}x$copies suffix=_inflated_kv${kv_heads}x$copies$suffix
         python3 benchmarks/inflate_model.py "$model" "$served" --kv-heads "$kv_heads" \
           --layer-copies "$copies" >"$out/trained$suffix.log" 2>&1
       fi
