@@ -21,7 +21,9 @@
 #                      Llama-3.1-8B dummy, $CONTEXTS (default 32768 65536 131072), $BACKENDS
 #                      (default all; fa3 is recorded as unavailable where sgl-kernel's FA3
 #                      library was not staged: STAGE_FA3=1 scripts/stage_sglang_wheels.sh),
-#                      $TOKENS new tokens a round (default 64), batches 1 and 8
+#                      $TOKENS new tokens a round (default 64), $BATCHES (default 1 8);
+#                      DUMMY=gemma3-270m: Gemma 3 270M's shape instead (random weights: flat
+#                      attention on its three global layers; contexts up to 32768)
 #   trained     540 s  (c) the same on the trained model $MODEL (default the repo's bundled
 #                      one, else /tmp/run-code/model), where attention is really sparse:
 #                      $CONTEXTS (default 32768 65536 131072), $BATCHES (default 1 8), $BACKENDS (default flashinfer
@@ -79,10 +81,10 @@ for step in ${STEPS:-warm serve equality trained}; do
         -k serves >>"$out/gemma.log" 2>&1 ;;
     throughput)
       # shellcheck disable=SC2086  # CONTEXTS is a list of words
-      timeout 540 python3 benchmarks/sglang_gpu.py throughput \
-        --contexts ${CONTEXTS:-32768 65536 131072} --batches 1 8 --repeats 2 \
+      timeout 540 python3 benchmarks/sglang_gpu.py throughput --dummy "${DUMMY:-llama8b}" \
+        --contexts ${CONTEXTS:-32768 65536 131072} --batches ${BATCHES:-1 8} --repeats 2 \
         --backends ${BACKENDS:-flashinfer fa3 triton tactic tactic-eager} --tokens ${TOKENS:-64} \
-        --out "$out/sglang_throughput.json" >"$out/throughput.log" 2>&1 ;;
+        --out "$out/sglang_throughput${DUMMY:+_$DUMMY}.json" >"$out/throughput.log" 2>&1 ;;
     trained)
       if [ -z "$model" ]; then echo "no trained model: set MODEL"; continue; fi
       served=$model suffix=${TAG:+_$TAG}  # TAG: a second run's files beside the first's

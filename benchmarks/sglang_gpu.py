@@ -64,6 +64,22 @@ LLAMA8B = {
 
 
 MODEL_8B = "Llama-3.1-8B config, load_format=dummy (random weights), bf16"
+# Gemma 3 270M's shape (google/gemma-3-270m's config: 18 layers, a global one after every five
+# sliding ones of a 512-token window, 4 query heads on 1 KV head of 256); its weights are not on
+# the GPU machine (no hub there, and the checkpoint does not travel in a device call), so random
+# ones: flat attention, where the dense fallback is what is measured
+GEMMA3_270M = dict(
+    vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+    layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                 for i in range(18)],
+    max_position_embeddings=32768, query_pre_attn_scalar=256, tie_word_embeddings=True,
+    rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1,
+    pad_token_id=0,
+    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+)  # fmt: skip
+MODEL_GEMMA = "Gemma 3 270M config, load_format=dummy (random weights), bf16"
 
 
 def log(message: str) -> None:
@@ -278,11 +294,21 @@ def runnable(backends: list[str], capability: tuple[int, int]) -> tuple[list[str
 
 
 def benchmark_model(args, max_context: int) -> tuple[Path, str, dict]:
-    """--model (a trained checkpoint; contexts beyond its positions allowed) or the Llama-3.1-8B
-    config with dummy weights: its folder, its name in the results, and sglang.Engine's extra
-    arguments."""
+    """--model (a trained checkpoint; contexts beyond its positions allowed) or, by --dummy, the
+    Llama-3.1-8B or Gemma 3 270M config with dummy weights: its folder, its name in the results,
+    and sglang.Engine's extra arguments."""
     import os
 
+    if getattr(args, "dummy", "llama8b") == "gemma3-270m" and not args.model:
+        import transformers
+
+        model_dir = Path(tempfile.mkdtemp()) / "gemma3-270m"
+        config = transformers.Gemma3TextConfig(**GEMMA3_270M, dtype="bfloat16",
+                                               architectures=["Gemma3ForCausalLM"])
+        config.save_pretrained(model_dir)
+        if max_context > GEMMA3_270M["max_position_embeddings"]:
+            os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
+        return model_dir, MODEL_GEMMA, {"load_format": "dummy"}
     if args.model:
         model_dir = Path(args.model)
         config = json.loads((model_dir / "config.json").read_text())
@@ -443,7 +469,9 @@ def main() -> int:
     tp.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     tp.add_argument("--backends", nargs="+", choices=tuple(MODES),
                     default=["flashinfer", "fa3", "triton", "tactic", "tactic-eager"])
-    tp.add_argument("--model", help="a trained checkpoint (default: Llama-3.1-8B, dummy)")
+    tp.add_argument("--model", help="a trained checkpoint (default: --dummy's config)")
+    tp.add_argument("--dummy", choices=("llama8b", "gemma3-270m"), default="llama8b",
+                    help="without --model: the config served with random weights")
     tp.add_argument("--tokens", type=int, default=64)
     tp.add_argument("--repeats", type=int, default=2)
     tp.add_argument("--mem-fraction", type=float, default=0.85)

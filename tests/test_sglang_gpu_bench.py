@@ -6,8 +6,10 @@ recorded as unavailable with the reason while the others run."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -75,3 +77,26 @@ def test_fa3_is_measured_where_its_library_loads(bench, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", lambda name: None)
     assert bench.runnable(["fa3", "triton"], (9, 0)) == (["fa3", "triton"], {})
     assert bench.runnable(["triton", "tactic"], (7, 5)) == (["triton", "tactic"], {})
+
+
+def test_the_dummy_gemma3_has_the_shape_of_gemma_3_270m(bench, tmp_path):
+    """--dummy gemma3-270m serves Gemma 3 270M's shape with random weights (no checkpoint on the
+    GPU machine): 18 layers, globals at 5 / 11 / 17, a 512-token window, 4 query heads on one KV
+    head of 256; equal, field by field, to the pulled checkpoint's config where one is here."""
+    transformers = pytest.importorskip("transformers")
+    args = argparse.Namespace(model=None, dummy="gemma3-270m")
+    model_dir, name, extra = bench.benchmark_model(args, 32768)
+    assert extra == {"load_format": "dummy"} and "Gemma 3 270M" in name
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    assert config.model_type == "gemma3_text" and config.architectures == ["Gemma3ForCausalLM"]
+    assert [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"] == \
+        [5, 11, 17]  # fmt: skip
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+            config.sliding_window, config.query_pre_attn_scalar) == (4, 1, 256, 512, 256)
+    pulled = Path.home() / ".cache" / "tactic-server" / "models" / "gemma-3-270m" / "config.json"
+    if pulled.exists():
+        real = json.loads(pulled.read_text())
+        ours = json.loads((model_dir / "config.json").read_text())
+        for field in bench.GEMMA3_270M:
+            if field != "rms_norm_eps":  # the checkpoint's is 1e-6 as float32 reads it back
+                assert ours[field] == real[field], field
