@@ -767,6 +767,7 @@ def select_rows(
     real_rows: bool = True,
     score_max_registers: int = 0,
     units_per_program: int = 64,
+    light_warps: int = 0,
     exact_units_per_program: int | None = None,
     exact_members_per_step: int | None = None,
     write_units_per_step: int = 16,
@@ -789,7 +790,10 @@ def select_rows(
     benchmarks/results/profile_launch_options_*_h100.txt), score_max_registers: ptxas's
     register cap for the scoring kernel (Triton's maxnreg; 0: none); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
-    program keeps large batches from paying per-program latency many times over);
+    program keeps large batches from paying per-program latency many times over), light_warps:
+    those kernels' warps (0: 4, 8 from 256 units a program; Nsight Compute on the H100 found
+    listing and marking at 65-73% SM throughput for 2 elements a thread, so fewer warps a
+    program may do the same work in fewer instructions: untimed);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
     exact-scoring step (a cluster of more members takes more steps); by default [8, 16] from
     64 rows (batch * H_kv) up, else [4, 32] (H100, 128k: [8, 16] 2-3% less selection at 128
@@ -839,7 +843,8 @@ def select_rows(
         DOT_PRECISION=dot_precision(k_cache.dtype),
     )  # fmt: skip
     grid = (rows, num_blocks)
-    unit_block = dict(BLOCK_U=units_per_program, num_warps=8 if units_per_program >= 256 else 4)
+    unit_block = dict(BLOCK_U=units_per_program,
+                      num_warps=light_warps or (8 if units_per_program >= 256 else 4))
     group_pad = triton.next_power_of_2(group)  # kernels without tl.dot need no 16-row tile
 
     # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
