@@ -178,6 +178,13 @@ def oracle_and_recall(query, keys, rows):
     return sum(needed_union) / NUM_KV_HEADS, min(recalls)
 
 
+def parse_launch(spec: str) -> dict[str, int]:
+    """select_rows launch options from "name=value,name=value" ("default" or "": none)."""
+    if spec in ("", "default"):
+        return {}
+    return {name: int(value) for name, value in (item.split("=") for item in spec.split(","))}
+
+
 def build_pool(keys, batch, context, config):
     """Cluster every request's keys and store them in a ClusterPool; returns the pool, the
     requests' segment tables and the seconds spent clustering (all requests, one layer)."""
@@ -483,11 +490,7 @@ def main() -> int:
                         "'default', or ';'-separated name=value,name=value sets (e.g. "
                         "'units_per_program=64;units_per_program=256,score_units_per_program=128')")
     args = parser.parse_args()
-    launch_options = [
-        {} if spec == "default" else
-        {name: int(value) for name, value in (item.split("=") for item in spec.split(","))}
-        for spec in args.launch_options.split(";")
-    ]  # fmt: skip
+    launch_options = [parse_launch(spec) for spec in args.launch_options.split(";")]
     cost_model = cost.for_device("cuda")
 
     device_name = torch.cuda.get_device_name()

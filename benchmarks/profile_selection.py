@@ -14,7 +14,7 @@ import torch
 import triton
 
 sys.path.insert(0, "benchmarks")
-from decode_attention import TARGET, build_pool, topic_context  # noqa: E402
+from decode_attention import TARGET, build_pool, parse_launch, topic_context  # noqa: E402
 from tactic_server.kernels.decode_attention import sparse_decode  # noqa: E402
 from tactic_server.kernels.selection import select_rows  # noqa: E402
 
@@ -49,8 +49,7 @@ def main() -> int:
     parser.add_argument("--launch", default="",
                         help="select_rows launch options: 'real_rows=0,score_max_registers=128'")
     args = parser.parse_args()
-    options = {name: int(value) for name, value in
-               (item.split("=") for item in args.launch.split(",") if item)}  # fmt: skip
+    options = parse_launch(args.launch)
     context, batch = args.context, args.batch
     config = TacticConfig(centroids=args.centroids, variance=args.variance)
     inputs, values = selection_inputs(context, batch, config)

@@ -357,7 +357,6 @@ def _exact_list_kernel(
     num_kv_heads,
     max_units,
     lowest_density,
-    inverse_bin_width,
     bin_width,
     GROUP: tl.constexpr,
     SEGMENT: tl.constexpr,
@@ -894,9 +893,9 @@ def select_rows(
         exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         _exact_list_kernel[grid](
             log_mass, unit_bin, unit_size, forced, clustered, seq_lens, exact_threshold,
-            mass_hist,
-            exact_units, exact_count, num_kv_heads, max_units,
-            bin_width=config.density_bin_width, **binning, GROUP=group, SEGMENT=size,
+            mass_hist, exact_units, exact_count, num_kv_heads, max_units,
+            lowest_density=config.lowest_density, bin_width=config.density_bin_width,
+            GROUP=group, SEGMENT=size,
             CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
         )  # fmt: skip
         # a fixed number of programs per row, each taking every P-th group of listed clusters
