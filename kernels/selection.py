@@ -136,23 +136,24 @@ def _score_units_kernel(
         mask=is_cluster[:, None] & dim_mask[None, :],
         other=0.0,
     )
-    key = tl.load(
-        k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
-        mask=is_tail[:, None] & dim_mask[None, :],
-        other=0.0,
-    )
-    vectors = tl.where(is_cluster[:, None], centroid.to(DOT_DTYPE), key.to(DOT_DTYPE))
-
     q = load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
-    ).to(tl.float32)
+    ).to(DOT_DTYPE)
     # products of 16-bit values are exact in fp32 on tensor cores; a float32 cache gets IEEE
     # products (tf32 would move scores by 1e-3 and the selection with them). The dots need
     # 16 rows; everything after them works on the GROUP_PAD rows of real query heads only
-    scores = _leading_rows(
-        tl.dot(q.to(DOT_DTYPE), tl.trans(vectors), input_precision=DOT_PRECISION),
-        GROUP_PAD, BLOCK_H, BLOCK_U,
-    ) * scale  # fmt: skip
+    scores = tl.dot(q, tl.trans(centroid.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+    # the tail's keys only in the blocks that reach the tail: the others neither load them nor
+    # hold their tile (118 registers a thread instead of 128 for sm_90, float8 centroids)
+    if (tl.program_id(1) + 1) * BLOCK_U > num_cluster_units:
+        key = tl.load(
+            k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
+            mask=is_tail[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
+        tail_scores = tl.dot(q, tl.trans(key.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        scores = tl.where(is_cluster[None, :], scores, tail_scores)
+    scores = _leading_rows(scores, GROUP_PAD, BLOCK_H, BLOCK_U) * scale
     heads = tl.arange(0, GROUP_PAD)
     head_mask = heads < GROUP
     q = load_group_queries(
@@ -235,20 +236,25 @@ def _score_units_kernel(
     # the clusters of the sinks that lie in clustered segments, looked up
     tail_position = tail_start + units - num_cluster_units
     forced = is_tail & ((tail_position < sink_tokens) | (tail_position >= seq_len - recent_window))
-    sinks = tl.arange(0, BLOCK_F)
-    clustered_sink = (sinks < sink_tokens) & (sinks < tail_start)
-    sink_segment = tl.load(
-        req_to_segment_ptr + pool_index * stride_req_segment + sinks // SEGMENT,
-        mask=clustered_sink,
-        other=0,
-    ).to(tl.int64)
-    sink_cluster = tl.load(
-        token_cluster_ptr + (sink_segment * num_kv_heads + kv_head) * SEGMENT + sinks % SEGMENT,
-        mask=clustered_sink,
-        other=0,
-    )
-    sink_units = tl.where(clustered_sink, (sinks // SEGMENT) * CLUSTERS + sink_cluster, -1)
-    forced = forced | (tl.max((units[:, None] == sink_units[None, :]).to(tl.int32), axis=1) > 0)
+    # (two dependent loads, so only in the blocks that hold the sinks' segments' clusters)
+    if tl.program_id(1) * BLOCK_U < tl.cdiv(sink_tokens, SEGMENT) * CLUSTERS:
+        sinks = tl.arange(0, BLOCK_F)
+        clustered_sink = (sinks < sink_tokens) & (sinks < tail_start)
+        sink_segment = tl.load(
+            req_to_segment_ptr + pool_index * stride_req_segment + sinks // SEGMENT,
+            mask=clustered_sink,
+            other=0,
+        ).to(tl.int64)
+        sink_cluster = tl.load(
+            token_cluster_ptr + (sink_segment * num_kv_heads + kv_head) * SEGMENT
+            + sinks % SEGMENT,
+            mask=clustered_sink,
+            other=0,
+        )  # fmt: skip
+        sink_units = tl.where(clustered_sink, (sinks // SEGMENT) * CLUSTERS + sink_cluster, -1)
+        forced = forced | (
+            tl.max((units[:, None] == sink_units[None, :]).to(tl.int32), axis=1) > 0
+        )
     if ATTEND_TAIL:
         forced = forced | is_tail
     tl.store(forced_ptr + row * max_units + units, forced.to(tl.int8), mask=in_range)
