@@ -57,7 +57,7 @@ def main() -> int:
 
     def step():
         selected = select_rows(*inputs, config, **options)
-        return sparse_decode(q, keys, values, selected.indptr, selected.indices, context, 256)
+        return sparse_decode(q, keys, values, selected.indptr, selected.indices, context)
 
     for _ in range(3):
         step()

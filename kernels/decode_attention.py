@@ -2,13 +2,16 @@
 
 One row of the CSR selection is one (request, KV head) pair; its indices are flat KV rows
 (slot * num_kv_heads + kv_head) of the layer's cache [num_slots, num_kv_heads, head_dim], so a
-row reads each selected K/V row once for all query heads of its GQA group. Long rows are split
-into chunks of `split_tokens` processed by separate programs; a second kernel merges the chunks
-by their log-sum-exp. With every position of every head listed, this is our dense paged decode.
+row reads each selected K/V row once for all query heads of its GQA group. Each row is split into
+chunks processed by separate programs (by default as many a row as fill the GPU, each chunk's
+length computed on the device from the row's own length; or fixed `split_tokens`); a second
+kernel merges the chunks by their log-sum-exp. With every position of every head listed, this is
+our dense paged decode.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -55,6 +58,14 @@ def load_group_queries(
 
 
 @triton.jit
+def _chunk_tokens(row_len, max_splits, split_tokens, BLOCK_N: tl.constexpr):
+    """Tokens of one chunk of a row: split_tokens where > 0, else the row's length shared out
+    among max_splits programs in whole blocks of BLOCK_N (at least one block)."""
+    shared = tl.maximum(tl.cdiv(tl.cdiv(row_len, max_splits), BLOCK_N), 1) * BLOCK_N
+    return tl.where(split_tokens > 0, split_tokens, shared)
+
+
+@triton.jit
 def _partial_kernel(
     q_ptr,
     k_ptr,
@@ -68,12 +79,12 @@ def _partial_kernel(
     stride_q_head,
     num_kv_heads,
     max_splits,
+    split_tokens,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT_TOKENS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -83,9 +94,10 @@ def _partial_kernel(
     split = tl.program_id(1)
     row_start = tl.load(indptr_ptr + row)
     row_end = tl.load(indptr_ptr + row + 1)
-    chunk_start = row_start + split * SPLIT_TOKENS
+    chunk = _chunk_tokens(row_end - row_start, max_splits, split_tokens, BLOCK_N)
+    chunk_start = row_start + split * chunk
     if chunk_start < row_end:
-        chunk_end = tl.minimum(row_end, chunk_start + SPLIT_TOKENS)
+        chunk_end = tl.minimum(row_end, chunk_start + chunk)
         request = row // num_kv_heads
         kv_head = row % num_kv_heads
         heads = tl.arange(0, BLOCK_H)
@@ -144,47 +156,55 @@ def _merge_kernel(
     stride_out_head,
     num_kv_heads,
     max_splits,
+    split_tokens,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SPLIT_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    """Program (row): merge the row's chunks by log-sum-exp; an empty row gives zeros."""
+    """Program (row, query head): merge the row's chunks by log-sum-exp, BLOCK_S chunks a step
+    (one step for up to BLOCK_S chunks); an empty row gives zeros."""
     row = tl.program_id(0)
+    head = tl.program_id(1)
     row_len = tl.load(indptr_ptr + row + 1) - tl.load(indptr_ptr + row)
-    num_splits = tl.cdiv(row_len, SPLIT_TOKENS)
-    heads = tl.arange(0, BLOCK_H)
+    num_splits = tl.cdiv(row_len, _chunk_tokens(row_len, max_splits, split_tokens, BLOCK_N))
     dims = tl.arange(0, BLOCK_D)
-    head_mask = heads < GROUP
-    mask = head_mask[:, None] & (dims < HEAD_DIM)[None, :]
-    running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for split in range(0, num_splits):
-        partial_index = row * max_splits + split
-        lse = tl.load(partial_lse_ptr + partial_index * GROUP + heads, mask=head_mask, other=0.0)
-        chunk = tl.load(
-            partial_out_ptr + (partial_index * GROUP + heads)[:, None] * HEAD_DIM + dims[None, :],
-            mask=mask,
-            other=0.0,
-        )
-        new_max = tl.maximum(running_max, lse)
+    dim_mask = dims < HEAD_DIM
+    running_max = tl.full([1], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for first in range(0, num_splits, BLOCK_S):
+        splits = first + tl.arange(0, BLOCK_S)
+        live = splits < num_splits
+        entry = (row * max_splits + splits) * GROUP + head
+        lse = tl.load(partial_lse_ptr + entry, mask=live, other=float("-inf"))
+        chunks = tl.load(partial_out_ptr + entry[:, None] * HEAD_DIM + dims[None, :],
+                         mask=live[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
+        new_max = tl.maximum(running_max, tl.max(lse, axis=0))
+        weights = tl.exp2(lse - new_max)
         rescale = tl.exp2(running_max - new_max)
-        weight = tl.exp2(lse - new_max)
-        running_sum = running_sum * rescale + weight
-        acc = acc * rescale[:, None] + chunk * weight[:, None]
+        running_sum = running_sum * rescale + tl.sum(weights, axis=0)
+        acc = acc * rescale + tl.sum(chunks * weights[:, None], axis=0)
         running_max = new_max
     # an empty row has nothing to attend: zeros, without dividing by its zero sum
-    result = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+    result = acc / tl.where(running_sum > 0, running_sum, 1.0)
     request = row // num_kv_heads
     kv_head = row % num_kv_heads
-    out_offsets = (
-        request * stride_out_batch
-        + (kv_head * GROUP + heads)[:, None] * stride_out_head
-        + dims[None, :]
-    )
-    tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+    out_offsets = request * stride_out_batch + (kv_head * GROUP + head) * stride_out_head + dims
+    tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (8 elsewhere: the interpreter's stand-in)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+PROGRAMS_PER_MULTIPROCESSOR = 4
+"""Attention programs a launch aims at per SM when it shares rows out among them."""
 
 
 def sparse_decode(
@@ -194,7 +214,7 @@ def sparse_decode(
     indptr: torch.Tensor,
     indices: torch.Tensor,
     max_row_len: int,
-    split_tokens: int = 256,
+    split_tokens: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -203,7 +223,12 @@ def sparse_decode(
     num_kv_heads + 1], indices: flat KV rows) of k_cache / v_cache [num_slots, num_kv_heads,
     head_dim]. max_row_len bounds every row's length (host side, e.g. the longest context): it
     sizes the grid, so nothing is read back from the device. Returns [batch, num_q_heads,
-    head_dim] in q's dtype, softmax scale 1/sqrt(head_dim), fp32 accumulation."""
+    head_dim] in q's dtype, softmax scale 1/sqrt(head_dim), fp32 accumulation.
+    split_tokens: None (the default) shares each row out among as many programs as fill the
+    GPU (PROGRAMS_PER_MULTIPROCESSOR a multiprocessor over the batch's rows, at most one a
+    block of block_n tokens), each chunk's length taken on the device from the row's own
+    length, so a short selection in a long context is not left to a few programs; a number:
+    chunks of that many tokens, max_row_len / split_tokens programs a row."""
     batch, num_q_heads, head_dim = q.shape
     num_slots, num_kv_heads, kv_dim = k_cache.shape
     if kv_dim != head_dim or v_cache.shape != k_cache.shape:
@@ -218,14 +243,19 @@ def sparse_decode(
         raise ValueError(f"indptr must have batch * num_kv_heads + 1 = {rows + 1} entries")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1):
         raise ValueError("k_cache and v_cache must be contiguous, q contiguous in head_dim")
+    if split_tokens is not None and split_tokens < 1:
+        raise ValueError(f"split_tokens must be None or >= 1, got {split_tokens}")
     group = num_q_heads // num_kv_heads
-    max_splits = max(1, math.ceil(max_row_len / split_tokens))
+    if split_tokens is None:
+        programs = _multiprocessors(q.device) * PROGRAMS_PER_MULTIPROCESSOR
+        max_splits = max(1, min(triton.cdiv(max_row_len, block_n), programs // max(rows, 1)))
+    else:
+        max_splits = max(1, math.ceil(max_row_len / split_tokens))
     partial_out = torch.empty(
         rows * max_splits * group * head_dim, device=q.device, dtype=torch.float32
     )
     partial_lse = torch.empty(rows * max_splits * group, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
-    block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
     _partial_kernel[(rows, max_splits)](
         q,
@@ -240,18 +270,18 @@ def sparse_decode(
         q.stride(1),
         num_kv_heads,
         max_splits,
+        split_tokens or 0,
         GROUP=group,
         HEAD_DIM=head_dim,
-        BLOCK_H=block_h,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d,
         BLOCK_N=block_n,
-        SPLIT_TOKENS=split_tokens,
         DOT_DTYPE=dot_dtype(k_cache.dtype),
         DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    _merge_kernel[(rows,)](
+    _merge_kernel[(rows, group)](
         partial_out,
         partial_lse,
         indptr,
@@ -260,11 +290,12 @@ def sparse_decode(
         out.stride(1),
         num_kv_heads,
         max_splits,
+        split_tokens or 0,
         GROUP=group,
         HEAD_DIM=head_dim,
-        BLOCK_H=block_h,
         BLOCK_D=block_d,
-        SPLIT_TOKENS=split_tokens,
+        BLOCK_N=block_n,
+        BLOCK_S=min(64, triton.next_power_of_2(max_splits)),
     )
     return out
 

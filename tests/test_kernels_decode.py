@@ -34,7 +34,10 @@ def relative_error(out, ref):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group,head_dim", [(4, 64), (1, 32), (5, 48)])
-def test_sparse_decode_matches_reference(dtype, group, head_dim):
+@pytest.mark.parametrize("split_tokens,block_n", [(128, 32), (None, 32), (8, 16)])
+def test_sparse_decode_matches_reference(dtype, group, head_dim, split_tokens, block_n):
+    """Fixed chunks (8 tokens: 88 chunks in the 700-token row, more than one merge step) and
+    chunks shared out by each row's own length (split_tokens None)."""
     generator = torch.Generator().manual_seed(group * 100 + head_dim)
     batch, num_kv_heads, num_slots = 3, 2, 700
     # lengths not multiples of the block or split sizes, an empty row and a one-token row
@@ -44,13 +47,29 @@ def test_sparse_decode_matches_reference(dtype, group, head_dim):
     k = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
     v = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
     q, k, v, indptr, indices = (t.to(DEVICE) for t in (q, k, v, indptr, indices))
-    out = sparse_decode(q, k, v, indptr, indices, max_row_len=700, split_tokens=128, block_n=32)
+    out = sparse_decode(q, k, v, indptr, indices, max_row_len=700, split_tokens=split_tokens,
+                        block_n=block_n)  # fmt: skip
     ref = sparse_decode_reference(q, k, v, indptr, indices)
     assert torch.isfinite(out).all()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert relative_error(out, ref) < tolerance
     # the empty row (request 0, KV head 0) gives zeros
     assert torch.equal(out[0, :group].float().cpu(), torch.zeros(group, head_dim))
+
+
+def test_one_row_shared_out_among_many_programs():
+    """One long row alone: the default gives it every program the launch aims at (32 under
+    the interpreter's stand-in of 8 multiprocessors), each a chunk of one or two blocks."""
+    generator = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, 32, generator=generator).to(DEVICE)
+    k = torch.randn(900, 1, 32, generator=generator).to(DEVICE)
+    v = torch.randn(900, 1, 32, generator=generator).to(DEVICE)
+    indptr, indices = random_rows(generator, 1, 1, 900, [900])
+    indptr, indices = indptr.to(DEVICE), indices.to(DEVICE)
+    ref = sparse_decode_reference(q, k, v, indptr, indices)
+    for max_row_len in (900, 100_000):  # a bound far above the row changes only the chunking
+        out = sparse_decode(q, k, v, indptr, indices, max_row_len=max_row_len, block_n=16)
+        assert relative_error(out, ref) < 1e-5
 
 
 def test_every_output_is_written():
@@ -112,6 +131,8 @@ def test_launcher_rejects_bad_shapes():
         sparse_decode(q, k, k, indptr, indptr, max_row_len=10)
     with pytest.raises(ValueError, match="indptr"):
         sparse_decode(torch.randn(1, 8, 32), k, k, indptr[:3], indptr, max_row_len=10)
+    with pytest.raises(ValueError, match="split_tokens"):
+        sparse_decode(torch.randn(1, 8, 32), k, k, indptr, indptr, max_row_len=10, split_tokens=0)
 
 
 @pytest.mark.gpu
@@ -126,6 +147,6 @@ def test_llama_shape_on_gpu():
     lengths = [40_000, 1, 0, 1234] * 8
     indptr, indices = random_rows(torch.Generator().manual_seed(1), 4, 8, num_slots, lengths)
     indptr, indices = indptr.cuda(), indices.cuda()
-    for split_tokens in (128, 256, 1024):
+    for split_tokens in (None, 128, 256, 1024):
         out = sparse_decode(q, k, v, indptr, indices, 40_000, split_tokens=split_tokens)
         assert relative_error(out, sparse_decode_reference(q, k, v, indptr, indices)) < 1e-2
