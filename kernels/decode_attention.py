@@ -3,10 +3,10 @@
 One row of the CSR selection is one (request, KV head) pair; its indices are flat KV rows
 (slot * num_kv_heads + kv_head) of the layer's cache [num_slots, num_kv_heads, head_dim], so a
 row reads each selected K/V row once for all query heads of its GQA group. Each row is split into
-chunks processed by separate programs (by default as many a row as fill the GPU, each chunk's
-length computed on the device from the row's own length; or fixed `split_tokens`); a second
-kernel merges the chunks by their log-sum-exp. With every position of every head listed, this is
-our dense paged decode.
+chunks processed by separate programs (of `split_tokens` each, or as many a row as fill the GPU,
+each chunk's length computed on the device from the row's own length); a second kernel merges
+the chunks by their log-sum-exp. With every position of every head listed, this is our dense
+paged decode.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def sparse_decode(
     indptr: torch.Tensor,
     indices: torch.Tensor,
     max_row_len: int,
-    split_tokens: int | None = None,
+    split_tokens: int | None = 256,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -224,11 +224,16 @@ def sparse_decode(
     head_dim]. max_row_len bounds every row's length (host side, e.g. the longest context): it
     sizes the grid, so nothing is read back from the device. Returns [batch, num_q_heads,
     head_dim] in q's dtype, softmax scale 1/sqrt(head_dim), fp32 accumulation.
-    split_tokens: None (the default) shares each row out among as many programs as fill the
-    GPU (PROGRAMS_PER_MULTIPROCESSOR a multiprocessor over the batch's rows, at most one a
-    block of block_n tokens), each chunk's length taken on the device from the row's own
-    length, so a short selection in a long context is not left to a few programs; a number:
-    chunks of that many tokens, max_row_len / split_tokens programs a row."""
+    split_tokens: chunks of that many tokens, max_row_len / split_tokens programs a row (most
+    of which return at once where rows are much shorter than max_row_len); None shares each
+    row out among as many programs as fill the GPU (PROGRAMS_PER_MULTIPROCESSOR a
+    multiprocessor over the batch's rows, at most one a block of block_n tokens), each chunk's
+    length taken on the device from the row's own length. Timed on the H100 (128k and 256k,
+    benchmarks/results/decode_attention_table_64f046f_h100.json, where None was the default):
+    None is 2-13% faster than the fastest fixed length at batch 1 but 5-12% slower at batch
+    16, and 3.5x slower where one row is far longer than the rest (32k, batch 16, 1% needed:
+    0.233 against 0.067 ms), its few programs a row left with the long row: so 256 stays the
+    default."""
     batch, num_q_heads, head_dim = q.shape
     num_slots, num_kv_heads, kv_dim = k_cache.shape
     if kv_dim != head_dim or v_cache.shape != k_cache.shape:

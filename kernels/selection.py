@@ -771,8 +771,8 @@ def select_rows(
     score_warps: int = 4,
     real_rows: bool = True,
     score_max_registers: int = 0,
-    units_per_program: int = 64,
-    light_warps: int = 0,
+    units_per_program: int = 128,
+    light_warps: int = 1,
     exact_units_per_program: int | None = None,
     exact_members_per_step: int | None = None,
     write_units_per_step: int = 16,
@@ -796,9 +796,12 @@ def select_rows(
     register cap for the scoring kernel (Triton's maxnreg; 0: none); units_per_program: units of one
     program of the lighter unit-parallel kernels (listing, marking, writing: more units per
     program keeps large batches from paying per-program latency many times over), light_warps:
-    those kernels' warps (0: 4, 8 from 256 units a program; Nsight Compute on the H100 found
-    listing and marking at 65-73% SM throughput for 2 elements a thread, so fewer warps a
-    program may do the same work in fewer instructions: untimed);
+    those kernels' warps (0: 4, 8 from 256 units a program). The defaults, 128 units in one
+    warp, were timed against 64 units in four (H100, 128k, CUDA-event profiles of 10 steps,
+    benchmarks/results/profile_launch_options_64f046f_h100.txt): at batch 16 marking 13.7
+    against 29.7 us, listing 15.2 against 28.4, writing 17.5 against 18.2, the graph-replayed
+    step 394 against 423 us; at batch 1 the step 65.2 against 66.2 us (writing 9.2 against
+    5.3: one warp writes a long row's members slowly where few programs run);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
     exact-scoring step (a cluster of more members takes more steps); by default [8, 16] from
     64 rows (batch * H_kv) up, else [4, 32] (H100, 128k: [8, 16] 2-3% less selection at 128

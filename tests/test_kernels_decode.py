@@ -58,8 +58,8 @@ def test_sparse_decode_matches_reference(dtype, group, head_dim, split_tokens, b
 
 
 def test_one_row_shared_out_among_many_programs():
-    """One long row alone: the default gives it every program the launch aims at (32 under
-    the interpreter's stand-in of 8 multiprocessors), each a chunk of one or two blocks."""
+    """One long row alone: split_tokens=None gives it every program the launch aims at (32
+    under the interpreter's stand-in of 8 multiprocessors), each a chunk of one or two blocks."""
     generator = torch.Generator().manual_seed(11)
     q = torch.randn(1, 4, 32, generator=generator).to(DEVICE)
     k = torch.randn(900, 1, 32, generator=generator).to(DEVICE)
@@ -68,7 +68,8 @@ def test_one_row_shared_out_among_many_programs():
     indptr, indices = indptr.to(DEVICE), indices.to(DEVICE)
     ref = sparse_decode_reference(q, k, v, indptr, indices)
     for max_row_len in (900, 100_000):  # a bound far above the row changes only the chunking
-        out = sparse_decode(q, k, v, indptr, indices, max_row_len=max_row_len, block_n=16)
+        out = sparse_decode(q, k, v, indptr, indices, max_row_len=max_row_len,
+                            split_tokens=None, block_n=16)  # fmt: skip
         assert relative_error(out, ref) < 1e-5
 
 
