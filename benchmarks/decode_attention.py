@@ -28,7 +28,11 @@ from pathlib import Path
 import torch
 import triton
 from tactic_server.kernels.cluster_pool import ClusterPool, centroid_dtype
-from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
+from tactic_server.kernels.decode_attention import (
+    dense_rows,
+    sparse_decode,
+    sparse_decode_balanced,
+)
 from tactic_server.kernels.kmeans import segment_kmeans
 from tactic_server.kernels.selection import select_rows
 
@@ -307,7 +311,14 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
         lambda split: sparse_decode(q, keys, values, indptr, selected.indices, context, split),
         (None, 128, 256, 512),
     )
+    # the balanced schedule (the batch's tokens shared evenly among programs), beside them
+    record["attend_balanced_ms"] = bench_ms(
+        lambda: sparse_decode_balanced(q, keys, values, indptr, selected.indices)
+    )
     tactic_out = sparse_decode(q, keys, values, indptr, selected.indices, context).float()
+    record["balanced_vs_chunked_error"] = relative_error(
+        sparse_decode_balanced(q, keys, values, indptr, selected.indices).float(), tactic_out
+    )
     nnz = int(indptr[-1])
     record["selected_fraction"] = nnz / (rows * context)
     first_rows = first_request_rows(selected)

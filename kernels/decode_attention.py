@@ -5,8 +5,10 @@ One row of the CSR selection is one (request, KV head) pair; its indices are fla
 row reads each selected K/V row once for all query heads of its GQA group. Each row is split into
 chunks processed by separate programs (of `split_tokens` each, or as many a row as fill the GPU,
 each chunk's length computed on the device from the row's own length); a second kernel merges
-the chunks by their log-sum-exp. With every position of every head listed, this is our dense
-paged decode.
+the chunks by their log-sum-exp. `sparse_decode_balanced` schedules the same attention the way
+FlashInfer's split-KV does: the batch's selected tokens shared evenly among a fixed number of
+programs, each taking its stretch row by row. With every position of every head listed, this is
+our dense paged decode.
 """
 
 from __future__ import annotations
@@ -302,6 +304,197 @@ def sparse_decode(
         BLOCK_N=block_n,
         BLOCK_S=min(64, triton.next_power_of_2(max_splits)),
     )
+    return out
+
+
+@triton.jit
+def _balanced_partial_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    indptr_ptr,
+    indices_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    scale_log2,
+    stride_q_batch,
+    stride_q_head,
+    num_kv_heads,
+    rows,
+    programs,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program p of `programs`: the p-th of equal stretches of the whole batch's selected
+    tokens (indices[p * chunk : (p + 1) * chunk], chunk = ceil(total / programs)), row by row
+    through the rows it spans; each (program, row) part is written at partial slot p + row,
+    which no other pair takes (a row that reaches into a later program's stretch ends there)."""
+    program = tl.program_id(0)
+    total = tl.load(indptr_ptr + rows)
+    chunk = tl.maximum(tl.cdiv(total, programs), 1)
+    start = program * chunk
+    end = tl.minimum(start + chunk, total)
+    if start < end:
+        # the first row that ends after start: the rows ending at or before it come first
+        earlier = tl.arange(0, BLOCK_R)
+        ends = tl.load(indptr_ptr + 1 + earlier, mask=earlier < rows, other=0)
+        row = tl.sum(((ends <= start) & (earlier < rows)).to(tl.int32), axis=0)
+        heads = tl.arange(0, BLOCK_H)
+        dims = tl.arange(0, BLOCK_D)
+        head_mask = heads < GROUP
+        dim_mask = dims < HEAD_DIM
+        row_start = tl.load(indptr_ptr + row)
+        while row_start < end:  # indptr[rows] = total >= end stops it after the last row
+            row_end = tl.load(indptr_ptr + row + 1)
+            part_start = tl.maximum(row_start, start)
+            part_end = tl.minimum(row_end, end)
+            if part_start < part_end:
+                q = load_group_queries(
+                    q_ptr, row // num_kv_heads, row % num_kv_heads, stride_q_batch,
+                    stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D,
+                ).to(DOT_DTYPE)  # fmt: skip
+                running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+                running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+                for token_start in range(part_start, part_end, BLOCK_N):
+                    tokens = token_start + tl.arange(0, BLOCK_N)
+                    token_mask = tokens < part_end
+                    kv_rows = tl.load(indices_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+                    kv_offsets = kv_rows[:, None] * HEAD_DIM + dims[None, :]
+                    kv_mask = token_mask[:, None] & dim_mask[None, :]
+                    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+                    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+                    scores = tl.where(token_mask[None, :], scores, float("-inf"))
+                    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+                    weights = tl.exp2(scores - new_max[:, None])
+                    rescale = tl.exp2(running_max - new_max)
+                    running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+                    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+                    acc = acc * rescale[:, None] + tl.dot(
+                        weights.to(DOT_DTYPE), v, input_precision=DOT_PRECISION
+                    )
+                    running_max = new_max
+                slot = program + row
+                tl.store(
+                    partial_out_ptr + ((slot * GROUP + heads)[:, None] * HEAD_DIM + dims[None, :]),
+                    acc / running_sum[:, None],
+                    mask=head_mask[:, None] & dim_mask[None, :],
+                )
+                tl.store(partial_lse_ptr + slot * GROUP + heads,
+                         running_max + tl.log2(running_sum), mask=head_mask)  # fmt: skip
+            row += 1
+            row_start = row_end
+
+
+@triton.jit
+def _balanced_merge_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    indptr_ptr,
+    out_ptr,
+    stride_out_batch,
+    stride_out_head,
+    num_kv_heads,
+    rows,
+    programs,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Program (row, query head): merge the parts the row's programs wrote (slots p + row for
+    the programs p whose stretches it spans) by log-sum-exp; an empty row gives zeros."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    chunk = tl.maximum(tl.cdiv(tl.load(indptr_ptr + rows), programs), 1)
+    row_start = tl.load(indptr_ptr + row)
+    row_end = tl.load(indptr_ptr + row + 1)
+    first = row_start // chunk
+    parts = tl.where(row_end > row_start, (row_end - 1) // chunk - first + 1, 0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    running_max = tl.full([1], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for step in range(0, parts, BLOCK_S):
+        offsets = step + tl.arange(0, BLOCK_S)
+        live = offsets < parts
+        entry = (first + offsets + row) * GROUP + head
+        lse = tl.load(partial_lse_ptr + entry, mask=live, other=float("-inf"))
+        chunks = tl.load(partial_out_ptr + entry[:, None] * HEAD_DIM + dims[None, :],
+                         mask=live[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
+        new_max = tl.maximum(running_max, tl.max(lse, axis=0))
+        weights = tl.exp2(lse - new_max)
+        rescale = tl.exp2(running_max - new_max)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=0)
+        acc = acc * rescale + tl.sum(chunks * weights[:, None], axis=0)
+        running_max = new_max
+    result = acc / tl.where(running_sum > 0, running_sum, 1.0)
+    out_offsets = (
+        (row // num_kv_heads) * stride_out_batch
+        + ((row % num_kv_heads) * GROUP + head) * stride_out_head
+        + dims
+    )  # fmt: skip
+    tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+def sparse_decode_balanced(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    programs: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """sparse_decode with the batch's selected tokens shared evenly among a fixed number of
+    programs (default PROGRAMS_PER_MULTIPROCESSOR a multiprocessor), as FlashInfer's split-KV
+    schedule does, each program taking its stretch row by row, so that neither one long row
+    nor many short ones leave programs idle; the stretch length is read on the device from
+    indptr[-1], so nothing is read back and the grid is fixed (CUDA graphs). Kernel ==
+    reference under the interpreter; not yet timed on a GPU."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    rows = batch * num_kv_heads
+    if k_cache.shape[-1] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must be [num_slots, num_kv_heads, {head_dim}], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} groups")
+    if indptr.shape != (rows + 1,):
+        raise ValueError(f"indptr must have batch * num_kv_heads + 1 = {rows + 1} entries")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1):
+        raise ValueError("k_cache and v_cache must be contiguous, q contiguous in head_dim")
+    programs = programs or _multiprocessors(q.device) * PROGRAMS_PER_MULTIPROCESSOR
+    group = num_q_heads // num_kv_heads
+    slots = programs + rows  # a program's part of a row at slot program + row
+    partial_out = torch.empty(slots * group * head_dim, device=q.device, dtype=torch.float32)
+    partial_lse = torch.empty(slots * group, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    block_d = triton.next_power_of_2(head_dim)
+    _balanced_partial_kernel[(programs,)](
+        q, k_cache, v_cache, indptr, indices, partial_out, partial_lse,
+        LOG2_E / math.sqrt(head_dim), q.stride(0), q.stride(1), num_kv_heads, rows, programs,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rows),
+        DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    _balanced_merge_kernel[(rows, group)](
+        partial_out, partial_lse, indptr, out, out.stride(0), out.stride(1), num_kv_heads, rows,
+        programs, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_S=min(64, triton.next_power_of_2(programs)),
+    )  # fmt: skip
     return out
 
 

@@ -8,6 +8,7 @@ import torch
 from tactic_server.kernels.decode_attention import (
     dense_rows,
     sparse_decode,
+    sparse_decode_balanced,
     sparse_decode_reference,
 )
 
@@ -55,6 +56,38 @@ def test_sparse_decode_matches_reference(dtype, group, head_dim, split_tokens, b
     assert relative_error(out, ref) < tolerance
     # the empty row (request 0, KV head 0) gives zeros
     assert torch.equal(out[0, :group].float().cpu(), torch.zeros(group, head_dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group,head_dim", [(4, 64), (1, 32), (5, 48)])
+@pytest.mark.parametrize("programs", [None, 1, 5, 1000])
+def test_balanced_schedule_matches_reference(dtype, group, head_dim, programs):
+    """The batch's tokens shared evenly among programs: one program over every row, a few
+    whose stretches start and end inside rows, and more programs than pairs of tokens (a row
+    then has hundreds of parts, merged over several steps); empty rows give zeros."""
+    generator = torch.Generator().manual_seed(group * 10 + head_dim)
+    batch, num_kv_heads, num_slots = 3, 2, 700
+    lengths = [0, 1, 77, 700, 129, 0]
+    indptr, indices = random_rows(generator, batch, num_kv_heads, num_slots, lengths)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=generator).to(dtype)
+    k = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
+    v = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
+    q, k, v, indptr, indices = (t.to(DEVICE) for t in (q, k, v, indptr, indices))
+    out = sparse_decode_balanced(q, k, v, indptr, indices, programs=programs, block_n=16)
+    ref = sparse_decode_reference(q, k, v, indptr, indices)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    for request, kv_head in ((0, 0), (2, 1)):  # the empty rows
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        assert torch.equal(out[request, heads].float().cpu(), torch.zeros(group, head_dim))
+
+
+def test_balanced_schedule_of_an_empty_batch_writes_zeros():
+    q = torch.randn(2, 4, 32).to(DEVICE)
+    k = torch.randn(10, 2, 32).to(DEVICE)
+    indptr = torch.zeros(5, dtype=torch.int32, device=DEVICE)
+    out = sparse_decode_balanced(q, k, k, indptr, indptr[:0], programs=3, block_n=16)
+    assert torch.equal(out.cpu(), torch.zeros(2, 4, 32))
 
 
 def test_one_row_shared_out_among_many_programs():
@@ -148,6 +181,8 @@ def test_llama_shape_on_gpu():
     lengths = [40_000, 1, 0, 1234] * 8
     indptr, indices = random_rows(torch.Generator().manual_seed(1), 4, 8, num_slots, lengths)
     indptr, indices = indptr.cuda(), indices.cuda()
+    ref = sparse_decode_reference(q, k, v, indptr, indices)
     for split_tokens in (None, 128, 256, 1024):
         out = sparse_decode(q, k, v, indptr, indices, 40_000, split_tokens=split_tokens)
-        assert relative_error(out, sparse_decode_reference(q, k, v, indptr, indices)) < 1e-2
+        assert relative_error(out, ref) < 1e-2
+    assert relative_error(sparse_decode_balanced(q, k, v, indptr, indices), ref) < 1e-2
