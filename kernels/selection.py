@@ -117,12 +117,24 @@ def _score_units_kernel(
     in_range = units < max_units
     is_cluster = units < num_cluster_units
     is_tail = (units >= num_cluster_units) & (units < num_units)
-    segment_slot = tl.load(
-        req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
-        mask=is_cluster,
-        other=0,
-    ).to(tl.int64)
-    cluster_row = (segment_slot * num_kv_heads + kv_head) * CLUSTERS + units % CLUSTERS
+    if CLUSTERS % BLOCK_U == 0:
+        # the block's clusters are one segment's (and the tail starts at a block boundary):
+        # one segment slot for the block instead of a gather of one per unit
+        first = tl.program_id(1) * BLOCK_U
+        segment_slot = tl.load(
+            req_to_segment_ptr + pool_index * stride_req_segment + first // CLUSTERS,
+            mask=first < num_cluster_units,
+            other=0,
+        ).to(tl.int64)
+        local = first % CLUSTERS + tl.arange(0, BLOCK_U)
+    else:
+        segment_slot = tl.load(
+            req_to_segment_ptr + pool_index * stride_req_segment + units // CLUSTERS,
+            mask=is_cluster,
+            other=0,
+        ).to(tl.int64)
+        local = units % CLUSTERS
+    cluster_row = (segment_slot * num_kv_heads + kv_head) * CLUSTERS + local
     kv_slot = tl.load(
         req_to_token_ptr + pool_index * stride_req_token + tail_start + units - num_cluster_units,
         mask=is_tail,
@@ -163,21 +175,16 @@ def _score_units_kernel(
     query_norm_sq = tl.sum(q * q, axis=1)
 
     segment_offsets = offsets_ptr + (segment_slot * num_kv_heads + kv_head) * (CLUSTERS + 1)
-    local = units % CLUSTERS
     cluster_size = tl.load(segment_offsets + local + 1, mask=is_cluster, other=0) - tl.load(
         segment_offsets + local, mask=is_cluster, other=0
     )
     size = tl.where(is_cluster, cluster_size, tl.where(is_tail, 1, 0))
     if PROFILE == 2:  # sum_i q_i^2 p_i once for the block's segment, times each scale
+        # (select_rows sets PROFILE 2 only where the block's clusters are one segment's, so
+        # segment_slot above is the block's one)
         spread = tl.load(variances_ptr + cluster_row, mask=is_cluster, other=0.0)
-        first = tl.program_id(1) * BLOCK_U
-        block_segment = tl.load(
-            req_to_segment_ptr + pool_index * stride_req_segment + first // CLUSTERS,
-            mask=first < num_cluster_units,
-            other=0,
-        ).to(tl.int64)
         profile = tl.load(
-            profiles_ptr + (block_segment * num_kv_heads + kv_head) * HEAD_DIM + dims,
+            profiles_ptr + (segment_slot * num_kv_heads + kv_head) * HEAD_DIM + dims,
             mask=dim_mask & (first < num_cluster_units),
             other=0.0,
         ).to(tl.float32)
@@ -773,6 +780,7 @@ def select_rows(
     score_max_registers: int = 0,
     units_per_program: int = 128,
     light_warps: int = 1,
+    write_warps: int = 2,
     exact_units_per_program: int | None = None,
     exact_members_per_step: int | None = None,
     write_units_per_step: int = 16,
@@ -801,7 +809,10 @@ def select_rows(
     benchmarks/results/profile_launch_options_64f046f_h100.txt): at batch 16 marking 13.7
     against 29.7 us, listing 15.2 against 28.4, writing 17.5 against 18.2, the graph-replayed
     step 394 against 423 us; at batch 1 the step 65.2 against 66.2 us (writing 9.2 against
-    5.3: one warp writes a long row's members slowly where few programs run);
+    5.3: one warp writes a long row's members slowly where few programs run); write_warps:
+    the writing kernel's (0: as light_warps). Two, the default, wrote the rows in 13.2 us at
+    batch 16 and 6.0 at batch 1 over 128 units a program (one warp 17.5 / 9.2, four over 64
+    units 18.2 / 5.3; the same profiles; the step with this split of warps is not timed);
     exact_units_per_program, exact_members_per_step: the [clusters, members] tile of one
     exact-scoring step (a cluster of more members takes more steps); by default [8, 16] from
     64 rows (batch * H_kv) up, else [4, 32] (H100, 128k: [8, 16] 2-3% less selection at 128
@@ -947,7 +958,8 @@ def select_rows(
         req_pool_indices, clustered, unit_size, picked, block_units, block_tokens,
         row_tokens, indptr, indices, req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters,
-        BLOCK_E=write_units_per_step, BLOCK_M=write_members_per_step, **unit_block,
+        BLOCK_E=write_units_per_step, BLOCK_M=write_members_per_step,
+        **(unit_block | ({"num_warps": write_warps} if write_warps else {})),
         BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=triton.next_power_of_2(num_blocks),
     )  # fmt: skip
     return SelectedRows(

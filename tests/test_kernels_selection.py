@@ -95,6 +95,23 @@ def test_selection_matches_reference(config, options):
                             exact_units_per_program=4, **options)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        TacticConfig(segment_size=64, cluster_size=4),
+        TacticConfig(segment_size=128, cluster_size=4, tail_policy="attend", sink_tokens=3,
+                     recent_window=5, centroids="fp8"),  # fmt: skip
+        TacticConfig(segment_size=64, cluster_size=4, variance="isotropic", exact_fraction=0.1),
+    ],
+)
+def test_blocks_within_one_segment_match_reference(config):
+    """Scoring blocks that hold one segment's clusters (16 or 32 clusters a segment, 16 units a
+    block: the scoring kernel reads one segment slot a block, as at the default 64 clusters a
+    segment and 64 units a block), the tail starting at a block boundary."""
+    check_against_reference(config, score_units_per_program=16, units_per_program=32,
+                            exact_units_per_program=4)  # fmt: skip
+
+
 @pytest.mark.parametrize("group,exact_units", [(1, 4), (2, 2), (4, 4), (8, 4)])
 @pytest.mark.parametrize("variance", ["diagonal", "isotropic", "profile"])
 @pytest.mark.parametrize("real_rows", [False, True])
