@@ -60,6 +60,88 @@ def load_group_queries(
 
 
 @triton.jit
+def _attend_part(
+    q_ptr, k_ptr, v_ptr, indices_ptr, partial_out_ptr, partial_lse_ptr, row, start, end, slot,
+    scale_log2, stride_q_batch, stride_q_head, num_kv_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Attention of a row's query heads over indices[start:end] (start < end), written as part
+    `slot`: its normalised output [GROUP, HEAD_DIM] and base-2 log-sum-exp [GROUP]."""
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    head_mask = heads < GROUP
+    dim_mask = dims < HEAD_DIM
+    q = load_group_queries(
+        q_ptr, row // num_kv_heads, row % num_kv_heads, stride_q_batch, stride_q_head,
+        GROUP, HEAD_DIM, BLOCK_H, BLOCK_D,
+    ).to(DOT_DTYPE)  # fmt: skip
+    running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for token_start in range(start, end, BLOCK_N):
+        tokens = token_start + tl.arange(0, BLOCK_N)
+        token_mask = tokens < end
+        kv_rows = tl.load(indices_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+        kv_offsets = kv_rows[:, None] * HEAD_DIM + dims[None, :]
+        kv_mask = token_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        # base-2 scores [BLOCK_H, BLOCK_N]; a float32 cache gets IEEE products, not tf32
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        weights = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(running_max - new_max)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        acc = acc * rescale[:, None] + tl.dot(
+            weights.to(DOT_DTYPE), v, input_precision=DOT_PRECISION
+        )
+        running_max = new_max
+    out_offsets = (slot * GROUP + heads)[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(partial_out_ptr + out_offsets, acc / running_sum[:, None],
+             mask=head_mask[:, None] & dim_mask[None, :])  # fmt: skip
+    tl.store(partial_lse_ptr + slot * GROUP + heads, running_max + tl.log2(running_sum),
+             mask=head_mask)  # fmt: skip
+
+
+@triton.jit
+def _merge_parts(
+    partial_out_ptr, partial_lse_ptr, out_ptr, stride_out_batch, stride_out_head, num_kv_heads,
+    row, head, first_slot, parts,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Merge by log-sum-exp a query head's parts at slots first_slot .. first_slot + parts - 1,
+    BLOCK_S a step, into the row's output; no parts (an empty row) gives zeros."""
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    running_max = tl.full([1], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for step in range(0, parts, BLOCK_S):
+        offsets = step + tl.arange(0, BLOCK_S)
+        live = offsets < parts
+        entry = (first_slot + offsets) * GROUP + head
+        lse = tl.load(partial_lse_ptr + entry, mask=live, other=float("-inf"))
+        chunks = tl.load(partial_out_ptr + entry[:, None] * HEAD_DIM + dims[None, :],
+                         mask=live[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
+        new_max = tl.maximum(running_max, tl.max(lse, axis=0))
+        weights = tl.exp2(lse - new_max)
+        rescale = tl.exp2(running_max - new_max)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=0)
+        acc = acc * rescale + tl.sum(chunks * weights[:, None], axis=0)
+        running_max = new_max
+    # an empty row has nothing to attend: zeros, without dividing by its zero sum
+    result = acc / tl.where(running_sum > 0, running_sum, 1.0)
+    out_offsets = (
+        (row // num_kv_heads) * stride_out_batch
+        + ((row % num_kv_heads) * GROUP + head) * stride_out_head
+        + dims
+    )  # fmt: skip
+    tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+@triton.jit
 def _chunk_tokens(row_len, max_splits, split_tokens, BLOCK_N: tl.constexpr):
     """Tokens of one chunk of a row: split_tokens where > 0, else the row's length shared out
     among max_splits programs in whole blocks of BLOCK_N (at least one block)."""
@@ -99,53 +181,12 @@ def _partial_kernel(
     chunk = _chunk_tokens(row_end - row_start, max_splits, split_tokens, BLOCK_N)
     chunk_start = row_start + split * chunk
     if chunk_start < row_end:
-        chunk_end = tl.minimum(row_end, chunk_start + chunk)
-        request = row // num_kv_heads
-        kv_head = row % num_kv_heads
-        heads = tl.arange(0, BLOCK_H)
-        dims = tl.arange(0, BLOCK_D)
-        head_mask = heads < GROUP
-        dim_mask = dims < HEAD_DIM
-        q = load_group_queries(
-            q_ptr, request, kv_head, stride_q_batch, stride_q_head,
-            GROUP, HEAD_DIM, BLOCK_H, BLOCK_D,
-        ).to(DOT_DTYPE)  # fmt: skip
-
-        running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-        for token_start in range(chunk_start, chunk_end, BLOCK_N):
-            tokens = token_start + tl.arange(0, BLOCK_N)
-            token_mask = tokens < chunk_end
-            kv_rows = tl.load(indices_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
-            kv_offsets = kv_rows[:, None] * HEAD_DIM + dims[None, :]
-            kv_mask = token_mask[:, None] & dim_mask[None, :]
-            k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-            # base-2 scores [BLOCK_H, BLOCK_N]; a float32 cache gets IEEE products, not tf32
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            scores = tl.where(token_mask[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            weights = tl.exp2(scores - new_max[:, None])
-            rescale = tl.exp2(running_max - new_max)
-            running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-            v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-            acc = acc * rescale[:, None] + tl.dot(
-                weights.to(DOT_DTYPE), v, input_precision=DOT_PRECISION
-            )
-            running_max = new_max
-
-        partial_index = row * max_splits + split
-        out_offsets = (partial_index * GROUP + heads)[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(
-            partial_out_ptr + out_offsets,
-            acc / running_sum[:, None],
-            mask=head_mask[:, None] & dim_mask[None, :],
-        )
-        tl.store(
-            partial_lse_ptr + partial_index * GROUP + heads,
-            running_max + tl.log2(running_sum),
-            mask=head_mask,
-        )
+        _attend_part(
+            q_ptr, k_ptr, v_ptr, indices_ptr, partial_out_ptr, partial_lse_ptr, row,
+            chunk_start, tl.minimum(row_end, chunk_start + chunk), row * max_splits + split,
+            scale_log2, stride_q_batch, stride_q_head, num_kv_heads,
+            GROUP, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -171,30 +212,10 @@ def _merge_kernel(
     head = tl.program_id(1)
     row_len = tl.load(indptr_ptr + row + 1) - tl.load(indptr_ptr + row)
     num_splits = tl.cdiv(row_len, _chunk_tokens(row_len, max_splits, split_tokens, BLOCK_N))
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
-    running_max = tl.full([1], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for first in range(0, num_splits, BLOCK_S):
-        splits = first + tl.arange(0, BLOCK_S)
-        live = splits < num_splits
-        entry = (row * max_splits + splits) * GROUP + head
-        lse = tl.load(partial_lse_ptr + entry, mask=live, other=float("-inf"))
-        chunks = tl.load(partial_out_ptr + entry[:, None] * HEAD_DIM + dims[None, :],
-                         mask=live[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
-        new_max = tl.maximum(running_max, tl.max(lse, axis=0))
-        weights = tl.exp2(lse - new_max)
-        rescale = tl.exp2(running_max - new_max)
-        running_sum = running_sum * rescale + tl.sum(weights, axis=0)
-        acc = acc * rescale + tl.sum(chunks * weights[:, None], axis=0)
-        running_max = new_max
-    # an empty row has nothing to attend: zeros, without dividing by its zero sum
-    result = acc / tl.where(running_sum > 0, running_sum, 1.0)
-    request = row // num_kv_heads
-    kv_head = row % num_kv_heads
-    out_offsets = request * stride_out_batch + (kv_head * GROUP + head) * stride_out_head + dims
-    tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=dim_mask)
+    _merge_parts(
+        partial_out_ptr, partial_lse_ptr, out_ptr, stride_out_batch, stride_out_head,
+        num_kv_heads, row, head, row * max_splits, num_splits, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S,
+    )  # fmt: skip
 
 
 @functools.cache
@@ -345,49 +366,18 @@ def _balanced_partial_kernel(
         earlier = tl.arange(0, BLOCK_R)
         ends = tl.load(indptr_ptr + 1 + earlier, mask=earlier < rows, other=0)
         row = tl.sum(((ends <= start) & (earlier < rows)).to(tl.int32), axis=0)
-        heads = tl.arange(0, BLOCK_H)
-        dims = tl.arange(0, BLOCK_D)
-        head_mask = heads < GROUP
-        dim_mask = dims < HEAD_DIM
         row_start = tl.load(indptr_ptr + row)
         while row_start < end:  # indptr[rows] = total >= end stops it after the last row
             row_end = tl.load(indptr_ptr + row + 1)
             part_start = tl.maximum(row_start, start)
             part_end = tl.minimum(row_end, end)
             if part_start < part_end:
-                q = load_group_queries(
-                    q_ptr, row // num_kv_heads, row % num_kv_heads, stride_q_batch,
-                    stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D,
-                ).to(DOT_DTYPE)  # fmt: skip
-                running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-                running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-                acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-                for token_start in range(part_start, part_end, BLOCK_N):
-                    tokens = token_start + tl.arange(0, BLOCK_N)
-                    token_mask = tokens < part_end
-                    kv_rows = tl.load(indices_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
-                    kv_offsets = kv_rows[:, None] * HEAD_DIM + dims[None, :]
-                    kv_mask = token_mask[:, None] & dim_mask[None, :]
-                    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-                    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-                    scores = tl.where(token_mask[None, :], scores, float("-inf"))
-                    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-                    weights = tl.exp2(scores - new_max[:, None])
-                    rescale = tl.exp2(running_max - new_max)
-                    running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-                    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-                    acc = acc * rescale[:, None] + tl.dot(
-                        weights.to(DOT_DTYPE), v, input_precision=DOT_PRECISION
-                    )
-                    running_max = new_max
-                slot = program + row
-                tl.store(
-                    partial_out_ptr + ((slot * GROUP + heads)[:, None] * HEAD_DIM + dims[None, :]),
-                    acc / running_sum[:, None],
-                    mask=head_mask[:, None] & dim_mask[None, :],
-                )
-                tl.store(partial_lse_ptr + slot * GROUP + heads,
-                         running_max + tl.log2(running_sum), mask=head_mask)  # fmt: skip
+                _attend_part(
+                    q_ptr, k_ptr, v_ptr, indices_ptr, partial_out_ptr, partial_lse_ptr, row,
+                    part_start, part_end, program + row, scale_log2, stride_q_batch,
+                    stride_q_head, num_kv_heads,
+                    GROUP, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+                )  # fmt: skip
             row += 1
             row_start = row_end
 
@@ -417,31 +407,10 @@ def _balanced_merge_kernel(
     row_end = tl.load(indptr_ptr + row + 1)
     first = row_start // chunk
     parts = tl.where(row_end > row_start, (row_end - 1) // chunk - first + 1, 0)
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
-    running_max = tl.full([1], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for step in range(0, parts, BLOCK_S):
-        offsets = step + tl.arange(0, BLOCK_S)
-        live = offsets < parts
-        entry = (first + offsets + row) * GROUP + head
-        lse = tl.load(partial_lse_ptr + entry, mask=live, other=float("-inf"))
-        chunks = tl.load(partial_out_ptr + entry[:, None] * HEAD_DIM + dims[None, :],
-                         mask=live[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
-        new_max = tl.maximum(running_max, tl.max(lse, axis=0))
-        weights = tl.exp2(lse - new_max)
-        rescale = tl.exp2(running_max - new_max)
-        running_sum = running_sum * rescale + tl.sum(weights, axis=0)
-        acc = acc * rescale + tl.sum(chunks * weights[:, None], axis=0)
-        running_max = new_max
-    result = acc / tl.where(running_sum > 0, running_sum, 1.0)
-    out_offsets = (
-        (row // num_kv_heads) * stride_out_batch
-        + ((row % num_kv_heads) * GROUP + head) * stride_out_head
-        + dims
+    _merge_parts(
+        partial_out_ptr, partial_lse_ptr, out_ptr, stride_out_batch, stride_out_head,
+        num_kv_heads, row, head, first + row, parts, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S,
     )  # fmt: skip
-    tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
 def sparse_decode_balanced(

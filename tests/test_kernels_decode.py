@@ -29,6 +29,17 @@ def random_rows(generator, batch, num_kv_heads, num_slots, lengths):
     return indptr, torch.cat(rows).int()
 
 
+def random_batch(seed, group, head_dim, dtype, lengths, batch=3, num_kv_heads=2, num_slots=700):
+    """q [batch, H_kv * group, d], K and V caches [num_slots, H_kv, d] and CSR rows of the
+    given lengths, on DEVICE."""
+    generator = torch.Generator().manual_seed(seed)
+    indptr, indices = random_rows(generator, batch, num_kv_heads, num_slots, lengths)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=generator).to(dtype)
+    k = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
+    v = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
+    return tuple(t.to(DEVICE) for t in (q, k, v, indptr, indices))
+
+
 def relative_error(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
@@ -39,15 +50,9 @@ def relative_error(out, ref):
 def test_sparse_decode_matches_reference(dtype, group, head_dim, split_tokens, block_n):
     """Fixed chunks (8 tokens: 88 chunks in the 700-token row, more than one merge step) and
     chunks shared out by each row's own length (split_tokens None)."""
-    generator = torch.Generator().manual_seed(group * 100 + head_dim)
-    batch, num_kv_heads, num_slots = 3, 2, 700
     # lengths not multiples of the block or split sizes, an empty row and a one-token row
-    lengths = [0, 1, 77, 700, 129, 300]
-    indptr, indices = random_rows(generator, batch, num_kv_heads, num_slots, lengths)
-    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=generator).to(dtype)
-    k = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
-    v = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
-    q, k, v, indptr, indices = (t.to(DEVICE) for t in (q, k, v, indptr, indices))
+    q, k, v, indptr, indices = random_batch(group * 100 + head_dim, group, head_dim, dtype,
+                                            [0, 1, 77, 700, 129, 300])  # fmt: skip
     out = sparse_decode(q, k, v, indptr, indices, max_row_len=700, split_tokens=split_tokens,
                         block_n=block_n)  # fmt: skip
     ref = sparse_decode_reference(q, k, v, indptr, indices)
@@ -65,14 +70,8 @@ def test_balanced_schedule_matches_reference(dtype, group, head_dim, programs):
     """The batch's tokens shared evenly among programs: one program over every row, a few
     whose stretches start and end inside rows, and more programs than pairs of tokens (a row
     then has hundreds of parts, merged over several steps); empty rows give zeros."""
-    generator = torch.Generator().manual_seed(group * 10 + head_dim)
-    batch, num_kv_heads, num_slots = 3, 2, 700
-    lengths = [0, 1, 77, 700, 129, 0]
-    indptr, indices = random_rows(generator, batch, num_kv_heads, num_slots, lengths)
-    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=generator).to(dtype)
-    k = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
-    v = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype)
-    q, k, v, indptr, indices = (t.to(DEVICE) for t in (q, k, v, indptr, indices))
+    q, k, v, indptr, indices = random_batch(group * 10 + head_dim, group, head_dim, dtype,
+                                            [0, 1, 77, 700, 129, 0])  # fmt: skip
     out = sparse_decode_balanced(q, k, v, indptr, indices, programs=programs, block_n=16)
     ref = sparse_decode_reference(q, k, v, indptr, indices)
     assert torch.isfinite(out).all()
