@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import math
 import random
@@ -38,7 +37,7 @@ from tactic_server.engine.engine import Engine
 from tactic_server.engine.tokenizer import Tokenizer
 from tactic_server.engine.types import GenerationRequest, SamplingParams, TacticParams
 from tactic_server.tactic.clustering import query_moments
-from tactic_server.tactic.config import WHOLE_CONTEXT, TacticConfig
+from tactic_server.tactic.config import WHOLE_CONTEXT, TacticConfig, config_from_spec
 from tactic_server.tactic.evaluation import EvaluationSetup, evaluate_workloads
 from tactic_server.tactic.workloads import Workload
 from tactic_server.training.data import find_sources, read_text
@@ -284,18 +283,11 @@ COLORS = {"dense": "0.4", "tactic": "tab:blue", "tactic_segment": "tab:blue",
 
 def variant(spec: str) -> TacticConfig:
     """TacticConfig() with fields changed: "cluster_size=8", "estimator=inverse_fit",
-    "sink_tokens=4,cluster_size=8"."""
-    default, changes = TacticConfig(), {}
-    for item in spec.split(","):
-        name, _, value = item.partition("=")
-        if not hasattr(default, name) or not value:
-            raise SystemExit(f"--tactic-variant wants FIELD=VALUE of TacticConfig fields: {spec!r}")
-        kind = type(getattr(default, name))
-        if kind is bool:
-            changes[name] = value.lower() in ("1", "true", "yes")
-        else:
-            changes[name] = value if kind is str else kind(value)
-    return dataclasses.replace(default, **changes)
+    "sink_tokens=4,cluster_size=8" (tactic.config.config_from_spec)."""
+    try:
+        return config_from_spec(spec)
+    except ValueError as error:
+        raise SystemExit(f"--tactic-variant / --engine-variant: {error}") from None
 
 
 def attention_prompts(tasks, count: int, length: int, tokenizer, haystack, seed: int):

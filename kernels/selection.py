@@ -762,6 +762,15 @@ class SelectedRows:
     estimated_mass: torch.Tensor
 
 
+def kernel_unsupported(config: TacticConfig) -> list[str]:
+    """The fields of config these kernels do not compute (the torch reference,
+    tactic.selection, plans them): the inverse-fit estimator and units taken token by token."""
+    return [name for name, value in (("estimator", config.estimator != "lognormal"),
+                                     ("exact_tokens", config.exact_tokens),
+                                     ("boundary_tokens", config.boundary_tokens))
+            if value]  # fmt: skip
+
+
 def select_rows(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -825,11 +834,7 @@ def select_rows(
     list the clusters above it; score them exactly; find the walk's threshold bin; mark the
     selected units; write the CSR rows."""
     config = config or TacticConfig()
-    unsupported = [name for name, value in (("estimator", config.estimator != "lognormal"),
-                                            ("exact_tokens", config.exact_tokens),
-                                            ("boundary_tokens", config.boundary_tokens))
-                   if value]  # fmt: skip
-    if unsupported:  # the reference plans them (tactic.selection); these kernels do not
+    if unsupported := kernel_unsupported(config):
         raise ValueError(f"the selection kernels compute the log-normal estimate with whole "
                          f"units only: unsupported config {', '.join(unsupported)}")
     if config.segment_size != pool.segment_size:

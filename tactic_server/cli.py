@@ -101,6 +101,12 @@ def _serve(args: argparse.Namespace) -> int:
     from .api.server import ServerSettings, make_server
     from .engine.config import EngineConfig
     from .engine.engine import Engine
+    from .tactic.config import TacticConfig, config_from_spec
+
+    try:
+        tactic = config_from_spec(args.tactic_config) if args.tactic_config else TacticConfig()
+    except ValueError as error:
+        sys.exit(f"tactic-server serve: error: --tactic-config: {error}")
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -113,6 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_waiting=args.max_waiting,
         default_tactic_target=args.tactic_target,
+        tactic=tactic,
         dense_fallback=args.dense_fallback,
     )
     progress = ProgressBar(f"loading {config.model_dir}")
@@ -270,6 +277,14 @@ def _add_serve_parser(commands) -> None:
         metavar="P",
         help="default attention mass each head must cover, in (0, 1] (default 0.9); requests "
         "may set their own",
+    )
+    serve.add_argument(
+        "--tactic-config",
+        metavar="FIELD=VALUE,...",
+        help="TacticConfig fields changed from their defaults, e.g. 'cluster_size=8,"
+        "boundary_tokens=true,boundary_band=0.1' (the README's 'What our Tactic does'); options "
+        "only the torch reference computes (boundary_tokens, exact_tokens, "
+        "estimator=inverse_fit) serve on the CPU engine only",
     )
     serve.add_argument(
         "--dense-fallback",

@@ -279,3 +279,19 @@ def test_prompt_queries_weight_the_clustering_of_its_segments(llama_dir):
         assert torch.equal(got.token_positions, want.token_positions)
         unweighted = build_cluster_index(keys, TacticConfig(segment_size=SEGMENT))
         assert not torch.equal(got.token_positions, unweighted.token_positions)
+
+
+def test_reference_only_options_serve_on_the_cpu_and_the_kernels_refuse_them(llama_dir):
+    """boundary_tokens (the stopping bins' clusters taken token by token): the torch reference
+    the CPU engine decodes through computes it; an engine decoding through the kernels refuses
+    it when it is built, naming the option, not at its first decode step."""
+    band = TacticConfig(segment_size=SEGMENT, cluster_size=8, boundary_tokens=True,
+                        boundary_band=0.1)  # fmt: skip
+    engine = make_engine(llama_dir, tactic=band)
+    request = GenerationRequest("band", prompt_ids(300, seed=3), GREEDY, TacticParams(True, 0.9))
+    tokens, _, last = run(engine, request)
+    assert len(tokens) == GREEDY.max_tokens
+    assert 0.0 < last.tactic.selected_ratio <= 1.0 and last.tactic.estimated_mass >= 0.9 - 1e-6
+    assert engine.stats().kv_slots_in_use == 0
+    with pytest.raises(ValueError, match="boundary_tokens, which only the torch reference"):
+        make_engine(llama_dir, tactic=band, attention_backend="triton")

@@ -666,3 +666,14 @@ def test_query_weighting_from_the_environment(monkeypatch):
     monkeypatch.setenv("TACTIC_QUERY_WEIGHTED", "yes")
     with pytest.raises(ValueError, match="TACTIC_QUERY_WEIGHTED"):
         Settings.from_env()
+
+
+def test_sglang_engine_refuses_options_its_kernels_do_not_compute(tmp_path):
+    """serve --engine sglang --tactic-config boundary_tokens=true: refused by name when the
+    engine is built, before SGLang starts, instead of failing the first decode step."""
+    from tactic_server.engine.config import EngineConfig
+    from tactic_server.sglang_plugin.engine import SGLangEngine
+
+    config = EngineConfig(model_dir=str(tmp_path), tactic=TacticConfig(boundary_tokens=True))
+    with pytest.raises(ValueError, match="boundary_tokens, which the selection kernels"):
+        SGLangEngine(config)

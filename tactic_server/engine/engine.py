@@ -70,6 +70,15 @@ class Engine:
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
+        if backend == "triton":
+            from tactic_server.kernels.selection import kernel_unsupported
+
+            if unsupported := kernel_unsupported(config.tactic):
+                raise ValueError(
+                    f"the Tactic config sets {', '.join(unsupported)}, which only the torch "
+                    f"reference computes (device cpu, or attention_backend torch); the kernels "
+                    f"this engine decodes through on {device.type} do not"
+                )
         self.pool = KVPool(
             model_config.num_hidden_layers, kv_slots, model_config.num_key_value_heads,
             model_config.head_dim, model.lm_head.weight.dtype, device, config.tactic.segment_size,

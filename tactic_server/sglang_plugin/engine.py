@@ -133,6 +133,12 @@ class SGLangEngine:
 
         if config.model_dir is None:
             raise ValueError("--engine sglang needs --model (a Hugging Face checkpoint folder)")
+        from tactic_server.kernels.selection import kernel_unsupported
+
+        if unsupported := kernel_unsupported(config.tactic):
+            raise ValueError(f"the Tactic config sets {', '.join(unsupported)}, which the "
+                             f"selection kernels of the SGLang backend do not compute; the "
+                             f"embedded engine on the CPU does")  # fmt: skip
         self.config = config
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         model_config = ModelConfig.from_dir(config.model_dir)

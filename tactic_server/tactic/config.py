@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -162,6 +163,34 @@ class TacticConfig:
     def lowest_density(self) -> float:
         """Lower edge of the first density bin (the bins are centred on 0)."""
         return -self.density_bins * self.density_bin_width / 2
+
+
+def config_from_spec(spec: str, base: TacticConfig | None = None) -> TacticConfig:
+    """base (default TacticConfig()) with fields changed by "FIELD=VALUE,FIELD=VALUE", e.g.
+    "cluster_size=8,boundary_tokens=true,boundary_band=0.1"; booleans take true/false/1/0/yes/no.
+    Raises ValueError naming the bad item and the fields there are (and the config's own
+    validation errors)."""
+    base = base or TacticConfig()
+    fields = {item.name: item for item in dataclasses.fields(TacticConfig)}
+    changes: dict = {}
+    for item in spec.split(","):
+        name, _, value = item.strip().partition("=")
+        if name not in fields or not value:
+            raise ValueError(f"{item.strip()!r} is not FIELD=VALUE of a TacticConfig field "
+                             f"({', '.join(fields)})")  # fmt: skip
+        kind = type(getattr(TacticConfig(), name))  # segment_size's default is an int
+        if value.lower() == "none":
+            changes[name] = None  # segment_size=none: whole-context clustering
+        elif kind is bool:
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"{name} wants true or false, got {value!r}")
+            changes[name] = value.lower() in ("1", "true", "yes")
+        else:
+            try:
+                changes[name] = kind(value)
+            except ValueError:
+                raise ValueError(f"{name} wants a {kind.__name__}, got {value!r}") from None
+    return dataclasses.replace(base, **changes)
 
 
 WHOLE_CONTEXT = TacticConfig(segment_size=None)
