@@ -25,6 +25,8 @@ ROWS = [
     ("our dense ms", "{:.3f}", "dense_ms"),
     ("our dense / copy BW", "{:.0%}", "dense_bw_fraction"), ("select ms", "{:.3f}", "select_ms"),
     ("attend ms (ours)", "{:.3f}", "attend_ms"),
+    ("attend ms (ours, fastest chunks)", "{:.3f}", "attend_best_ms"),
+    ("attend ms (ours, balanced)", "{:.3f}", "attend_balanced_ms"),
     ("attend ms (FlashInfer)", "{:.3f}", "flashinfer_attend_ms"),
     ("Tactic ms", "{:.3f}", "tactic_ms"), ("x SDPA", "{:.2f}", "speedup_vs_sdpa"),
     ("x fastest dense", "{:.2f}", "speedup_vs_fastest_dense"),
