@@ -230,6 +230,26 @@ PROGRAMS_PER_MULTIPROCESSOR = 4
 """Attention programs a launch aims at per SM when it shares rows out among them."""
 
 
+def _checked_rows_and_group(q, k_cache, v_cache, indptr) -> tuple[int, int]:
+    """The CSR rows (batch * num_kv_heads) and the GQA group of a decode launch, after checking
+    its inputs' shapes and layout (ValueError naming what is wrong)."""
+    batch, num_q_heads, head_dim = q.shape
+    num_slots, num_kv_heads, kv_dim = k_cache.shape
+    if kv_dim != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must be [num_slots, num_kv_heads, {head_dim}], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} groups")
+    rows = batch * num_kv_heads
+    if indptr.shape != (rows + 1,):
+        raise ValueError(f"indptr must have batch * num_kv_heads + 1 = {rows + 1} entries")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1):
+        raise ValueError("k_cache and v_cache must be contiguous, q contiguous in head_dim")
+    return rows, num_q_heads // num_kv_heads
+
+
 def sparse_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -257,23 +277,10 @@ def sparse_decode(
     16, and 3.5x slower where one row is far longer than the rest (32k, batch 16, 1% needed:
     0.233 against 0.067 ms), its few programs a row left with the long row: so 256 stays the
     default."""
-    batch, num_q_heads, head_dim = q.shape
-    num_slots, num_kv_heads, kv_dim = k_cache.shape
-    if kv_dim != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"k_cache and v_cache must be [num_slots, num_kv_heads, {head_dim}], got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} groups")
-    rows = batch * num_kv_heads
-    if indptr.shape != (rows + 1,):
-        raise ValueError(f"indptr must have batch * num_kv_heads + 1 = {rows + 1} entries")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1):
-        raise ValueError("k_cache and v_cache must be contiguous, q contiguous in head_dim")
+    rows, group = _checked_rows_and_group(q, k_cache, v_cache, indptr)
+    head_dim, num_kv_heads = q.shape[-1], k_cache.shape[1]
     if split_tokens is not None and split_tokens < 1:
         raise ValueError(f"split_tokens must be None or >= 1, got {split_tokens}")
-    group = num_q_heads // num_kv_heads
     if split_tokens is None:
         programs = _multiprocessors(q.device) * PROGRAMS_PER_MULTIPROCESSOR
         max_splits = max(1, min(triton.cdiv(max_row_len, block_n), programs // max(rows, 1)))
@@ -430,22 +437,9 @@ def sparse_decode_balanced(
     nor many short ones leave programs idle; the stretch length is read on the device from
     indptr[-1], so nothing is read back and the grid is fixed (CUDA graphs). Kernel ==
     reference under the interpreter; not yet timed on a GPU."""
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    rows = batch * num_kv_heads
-    if k_cache.shape[-1] != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"k_cache and v_cache must be [num_slots, num_kv_heads, {head_dim}], got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} groups")
-    if indptr.shape != (rows + 1,):
-        raise ValueError(f"indptr must have batch * num_kv_heads + 1 = {rows + 1} entries")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1):
-        raise ValueError("k_cache and v_cache must be contiguous, q contiguous in head_dim")
+    rows, group = _checked_rows_and_group(q, k_cache, v_cache, indptr)
+    head_dim, num_kv_heads = q.shape[-1], k_cache.shape[1]
     programs = programs or _multiprocessors(q.device) * PROGRAMS_PER_MULTIPROCESSOR
-    group = num_q_heads // num_kv_heads
     slots = programs + rows  # a program's part of a row at slot program + row
     partial_out = torch.empty(slots * group * head_dim, device=q.device, dtype=torch.float32)
     partial_lse = torch.empty(slots * group, device=q.device, dtype=torch.float32)
