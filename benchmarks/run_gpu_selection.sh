@@ -3,7 +3,8 @@
 # CUDA, the profile of one selection step, and the decode benchmark with the given arguments
 # (it replaces run_gpu_kernels.sh, which ran every gpu-marked test before the benchmark: the
 # SGLang ones need the SGLang site, which a kernel run does not carry).
-# Everything lands in $OUT.  NCU="131072:16": Nsight Compute sections of the selection kernels.
+# Everything lands in $OUT.  NCU="131072:16": Nsight Compute sections of the selection kernels
+# (NCU_LAUNCH: their launch options, one profile each; NCU_CENTROIDS: kv or fp8, the default).
 # Usage: PROFILE="131072:1 131072:16" bash benchmarks/run_gpu_selection.sh \
 #     --contexts 32768 131072 --batches 1 16 --fractions 0.01 0.03 0.1 0.3
 set -uo pipefail
@@ -29,15 +30,22 @@ for shape in ${PROFILE:-}; do
     done
   done
 done
-# Nsight Compute on the selection kernels of one step (after two warm steps), per NCU shape
+# Nsight Compute on the selection kernels of one step (after two warm steps), per NCU shape and
+# NCU_LAUNCH launch (e.g. NCU_LAUNCH="default score_stream=1"), with the DRAM bytes each moved
 for shape in ${NCU:-}; do
-  ncu --clock-control none -k 'regex:_score_units_kernel|_exact_units_kernel|_mark_kernel|_write_rows_kernel|_exact_list_kernel' \
-    --launch-skip 10 --launch-count 5 --section SpeedOfLight --section WarpStateStats \
-    --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
-    python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
-    >"$OUT/ncu_selection_${shape%%:*}_b${shape##*:}.txt" 2>&1
-  grep -E "^  _|Duration|Compute \(SM\) Throughput|DRAM Throughput|Registers Per|Achieved Occ" \
-    "$OUT/ncu_selection_${shape%%:*}_b${shape##*:}.txt" | head -40
+  for launch in ${NCU_LAUNCH:-default}; do
+    [ "$launch" = default ] && launch=
+    name=ncu_selection_${shape%%:*}_b${shape##*:}${launch:+_${launch//[=,]/_}}.txt
+    ncu --clock-control none -k 'regex:_score_units_kernel|_exact_units_kernel|_mark_kernel|_write_rows_kernel|_exact_list_kernel' \
+      --launch-skip 10 --launch-count 5 --section SpeedOfLight --section WarpStateStats \
+      --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+      --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+      python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
+      --centroids "${NCU_CENTROIDS:-fp8}" --launch "$launch" >"$OUT/$name" 2>&1
+    echo "$name"
+    grep -E "^  _|Duration|DRAM Throughput|dram__bytes|lts__t_sector_hit|Registers Per|Achieved Occ" \
+      "$OUT/$name" | head -48
+  done
 done
 if [ $# -gt 0 ]; then
   PYTHONUNBUFFERED=1 python3 benchmarks/decode_attention.py --output "$OUT/decode_attention.json" \

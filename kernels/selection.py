@@ -82,6 +82,7 @@ def _score_units_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
+    STREAM_EVICTION: tl.constexpr,
 ):
     """Program (row, unit block): the density bin (unit_bin, int16) of each unit's log mass for
     each query head of the row (the log mass itself for tail positions alone), the capped
@@ -93,7 +94,9 @@ def _score_units_kernel(
     always-attended position (recent window, sinks, the tail when ATTEND_TAIL); and the
     units' share of the row's density histograms: estimated mass of the units the walk may take
     (plane 0 of mass_hist), mass of the forced ones (plane 2). One atomic per (query head,
-    unit): at large batches atomics bound this kernel as much as the centroids it reads."""
+    unit): at large batches atomics bound this kernel as much as the centroids it reads.
+    STREAM_EVICTION: the L2 eviction policy of the centroid and variance tiles, read once
+    ("evict_first": they do not push the histograms, whose atomics run in L2, out of it)."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     seq_len = tl.load(seq_lens_ptr + request)
@@ -147,6 +150,7 @@ def _score_units_kernel(
         centroids_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
         mask=is_cluster[:, None] & dim_mask[None, :],
         other=0.0,
+        eviction_policy=STREAM_EVICTION,
     )
     q = load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D
@@ -216,6 +220,7 @@ def _score_units_kernel(
             variances_ptr + cluster_row[:, None] * HEAD_DIM + dims[None, :],
             mask=is_cluster[:, None] & dim_mask[None, :],
             other=0.0,
+            eviction_policy=STREAM_EVICTION,
         ).to(tl.float16)
         # fp16 operands on tensor cores, fp32 sums (an fp32 FMA dot of this tile spilled
         # registers and took 4x the centroid scoring): a pair of e5m2 values becomes its fp16
@@ -788,6 +793,7 @@ def select_rows(
     score_warps: int = 4,
     real_rows: bool = True,
     score_max_registers: int = 0,
+    score_stream: bool = False,
     units_per_program: int = 128,
     light_warps: int = 1,
     write_warps: int = 2,
@@ -811,9 +817,13 @@ def select_rows(
     128k, float8 centroids, scoring 183 against 217 us at batch 16, 15.1 against 19.3 at
     batch 1, exact scoring 52 against 62 and 9.2 against 10.5;
     benchmarks/results/profile_launch_options_*_h100.txt), score_max_registers: ptxas's
-    register cap for the scoring kernel (Triton's maxnreg; 0: none); units_per_program: units of one
-    program of the lighter unit-parallel kernels (listing, marking, writing: more units per
-    program keeps large batches from paying per-program latency many times over), light_warps:
+    register cap for the scoring kernel (Triton's maxnreg; 0: none); score_stream: the
+    scoring kernel reads the centroids and variances, each read once, with L2 evict-first
+    hints, so that they do not push out of L2 the histograms its atomics update (at 128k
+    batch 16, 268 MB stream past 13 MB of histograms; off until timed); units_per_program:
+    units of one program of the lighter unit-parallel kernels (listing, marking, writing: more
+    units per program keeps large batches from paying per-program latency many times over),
+    light_warps:
     those kernels' warps (0: 4, 8 from 256 units a program). The defaults, 128 units in one
     warp, were timed against 64 units in four (H100, 128k, CUDA-event profiles of 10 steps,
     benchmarks/results/profile_launch_options_64f046f_h100.txt): at batch 16 marking 13.7
@@ -906,7 +916,8 @@ def select_rows(
         ATTEND_TAIL=config.tail_policy == "attend", CLUSTERED_GIVEN=clustered_segments is not None,
         VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
         GROUP_PAD=group_pad if real_rows else block_h,
-        VARIANCE_DOT_DTYPE=dot_dtype(torch.float16), num_warps=score_warps, **common,
+        VARIANCE_DOT_DTYPE=dot_dtype(torch.float16),
+        STREAM_EVICTION="evict_first" if score_stream else "", num_warps=score_warps, **common,
         **({"maxnreg": score_max_registers} if score_max_registers and q.is_cuda else {}),
     )  # fmt: skip
 

@@ -86,11 +86,13 @@ def to_device(pool):
         TacticConfig(segment_size=64, cluster_size=4, variance="profile"),
     ],
 )
-@pytest.mark.parametrize("options", [{}, {"real_rows": False}, {"light_warps": 1}])
+@pytest.mark.parametrize(
+    "options", [{}, {"real_rows": False}, {"light_warps": 1}, {"score_stream": True}]
+)
 def test_selection_matches_reference(config, options):
     # a context shorter than a segment, one of exactly one segment, and ones with tails;
     # the kernels' arithmetic on the group's rows (the default) and on the dots' 16; the
-    # unit-parallel kernels in one warp a program
+    # unit-parallel kernels in one warp a program; the scoring kernel's loads with L2 hints
     check_against_reference(config, score_units_per_program=16, units_per_program=32,
                             exact_units_per_program=4, **options)  # fmt: skip
 
