@@ -1,6 +1,6 @@
 """Where the time of one Tactic selection step goes: a torch.profiler table of the kernels of
-select_rows and sparse_decode at one shape (default 32k context, batch 1), plus the same step
-timed with and without CUDA-graph replay.
+select_rows and sparse_decode_balanced (the attention the server runs) at one shape (default 32k
+context, batch 1), plus the same step timed with and without CUDA-graph replay.
 
     python benchmarks/profile_selection.py --context 32768 --batch 1
 """
@@ -15,7 +15,7 @@ import triton
 
 sys.path.insert(0, "benchmarks")
 from decode_attention import TARGET, build_pool, parse_launch, topic_context  # noqa: E402
-from tactic_server.kernels.decode_attention import sparse_decode  # noqa: E402
+from tactic_server.kernels.decode_attention import sparse_decode_balanced  # noqa: E402
 from tactic_server.kernels.selection import select_rows  # noqa: E402
 
 from tactic_server.tactic import TacticConfig  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> int:
 
     def step():
         selected = select_rows(*inputs, config, **options)
-        return sparse_decode(q, keys, values, selected.indptr, selected.indices, context)
+        return sparse_decode_balanced(q, keys, values, selected.indptr, selected.indices)
 
     for _ in range(3):
         step()

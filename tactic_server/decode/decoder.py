@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tactic_server.kernels.decode_attention import dense_rows, sparse_decode
+from tactic_server.kernels.decode_attention import (
+    dense_rows,
+    sparse_decode,
+    sparse_decode_balanced,
+)
 from tactic_server.kernels.selection import select_rows
 from tactic_server.tactic.config import TacticConfig, selects
 
@@ -255,8 +259,8 @@ class TacticDecoder:
                 )  # fmt: skip
                 indptr, indices = selected.indptr, selected.indices
                 tactic.selections.append((selected.indptr, selected.estimated_mass))
-            attended = sparse_decode(queries, k_cache, v_cache, indptr, indices,
-                                     tactic.max_seq_len)  # fmt: skip
+            # the selected rows differ in length: their tokens shared evenly among programs
+            attended = sparse_decode_balanced(queries, k_cache, v_cache, indptr, indices)
             out[tactic.rows] = attended.to(q.dtype)
         if (dense := plan.dense) is not None:
             queries = q[dense.rows].to(k_cache.dtype).contiguous()

@@ -13,7 +13,8 @@ class EngineConfig:
     own limit. kv_slots None sizes the KV pool for max_batch requests of max_model_len tokens.
     prefill_chunk bounds the prompt tokens processed per step (chunked prefill), so decoding
     requests keep producing tokens while a long prompt is read. attention_backend picks how
-    Tactic decodes: the Triton kernels (select_rows, sparse_decode) or the torch reference."""
+    Tactic decodes: the Triton kernels (select_rows, sparse_decode_balanced) or the torch
+    reference."""
 
     model_dir: str | None = None
     device: str = "cpu"
