@@ -37,11 +37,8 @@ POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "offsets_ptr": "*i32", "req_to_s
             "clustered_ptr": "*i32", "log_mass_ptr": "*fp32", "unit_size_ptr": "*i32",
             "forced_ptr": "*i8", "token_cluster_ptr": "*i32", "mass_hist_ptr": "*fp32",
             "profiles_ptr": "*fp16", "clustered_out_ptr": "*i32",
-            "unit_bin_ptr": "*i16", "done_ptr": "*i32", "exact_threshold_ptr": "*i32",
-            "targets_ptr": "*fp32", "walk_threshold_ptr": "*i32",
-            "estimated_mass_ptr": "*fp32"}  # fmt: skip
-FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width", "exact_fraction",
-          "tokens_per_relative_mass")  # fmt: skip
+            "unit_bin_ptr": "*i16"}  # fmt: skip
+FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 
 
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
@@ -68,8 +65,6 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                      INTERPRETED=False)  # fmt: skip
     if "STREAM_EVICTION" in kernel.arg_names:  # a kernel from before it had no such argument
         constants["STREAM_EVICTION"] = "evict_first" if stream else ""
-    if "EXACT" in kernel.arg_names:  # the scoring kernel that finds the exact thresholds
-        constants["EXACT"] = True
     return kernel_sass(kernel, constants, pointers, resources, max_registers)
 
 

@@ -53,11 +53,6 @@ def _score_units_kernel(
     forced_ptr,
     token_cluster_ptr,
     mass_hist_ptr,
-    done_ptr,
-    exact_threshold_ptr,
-    targets_ptr,
-    walk_threshold_ptr,
-    estimated_mass_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
@@ -70,8 +65,6 @@ def _score_units_kernel(
     lowest_density,
     inverse_bin_width,
     bin_width,
-    exact_fraction,
-    tokens_per_relative_mass,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SEGMENT: tl.constexpr,
@@ -90,7 +83,6 @@ def _score_units_kernel(
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
     STREAM_EVICTION: tl.constexpr,
-    EXACT: tl.constexpr,
 ):
     """Program (row, unit block): the density bin (unit_bin, int16) of each unit's log mass for
     each query head of the row (the log mass itself for tail positions alone), the capped
@@ -104,10 +96,7 @@ def _score_units_kernel(
     (plane 0 of mass_hist), mass of the forced ones (plane 2). One atomic per (query head,
     unit): at large batches atomics bound this kernel as much as the centroids it reads.
     STREAM_EVICTION: the L2 eviction policy of the centroid and variance tiles, read once
-    ("evict_first": they do not push the histograms, whose atomics run in L2, out of it).
-    The last program of a row to finish (done_ptr counts them) then reads the row's finished
-    histograms and writes its exact thresholds (EXACT), or, where nothing is scored exactly,
-    its walk thresholds: no launch of its own for either."""
+    ("evict_first": they do not push the histograms, whose atomics run in L2, out of it)."""
     row = tl.program_id(0)
     request = row // num_kv_heads
     seq_len = tl.load(seq_lens_ptr + request)
@@ -122,8 +111,8 @@ def _score_units_kernel(
     num_cluster_units = clustered * CLUSTERS
     tail_start = clustered * SEGMENT
     num_units = num_cluster_units + seq_len - tail_start  # _row_units, from what is loaded here
-    if (tl.program_id(1) * BLOCK_U >= num_units) & (tl.program_id(1) > 0):
-        return  # a block wholly beyond the row's units (block 0 runs: it finishes the row)
+    if tl.program_id(1) * BLOCK_U >= num_units:
+        return  # a block wholly beyond the row's units
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
 
@@ -293,14 +282,6 @@ def _score_units_kernel(
                   sem="relaxed")  # fmt: skip
     tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 2) * BINS + bins, relative,
                   mask=stored & (occupied & forced)[None, :], sem="relaxed")  # fmt: skip
-    if _last_of_row(done_ptr, row, tl.maximum(tl.cdiv(num_units, BLOCK_U), 1)):
-        if EXACT:
-            _exact_thresholds(mass_hist_ptr, exact_threshold_ptr, row, seq_len, exact_fraction,
-                              tokens_per_relative_mass, GROUP, BINS)  # fmt: skip
-        else:
-            _walk_thresholds(mass_hist_ptr, exact_threshold_ptr, targets_ptr, req_pool_ptr,
-                             walk_threshold_ptr, estimated_mass_ptr, row, num_kv_heads,
-                             bin_width, GROUP, BINS, False)  # fmt: skip
 
 
 @triton.jit
@@ -355,32 +336,29 @@ def _relative_mass(log_mass, bins, lowest_density, bin_width):
 
 
 @triton.jit
-def _last_of_row(done_ptr, row, programs):
-    """True in the last of a row's `programs` programs to get here (done_ptr[row] counts them;
-    zeroed before the launch): every thread's atomics of this program are issued before the
-    barrier, and the count's release / acquire orders them before what the last one reads."""
-    tl.debug_barrier()
-    return tl.atomic_add(done_ptr + row, 1, sem="acq_rel") == programs - 1
-
-
-@triton.jit
-def _exact_thresholds(
-    mass_hist_ptr, exact_threshold_ptr, row, seq_len, exact_fraction, tokens_per_relative_mass,
-    GROUP: tl.constexpr, BINS: tl.constexpr,
-):  # fmt: skip
-    """For each query head of the row, the first bin scored exactly: the lowest bin b such that
-    the bins from b up hold at most exact_fraction * seq_len tokens (BINS: none), in one pass
-    over the row's estimated-mass plane (read from L2: other programs' atomics wrote it). A
-    bin's tokens are its relative mass times exp(-width / 2): each unit's relative mass is its
-    size times exp(0..width)."""
+def _exact_threshold_kernel(
+    mass_hist_ptr,
+    seq_lens_ptr,
+    exact_threshold_ptr,
+    num_kv_heads,
+    exact_fraction,
+    tokens_per_relative_mass,
+    GROUP: tl.constexpr,
+    BINS: tl.constexpr,
+):
+    """Program (row, query head): the first bin scored exactly, the lowest bin b such that the
+    bins from b up hold at most exact_fraction * seq_len tokens (BINS: none), in one pass over
+    the row's estimated-mass plane. A bin's tokens are its relative mass times
+    exp(-width / 2): each unit's relative mass is its size times exp(0..width)."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
     bins = tl.arange(0, BINS)
-    budget = exact_fraction * seq_len.to(tl.float32)
-    for head in range(GROUP):
-        tokens = tl.load(mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins,
-                         cache_modifier=".cg") * tokens_per_relative_mass  # fmt: skip
-        at_or_above = tl.sum(tokens, axis=0) - (tl.cumsum(tokens, axis=0) - tokens)
-        threshold = tl.sum((at_or_above > budget).to(tl.int32), axis=0)
-        tl.store(exact_threshold_ptr + row * GROUP + head, threshold)
+    tokens = tl.load(mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins)
+    tokens = tokens * tokens_per_relative_mass
+    at_or_above = tl.sum(tokens, axis=0) - (tl.cumsum(tokens, axis=0) - tokens)
+    budget = exact_fraction * tl.load(seq_lens_ptr + row // num_kv_heads).to(tl.float32)
+    threshold = tl.sum((at_or_above > budget).to(tl.int32), axis=0)
+    tl.store(exact_threshold_ptr + row * GROUP + head, threshold)
 
 
 @triton.jit
@@ -474,10 +452,6 @@ def _exact_units_kernel(
     mass_hist_ptr,
     exact_units_ptr,
     exact_count_ptr,
-    done_ptr,
-    targets_ptr,
-    walk_threshold_ptr,
-    estimated_mass_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
@@ -503,8 +477,7 @@ def _exact_units_kernel(
     """Program (row, p) of P per row: every P-th group of BLOCK_E clusters of the row's exact
     list, scored over their members (one [BLOCK_E * BLOCK_M, d] tile per step), so the work of
     a row spreads evenly over its programs; each cluster's exact log-mass replaces the estimate
-    for the query heads that flagged it, and its mass goes into the exact plane. The last
-    program of a row to finish (done_ptr counts them) writes the row's walk thresholds."""
+    for the query heads that flagged it, and its mass goes into the exact plane."""
     row = tl.program_id(0)
     programs = tl.num_programs(1)
     count = tl.load(exact_count_ptr + row)
@@ -574,46 +547,48 @@ def _exact_units_kernel(
             tl.atomic_add(mass_hist_ptr + (hist_row * 3 + 1) * BINS + exact_bins,
                           _relative_mass(exact, exact_bins, lowest_density, bin_width),
                           mask=flags, sem="relaxed")  # fmt: skip
-    if _last_of_row(done_ptr, row, programs):
-        _walk_thresholds(mass_hist_ptr, exact_threshold_ptr, targets_ptr, req_pool_ptr,
-                         walk_threshold_ptr, estimated_mass_ptr, row, num_kv_heads, bin_width,
-                         GROUP, BINS, True)  # fmt: skip
 
 
 @triton.jit
-def _walk_thresholds(mass_hist_ptr, exact_threshold_ptr, targets_ptr, req_pool_ptr,
-                     walk_threshold_ptr, estimated_mass_ptr, row, num_kv_heads, bin_width,
-                     GROUP: tl.constexpr, BINS: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
-    """For each query head of the row, the lowest bin the walk takes, so that the forced mass
-    plus the bins from the densest down to it reach the request's target share of the total
-    (BINS: the forced units alone reach it); and the share of the estimated mass that covers.
-    EXACT: the bins from the head's exact threshold up count with their exact mass (plane 1)
-    instead of the estimate (plane 0). The planes are read from L2 (other programs' atomics)."""
+def _walk_threshold_kernel(
+    mass_hist_ptr,
+    exact_threshold_ptr,
+    targets_ptr,
+    req_pool_ptr,
+    walk_threshold_ptr,
+    estimated_mass_ptr,
+    num_kv_heads,
+    bin_width,
+    GROUP: tl.constexpr,
+    BINS: tl.constexpr,
+):
+    """Program (row, query head): the lowest bin the walk takes, so that the forced mass plus
+    the bins from the densest down to it reach the request's target share of the total (BINS:
+    the forced units alone reach it); and the share of the estimated mass that covers."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
     bins = tl.arange(0, BINS)
+    planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins
+    exact_threshold = tl.load(exact_threshold_ptr + row * GROUP + head)
+    walk = tl.where(bins < exact_threshold, tl.load(planes), 0.0) + tl.load(planes + BINS)
+    forced = tl.load(planes + 2 * BINS)
+    top = tl.max(tl.where((walk > 0) | (forced > 0), bins, -1), axis=0)
+    scale = tl.exp(tl.minimum((bins - top).to(tl.float32) * bin_width, 0.0))
+    walk = walk * scale
+    forced_total = tl.sum(forced * scale, axis=0)
+    walk_total = tl.sum(walk, axis=0)
+    total = forced_total + walk_total
     target = tl.load(targets_ptr + tl.load(req_pool_ptr + row // num_kv_heads))
-    for head in range(GROUP):
-        planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins
-        walk = tl.load(planes, cache_modifier=".cg")
-        if EXACT:
-            exact_threshold = tl.load(exact_threshold_ptr + row * GROUP + head)
-            walk = tl.where(bins < exact_threshold, walk, 0.0) + tl.load(planes + BINS,
-                                                                          cache_modifier=".cg")
-        forced = tl.load(planes + 2 * BINS, cache_modifier=".cg")
-        top = tl.max(tl.where((walk > 0) | (forced > 0), bins, -1), axis=0)
-        scale = tl.exp(tl.minimum((bins - top).to(tl.float32) * bin_width, 0.0))
-        walk = walk * scale
-        forced_total = tl.sum(forced * scale, axis=0)
-        walk_total = tl.sum(walk, axis=0)
-        total = forced_total + walk_total
-        need = target * total
-        covered = forced_total + (walk_total - (tl.cumsum(walk, axis=0) - walk))
-        threshold = tl.maximum(tl.sum((covered >= need).to(tl.int32), axis=0) - 1, 0)
-        threshold = tl.where(forced_total >= need, BINS, threshold)
-        threshold = tl.where(target >= 1.0, 0, threshold)
-        share = tl.where(threshold == BINS, forced_total,
-                         tl.sum(tl.where(bins == threshold, covered, 0.0), axis=0))  # fmt: skip
-        tl.store(walk_threshold_ptr + row * GROUP + head, threshold)
-        tl.store(estimated_mass_ptr + row * GROUP + head, share / tl.maximum(total, 1e-38))
+    need = target * total
+    covered = forced_total + (walk_total - (tl.cumsum(walk, axis=0) - walk))
+    threshold = tl.maximum(tl.sum((covered >= need).to(tl.int32), axis=0) - 1, 0)
+    threshold = tl.where(forced_total >= need, BINS, threshold)
+    threshold = tl.where(target >= 1.0, 0, threshold)
+    share = tl.where(
+        threshold == BINS, forced_total, tl.sum(tl.where(bins == threshold, covered, 0.0), axis=0)
+    )
+    tl.store(walk_threshold_ptr + row * GROUP + head, threshold)
+    tl.store(estimated_mass_ptr + row * GROUP + head, share / tl.maximum(total, 1e-38))
 
 
 @triton.jit
@@ -865,10 +840,10 @@ def select_rows(
     write_units_per_step, write_members_per_step: the [units, members] tile of a row writing
     step (it walks only the units a block picked).
 
-    Five launches, each a single pass in parallel over (row, unit block): score every unit into
-    per-(row, head) density histograms (the last program of a row finds its exact threshold
-    bins); list the clusters above them; score those exactly (the last program of a row finds
-    its walk's threshold bins); mark the selected units; write the CSR rows."""
+    Seven launches, each a single pass in parallel over (row, unit block) or (row, query head):
+    score every unit into per-(row, head) density histograms; find the exact threshold bin;
+    list the clusters above it; score them exactly; find the walk's threshold bin; mark the
+    selected units; write the CSR rows."""
     config = config or TacticConfig()
     if unsupported := kernel_unsupported(config):
         raise ValueError(f"the selection kernels compute the log-normal estimate with whole "
@@ -909,22 +884,15 @@ def select_rows(
 
     # one zeroed workspace: mass histograms [rows, group, 3 planes (estimated, exact, forced),
     # bins] float32, then int32 counters: row tokens [rows], head tokens [rows, group], listed
-    # exact clusters [rows], the scoring and exact-scoring programs done with each row [rows]
-    # each; and the segments each request selects by cluster [batch], which the scoring
-    # kernel writes
+    # exact clusters [rows]; and the segments each request selects by cluster [batch], which
+    # the scoring kernel writes
     hist_len = 3 * rows * group * bins
-    workspace = torch.zeros(hist_len + rows * (group + 4) + batch, dtype=torch.int32,
+    workspace = torch.zeros(hist_len + rows * (group + 2) + batch, dtype=torch.int32,
                             device=device)  # fmt: skip
     mass_hist = workspace[:hist_len].view(torch.float32)
-    row_tokens, head_tokens, exact_count, scored, exact_scored, clustered = workspace[
-        hist_len:
-    ].split([rows, rows * group, rows, rows, rows, batch])
-    exact = config.exact_fraction > 0
-    # nothing scored exactly: no bin reaches the threshold
-    exact_threshold = (torch.empty(rows, group, dtype=torch.int32, device=device) if exact
-                       else torch.full((rows, group), bins, dtype=torch.int32, device=device))
-    walk_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
-    estimated_mass = torch.empty(rows, group, device=device)
+    row_tokens, head_tokens, exact_count, clustered = workspace[hist_len:].split(
+        [rows, rows * group, rows, batch]
+    )
 
     log_mass = torch.empty(rows, group, max_units, device=device)  # written for the tail only
     unit_bin = torch.empty(rows, group, max_units, dtype=torch.int16, device=device)
@@ -939,24 +907,26 @@ def select_rows(
         req_to_token, req_pool_indices, seq_lens,
         seq_lens if clustered_segments is None else clustered_segments, clustered,
         log_mass, unit_bin, unit_size, forced,
-        pool.token_cluster, mass_hist, scored, exact_threshold, targets, walk_threshold,
-        estimated_mass,
+        pool.token_cluster, mass_hist,
         q.stride(0), q.stride(1), req_to_segment.stride(0), req_to_token.stride(0),
         num_kv_heads, max_units, scale, config.recent_window, config.sink_tokens,
-        bin_width=config.density_bin_width, exact_fraction=config.exact_fraction,
-        tokens_per_relative_mass=math.exp(-config.density_bin_width / 2), **binning,
+        bin_width=config.density_bin_width, **binning,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_U=score_units_per_program,
         BLOCK_F=max(2, triton.next_power_of_2(config.sink_tokens)),
         ATTEND_TAIL=config.tail_policy == "attend", CLUSTERED_GIVEN=clustered_segments is not None,
         VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
         GROUP_PAD=group_pad if real_rows else block_h,
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16),
-        STREAM_EVICTION="evict_first" if score_stream else "", EXACT=exact,
-        num_warps=score_warps, **common,
+        STREAM_EVICTION="evict_first" if score_stream else "", num_warps=score_warps, **common,
         **({"maxnreg": score_max_registers} if score_max_registers and q.is_cuda else {}),
     )  # fmt: skip
 
-    if exact:
+    if config.exact_fraction > 0:
+        exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
+        _exact_threshold_kernel[(rows, group)](
+            mass_hist, seq_lens, exact_threshold, num_kv_heads, config.exact_fraction,
+            math.exp(-config.density_bin_width / 2), GROUP=group, BINS=bins,
+        )  # fmt: skip
         exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         _exact_list_kernel[grid](
             log_mass, unit_bin, unit_size, forced, clustered, seq_lens, exact_threshold,
@@ -971,13 +941,21 @@ def select_rows(
         _exact_units_kernel[(rows, exact_programs)](
             q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
             unit_bin, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
-            exact_scored, targets, walk_threshold, estimated_mass, q.stride(0), q.stride(1),
-            req_to_segment.stride(0), num_kv_heads, max_units, scale,
+            q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
             bin_width=config.density_bin_width, **binning,
             BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program,
             BLOCK_M=exact_members_per_step, GROUP_PAD=group_pad if real_rows else block_h,
             **common,
         )  # fmt: skip
+    else:  # nothing is scored exactly: no bin reaches the threshold
+        exact_threshold = torch.full((rows, group), bins, dtype=torch.int32, device=device)
+
+    walk_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
+    estimated_mass = torch.empty(rows, group, device=device)
+    _walk_threshold_kernel[(rows, group)](
+        mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold, estimated_mass,
+        num_kv_heads, config.density_bin_width, GROUP=group, BINS=bins,
+    )  # fmt: skip
 
     # each block's picked units and their token offsets, listed from the start of its stretch
     picked = torch.empty(rows * num_blocks * 2 * units_per_program, dtype=torch.int32,
