@@ -820,11 +820,13 @@ def select_rows(
     register cap for the scoring kernel (Triton's maxnreg; 0: none); score_stream: the
     scoring kernel reads the centroids and variances, each read once, with L2 evict-first
     hints, so that they do not push out of L2 the histograms its atomics update (at 128k
-    batch 16, 268 MB stream past 13 MB of histograms; off until timed); units_per_program:
-    units of one program of the lighter unit-parallel kernels (listing, marking, writing: more
-    units per program keeps large batches from paying per-program latency many times over),
-    light_warps:
-    those kernels' warps (0: 4, 8 from 256 units a program). The defaults, 128 units in one
+    batch 16, 268 MB stream past 13 MB of histograms). Off: on the H100 it moved selection by
+    -5 to +1.5% (scoring 169.5 against 172.9 us at 128k batch 16, the same at batch 1;
+    benchmarks/results/decode_attention_table_2d3d91b_h100.json, select_ms_by_launch);
+    units_per_program: units of one program of the lighter unit-parallel kernels (listing,
+    marking, writing: more units per program keeps large batches from paying per-program
+    latency many times over), light_warps: those kernels' warps (0: 4, 8 from 256 units a
+    program). The defaults, 128 units in one
     warp, were timed against 64 units in four (H100, 128k, CUDA-event profiles of 10 steps,
     benchmarks/results/profile_launch_options_64f046f_h100.txt): at batch 16 marking 13.7
     against 29.7 us, listing 15.2 against 28.4, writing 17.5 against 18.2, the graph-replayed
