@@ -36,7 +36,7 @@ if compgen -G ".baseline/tree*/" >/dev/null; then
       PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 python3 \
         benchmarks/decode_attention.py --output "$OUT/$name.json" "${common[@]}" \
         >"$OUT/$name.log" 2>&1)
-    echo "$name"; tail -3 "$OUT/$name.log"
+    echo "$name"; tail -8 "$OUT/$name.log"  # the table: every cell, as for the new run
   done
 else
   cp kernels/selection.py /tmp/selection_new.py
