@@ -18,6 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tactic_server.decode.cost import FIT_PARAMETERS, DecodeCostModel, fit  # noqa: E402
 
 
+def with_path(record: dict, attend_key: str, select_launch: str | None) -> dict:
+    """The record with the attention and selection the server runs as its own (attend_ms,
+    select_ms, tactic_ms), where the run timed them beside the cell's."""
+    select_ms = (record["select_ms_by_launch"][select_launch] if select_launch
+                 else record["select_ms"])  # fmt: skip
+    attend_ms = record[attend_key]
+    return record | {"select_ms": select_ms, "attend_ms": attend_ms,
+                     "tactic_ms": select_ms + attend_ms}  # fmt: skip
+
+
 def evaluate(model: DecodeCostModel, records: list[dict], bytes_per_token: int,
              dense_key: str = "dense_ms") -> list[dict]:  # fmt: skip
     rows = []
@@ -71,9 +81,19 @@ def main() -> int:
         default="dense_ms",
         help="the dense path the engine falls back to (default: our kernel)",
     )
+    parser.add_argument(
+        "--attend-key",
+        default="attend_ms",
+        help="the attention the server runs, where a run timed it beside the cell's own "
+        "(e.g. attend_balanced_ms of runs from before the balanced schedule was served): "
+        "Tactic's time is select_ms plus it",
+    )
+    parser.add_argument("--select-launch", default=None,
+                        help="select_ms of this launch (select_ms_by_launch), not the fastest")
     args = parser.parse_args()
     run = json.loads(args.results.read_text())
-    records = [r for r in run["records"] if "select_ms" in r]
+    records = [with_path(r, args.attend_key, args.select_launch)
+               for r in run["records"] if "select_ms" in r]  # fmt: skip
     model = fit(records, args.bytes_per_token, args.dense_key, source=str(args.results))
     print({name: round(getattr(model, name), 9) for name in FIT_PARAMETERS})
     rows = evaluate(model, records, args.bytes_per_token, args.dense_key)
