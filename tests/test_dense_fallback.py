@@ -32,7 +32,7 @@ from tactic_server.tactic import TacticConfig
 from tactic_server.testing.tiny_model import make_tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fit_cost_model import evaluate  # noqa: E402
+from fit_cost_model import evaluate, with_path  # noqa: E402
 from test_engine import DENSE, GREEDY, collect, make_engine, prompt_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +86,24 @@ def test_the_model_picks_the_faster_path_on_the_run_it_was_fitted_to(name):
     else:  # the H100 run: 32k, 128k and 256k rows half a segment past a boundary
         assert picks[(32256, 1, 0.3)] == "dense" and picks[(130560, 16, 0.01)] == "tactic"
     assert all(getattr(model, field) > 0 for field in FIT_PARAMETERS)
+
+
+def test_the_h100_model_still_picks_the_faster_path_with_the_balanced_attention():
+    """The attention the server runs since (the balanced schedule) was timed beside the
+    chunked one in the 2d3d91b run: with its times as Tactic's, the H100 model stays right in
+    19 of 20 cells."""
+    run = json.loads((ROOT / "benchmarks/results/decode_attention_table_2d3d91b_h100.json")
+                     .read_text())  # fmt: skip
+    cells = [r for r in run["records"] if "select_ms" in r]
+    records = [with_path(r, "attend_balanced_ms", "default") for r in cells]
+    first = records[0]
+    assert first["attend_ms"] == cells[0]["attend_balanced_ms"] != cells[0]["attend_ms"]
+    assert first["tactic_ms"] == pytest.approx(
+        cells[0]["select_ms_by_launch"]["default"] + cells[0]["attend_balanced_ms"]
+    )
+    rows = evaluate(MODELS["H100"], records, LLAMA_BYTES)
+    assert sum(row["right"] for row in rows) == len(rows) - 1
+    assert max(row["regret"] for row in rows) < 1.05
 
 
 @pytest.mark.parametrize("gpu,dense,fitted", [
