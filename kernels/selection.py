@@ -821,7 +821,7 @@ def select_rows(
     scoring kernel reads the centroids and variances, each read once, with L2 evict-first
     hints, so that they do not push out of L2 the histograms its atomics update (at 128k
     batch 16, 268 MB stream past 13 MB of histograms). Off: on the H100 it moved selection by
-    -5 to +1.5% (scoring 169.5 against 172.9 us at 128k batch 16, the same at batch 1;
+    -5 to +1.6% (scoring 169.5 against 172.9 us at 128k batch 16, the same at batch 1;
     benchmarks/results/decode_attention_table_2d3d91b_h100.json, select_ms_by_launch);
     units_per_program: units of one program of the lighter unit-parallel kernels (listing,
     marking, writing: more units per program keeps large batches from paying per-program
