@@ -44,11 +44,11 @@ FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
                       block_u: int, real_rows: bool = True,
                       resources: bool = False, profile: int = 0,
-                      max_registers: int = 0, stream: bool = False) -> str:  # fmt: skip
+                      max_registers: int = 0) -> str:  # fmt: skip
     """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
-    (real_rows, max_registers, stream: its real_rows, score_max_registers, score_stream;
-    profile: its PROFILE, 2 for compact "profile" variances with variance_dims 1); resources:
-    the cubin's resource usage (registers a thread) instead."""
+    (real_rows, max_registers: its real_rows, score_max_registers; profile: its PROFILE, 2
+    for compact "profile" variances with variance_dims 1); resources: the cubin's resource
+    usage (registers a thread) instead."""
     kernel = module._score_units_kernel
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
     pointers = dict(POINTERS, centroids_ptr="*" + centroids,
@@ -64,7 +64,7 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                      VARIANCE_DOT_DTYPE=tl.bfloat16 if codes == "*u8" else tl.float16,
                      INTERPRETED=False)  # fmt: skip
     if "STREAM_EVICTION" in kernel.arg_names:  # a kernel from before it had no such argument
-        constants["STREAM_EVICTION"] = "evict_first" if stream else ""
+        constants["STREAM_EVICTION"] = ""  # select_rows' default: no L2 hints
     return kernel_sass(kernel, constants, pointers, resources, max_registers)
 
 
