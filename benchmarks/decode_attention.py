@@ -491,8 +491,9 @@ def main() -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
     parser.add_argument("--clustering-contexts", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--no-flashinfer", action="store_true")
-    parser.add_argument("--exact-fraction", type=float, default=None,
-                        help="TacticConfig.exact_fraction (default: the config's)")  # fmt: skip
+    parser.add_argument("--exact-fraction", type=float, nargs="+", default=None,
+                        help="TacticConfig.exact_fraction (default: the config's); each further "
+                        "one is timed beside it, as --centroids")  # fmt: skip
     parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"], nargs="+",
                         default=None, help="TacticConfig.variance (default: the config's); each "
                         "further one is timed beside it, as --centroids")  # fmt: skip
@@ -511,7 +512,7 @@ def main() -> int:
     device_name = torch.cuda.get_device_name()
     config = TacticConfig()
     if args.exact_fraction is not None:
-        config = dataclasses.replace(config, exact_fraction=args.exact_fraction)
+        config = dataclasses.replace(config, exact_fraction=args.exact_fraction[0])
     if args.variance is not None:
         config = dataclasses.replace(config, variance=args.variance[0])
     config = dataclasses.replace(config, centroids=args.centroids[0])
@@ -519,6 +520,8 @@ def main() -> int:
                 for name in args.centroids[1:]}  # fmt: skip
     variants |= {f"variance_{name}": dataclasses.replace(config, variance=name)
                  for name in (args.variance or [])[1:]}  # fmt: skip
+    variants |= {f"exact_fraction_{value:g}": dataclasses.replace(config, exact_fraction=value)
+                 for value in (args.exact_fraction or [])[1:]}  # fmt: skip
     log(f"{device_name}; torch {torch.__version__}, triton {triton.__version__}")
     copy_bytes_per_s = copy_bandwidth()
     flops_per_s = matmul_rate()
