@@ -651,16 +651,22 @@ def _walk_threshold_kernel(
     bin_width,
     GROUP: tl.constexpr,
     BINS: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """Program (row, query head): the lowest bin the walk takes, so that the forced mass plus
     the bins from the densest down to it reach the request's target share of the total (BINS:
-    the forced units alone reach it); and the share of the estimated mass that covers."""
+    the forced units alone reach it); and the share of the estimated mass that covers.
+    EXACT: some units were scored exactly (the exact plane replaces the estimates from the
+    exact threshold up; else the estimated plane is the walk's, and exact_threshold_ptr unread)."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     bins = tl.arange(0, BINS)
     planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins
-    exact_threshold = tl.load(exact_threshold_ptr + row * GROUP + head)
-    walk = tl.where(bins < exact_threshold, tl.load(planes), 0.0) + tl.load(planes + BINS)
+    if EXACT:
+        exact_threshold = tl.load(exact_threshold_ptr + row * GROUP + head)
+        walk = tl.where(bins < exact_threshold, tl.load(planes), 0.0) + tl.load(planes + BINS)
+    else:
+        walk = tl.load(planes)
     forced = tl.load(planes + 2 * BINS)
     top = tl.max(tl.where((walk > 0) | (forced > 0), bins, -1), axis=0)
     scale = tl.exp(tl.minimum((bins - top).to(tl.float32) * bin_width, 0.0))
@@ -848,9 +854,10 @@ EXACT_SMALL_TILE_ROWS = 64
 class SelectedRows:
     """Device-side output of a selection step.
     indptr [rows + 1] int32 and indices [capacity] int32 (flat KV rows): the CSR the attention
-    executors read, rows = batch * H_kv; query_head_counts [batch, H_q] int64 tokens each query
-    head selected on its own; estimated_mass [batch, H_q] float32 share of the estimated mass
-    each query head's selection covers."""
+    executors read, rows = batch * H_kv; query_head_counts [batch, H_q] int32 tokens each query
+    head selected on its own (as counted: a cast to int64 would be one more launch a layer);
+    estimated_mass [batch, H_q] float32 share of the estimated mass each query head's
+    selection covers."""
 
     indptr: torch.Tensor
     indices: torch.Tensor
@@ -1048,14 +1055,15 @@ def select_rows(
             BLOCK_M=exact_members_per_step, GROUP_PAD=group_pad if real_rows else block_h,
             **common,
         )  # fmt: skip
-    else:  # nothing is scored exactly: no bin reaches the threshold
-        exact_threshold = torch.full((rows, group), bins, dtype=torch.int32, device=device)
+    else:  # nothing is scored exactly (and no launch fills a threshold the walk would not read)
+        exact_threshold = mass_hist
 
     walk_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
     estimated_mass = torch.empty(rows, group, device=device)
     _walk_threshold_kernel[(rows, group)](
         mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold, estimated_mass,
         num_kv_heads, config.density_bin_width, GROUP=group, BINS=bins,
+        EXACT=config.exact_fraction > 0,
     )  # fmt: skip
 
     # each block's picked units and their token offsets, listed from the start of its stretch
@@ -1083,6 +1091,6 @@ def select_rows(
     return SelectedRows(
         indptr=indptr,
         indices=indices,
-        query_head_counts=head_tokens.reshape(batch, num_q_heads).long(),
+        query_head_counts=head_tokens.reshape(batch, num_q_heads),
         estimated_mass=estimated_mass.reshape(batch, num_q_heads),
     )

@@ -190,7 +190,7 @@ def check_against_reference(config, group=4, **launch):
     plans = assert_rows_match_reference(selected, references, targets[pool_indices].tolist(),
                                         config)  # fmt: skip
     for request, plan in enumerate(plans):
-        assert torch.equal(selected.query_head_counts[request].cpu(), plan.query_head_counts)
+        assert torch.equal(selected.query_head_counts[request].cpu().long(), plan.query_head_counts)
         torch.testing.assert_close(selected.estimated_mass[request].cpu(), plan.estimated_mass)
 
 
