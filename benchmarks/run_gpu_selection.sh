@@ -12,8 +12,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/gpu_env.sh >/dev/null 2>&1 || { echo "gpu_env failed"; exit 1; }
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  # TESTS_K: a pytest -k expression, to run part of them where device time is short
   python3 -m pytest -q tests/test_kernels_selection.py tests/test_kernels_decode.py \
-    >"$OUT/gpu_kernel_tests.log" 2>&1
+    ${TESTS_K:+-k "$TESTS_K"} >"$OUT/gpu_kernel_tests.log" 2>&1
   tail -3 "$OUT/gpu_kernel_tests.log"
 fi
 for shape in ${PROFILE:-}; do
