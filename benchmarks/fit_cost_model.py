@@ -15,12 +15,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tactic_server.decode.cost import FIT_PARAMETERS, DecodeCostModel, fit  # noqa: E402
+from tactic_server.decode.cost import FIT_PARAMETERS, MODELS, DecodeCostModel, fit  # noqa: E402
 
 
-def with_path(record: dict, attend_key: str, select_launch: str | None) -> dict:
+def with_path(record: dict, attend_key: str, select_launch: str | None,
+              variant: str | None = None) -> dict:  # fmt: skip
     """The record with the attention and selection the server runs as its own (attend_ms,
-    select_ms, tactic_ms), where the run timed them beside the cell's."""
+    select_ms, tactic_ms), where the run timed them beside the cell's: a launch's selection, or
+    a config variant's selection, attention and selected share (variant_<name>)."""
+    if variant:
+        timed = record[f"variant_{variant}"]
+        return record | {key: timed[key] for key in
+                         ("select_ms", "attend_ms", "tactic_ms", "selected_fraction")}
     select_ms = (record["select_ms_by_launch"][select_launch] if select_launch
                  else record["select_ms"])  # fmt: skip
     attend_ms = record[attend_key]
@@ -69,7 +75,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="decode_attention.py JSONs of one machine, fitted together")
     parser.add_argument(
         "--bytes-per-token",
         type=int,
@@ -90,11 +97,22 @@ def main() -> int:
     )
     parser.add_argument("--select-launch", default=None,
                         help="select_ms of this launch (select_ms_by_launch), not the fastest")
+    parser.add_argument("--variant", default=None,
+                        help="a config variant timed beside each cell (e.g. exact_fraction_0 of "
+                        "--exact-fraction 0.01 0): its selection and attention are the server's")
+    parser.add_argument("--evaluate", default=None,
+                        help="also show what this registered model (cost.MODELS, e.g. H200) picks")
     args = parser.parse_args()
-    run = json.loads(args.results.read_text())
-    records = [with_path(r, args.attend_key, args.select_launch)
-               for r in run["records"] if "select_ms" in r]  # fmt: skip
-    model = fit(records, args.bytes_per_token, args.dense_key, source=str(args.results))
+    records = [with_path(r, args.attend_key, args.select_launch, args.variant)
+               for path in args.results for r in json.loads(path.read_text())["records"]
+               if "select_ms" in r]  # fmt: skip
+    if args.evaluate:
+        rows = evaluate(MODELS[args.evaluate], records, args.bytes_per_token, args.dense_key)
+        print(f"registered model {args.evaluate}:\n{table(rows)}")
+        print(f"{sum(r['right'] for r in rows)} of {len(rows)} cells picked the faster path; "
+              f"worst regret {max(r['regret'] for r in rows):.2f}\n")  # fmt: skip
+    model = fit(records, args.bytes_per_token, args.dense_key,
+                source=", ".join(map(str, args.results)))  # fmt: skip
     print({name: round(getattr(model, name), 9) for name in FIT_PARAMETERS})
     rows = evaluate(model, records, args.bytes_per_token, args.dense_key)
     print(table(rows))

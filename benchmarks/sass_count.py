@@ -44,12 +44,11 @@ FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
                       block_u: int, real_rows: bool = True,
                       resources: bool = False, profile: int = 0,
-                      max_registers: int = 0, stages: int = 0) -> str:  # fmt: skip
+                      max_registers: int = 0) -> str:  # fmt: skip
     """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
     (real_rows, max_registers: its real_rows, score_max_registers; profile: its PROFILE, 2
     for compact "profile" variances with variance_dims 1); resources: the cubin's resource
-    usage (registers a thread) instead; stages: the kernel looping over blocks (select_rows'
-    score_programs) with that many pipeline stages (0: a program a block)."""
+    usage (registers a thread) instead."""
     kernel = module._score_units_kernel
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
     pointers = dict(POINTERS, centroids_ptr="*" + centroids,
@@ -66,8 +65,6 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                      INTERPRETED=False)  # fmt: skip
     if "STREAM_EVICTION" in kernel.arg_names:  # a kernel from before it had no such argument
         constants["STREAM_EVICTION"] = ""  # select_rows' default: no L2 hints
-    if "PROGRAM_LOOP" in kernel.arg_names:
-        constants.update(PROGRAM_LOOP=stages > 0, STAGES=max(stages, 1))
     return kernel_sass(kernel, constants, pointers, resources, max_registers)
 
 
@@ -136,9 +133,6 @@ def main() -> None:
     parser.add_argument("--padded-rows", action="store_true",
                         help="real_rows=False: the arithmetic on the dots' 16 rows")
     parser.add_argument("--max-registers", type=int, default=0, help="score_max_registers")
-    parser.add_argument("--stages", type=int, default=0,
-                        help="the scoring kernel looping over blocks (score_programs) with "
-                             "this many pipeline stages; 0: a program a block")
     parser.add_argument("--exact", action="store_true",
                         help="the exact-scoring kernel instead (with --padded-rows or not)")
     parser.add_argument("--out", type=Path)
@@ -166,11 +160,9 @@ def main() -> None:
         launch = (selection, centroids, variance_dims, args.head_dim, args.group, args.block_u,
                   not args.padded_rows)  # fmt: skip
         opcodes = count(score_kernel_sass(*launch, profile=profile,
-                                          max_registers=args.max_registers,
-                                          stages=args.stages))
+                                          max_registers=args.max_registers))
         registers = re.search(r"REG:(\d+)", score_kernel_sass(
-            *launch, resources=True, profile=profile, max_registers=args.max_registers,
-            stages=args.stages))
+            *launch, resources=True, profile=profile, max_registers=args.max_registers))
         top = ", ".join(f"{name} {n}" for name, n in opcodes.most_common(8))
         variance = ("profile (compact)" if profile else
                     "diagonal" if variance_dims > 1 else "isotropic")  # fmt: skip

@@ -83,8 +83,6 @@ def _score_units_kernel(
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
     STREAM_EVICTION: tl.constexpr,
-    PROGRAM_LOOP: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """Program (row, unit block): the density bin (unit_bin, int16) of each unit's log mass for
     each query head of the row (the log mass itself for tail positions alone), the capped
@@ -113,107 +111,19 @@ def _score_units_kernel(
     num_cluster_units = clustered * CLUSTERS
     tail_start = clustered * SEGMENT
     num_units = num_cluster_units + seq_len - tail_start  # _row_units, from what is loaded here
-    if PROGRAM_LOOP:
-        # a fixed number of programs a row, each walking its share of the row's blocks, so
-        # that the loads of one block can be in flight while another's arithmetic runs
-        for block in tl.range(tl.program_id(1), tl.cdiv(num_units, BLOCK_U), tl.num_programs(1),
-                              num_stages=STAGES):
-            _score_block(
-                q_ptr, k_ptr, centroids_ptr, variances_ptr, profiles_ptr, offsets_ptr,
-                req_to_segment_ptr, req_to_token_ptr, req_pool_ptr, log_mass_ptr,
-                unit_bin_ptr, unit_size_ptr, forced_ptr, token_cluster_ptr,
-                mass_hist_ptr, stride_q_batch, stride_q_head, stride_req_segment,
-                stride_req_token, num_kv_heads, max_units, scale, recent_window,
-                sink_tokens, lowest_density, inverse_bin_width, bin_width, GROUP,
-                HEAD_DIM, SEGMENT, CLUSTERS, BLOCK_H, BLOCK_D, BLOCK_U, BLOCK_F,
-                ATTEND_TAIL, VARIANCE_DIMS, PROFILE, GROUP_PAD, BINS, DOT_DTYPE,
-                DOT_PRECISION, VARIANCE_DOT_DTYPE, STREAM_EVICTION, block, row,
-                request, seq_len, num_cluster_units, tail_start,
-                num_units,
-            )  # fmt: skip
-    elif tl.program_id(1) * BLOCK_U < num_units:  # else a block wholly beyond the row's units
-        block = tl.program_id(1)
-        _score_block(
-            q_ptr, k_ptr, centroids_ptr, variances_ptr, profiles_ptr, offsets_ptr,
-            req_to_segment_ptr, req_to_token_ptr, req_pool_ptr, log_mass_ptr,
-            unit_bin_ptr, unit_size_ptr, forced_ptr, token_cluster_ptr,
-            mass_hist_ptr, stride_q_batch, stride_q_head, stride_req_segment,
-            stride_req_token, num_kv_heads, max_units, scale, recent_window,
-            sink_tokens, lowest_density, inverse_bin_width, bin_width, GROUP,
-            HEAD_DIM, SEGMENT, CLUSTERS, BLOCK_H, BLOCK_D, BLOCK_U, BLOCK_F,
-            ATTEND_TAIL, VARIANCE_DIMS, PROFILE, GROUP_PAD, BINS, DOT_DTYPE,
-            DOT_PRECISION, VARIANCE_DOT_DTYPE, STREAM_EVICTION, block, row,
-            request, seq_len, num_cluster_units, tail_start,
-            num_units,
-        )  # fmt: skip
-
-
-@triton.jit
-def _score_block(
-    q_ptr,
-    k_ptr,
-    centroids_ptr,
-    variances_ptr,
-    profiles_ptr,
-    offsets_ptr,
-    req_to_segment_ptr,
-    req_to_token_ptr,
-    req_pool_ptr,
-    log_mass_ptr,
-    unit_bin_ptr,
-    unit_size_ptr,
-    forced_ptr,
-    token_cluster_ptr,
-    mass_hist_ptr,
-    stride_q_batch,
-    stride_q_head,
-    stride_req_segment,
-    stride_req_token,
-    num_kv_heads,
-    max_units,
-    scale,
-    recent_window,
-    sink_tokens,
-    lowest_density,
-    inverse_bin_width,
-    bin_width,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    SEGMENT: tl.constexpr,
-    CLUSTERS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_U: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    ATTEND_TAIL: tl.constexpr,
-    VARIANCE_DIMS: tl.constexpr,
-    PROFILE: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BINS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    VARIANCE_DOT_DTYPE: tl.constexpr,
-    STREAM_EVICTION: tl.constexpr,
-    block,
-    row,
-    request,
-    seq_len,
-    num_cluster_units,
-    tail_start,
-    num_units,
-):
-    """One scoring block of a row: the body of _score_units_kernel for unit block `block`."""
+    if tl.program_id(1) * BLOCK_U >= num_units:
+        return  # a block wholly beyond the row's units
     kv_head = row % num_kv_heads
     pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
 
-    units = block * BLOCK_U + tl.arange(0, BLOCK_U)
+    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
     in_range = units < max_units
     is_cluster = units < num_cluster_units
     is_tail = (units >= num_cluster_units) & (units < num_units)
     if CLUSTERS % BLOCK_U == 0:
         # the block's clusters are one segment's (and the tail starts at a block boundary):
         # one segment slot for the block instead of a gather of one per unit
-        first = block * BLOCK_U
+        first = tl.program_id(1) * BLOCK_U
         segment_slot = tl.load(
             req_to_segment_ptr + pool_index * stride_req_segment + first // CLUSTERS,
             mask=first < num_cluster_units,
@@ -252,7 +162,7 @@ def _score_block(
     # the tail's keys only in the blocks that reach the tail: the others neither load them nor
     # compute their addresses (with the sink lookup below, -3% selection at 128k batch 16 on
     # the H100; the registers stayed at 128 there, though Triton's own ptxas here gives 118)
-    if (block + 1) * BLOCK_U > num_cluster_units:
+    if (tl.program_id(1) + 1) * BLOCK_U > num_cluster_units:
         key = tl.load(
             k_ptr + (kv_slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :],
             mask=is_tail[:, None] & dim_mask[None, :],
@@ -340,7 +250,7 @@ def _score_block(
     tail_position = tail_start + units - num_cluster_units
     forced = is_tail & ((tail_position < sink_tokens) | (tail_position >= seq_len - recent_window))
     # (two dependent loads, so only in the blocks that hold the sinks' segments' clusters)
-    if block * BLOCK_U < tl.cdiv(sink_tokens, SEGMENT) * CLUSTERS:
+    if tl.program_id(1) * BLOCK_U < tl.cdiv(sink_tokens, SEGMENT) * CLUSTERS:
         sinks = tl.arange(0, BLOCK_F)
         clustered_sink = (sinks < sink_tokens) & (sinks < tail_start)
         sink_segment = tl.load(
@@ -891,8 +801,6 @@ def select_rows(
     real_rows: bool = True,
     score_max_registers: int = 0,
     score_stream: bool = False,
-    score_programs: int = 0,
-    score_stages: int = 2,
     units_per_program: int = 128,
     light_warps: int = 1,
     write_warps: int = 2,
@@ -922,10 +830,6 @@ def select_rows(
     batch 16, 268 MB stream past 13 MB of histograms). Off: on the H100 it moved selection by
     -5 to +1.6% (scoring 169.5 against 172.9 us at 128k batch 16, the same at batch 1;
     benchmarks/results/decode_attention_table_2d3d91b_h100.json, select_ms_by_launch);
-    score_programs: scoring programs for the batch (0: one per block of
-    score_units_per_program units), as many a row, each looping over every n-th block of its
-    row with score_stages software-pipeline stages, so that one block's centroid and
-    variance tiles load while another's estimate and atomics run;
     units_per_program: units of one program of the lighter unit-parallel kernels (listing,
     marking, writing: more units per program keeps large batches from paying per-program
     latency many times over), light_warps: those kernels' warps (0: 4, 8 from 256 units a
@@ -1006,9 +910,7 @@ def select_rows(
     # "profile" variances: one profile a scoring block where its clusters are one segment's
     profile = 0 if pool.profiles.shape[-1] == 0 else (
         2 if clusters % score_units_per_program == 0 else 1)
-    score_blocks = triton.cdiv(max_units, score_units_per_program)
-    programs_per_row = triton.cdiv(score_programs, rows) if score_programs else score_blocks
-    _score_units_kernel[(rows, min(score_blocks, programs_per_row))](
+    _score_units_kernel[(rows, triton.cdiv(max_units, score_units_per_program))](
         q, k_cache, pool.centroids, pool.variances, pool.profiles, pool.cluster_offsets,
         req_to_segment,
         req_to_token, req_pool_indices, seq_lens,
@@ -1024,8 +926,7 @@ def select_rows(
         VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
         GROUP_PAD=group_pad if real_rows else block_h,
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16),
-        STREAM_EVICTION="evict_first" if score_stream else "", PROGRAM_LOOP=score_programs > 0,
-        STAGES=score_stages, num_warps=score_warps, **common,
+        STREAM_EVICTION="evict_first" if score_stream else "", num_warps=score_warps, **common,
         **({"maxnreg": score_max_registers} if score_max_registers and q.is_cuda else {}),
     )  # fmt: skip
 

@@ -106,6 +106,25 @@ def test_the_h100_model_still_picks_the_faster_path_with_the_balanced_attention(
     assert max(row["regret"] for row in rows) < 1.05
 
 
+def test_without_the_exact_top_the_h200_model_sends_32k_batch_1_to_dense():
+    """Selection without the exact top (the default since the 53cba0b run, timed there as the
+    exact_fraction_0 variant of each cell) is a third faster; the H200 model, fitted to
+    selection with it, still picks dense at 32k batch 1, where Tactic is now 1.22-1.29x the
+    fastest dense: the miss the README names until the model is refitted on a full table."""
+    results = ROOT / "benchmarks/results"
+    names = ["decode_attention_exact_programs_53cba0b_h200.json",
+             "decode_attention_exact0_32k_256k_53cba0b_h200.json"]  # fmt: skip
+    cells = [r for name in names for r in json.loads((results / name).read_text())["records"]
+             if "select_ms" in r]  # fmt: skip
+    records = [with_path(r, "attend_ms", None, "exact_fraction_0") for r in cells]
+    for cell, record in zip(cells, records, strict=True):
+        assert record["select_ms"] == cell["variant_exact_fraction_0"]["select_ms"]
+        assert record["select_ms"] < cell["select_ms"]
+    rows = evaluate(MODELS["H200"], records, LLAMA_BYTES)
+    wrong = [(row["context"], row["batch"]) for row in rows if not row["right"]]
+    assert wrong == [(32256, 1), (32256, 1)]
+
+
 @pytest.mark.parametrize("gpu,dense,fitted", [
     ("NVIDIA H100 80GB HBM3", "kernel", "H100"),
     ("NVIDIA H100 80GB HBM3", "fa3", "H100/flashinfer"),

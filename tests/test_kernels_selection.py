@@ -73,10 +73,11 @@ def to_device(pool):
 @pytest.mark.parametrize(
     "config",
     [
-        TacticConfig(segment_size=64),
-        TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5),
+        TacticConfig(segment_size=64),  # no exact top (the default)
+        TacticConfig(segment_size=64, tail_policy="attend", sink_tokens=3, recent_window=5,
+                     exact_fraction=0.01),  # fmt: skip
         TacticConfig(segment_size=32, exact_fraction=0.1, outlier_share=0.0),
-        TacticConfig(segment_size=64, variance="isotropic"),
+        TacticConfig(segment_size=64, variance="isotropic", exact_fraction=0.01),
         TacticConfig(segment_size=64, exact_fraction=0.0, density_bin_width=0.25,
                      density_bins=256),
         TacticConfig(segment_size=64, centroids="fp8"),
@@ -87,14 +88,12 @@ def to_device(pool):
     ],
 )
 @pytest.mark.parametrize(
-    "options",
-    [{}, {"real_rows": False}, {"light_warps": 1}, {"score_stream": True}, {"score_programs": 20}],
+    "options", [{}, {"real_rows": False}, {"light_warps": 1}, {"score_stream": True}]
 )
 def test_selection_matches_reference(config, options):
     # a context shorter than a segment, one of exactly one segment, and ones with tails;
     # the kernels' arithmetic on the group's rows (the default) and on the dots' 16; the
-    # unit-parallel kernels in one warp a program; the scoring kernel's loads with L2 hints;
-    # 20 scoring programs over the 10 rows, two a row, each looping over every other block
+    # unit-parallel kernels in one warp a program; the scoring kernel's loads with L2 hints
     check_against_reference(config, score_units_per_program=16, units_per_program=32,
                             exact_units_per_program=4, **options)  # fmt: skip
 
@@ -108,14 +107,12 @@ def test_selection_matches_reference(config, options):
         TacticConfig(segment_size=64, cluster_size=4, variance="isotropic", exact_fraction=0.1),
     ],
 )
-@pytest.mark.parametrize("score_programs", [0, 10])
-def test_blocks_within_one_segment_match_reference(config, score_programs):
+def test_blocks_within_one_segment_match_reference(config):
     """Scoring blocks that hold one segment's clusters (16 or 32 clusters a segment, 16 units a
     block: the scoring kernel reads one segment slot a block, as at the default 64 clusters a
-    segment and 64 units a block), the tail starting at a block boundary; a program a block, or
-    one a row (10 for the 10 rows) looping over all of them."""
+    segment and 64 units a block), the tail starting at a block boundary."""
     check_against_reference(config, score_units_per_program=16, units_per_program=32,
-                            exact_units_per_program=4, score_programs=score_programs)  # fmt: skip
+                            exact_units_per_program=4)  # fmt: skip
 
 
 @pytest.mark.parametrize("group,exact_units", [(1, 4), (2, 2), (4, 4), (8, 4)])
