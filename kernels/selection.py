@@ -849,10 +849,10 @@ def select_rows(
     write_units_per_step, write_members_per_step: the [units, members] tile of a row writing
     step (it walks only the units a block picked).
 
-    Seven launches, each a single pass in parallel over (row, unit block) or (row, query head):
-    score every unit into per-(row, head) density histograms; find the exact threshold bin;
-    list the clusters above it; score them exactly; find the walk's threshold bin; mark the
-    selected units; write the CSR rows."""
+    Four launches (seven with an exact top, config.exact_fraction > 0), each a single pass in
+    parallel over (row, unit block) or (row, query head): score every unit into per-(row, head)
+    density histograms; [find the exact threshold bin; list the clusters above it; score them
+    exactly;] find the walk's threshold bin; mark the selected units; write the CSR rows."""
     config = config or TacticConfig()
     if unsupported := kernel_unsupported(config):
         raise ValueError(f"the selection kernels compute the log-normal estimate with whole "
