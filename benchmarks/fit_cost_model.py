@@ -73,6 +73,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report(rows: list[dict]) -> None:
+    """The table of a model's picks, and how many were the faster path."""
+    print(table(rows))
+    print(f"\n{sum(r['right'] for r in rows)} of {len(rows)} cells picked the faster path; "
+          f"worst regret {max(r['regret'] for r in rows):.2f}")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, nargs="+",
@@ -107,18 +114,13 @@ def main() -> int:
                for path in args.results for r in json.loads(path.read_text())["records"]
                if "select_ms" in r]  # fmt: skip
     if args.evaluate:
-        rows = evaluate(MODELS[args.evaluate], records, args.bytes_per_token, args.dense_key)
-        print(f"registered model {args.evaluate}:\n{table(rows)}")
-        print(f"{sum(r['right'] for r in rows)} of {len(rows)} cells picked the faster path; "
-              f"worst regret {max(r['regret'] for r in rows):.2f}\n")  # fmt: skip
+        print(f"registered model {args.evaluate}:")
+        report(evaluate(MODELS[args.evaluate], records, args.bytes_per_token, args.dense_key))
+        print()
     model = fit(records, args.bytes_per_token, args.dense_key,
                 source=", ".join(map(str, args.results)))  # fmt: skip
     print({name: round(getattr(model, name), 9) for name in FIT_PARAMETERS})
-    rows = evaluate(model, records, args.bytes_per_token, args.dense_key)
-    print(table(rows))
-    wrong = [r for r in rows if not r["right"]]
-    print(f"\n{len(rows) - len(wrong)} of {len(rows)} cells picked the faster path; worst regret "
-          f"{max(r['regret'] for r in rows):.2f}")  # fmt: skip
+    report(evaluate(model, records, args.bytes_per_token, args.dense_key))
     return 0
 
 

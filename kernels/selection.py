@@ -930,7 +930,8 @@ def select_rows(
         **({"maxnreg": score_max_registers} if score_max_registers and q.is_cuda else {}),
     )  # fmt: skip
 
-    if config.exact_fraction > 0:
+    exact_top = config.exact_fraction > 0
+    if exact_top:
         exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
         _exact_threshold_kernel[(rows, group)](
             mass_hist, seq_lens, exact_threshold, num_kv_heads, config.exact_fraction,
@@ -956,7 +957,8 @@ def select_rows(
             BLOCK_M=exact_members_per_step, GROUP_PAD=group_pad if real_rows else block_h,
             **common,
         )  # fmt: skip
-    else:  # nothing is scored exactly (and no launch fills a threshold the walk would not read)
+    else:  # nothing is scored exactly: the walk kernel (EXACT off) never reads this pointer,
+        # so any tensor will do and no launch fills a threshold
         exact_threshold = mass_hist
 
     walk_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
@@ -964,7 +966,7 @@ def select_rows(
     _walk_threshold_kernel[(rows, group)](
         mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold, estimated_mass,
         num_kv_heads, config.density_bin_width, GROUP=group, BINS=bins,
-        EXACT=config.exact_fraction > 0,
+        EXACT=exact_top,
     )  # fmt: skip
 
     # each block's picked units and their token offsets, listed from the start of its stretch
