@@ -8,6 +8,7 @@ benchmarks/decode_attention.py JSON (both beside it: .png and .md).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -116,4 +117,6 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a benchmarks/decode_attention.py JSON")
+    sys.exit(main(parser.parse_args().run))

@@ -4,13 +4,17 @@ short or whose attention is flat decodes dense instead of paying for a selection
 nothing (the dense fallback).
 
 The model is a roofline with latency floors, in the bytes a layer's decode reads:
-  dense  = smax(dense_floor, dense_per_byte * K+V bytes of the batch's contexts)
+  dense  = dense_floor + dense_per_byte * K+V bytes of the batch's contexts
   select = select_floor + select_per_row * batch + select_per_byte * K bytes of the contexts
   attend = smax(attend_floor, attend_per_byte * K+V bytes selected) + attend_per_row * batch
-with smax(a, b) = (a^4 + b^4)^(1/4), a smooth max. Its constants are fitted (`fit`) to the
-records of benchmarks/decode_attention.py on one device and kept here by device name; the
-selected share of a request is the one its last selecting step measured (a request not seen yet
-is assumed to select little, so its first step selects and measures it).
+with smax(a, b) = (a^4 + b^4)^(1/4), a smooth max. Dense is a sum, not a max: its fixed cost
+(launch, split and merge, about 0.02 ms) adds to its streaming time, which at 32k batch 1 runs
+at two thirds of the bandwidth (a max fitted to 32k and longer contexts put a floor of 0.06 ms
+under every shorter one, and so sent 4k-8k batches to selection where dense is faster). Its
+constants are fitted (`fit`) to the records of benchmarks/decode_attention.py on one device and
+kept here by device name; the selected share of a request is the one its last selecting step
+measured (a request not seen yet is assumed to select little, so its first step selects and
+measures it).
 
 The model is fitted on one layer shape (a Llama-3.1-8B layer: 8 KV heads of 128); on another
 (one KV head, say, where FlashInfer's dense decode is far from the bandwidth the model assumes)
@@ -60,7 +64,7 @@ class DecodeCostModel:
     source: str = ""
 
     def dense_ms(self, kv_bytes: float) -> float:
-        return float(smooth_max(self.dense_floor_ms, self.dense_ms_per_gb * kv_bytes / 1e9))
+        return self.dense_floor_ms + self.dense_ms_per_gb * kv_bytes / 1e9
 
     def tactic_ms(self, batch: int, kv_bytes: float, selected_bytes):
         """selected_bytes: a number, or an array of them (one time each)."""
@@ -115,40 +119,52 @@ def fit(records: Sequence[dict], bytes_per_token: int, dense_key: str = "dense_m
         optimizer.step(closure)
         return log_p.detach().exp().tolist()
 
-    d = solve([0.02, 1.0], lambda p: smooth_max(p[0], p[1] * kv_gb), dense)
+    d = solve([0.02, 0.3], lambda p: p[0] + p[1] * kv_gb, dense)
     s = solve([0.03, 0.003, 0.2], lambda p: p[0] + p[1] * batch + p[2] * kv_gb / 2, select)
     a = solve([0.02, 1.0, 0.001],
               lambda p: smooth_max(p[0], p[1] * selected_gb) + p[2] * batch, attend)  # fmt: skip
     return DecodeCostModel(*d, *s, *a, source=source)
 
 
-# fitted by `python benchmarks/fit_cost_model.py benchmarks/results/decode_attention_h200.json`
-# (Llama-3.1-8B layer: 8 KV heads of 128, bf16; the fallback is our dense decode kernel)
+# Fitted by `python benchmarks/fit_cost_model.py <the runs> --variant exact_fraction_0` (from
+# benchmarks/results; Llama-3.1-8B layer: 8 KV heads of 128, bf16; the fallback is our dense
+# decode kernel, Tactic's times those of the selection without the exact top, the default):
+# H200: decode_attention_exact_programs_53cba0b_h200.json,
+# decode_attention_exact0_128k_10_30_53cba0b_h200.json and
+# decode_attention_exact0_32k_256k_53cba0b_h200.json:
+# 16 of 16 cells picked the faster path, over our dense kernel and over FlashInfer's
+# (cost_model_exact0_53cba0b_h200.txt; the fit with the exact top sent 32k batch 1 to dense for
+# 1.24-1.29x what selecting takes)
 _H200 = DecodeCostModel(
-    dense_floor_ms=0.031986177,
-    dense_ms_per_gb=0.257157694,
-    select_floor_ms=0.035871121,
-    select_ms_per_row=0.003370284,
-    select_ms_per_gb=0.090142209,
-    attend_floor_ms=0.018243056,
-    attend_ms_per_gb=0.303331711,
-    attend_ms_per_row=0.000893972,
-    source="benchmarks/results/decode_attention_h200.json (2026-12-02, seven-launch selection)",
+    dense_floor_ms=0.020545555,
+    dense_ms_per_gb=0.226565156,
+    select_floor_ms=0.022693392,
+    select_ms_per_row=0.001283881,
+    select_ms_per_gb=0.040000196,
+    attend_floor_ms=0.016897256,
+    attend_ms_per_gb=0.262521187,
+    attend_ms_per_row=0.0012197,
+    source="benchmarks/results/decode_attention_*_53cba0b_h200.json (2026-12-07, "
+    "no exact top)",
 )
-# python benchmarks/fit_cost_model.py <the run> [--dense-key flashinfer_dense_ms]: 20 of 20
-# cells picked the faster path over our dense kernel, 18 of 20 over FlashInfer's (the two
-# others, 32k batch 1 at 1-2% needed, decode dense for 1.2x what selecting would take)
+# H100: decode_attention_table_88e6ab9_h100.json (the full table as the server selects and
+# attends): 20 of 20 cells picked the faster path over our dense kernel and over FlashInfer's
+# (cost_model_88e6ab9_h100.txt; the fit before it, with the exact top, 19 and 16 of 20: it sent
+# 32k batch 1 to FlashInfer for up to 1.68x what selecting takes). Neither run has a cell below
+# 32k; the H200's dense line predicts 0.028 ms at 8k batch 1, where the 2026-12-02 run measured
+# our kernel at 0.029 (decode_attention_h200.json), and the engine's measured periods
+# (MeasuredPaths) overrule a wrong prediction anyway.
 _H100 = DecodeCostModel(
-    dense_floor_ms=0.06851336,
-    dense_ms_per_gb=0.342428447,
-    select_floor_ms=0.038609753,
-    select_ms_per_row=0.001551514,
-    select_ms_per_gb=0.076406646,
-    attend_floor_ms=0.017286927,
-    attend_ms_per_gb=0.445277937,
-    attend_ms_per_row=0.000627621,
-    source="benchmarks/results/decode_attention_fp8_table_b440d66_h100.json (2026-12-07, "
-    "float8 centroids)",
+    dense_floor_ms=0.021697839,
+    dense_ms_per_gb=0.316835164,
+    select_floor_ms=0.024512069,
+    select_ms_per_row=0.001144441,
+    select_ms_per_gb=0.043126679,
+    attend_floor_ms=0.018008747,
+    attend_ms_per_gb=0.387931805,
+    attend_ms_per_row=0.00116771,
+    source="benchmarks/results/decode_attention_table_88e6ab9_h100.json (2026-12-07, "
+    "no exact top)",
 )
 # each GPU's "/flashinfer" model: the same run against FlashInfer's dense decode
 # (`--dense-key flashinfer_dense_ms`), what the SGLang plugin falls back to over SGLang's
@@ -156,13 +172,14 @@ _H100 = DecodeCostModel(
 MODELS: dict[str, DecodeCostModel] = {
     "H200": _H200,
     "H200/flashinfer": replace(
-        _H200, dense_floor_ms=0.028171037, dense_ms_per_gb=0.246448637,
-        source="benchmarks/results/decode_attention_h200.json (2026-12-02), flashinfer_dense_ms",
+        _H200, dense_floor_ms=0.024347515, dense_ms_per_gb=0.221530237,
+        source="benchmarks/results/decode_attention_*_53cba0b_h200.json (2026-12-07), "
+        "flashinfer_dense_ms",
     ),  # fmt: skip
     "H100": _H100,
     "H100/flashinfer": replace(
-        _H100, dense_floor_ms=0.063469496, dense_ms_per_gb=0.333856187,
-        source="benchmarks/results/decode_attention_fp8_table_b440d66_h100.json (2026-12-07), "
+        _H100, dense_floor_ms=0.025402624, dense_ms_per_gb=0.31420542,
+        source="benchmarks/results/decode_attention_table_88e6ab9_h100.json (2026-12-07), "
         "flashinfer_dense_ms",
     ),  # fmt: skip
 }
