@@ -17,8 +17,9 @@
 #                      included (a tiny random Gemma 3 served by SGLang, tactic at P = 0.999 vs
 #                      transformers over Triton and vs SGLang's flashinfer backend: 110 s
 #                      with FlashInfer's cache warm, past 240 s cold, H100 2026-12-07; with the
-#                      float16 half's FlashInfer runs, over 330 s: its third engine's graph
-#                      capture took 38 s a batch size, H100 2026-12-07 night)
+#                      float16 half's FlashInfer runs, over 330 s: the FlashInfer engine's
+#                      graph capture took 42 s, and the limit came as the third engine
+#                      started, H100 2026-12-07 late night)
 #   throughput  540 s  (c) flashinfer, fa3 and triton vs tactic (graphs) vs tactic-eager,
 #                      Llama-3.1-8B dummy, $CONTEXTS (default 32768 65536 131072), $BACKENDS
 #                      (default all; fa3 is recorded as unavailable where sgl-kernel's FA3
