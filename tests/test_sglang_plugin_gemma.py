@@ -385,7 +385,10 @@ def serve_greedy(model_dir, backend: str, dtype: str, prompts, runs=SERVED) -> d
                            **model_override_args(model_dir),
                            attention_backend=backend, dtype=dtype, context_length=1024,
                            sampling_backend="pytorch", grammar_backend="none",
-                           mem_fraction_static=0.3, max_running_requests=4, cuda_graph_max_bs=4,
+                           mem_fraction_static=0.3, max_running_requests=4,
+                           # the batches hold the two prompts at most: graphs for 1 and 2 only
+                           # (a third size added 2-14 s a graph family to each engine's start)
+                           cuda_graph_max_bs=2,
                            disable_piecewise_cuda_graph=True)  # fmt: skip
     results = {}
     try:
