@@ -81,12 +81,17 @@ FITTED_RUNS = {
 }  # fmt: skip
 
 
+def timed_cells(*runs: str) -> list[dict]:
+    """The records of benchmarks/results runs that timed selection (not the clustering ones)."""
+    return [r for run in runs
+            for r in json.loads((ROOT / "benchmarks/results" / run).read_text())["records"]
+            if "select_ms" in r]  # fmt: skip
+
+
 def fitted_records(name: str) -> list[dict]:
+    """The cells a registered model was fitted to, with the selection the server runs."""
     names, variant = FITTED_RUNS[name]
-    cells = [r for run in names
-             for r in json.loads((ROOT / "benchmarks/results" / run).read_text())["records"]
-             if "select_ms" in r]  # fmt: skip
-    return [with_path(r, "attend_ms", None, variant) for r in cells]
+    return [with_path(r, "attend_ms", None, variant) for r in timed_cells(*names)]
 
 
 @pytest.mark.parametrize("name", ["H200", "H100"])
@@ -120,11 +125,23 @@ def test_without_the_exact_top_selection_is_what_the_h200_fit_saw():
     """The H200 runs timed both selections in each cell; the fit takes the one the server runs
     (no exact top, a third faster), not the cell's own."""
     names, variant = FITTED_RUNS["H200"]
-    cells = [r for run in names
-             for r in json.loads((ROOT / "benchmarks/results" / run).read_text())["records"]
-             if "select_ms" in r]  # fmt: skip
-    for cell, record in zip(cells, fitted_records("H200"), strict=True):
+    for cell, record in zip(timed_cells(*names), fitted_records("H200"), strict=True):
         assert record["select_ms"] == cell[f"variant_{variant}"]["select_ms"] < cell["select_ms"]
+
+
+def test_short_contexts_decode_dense_where_dense_is_fast():
+    """Dense as a fixed cost plus streaming: fitted to 32k and longer only, the H200 line still
+    predicts our dense kernel at 8k batch 1 as the 2026-12-02 run measured it (0.029 ms; a
+    smooth max fitted so put a 0.048-ms floor there), so 8k batch 1 decodes dense, as that
+    run found faster at every share needed (selection alone took 0.04 ms there)."""
+    model = MODELS["H200"]
+    short = [r["dense_ms"] for r in timed_cells("decode_attention_h200.json")
+             if r["context"] == 8192 and r["batch"] == 1]  # fmt: skip
+    assert len(short) == 4  # one a share needed
+    for measured in short:
+        assert model.dense_ms(8192 * LLAMA_BYTES) == pytest.approx(measured, rel=0.1)
+    for needed in (0.01, 0.1, 0.3):
+        assert not model.pays([8192], [needed], LLAMA_BYTES)
 
 
 @pytest.mark.parametrize("gpu,dense,fitted", [
