@@ -309,6 +309,10 @@ def measure(context, batch, fraction, flashinfer, copy_bytes_per_s, config, seed
     record["attend_ms"] = bench_ms(
         lambda: sparse_decode_balanced(q, keys, values, indptr, selected.indices)
     )
+    if any(options.get("pdl") for options in launch_options):  # dependent launches timed too
+        record["attend_pdl_ms"] = bench_ms(
+            lambda: sparse_decode_balanced(q, keys, values, indptr, selected.indices, pdl=True)
+        )
     record["attend_chunked_ms"] = bench_ms(
         lambda: sparse_decode(q, keys, values, indptr, selected.indices, context)
     )

@@ -29,6 +29,7 @@ ROWS = [
     ("attend ms (ours, 256-token chunks)", "{:.3f}", "attend_chunked_ms"),
     ("attend ms (ours, fastest chunks)", "{:.3f}", "attend_best_ms"),
     ("attend ms (ours, balanced)", "{:.3f}", "attend_balanced_ms"),
+    ("attend ms (ours, dependent launches)", "{:.3f}", "attend_pdl_ms"),
     ("attend ms (FlashInfer)", "{:.3f}", "flashinfer_attend_ms"),
     ("Tactic ms", "{:.3f}", "tactic_ms"), ("x SDPA", "{:.2f}", "speedup_vs_sdpa"),
     ("x fastest dense", "{:.2f}", "speedup_vs_fastest_dense"),

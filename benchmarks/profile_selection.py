@@ -47,7 +47,8 @@ def main() -> int:
     parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"],
                         default="diagonal", help="TacticConfig.variance")  # fmt: skip
     parser.add_argument("--launch", default="",
-                        help="select_rows launch options: 'real_rows=0,score_max_registers=128'")
+                        help="select_rows launch options: 'real_rows=0,score_max_registers=128' "
+                             "('pdl=1': the attention launched dependently too)")
     args = parser.parse_args()
     options = parse_launch(args.launch)
     context, batch = args.context, args.batch
@@ -57,7 +58,8 @@ def main() -> int:
 
     def step():
         selected = select_rows(*inputs, config, **options)
-        return sparse_decode_balanced(q, keys, values, selected.indptr, selected.indices)
+        return sparse_decode_balanced(q, keys, values, selected.indptr, selected.indices,
+                                      pdl=bool(options.get("pdl")))  # fmt: skip
 
     for _ in range(3):
         step()

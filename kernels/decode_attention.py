@@ -24,6 +24,25 @@ import triton.language as tl
 LOG2_E = 1.4426950408889634
 
 
+def pdl_launch(pdl: bool, device: torch.device) -> dict:
+    """Launch keywords for programmatic dependent launch (Hopper and later, CUDA only): the
+    kernel may start while the one before it in the stream finishes, and waits for its results
+    (pdl_start) before reading anything. Off the GPU, or off, none."""
+    if not (pdl and device.type == "cuda"):
+        return {"USE_PDL": False}
+    return {"USE_PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def pdl_start(USE_PDL: tl.constexpr):
+    """A kernel's first statement where it may be launched dependently: wait until the kernel
+    before it has finished and its writes are visible, then let the kernel after it start
+    launching (it waits in turn)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     """Operand type of tl.dot for a cache of this dtype: the cache's own on a GPU (tensor cores,
     fp32 accumulation); float32 under TRITON_INTERPRET=1, where Triton 3.6 miscomputes tl.dot on
@@ -360,11 +379,13 @@ def _balanced_partial_kernel(
     BLOCK_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program p of `programs`: the p-th of equal stretches of the whole batch's selected
     tokens (indices[p * chunk : (p + 1) * chunk], chunk = ceil(total / programs)), row by row
     through the rows it spans; each (program, row) part is written at partial slot p + row,
     which no other pair takes (a row that reaches into a later program's stretch ends there)."""
+    pdl_start(USE_PDL)
     program = tl.program_id(0)
     total = tl.load(indptr_ptr + rows)
     chunk = tl.maximum(tl.cdiv(total, programs), 1)
@@ -406,9 +427,11 @@ def _balanced_merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row, query head): merge the parts the row's programs wrote (slots p + row for
     the programs p whose stretches it spans) by log-sum-exp; an empty row gives zeros."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     chunk = tl.maximum(tl.cdiv(tl.load(indptr_ptr + rows), programs), 1)
@@ -432,6 +455,7 @@ def sparse_decode_balanced(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """sparse_decode with the batch's selected tokens shared evenly among a fixed number of
     programs (default PROGRAMS_PER_MULTIPROCESSOR a multiprocessor), as FlashInfer's split-KV
@@ -444,7 +468,8 @@ def sparse_decode_balanced(
     128k batch 16 0.054 / 0.113 / 0.290 / 0.851 ms against 0.084 / 0.140 / 0.327 / 0.922
     (256-token chunks), 0.052 / 0.110 / 0.295 / 0.883 (fastest: 512) and 0.054 / 0.110 /
     0.291 / 0.857 (FlashInfer); batch 1 within 5% of the chunks either way; at 32k batch 16
-    4-12% slower than the chunks at 1-10% needed."""
+    4-12% slower than the chunks at 1-10% needed. pdl: both kernels launched dependently
+    (pdl_launch; not timed yet)."""
     rows, group = _checked_rows_and_group(q, k_cache, v_cache, indptr)
     head_dim, num_kv_heads = q.shape[-1], k_cache.shape[1]
     programs = programs or _multiprocessors(q.device) * PROGRAMS_PER_MULTIPROCESSOR
@@ -459,12 +484,12 @@ def sparse_decode_balanced(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rows),
         DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(pdl, q.device),
     )  # fmt: skip
     _balanced_merge_kernel[(rows, group)](
         partial_out, partial_lse, indptr, out, out.stride(0), out.stride(1), num_kv_heads, rows,
         programs, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_S=min(64, triton.next_power_of_2(programs)),
+        BLOCK_S=min(64, triton.next_power_of_2(programs)), **pdl_launch(pdl, q.device),
     )  # fmt: skip
     return out
 

@@ -28,7 +28,7 @@ from tactic_server.tactic.config import TacticConfig
 from tactic_server.tactic.selection import FP16_MAX, MAX_RELATIVE_LOG_MASS
 
 from .cluster_pool import ClusterPool
-from .decode_attention import dot_dtype, dot_precision, load_group_queries
+from .decode_attention import dot_dtype, dot_precision, load_group_queries, pdl_launch, pdl_start
 
 FP16_LARGEST = tl.constexpr(FP16_MAX)
 
@@ -83,6 +83,7 @@ def _score_units_kernel(
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
     STREAM_EVICTION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row, unit block): the density bin (unit_bin, int16) of each unit's log mass for
     each query head of the row (the log mass itself for tail positions alone), the capped
@@ -97,6 +98,7 @@ def _score_units_kernel(
     unit): at large batches atomics bound this kernel as much as the centroids it reads.
     STREAM_EVICTION: the L2 eviction policy of the centroid and variance tiles, read once
     ("evict_first": they do not push the histograms, whose atomics run in L2, out of it)."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0)
     request = row // num_kv_heads
     seq_len = tl.load(seq_lens_ptr + request)
@@ -345,11 +347,13 @@ def _exact_threshold_kernel(
     tokens_per_relative_mass,
     GROUP: tl.constexpr,
     BINS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row, query head): the first bin scored exactly, the lowest bin b such that the
     bins from b up hold at most exact_fraction * seq_len tokens (BINS: none), in one pass over
     the row's estimated-mass plane. A bin's tokens are its relative mass times
     exp(-width / 2): each unit's relative mass is its size times exp(0..width)."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     bins = tl.arange(0, BINS)
@@ -383,11 +387,13 @@ def _exact_list_kernel(
     BINS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_U: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row, unit block): the units whose estimated bin is at or above a query head's
     exact threshold. Clusters among them are appended to the row's list for exact scoring
     (exact_units [rows, max_units], in no particular order); tail positions are exact already
     and move to the exact plane (1) of the row's histogram at once."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0)
     row_units = _row_units(seq_lens_ptr, clustered_ptr, row // num_kv_heads, SEGMENT, CLUSTERS)
     if tl.program_id(1) * BLOCK_U >= row_units:
@@ -473,11 +479,13 @@ def _exact_units_kernel(
     GROUP_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row, p) of P per row: every P-th group of BLOCK_E clusters of the row's exact
     list, scored over their members (one [BLOCK_E * BLOCK_M, d] tile per step), so the work of
     a row spreads evenly over its programs; each cluster's exact log-mass replaces the estimate
     for the query heads that flagged it, and its mass goes into the exact plane."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0)
     programs = tl.num_programs(1)
     count = tl.load(exact_count_ptr + row)
@@ -562,12 +570,14 @@ def _walk_threshold_kernel(
     GROUP: tl.constexpr,
     BINS: tl.constexpr,
     EXACT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row, query head): the lowest bin the walk takes, so that the forced mass plus
     the bins from the densest down to it reach the request's target share of the total (BINS:
     the forced units alone reach it); and the share of the estimated mass that covers.
     EXACT: some units were scored exactly (the exact plane replaces the estimates from the
     exact threshold up; else the estimated plane is the walk's, and exact_threshold_ptr unread)."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     bins = tl.arange(0, BINS)
@@ -619,12 +629,14 @@ def _mark_kernel(
     BINS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_U: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row, unit block): which units the row reads (forced, or at or above a query
     head's walk threshold), listed at the start of the block's stretch of picked [rows * blocks,
     2, BLOCK_U] (unit, then its tokens' offset in the block's part of the row, in unit order),
     their count (block_units), the block's and the row's token counts, and each query head's own
     (a block beyond the row's units counts none and writes nothing else)."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0)
     block = tl.program_id(1)
     row_units = _row_units(seq_lens_ptr, clustered_ptr, row // num_kv_heads, SEGMENT, CLUSTERS)
@@ -688,11 +700,13 @@ def _write_rows_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row, unit block): the CSR offsets (rows before this one, blocks before this one),
     then the KV rows (slot * H_kv + kv_head) of the block's picked units (_mark_kernel's list,
     BLOCK_E units by BLOCK_M members a step: only units read are touched) at their places in
     indices, in unit order; block 0 writes indptr[row + 1]."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0)
     block = tl.program_id(1)
     earlier_rows = tl.arange(0, BLOCK_R)
@@ -808,6 +822,7 @@ def select_rows(
     exact_members_per_step: int | None = None,
     write_units_per_step: int = 16,
     write_members_per_step: int = 16,
+    pdl: bool = False,
 ) -> SelectedRows:
     """Tactic selection for a decode batch. q [batch, H_q, d]; k_cache [num_slots, H_kv, d];
     req_to_segment [max_reqs, max_segments] int32: each request's segment slots in the pool;
@@ -847,7 +862,10 @@ def select_rows(
     64 rows (batch * H_kv) up, else [4, 32] (H100, 128k: [8, 16] 2-3% less selection at 128
     rows, 6% more at 8; benchmarks/results/selection_vs_f1ab0ac_new_0f254fa_h100.json);
     write_units_per_step, write_members_per_step: the [units, members] tile of a row writing
-    step (it walks only the units a block picked).
+    step (it walks only the units a block picked); pdl: every kernel launched dependently
+    (programmatic dependent launch on a Hopper GPU: a kernel's launch overlaps the end of the
+    one before it, which at batch 1 is most of each kernel's few microseconds; not timed yet;
+    ignored off CUDA).
 
     Four launches (seven with an exact top, config.exact_fraction > 0), each a single pass in
     parallel over (row, unit block) or (row, query head): score every unit into per-(row, head)
@@ -867,6 +885,7 @@ def select_rows(
     group = num_q_heads // num_kv_heads
     rows = batch * num_kv_heads
     device = q.device
+    dependent = pdl_launch(pdl, device)
     exact_tile = (8, 16) if rows >= EXACT_SMALL_TILE_ROWS else (4, 32)
     exact_units_per_program = exact_units_per_program or exact_tile[0]
     exact_members_per_step = exact_members_per_step or exact_tile[1]
@@ -928,6 +947,7 @@ def select_rows(
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16),
         STREAM_EVICTION="evict_first" if score_stream else "", num_warps=score_warps, **common,
         **({"maxnreg": score_max_registers} if score_max_registers and q.is_cuda else {}),
+        **dependent,
     )  # fmt: skip
 
     exact_top = config.exact_fraction > 0
@@ -935,7 +955,7 @@ def select_rows(
         exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
         _exact_threshold_kernel[(rows, group)](
             mass_hist, seq_lens, exact_threshold, num_kv_heads, config.exact_fraction,
-            math.exp(-config.density_bin_width / 2), GROUP=group, BINS=bins,
+            math.exp(-config.density_bin_width / 2), GROUP=group, BINS=bins, **dependent,
         )  # fmt: skip
         exact_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         _exact_list_kernel[grid](
@@ -943,7 +963,7 @@ def select_rows(
             mass_hist, exact_units, exact_count, num_kv_heads, max_units,
             lowest_density=config.lowest_density, bin_width=config.density_bin_width,
             GROUP=group, SEGMENT=size,
-            CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
+            CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block, **dependent,
         )  # fmt: skip
         # a fixed number of programs per row, each taking every P-th group of listed clusters
         exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
@@ -955,7 +975,7 @@ def select_rows(
             bin_width=config.density_bin_width, **binning,
             BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program,
             BLOCK_M=exact_members_per_step, GROUP_PAD=group_pad if real_rows else block_h,
-            **common,
+            **common, **dependent,
         )  # fmt: skip
     else:  # nothing is scored exactly: the walk kernel (EXACT off) never reads this pointer,
         # so any tensor will do and no launch fills a threshold
@@ -966,7 +986,7 @@ def select_rows(
     _walk_threshold_kernel[(rows, group)](
         mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold, estimated_mass,
         num_kv_heads, config.density_bin_width, GROUP=group, BINS=bins,
-        EXACT=exact_top,
+        EXACT=exact_top, **dependent,
     )  # fmt: skip
 
     # each block's picked units and their token offsets, listed from the start of its stretch
@@ -978,7 +998,7 @@ def select_rows(
         unit_bin, unit_size, forced, walk_threshold, seq_lens, clustered, picked,
         block_units, block_tokens, row_tokens, head_tokens, num_kv_heads, max_units, num_blocks,
         GROUP=group, SEGMENT=size, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad,
-        **unit_block,
+        **unit_block, **dependent,
     )  # fmt: skip
     indptr = torch.empty(rows + 1, dtype=torch.int32, device=device)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
@@ -990,6 +1010,7 @@ def select_rows(
         BLOCK_E=write_units_per_step, BLOCK_M=write_members_per_step,
         **(unit_block | ({"num_warps": write_warps} if write_warps else {})),
         BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=triton.next_power_of_2(num_blocks),
+        **dependent,
     )  # fmt: skip
     return SelectedRows(
         indptr=indptr,

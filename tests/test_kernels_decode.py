@@ -7,6 +7,7 @@ import pytest
 import torch
 from tactic_server.kernels.decode_attention import (
     dense_rows,
+    pdl_launch,
     sparse_decode,
     sparse_decode_balanced,
     sparse_decode_reference,
@@ -79,6 +80,25 @@ def test_balanced_schedule_matches_reference(dtype, group, head_dim, programs):
     for request, kv_head in ((0, 0), (2, 1)):  # the empty rows
         heads = slice(kv_head * group, (kv_head + 1) * group)
         assert torch.equal(out[request, heads].float().cpu(), torch.zeros(group, head_dim))
+
+
+@pytest.mark.parametrize("programs", [3, 64])
+def test_dependent_launches_give_the_same_attention(programs):
+    """pdl=True launches both kernels dependently on a CUDA GPU (the merge may start while the
+    partials finish, and waits for them): the same output, bit for bit; off CUDA the option is
+    ignored (the interpreter runs each kernel to its end anyway)."""
+    q, k, v, indptr, indices = random_batch(91, 4, 32, torch.float16, [0, 1, 77, 700, 129, 0])
+    plain = sparse_decode_balanced(q, k, v, indptr, indices, programs=programs, block_n=16)
+    dependent = sparse_decode_balanced(q, k, v, indptr, indices, programs=programs,
+                                       block_n=16, pdl=True)  # fmt: skip
+    assert torch.equal(dependent, plain)
+    assert relative_error(dependent, sparse_decode_reference(q, k, v, indptr, indices)) < 1e-2
+
+
+def test_dependent_launch_keywords_only_on_cuda():
+    assert pdl_launch(True, torch.device("cpu")) == {"USE_PDL": False}
+    assert pdl_launch(False, torch.device("cuda")) == {"USE_PDL": False}
+    assert pdl_launch(True, torch.device("cuda")) == {"USE_PDL": True, "launch_pdl": True}
 
 
 def test_balanced_schedule_of_an_empty_batch_writes_zeros():

@@ -150,6 +150,16 @@ def test_row_writing_steps_match_reference(write_units, write_members):
                             write_members_per_step=write_members)  # fmt: skip
 
 
+@pytest.mark.parametrize("config", [TacticConfig(segment_size=64),
+                                    TacticConfig(segment_size=64, exact_fraction=0.01)])
+def test_dependent_launches_match_reference(config):
+    """pdl=True: each kernel launched dependently on a CUDA GPU (it may start while the one
+    before it finishes, and waits for its results before reading anything): the same selection,
+    with and without the exact top's three launches (off CUDA the option is ignored)."""
+    check_against_reference(config, score_units_per_program=16, units_per_program=32,
+                            exact_units_per_program=4, pdl=True)  # fmt: skip
+
+
 def assert_rows_match_reference(selected, references, targets, config, num_kv_heads=2):
     """Each (request, KV head) CSR row of select_rows holds exactly the KV rows of the reference
     plan's positions (make_batch's references, the requests' targets in order); returns the

@@ -677,3 +677,22 @@ def test_sglang_engine_refuses_options_its_kernels_do_not_compute(tmp_path):
     config = EngineConfig(model_dir=str(tmp_path), tactic=TacticConfig(boundary_tokens=True))
     with pytest.raises(ValueError, match="boundary_tokens, which the selection kernels"):
         SGLangEngine(config)
+
+
+def test_dependent_launches_from_the_environment(monkeypatch):
+    """TACTIC_PDL=1 launches the decoder's selection and attention kernels dependently (off by
+    default, until timed), and travels to SGLang's processes with the other settings."""
+    from tactic_server.sglang_plugin.settings import Settings
+
+    monkeypatch.delenv("TACTIC_PDL", raising=False)
+    assert not Settings.from_env().pdl
+    monkeypatch.setenv("TACTIC_PDL", "1")
+    settings = Settings.from_env()
+    assert settings.pdl
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # export writes this copy
+    os.environ["TACTIC_PDL"] = "0"
+    settings.export()
+    assert Settings.from_env().pdl
+    monkeypatch.setenv("TACTIC_PDL", "yes")
+    with pytest.raises(ValueError, match="TACTIC_PDL"):
+        Settings.from_env()

@@ -92,8 +92,10 @@ class TacticDecoder:
         probe_every: int = 16,
         clock: Callable[[], float] | None = None,
         layer_probe_every: int = 32,
+        pdl: bool = False,
     ) -> None:
         self.side = side
+        self.pdl = pdl  # the kernels launched dependently (select_rows' pdl; CUDA only)
         self.config = config
         self.num_kv_heads = num_kv_heads
         self.combine_ranks = combine_ranks
@@ -256,11 +258,13 @@ class TacticDecoder:
                     queries, k_cache, self.side.pools[layer], tactic.req_to_segment,
                     tactic.req_to_token, tactic.compact, tactic.seq_lens,
                     tactic.targets, tactic.max_seq_len, self.config, tactic.clustered,
+                    pdl=self.pdl,
                 )  # fmt: skip
                 indptr, indices = selected.indptr, selected.indices
                 tactic.selections.append((selected.indptr, selected.estimated_mass))
             # the selected rows differ in length: their tokens shared evenly among programs
-            attended = sparse_decode_balanced(queries, k_cache, v_cache, indptr, indices)
+            attended = sparse_decode_balanced(queries, k_cache, v_cache, indptr, indices,
+                                              pdl=self.pdl)  # fmt: skip
             out[tactic.rows] = attended.to(q.dtype)
         if (dense := plan.dense) is not None:
             queries = q[dense.rows].to(k_cache.dtype).contiguous()

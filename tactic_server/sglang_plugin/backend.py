@@ -149,7 +149,8 @@ class TacticBackend:
                       if self.settings.dense_fallback == "auto" else None)  # fmt: skip
         bytes_per_token = 2 * self.num_kv_head * self.head_dim * pool.dtype.itemsize
         self.decoder = TacticDecoder(self.side, self.settings.config, self.num_kv_head, combine,
-                                     cost_model, bytes_per_token)  # fmt: skip
+                                     cost_model, bytes_per_token,
+                                     pdl=self.settings.pdl)  # fmt: skip
         self.plan = None
         self.extend_slots = None  # the request slot of each extended token (query_weighted)
         # SGLang layer id -> cluster layer, for the layers Tactic selects on; the others (sliding

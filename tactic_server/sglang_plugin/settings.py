@@ -26,6 +26,10 @@ DENSE_BACKENDS = ("auto", "flashinfer", "fa3", "triton")
 # "auto": a decode batch decodes dense where the GPU's cost model says selecting would not pay
 # (tactic_server.decode.cost); "off": always select
 DENSE_FALLBACK_ENV = "TACTIC_DENSE_FALLBACK"
+# 1: the selection and attention kernels launched dependently (programmatic dependent launch,
+# Hopper and later: each kernel's launch overlaps the end of the one before); not yet timed,
+# so off by default
+PDL_ENV = "TACTIC_PDL"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Settings:
     graph_contexts: tuple[int, ...] = ()  # () for the default
     dense_backend: str = "auto"
     dense_fallback: str = "auto"
+    pdl: bool = False
 
     def graph_bounds(self, context_len: int) -> list[int]:
         """The context bounds of the Tactic graph sets for a model of context_len positions."""
@@ -71,7 +76,10 @@ class Settings:
         fallback = os.environ.get(DENSE_FALLBACK_ENV, "auto")
         if fallback not in ("auto", "off"):
             raise ValueError(f"{DENSE_FALLBACK_ENV} must be auto or off, got {fallback!r}")
-        return cls(target, config, graphs == "1", max_bs, contexts, dense, fallback)
+        pdl = os.environ.get(PDL_ENV, "0")
+        if pdl not in ("0", "1"):
+            raise ValueError(f"{PDL_ENV} must be 0 or 1, got {pdl!r}")
+        return cls(target, config, graphs == "1", max_bs, contexts, dense, fallback, pdl == "1")
 
     def export(self) -> None:
         """Into this process's environment, for the processes SGLang spawns from it (the CUDA
@@ -81,6 +89,7 @@ class Settings:
         os.environ[QUERY_WEIGHTED_ENV] = "1" if self.config.query_weighted else "0"
         os.environ[DENSE_BACKEND_ENV] = self.dense_backend
         os.environ[DENSE_FALLBACK_ENV] = self.dense_fallback
+        os.environ[PDL_ENV] = "1" if self.pdl else "0"
 
 
 def request_target(custom_params: Mapping | None, default: float) -> float:
