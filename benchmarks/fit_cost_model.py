@@ -34,6 +34,13 @@ def with_path(record: dict, attend_key: str, select_launch: str | None,
                      "tactic_ms": select_ms + attend_ms}  # fmt: skip
 
 
+def timed_records(paths) -> list[dict]:
+    """The records of decode_attention.py JSONs that timed selection (not the clustering ones),
+    in order."""
+    return [r for path in paths for r in json.loads(Path(path).read_text())["records"]
+            if "select_ms" in r]  # fmt: skip
+
+
 def evaluate(model: DecodeCostModel, records: list[dict], bytes_per_token: int,
              dense_key: str = "dense_ms") -> list[dict]:  # fmt: skip
     rows = []
@@ -111,8 +118,7 @@ def main() -> int:
                         help="also show what this registered model (cost.MODELS, e.g. H200) picks")
     args = parser.parse_args()
     records = [with_path(r, args.attend_key, args.select_launch, args.variant)
-               for path in args.results for r in json.loads(path.read_text())["records"]
-               if "select_ms" in r]  # fmt: skip
+               for r in timed_records(args.results)]  # fmt: skip
     if args.evaluate:
         print(f"registered model {args.evaluate}:")
         report(evaluate(MODELS[args.evaluate], records, args.bytes_per_token, args.dense_key))

@@ -44,11 +44,11 @@ FLOATS = ("scale", "lowest_density", "inverse_bin_width", "bin_width")
 def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int, group: int,
                       block_u: int, real_rows: bool = True,
                       resources: bool = False, profile: int = 0,
-                      max_registers: int = 0, pdl: bool = False) -> str:  # fmt: skip
+                      max_registers: int = 0) -> str:  # fmt: skip
     """SASS of module's _score_units_kernel as select_rows would launch it on a bf16 cache
-    (real_rows, max_registers, pdl: its real_rows, score_max_registers, pdl; profile: its
-    PROFILE, 2 for compact "profile" variances with variance_dims 1); resources: the cubin's
-    resource usage (registers a thread) instead."""
+    (real_rows, max_registers: its real_rows, score_max_registers; profile: its PROFILE, 2
+    for compact "profile" variances with variance_dims 1); resources: the cubin's resource
+    usage (registers a thread) instead."""
     kernel = module._score_units_kernel
     codes = "*u8" if hasattr(module, "VARIANCE_BIAS") else "*fp8e5"  # before / after e5m2
     pointers = dict(POINTERS, centroids_ptr="*" + centroids,
@@ -62,14 +62,14 @@ def score_kernel_sass(module, centroids: str, variance_dims: int, head_dim: int,
                                 else max(16, triton.next_power_of_2(group))),
                      DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
                      VARIANCE_DOT_DTYPE=tl.bfloat16 if codes == "*u8" else tl.float16,
-                     INTERPRETED=False, USE_PDL=pdl)  # fmt: skip
+                     INTERPRETED=False, USE_PDL=False)  # fmt: skip
     if "STREAM_EVICTION" in kernel.arg_names:  # a kernel from before it had no such argument
         constants["STREAM_EVICTION"] = ""  # select_rows' default: no L2 hints
     return kernel_sass(kernel, constants, pointers, resources, max_registers)
 
 
 def exact_kernel_sass(module, head_dim: int, group: int, real_rows: bool = True,
-                      resources: bool = False, pdl: bool = False) -> str:  # fmt: skip
+                      resources: bool = False) -> str:  # fmt: skip
     """SASS of module's _exact_units_kernel as select_rows launches it on a bf16 cache from 64
     rows up ([8 clusters, 16 members] a step); real_rows: its real_rows. It loops over a
     cluster's members, so its static count is per step plus the rest, not per program."""
@@ -77,7 +77,7 @@ def exact_kernel_sass(module, head_dim: int, group: int, real_rows: bool = True,
     constants = dict(GROUP=group, HEAD_DIM=head_dim, SEGMENT=1024, CLUSTERS=64, BINS=2048,
                      BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_E=8,
                      BLOCK_M=16, GROUP_PAD=triton.next_power_of_2(group) if real_rows else block_h,
-                     DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", USE_PDL=pdl)  # fmt: skip
+                     DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", USE_PDL=False)  # fmt: skip
     pointers = dict(POINTERS, member_slots_ptr="*i32", exact_threshold_ptr="*i32",
                     exact_units_ptr="*i32", exact_count_ptr="*i32")  # fmt: skip
     return kernel_sass(module._exact_units_kernel, constants, pointers, resources)
@@ -115,14 +115,14 @@ def kernel_sass(kernel, constants: dict, pointers: dict, resources: bool,
                               text=True).stdout  # fmt: skip
 
 
+def opcodes(sass: str) -> list[str]:
+    """The instructions' opcodes in order (without modifiers or predicates)."""
+    return re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9]+)", sass)
+
+
 def count(sass: str) -> collections.Counter:
     """Instructions per opcode (without modifiers or predicates)."""
-    opcodes = collections.Counter()
-    for line in sass.splitlines():
-        match = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9]+)", line)
-        if match:
-            opcodes[match.group(1)] += 1
-    return opcodes
+    return collections.Counter(opcodes(sass))
 
 
 def main() -> None:

@@ -478,18 +478,19 @@ def sparse_decode_balanced(
     partial_lse = torch.empty(slots * group, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     block_d = triton.next_power_of_2(head_dim)
+    dependent = pdl_launch(pdl, q.device)
     _balanced_partial_kernel[(programs,)](
         q, k_cache, v_cache, indptr, indices, partial_out, partial_lse,
         LOG2_E / math.sqrt(head_dim), q.stride(0), q.stride(1), num_kv_heads, rows, programs,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rows),
         DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch(pdl, q.device),
+        num_warps=num_warps, num_stages=num_stages, **dependent,
     )  # fmt: skip
     _balanced_merge_kernel[(rows, group)](
         partial_out, partial_lse, indptr, out, out.stride(0), out.stride(1), num_kv_heads, rows,
         programs, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_S=min(64, triton.next_power_of_2(programs)), **pdl_launch(pdl, q.device),
+        BLOCK_S=min(64, triton.next_power_of_2(programs)), **dependent,
     )  # fmt: skip
     return out
 

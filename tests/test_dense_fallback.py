@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from tactic_server.tactic import TacticConfig
 from tactic_server.testing.tiny_model import make_tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fit_cost_model import evaluate, with_path  # noqa: E402
+from fit_cost_model import evaluate, timed_records, with_path  # noqa: E402
 from test_engine import DENSE, GREEDY, collect, make_engine, prompt_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,9 +82,7 @@ FITTED_RUNS = {
 
 def timed_cells(*runs: str) -> list[dict]:
     """The records of benchmarks/results runs that timed selection (not the clustering ones)."""
-    return [r for run in runs
-            for r in json.loads((ROOT / "benchmarks/results" / run).read_text())["records"]
-            if "select_ms" in r]  # fmt: skip
+    return timed_records(ROOT / "benchmarks/results" / run for run in runs)
 
 
 def fitted_records(name: str) -> list[dict]:

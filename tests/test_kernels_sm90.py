@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +53,7 @@ def compiled_opcodes() -> dict:
     from tactic_server.kernels import decode_attention, selection
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from sass_count import kernel_sass
+    from sass_count import kernel_sass, opcodes
 
     modules = {"selection": selection, "decode_attention": decode_attention}
     constants = launched_constants(tl)
@@ -67,16 +66,14 @@ def compiled_opcodes() -> dict:
             pointers = {p.name: POINTERS.get(p.name, "*i32") for p in kernel.params
                         if p.name.endswith("_ptr")}  # fmt: skip
             result[name] = {
-                label: re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9]+)",
-                                  kernel_sass(kernel, fixed | {"USE_PDL": pdl}, pointers,
-                                              resources=False))
+                label: opcodes(kernel_sass(kernel, fixed | {"USE_PDL": pdl}, pointers, False))
                 for label, pdl in (("pdl", True), ("plain", False))
-            }  # fmt: skip
+            }
     return result
 
 
 @functools.cache
-def opcodes() -> dict:
+def compiled() -> dict:
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, __file__], env=environment, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
@@ -86,7 +83,7 @@ def opcodes() -> dict:
 
 @pytest.mark.parametrize("name", [n for names in KERNELS.values() for n in names])
 def test_dependent_launch_waits_before_any_load(name):
-    dependent, plain = opcodes()[name]["pdl"], opcodes()[name]["plain"]
+    dependent, plain = compiled()[name]["pdl"], compiled()[name]["plain"]
     loads = [i for i, op in enumerate(dependent) if op.startswith(("LDG", "ATOMG", "RED"))]
     assert "ACQBULK" in dependent and "PREEXIT" in dependent
     assert loads and dependent.index("ACQBULK") < dependent.index("PREEXIT") < loads[0]
