@@ -39,11 +39,14 @@ COLUMNS = (*((name, name, "dense") for name in DENSE_BACKENDS),
            ("tactic P = 0.9, graphs", "tactic", "tactic_0.9"),
            ("tactic P = 0.9, eager", "tactic-eager", "tactic_0.9"),
            ("tactic P = 0.9, no fallback", "tactic-select", "tactic_0.9"),
+           ("tactic P = 0.9, dependent launches", "tactic-pdl", "tactic_0.9"),
            # the tactic backend over SGLang's FA3 (TACTIC_DENSE_BACKEND=fa3), graphs too
            ("tactic-fa3, dense requests", "tactic-fa3", "dense"),
            ("tactic-fa3 P = 0.9", "tactic-fa3", "tactic_0.9"))  # fmt: skip
 # Tactic as a user runs it (with its CUDA graphs), by its dense base: the column of each
 SPARSE_COLUMNS = {"tactic": "tactic P = 0.9, graphs", "tactic-fa3": "tactic-fa3 P = 0.9"}
+# columns shown only in the runs that measured them (runs before them keep their tables)
+OPTIONAL_COLUMNS = ("tactic P = 0.9, dependent launches",)
 SPARSE_CONTEXT = 131072  # the goal's 128k
 SPEEDUP_GOAL, OVERHEAD_GOAL, FLAT_GOAL = 2.0, 0.03, 0.97
 STEADY_COLUMNS = (*DENSE_BACKENDS, "tactic, dense requests", "tactic P = 0.9, graphs",
@@ -215,17 +218,19 @@ def markdown(summary: dict) -> str:
             out += [f"Note: {run['note']}", ""]
         for backend, why in run["unavailable"].items():
             out += [f"Not measured, unavailable: {backend} ({why})", ""]
-        out += ["| context | batch | " + " | ".join(titles) + " |",
-                "|---|---|" + "---|" * len(titles)]
+        shown = [t for t in titles if t not in OPTIONAL_COLUMNS
+                 or any(line.get(t) is not None for line in run["lines"])]  # fmt: skip
+        out += ["| context | batch | " + " | ".join(shown) + " |",
+                "|---|---|" + "---|" * len(shown)]
         for line in run["lines"]:
             if "skipped" in line and len(line) == 3:
                 out.append(f"| {line['context']:,} | {line['batch']} | {line['skipped']} |"
-                           + " |" * (len(titles) - 1))  # fmt: skip
+                           + " |" * (len(shown) - 1))  # fmt: skip
                 continue
             invalid = line.get("invalid_rounds", {})
             cells = [cell(title, line.get(title))
                      + (" (*)" if title in invalid and line.get(title) is not None else "")
-                     for title in titles]  # fmt: skip
+                     for title in shown]  # fmt: skip
             out.append(f"| {line['context']:,} | {line['batch']} | " + " | ".join(cells) + " |")
         out.append("")
         steady = [line for line in run["lines"] if line.get("steady")]

@@ -270,7 +270,7 @@ def test_a_fallback_step_counts_as_reading_everything_and_keeps_the_last_ratio()
     attended = torch.tensor([[4.0, 10.0]])  # one layer, mean over KV heads
     decoder.add_statistics(slots, lengths, attended, torch.tensor([[0.9, 0.95]]),
                            torch.tensor([True, True]))  # fmt: skip
-    decoder.count_fallback(slots, lengths)
+    decoder.count_fallback(slots, lengths.tolist())
     stats = side.stats[slots]
     assert stats[:, 3].tolist() == [2.0, 2.0] and stats[:, 4].tolist() == [1.0, 1.0]
     assert stats[:, 0].tolist() == pytest.approx([0.1 + 1.0, 0.2 + 1.0])

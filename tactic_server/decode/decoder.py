@@ -179,7 +179,7 @@ class TacticDecoder:
         chosen = [i for i, target in enumerate(targets_cpu) if selects(target)]
         if fallback and chosen:
             rows = torch.tensor(chosen, dtype=torch.long, device=seq_lens.device)
-            self.count_fallback(request_slots[rows], seq_lens[rows])
+            self.count_fallback(request_slots[rows], [seq_lens_cpu[i] for i in chosen])
             chosen = []
         if not chosen and not dense_too:
             return None
@@ -319,32 +319,38 @@ class TacticDecoder:
             step = self.combine_ranks(step)
         self._add_step(request_slots, step, counted, selected)
 
-    def count_fallback(self, request_slots: torch.Tensor, seq_lens: torch.Tensor,
-                       counted: torch.Tensor | None = None) -> None:  # fmt: skip
-        """A dense-fallback step of these requests (only the rows in `counted` [n], when
-        given): every position read, all the mass covered (no collective: every rank counts
-        the same)."""
-        lengths = seq_lens.float()
+    def count_fallback(self, request_slots: torch.Tensor | list[int],
+                       lengths_cpu: list[int]) -> None:  # fmt: skip
+        """A dense-fallback step of these requests (slots on the device or the host, their
+        lengths on the host): every position read, all the mass covered (no collective: every
+        rank counts the same). Built on the host and added by one copy and one index_add (it
+        was a dozen small launches): a fallback step should cost what a dense request's does,
+        and at batch 1 the host's work is much of a step."""
+        if not lengths_cpu:
+            return
+        stats = self.side.stats
+        pinned = stats.is_cuda
+        lengths = torch.tensor(lengths_cpu, dtype=stats.dtype)
         ones = torch.ones_like(lengths)
-        step = torch.stack([ones, ones, lengths, ones, ones, torch.zeros_like(lengths)], dim=1)
-        if counted is not None:
-            step = step * counted[:, None]
-        self._add_step(request_slots.long(), step, None)
+        step = torch.stack([ones, ones, lengths, ones, ones], dim=1)
+        step = (step.pin_memory() if pinned else step).to(stats.device, non_blocking=True)
+        slots = torch.as_tensor(request_slots, dtype=torch.long)
+        if slots.device != stats.device:
+            slots = (slots.pin_memory() if pinned else slots).to(stats.device, non_blocking=True)
+        stats[:, :5].index_add_(0, slots, step)
 
-    def _add_step(self, request_slots: torch.Tensor, step: torch.Tensor,
-                  counted: torch.Tensor | None,
+    def _add_step(self, request_slots: torch.Tensor, step: torch.Tensor, counted: torch.Tensor,
                   layers: list[bool] | None = None) -> None:  # fmt: skip
-        """step [n, 6 (+ L)]: its first five columns and its dense layer-steps into the sums;
+        """step [n, 6 + L]: its first five columns and its dense layer-steps into the sums;
         where counted, its ratio becomes the slot's last, and its per-layer ratios (columns 6
         on) the slot's per-layer ones, on the `layers` that selected (default all)."""
         stats = self.side.stats
         stats[:, :5].index_add_(0, request_slots, step[:, :5])
         stats[:, DENSE_LAYER_STEPS].index_add_(0, request_slots, step[:, 5])
-        if counted is not None:
-            last = stats[request_slots, LAST_RATIO]
-            stats[request_slots, LAST_RATIO] = torch.where(counted, step[:, 0], last)
-            keep = counted[:, None]
-            if layers is not None:
-                keep = keep & torch.tensor(layers, device=counted.device)[None, :]
-            per_layer = stats[request_slots, STATS:]
-            stats[request_slots, STATS:] = torch.where(keep, step[:, 6:], per_layer)
+        last = stats[request_slots, LAST_RATIO]
+        stats[request_slots, LAST_RATIO] = torch.where(counted, step[:, 0], last)
+        keep = counted[:, None]
+        if layers is not None:
+            keep = keep & torch.tensor(layers, device=counted.device)[None, :]
+        per_layer = stats[request_slots, STATS:]
+        stats[request_slots, STATS:] = torch.where(keep, step[:, 6:], per_layer)

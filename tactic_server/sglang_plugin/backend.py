@@ -181,6 +181,7 @@ class TacticBackend:
         # every rank of a tensor-parallel group reads the same sums at the same step
         self.pending_stats: list[tuple[list[int], object, torch.cuda.Event | None]] = []
         self.batch_fallback = False  # the batch's selecting requests decode dense this step
+        self.fallback_rows: list[tuple[int, int]] = []  # its (request slot, length) pairs
         # SGLang's request slots are 1..size (row 0 pads CUDA-graph batches)
         self.host_targets = [1.0] * model_runner.req_to_token_pool.req_to_token.shape[0]
         self.batch_reqs = None
@@ -214,7 +215,7 @@ class TacticBackend:
                 self.side.start_request(req.req_pool_idx, target)
         selecting = [selects(self.host_targets[req.req_pool_idx]) for req in reqs]
         self.batch_selects = any(selecting)
-        self.batch_fallback = False
+        self.batch_fallback, self.fallback_rows = False, []
         if self.batch_selects and forward_mode is not None and forward_mode.is_decode():
             self._observe_statistics()
             lengths = (seq_lens_cpu.tolist() if seq_lens_cpu is not None
@@ -224,6 +225,8 @@ class TacticBackend:
                       if sel]  # fmt: skip
             lengths, slots = zip(*chosen, strict=True)
             self.batch_fallback = not self.decoder.selection_pays(list(lengths), list(slots))
+            # what the fallback step counts, from the host (rows of length 1 pad graphs)
+            self.fallback_rows = [(slot, n) for n, slot in chosen if n > 1]
         else:
             self.decoder.interrupt()  # no decode step of selecting requests: nothing to time
         if self.batch_fallback:
@@ -263,12 +266,11 @@ class TacticBackend:
             self.pending_stats = [*self.pending_stats[-2:], (slots, host.numpy(), event)]
         return host[:, :STATS].numpy()
 
-    def _count_fallback(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """A dense-fallback step in the statistics of the batch's selecting rows (on the
-        device: rows whose target is 1 or that pad a graph's batch add nothing)."""
-        slots = req_pool_indices.long()
-        counted = selects(self.side.targets[slots]) & (seq_lens > 1)
-        self.decoder.count_fallback(slots, seq_lens, counted)
+    def _count_fallback(self) -> None:
+        """A dense-fallback step in the statistics of the batch's selecting rows."""
+        if self.fallback_rows:
+            slots, lengths = zip(*self.fallback_rows, strict=True)
+            self.decoder.count_fallback(list(slots), list(lengths))
 
     # SGLang's hooks
 
@@ -284,7 +286,7 @@ class TacticBackend:
             elif mode.is_extend():
                 self._cluster(reqs, list(forward_batch.extend_prefix_lens_cpu))
         if mode.is_decode() and self.batch_fallback and admitted:
-            self._count_fallback(forward_batch.req_pool_indices, forward_batch.seq_lens)
+            self._count_fallback()
         elif mode.is_decode():
             # the admitted requests are the batch's rows in order: their slots are on the host
             # already, without reading req_pool_indices back from the device
@@ -340,8 +342,7 @@ class TacticBackend:
         self.plan = None
         if self.graph_family != "tactic":
             if self.batch_fallback and self.batch_reqs is not None:
-                rows = len(self.batch_reqs)
-                self._count_fallback(req_pool_indices[:rows], seq_lens[:rows])
+                self._count_fallback()
             return super().init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens,
                                                                    *args, **kwargs)  # fmt: skip
         reqs, batch = self.batch_reqs, getattr(self, "_replay_forward_batch", None)
