@@ -180,3 +180,24 @@ def test_committed_summary_is_what_the_results_make():
     committed = json.loads((ROOT / "benchmarks" / "results" / "sglang_h200.json").read_text())
     assert report.build("h200") == committed
     assert committed["goals"]["greedy_equality_p0999"]["verdict"] == "met in float32"
+
+
+def test_dependent_launch_column_only_in_the_runs_that_measured_it(tmp_path):
+    report = load_report()
+    pdl = {"model": "tiny (trained, 2 layers)", "decode_tokens": 256, "command": "c5", "rows": [
+        row("flashinfer", "dense", 65536, 1, [500.0]),
+        row("tactic", "tactic_0.9", 65536, 1, [550.0], selected=0.3),
+        row("tactic-pdl", "tactic_0.9", 65536, 1, [600.0], selected=0.3)]}  # fmt: skip
+    plain = {"model": "tiny (trained, 2 layers)", "decode_tokens": 256, "command": "c6",
+             "rows": [row("flashinfer", "dense", 65536, 1, [500.0])]}
+    (tmp_path / "sglang_throughput_pdl_dev.json").write_text(json.dumps(pdl))
+    (tmp_path / "sglang_throughput_plain_dev.json").write_text(json.dumps(plain))
+    markdown = report.markdown(report.build("dev", tmp_path))
+    pdl_part, plain_part = markdown.split("## sglang_throughput_plain_dev.json")
+    header = [line for line in pdl_part.splitlines() if line.startswith("| context")][0]
+    titles = [t.strip() for t in header.strip("|").split("|")]
+    values = [line for line in pdl_part.splitlines() if line.startswith("| 65,536")][0]
+    cells = [c.strip() for c in values.strip("|").split("|")]
+    assert cells[titles.index("tactic P = 0.9, dependent launches")] == "600.0"
+    assert len(cells) == len(titles)
+    assert "dependent launches" not in plain_part.split("## Goals")[0]
