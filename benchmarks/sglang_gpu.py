@@ -90,7 +90,8 @@ def start(model_dir: Path, backend: str, context: int, **extra):
     """An engine; backend "tactic-eager" is the tactic backend without its CUDA graphs,
     "tactic-select" without its dense fallback (every decode batch selects), "tactic-triton"
     over SGLang's Triton backend instead of the fastest one (TACTIC_DENSE_BACKEND=auto),
-    "tactic-fa3" over SGLang's FA3 backend, "tactic-pdl" with dependent launches (TACTIC_PDL=1)."""
+    "tactic-fa3" over SGLang's FA3 backend; dependent launches (TACTIC_PDL) are on by default
+    since 2026-12-08: "tactic-nopdl" without them, "tactic-pdl" with them (the runs before)."""
     import os
 
     import sglang
@@ -99,7 +100,7 @@ def start(model_dir: Path, backend: str, context: int, **extra):
     os.environ["TACTIC_DENSE_FALLBACK"] = "off" if backend == "tactic-select" else "auto"
     os.environ["TACTIC_DENSE_BACKEND"] = {"tactic-triton": "triton",
                                           "tactic-fa3": "fa3"}.get(backend, "auto")  # fmt: skip
-    os.environ["TACTIC_PDL"] = "1" if backend == "tactic-pdl" else "0"
+    os.environ["TACTIC_PDL"] = "0" if backend == "tactic-nopdl" else "1"
     backend = "tactic" if backend.startswith("tactic") else backend
     args = dict(
         model_path=str(model_dir), skip_tokenizer_init=True, attention_backend=backend,
@@ -257,7 +258,7 @@ def text_prompts(model_dir: Path, count: int, length: int, seed: int) -> list[li
 MODES = {"flashinfer": [("dense", None)], "fa3": [("dense", None)], "triton": [("dense", None)],
          "tactic": [("dense", None), ("tactic_0.9", 0.9)],
          "tactic-eager": [("tactic_0.9", 0.9)], "tactic-select": [("tactic_0.9", 0.9)],
-         "tactic-pdl": [("tactic_0.9", 0.9)],
+         "tactic-pdl": [("tactic_0.9", 0.9)], "tactic-nopdl": [("tactic_0.9", 0.9)],
          "tactic-triton": [("dense", None), ("tactic_0.9", 0.9)],
          "tactic-fa3": [("dense", None), ("tactic_0.9", 0.9)]}  # fmt: skip
 

@@ -39,14 +39,16 @@ COLUMNS = (*((name, name, "dense") for name in DENSE_BACKENDS),
            ("tactic P = 0.9, graphs", "tactic", "tactic_0.9"),
            ("tactic P = 0.9, eager", "tactic-eager", "tactic_0.9"),
            ("tactic P = 0.9, no fallback", "tactic-select", "tactic_0.9"),
+           # dependent launches: on by default from 2026-12-08 (tactic-pdl measured them before)
            ("tactic P = 0.9, dependent launches", "tactic-pdl", "tactic_0.9"),
+           ("tactic P = 0.9, no dependent launches", "tactic-nopdl", "tactic_0.9"),
            # the tactic backend over SGLang's FA3 (TACTIC_DENSE_BACKEND=fa3), graphs too
            ("tactic-fa3, dense requests", "tactic-fa3", "dense"),
            ("tactic-fa3 P = 0.9", "tactic-fa3", "tactic_0.9"))  # fmt: skip
 # Tactic as a user runs it (with its CUDA graphs), by its dense base: the column of each
 SPARSE_COLUMNS = {"tactic": "tactic P = 0.9, graphs", "tactic-fa3": "tactic-fa3 P = 0.9"}
 # columns shown only in the runs that measured them (runs before them keep their tables)
-OPTIONAL_COLUMNS = ("tactic P = 0.9, dependent launches",)
+OPTIONAL_COLUMNS = ("tactic P = 0.9, dependent launches", "tactic P = 0.9, no dependent launches")
 SPARSE_CONTEXT = 131072  # the goal's 128k
 SPEEDUP_GOAL, OVERHEAD_GOAL, FLAT_GOAL = 2.0, 0.03, 0.97
 STEADY_COLUMNS = (*DENSE_BACKENDS, "tactic, dense requests", "tactic P = 0.9, graphs",

@@ -27,8 +27,8 @@ LOG2_E = 1.4426950408889634
 def pdl_launch(pdl: bool, device: torch.device) -> dict:
     """Launch keywords for programmatic dependent launch (Hopper and later, CUDA only): the
     kernel may start while the one before it in the stream finishes, and waits for its results
-    (pdl_start) before reading anything. Off the GPU, or off, none."""
-    if not (pdl and device.type == "cuda"):
+    (pdl_start) before reading anything. Off the GPU, before Hopper, or off, none."""
+    if not (pdl and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9):
         return {"USE_PDL": False}
     return {"USE_PDL": True, "launch_pdl": True}
 
@@ -469,7 +469,7 @@ def sparse_decode_balanced(
     (256-token chunks), 0.052 / 0.110 / 0.295 / 0.883 (fastest: 512) and 0.054 / 0.110 /
     0.291 / 0.857 (FlashInfer); batch 1 within 5% of the chunks either way; at 32k batch 16
     4-12% slower than the chunks at 1-10% needed. pdl: both kernels launched dependently
-    (pdl_launch; not timed yet)."""
+    (pdl_launch)."""
     rows, group = _checked_rows_and_group(q, k_cache, v_cache, indptr)
     head_dim, num_kv_heads = q.shape[-1], k_cache.shape[1]
     programs = programs or _multiprocessors(q.device) * PROGRAMS_PER_MULTIPROCESSOR

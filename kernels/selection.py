@@ -864,8 +864,9 @@ def select_rows(
     write_units_per_step, write_members_per_step: the [units, members] tile of a row writing
     step (it walks only the units a block picked); pdl: every kernel launched dependently
     (programmatic dependent launch on a Hopper GPU: a kernel's launch overlaps the end of the
-    one before it, which at batch 1 is most of each kernel's few microseconds; not timed yet;
-    ignored off CUDA).
+    one before it: 2-3 us of batch 1's 20-35 us selection on the H100, under 1% at batch
+    16, benchmarks/results/decode_attention_8k_32k_pdl_19727f1_h100.json; ignored off CUDA and
+    before Hopper).
 
     Four launches (seven with an exact top, config.exact_fraction > 0), each a single pass in
     parallel over (row, unit block) or (row, query head): score every unit into per-(row, head)

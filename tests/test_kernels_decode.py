@@ -95,10 +95,14 @@ def test_dependent_launches_give_the_same_attention(programs):
     assert relative_error(dependent, sparse_decode_reference(q, k, v, indptr, indices)) < 1e-2
 
 
-def test_dependent_launch_keywords_only_on_cuda():
+def test_dependent_launch_keywords_only_on_cuda_from_hopper_on(monkeypatch):
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability["value"])
     assert pdl_launch(True, torch.device("cpu")) == {"USE_PDL": False}
     assert pdl_launch(False, torch.device("cuda")) == {"USE_PDL": False}
     assert pdl_launch(True, torch.device("cuda")) == {"USE_PDL": True, "launch_pdl": True}
+    capability["value"] = (8, 0)  # an A100: no griddepcontrol
+    assert pdl_launch(True, torch.device("cuda")) == {"USE_PDL": False}
 
 
 def test_balanced_schedule_of_an_empty_batch_writes_zeros():

@@ -680,19 +680,20 @@ def test_sglang_engine_refuses_options_its_kernels_do_not_compute(tmp_path):
 
 
 def test_dependent_launches_from_the_environment(monkeypatch):
-    """TACTIC_PDL=1 launches the decoder's selection and attention kernels dependently (off by
-    default, until timed), and travels to SGLang's processes with the other settings."""
+    """The decoder's selection and attention kernels launch dependently by default (where the
+    GPU has it: pdl_launch), TACTIC_PDL=0 turns it off, and the setting travels to SGLang's
+    processes with the others."""
     from tactic_server.sglang_plugin.settings import Settings
 
     monkeypatch.delenv("TACTIC_PDL", raising=False)
-    assert not Settings.from_env().pdl
-    monkeypatch.setenv("TACTIC_PDL", "1")
-    settings = Settings.from_env()
-    assert settings.pdl
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # export writes this copy
-    os.environ["TACTIC_PDL"] = "0"
-    settings.export()
     assert Settings.from_env().pdl
+    monkeypatch.setenv("TACTIC_PDL", "0")
+    settings = Settings.from_env()
+    assert not settings.pdl
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # export writes this copy
+    os.environ["TACTIC_PDL"] = "1"
+    settings.export()
+    assert not Settings.from_env().pdl
     monkeypatch.setenv("TACTIC_PDL", "yes")
     with pytest.raises(ValueError, match="TACTIC_PDL"):
         Settings.from_env()

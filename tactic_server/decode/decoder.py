@@ -92,10 +92,11 @@ class TacticDecoder:
         probe_every: int = 16,
         clock: Callable[[], float] | None = None,
         layer_probe_every: int = 32,
-        pdl: bool = False,
+        pdl: bool = True,
     ) -> None:
         self.side = side
-        self.pdl = pdl  # the kernels launched dependently (select_rows' pdl; CUDA only)
+        # the kernels launched dependently (select_rows' pdl; CUDA from Hopper on, else ignored)
+        self.pdl = pdl
         self.config = config
         self.num_kv_heads = num_kv_heads
         self.combine_ranks = combine_ranks

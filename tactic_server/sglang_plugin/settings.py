@@ -41,7 +41,7 @@ class Settings:
     graph_contexts: tuple[int, ...] = ()  # () for the default
     dense_backend: str = "auto"
     dense_fallback: str = "auto"
-    pdl: bool = False
+    pdl: bool = True
 
     def graph_bounds(self, context_len: int) -> list[int]:
         """The context bounds of the Tactic graph sets for a model of context_len positions."""
@@ -76,7 +76,7 @@ class Settings:
         fallback = os.environ.get(DENSE_FALLBACK_ENV, "auto")
         if fallback not in ("auto", "off"):
             raise ValueError(f"{DENSE_FALLBACK_ENV} must be auto or off, got {fallback!r}")
-        pdl = os.environ.get(PDL_ENV, "0")
+        pdl = os.environ.get(PDL_ENV, "1")
         if pdl not in ("0", "1"):
             raise ValueError(f"{PDL_ENV} must be 0 or 1, got {pdl!r}")
         return cls(target, config, graphs == "1", max_bs, contexts, dense, fallback, pdl == "1")
