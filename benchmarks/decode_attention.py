@@ -39,6 +39,7 @@ from tactic_server.kernels.selection import select_rows
 from tactic_server.decode import cost
 from tactic_server.tactic import TacticConfig, build_cluster_index
 from tactic_server.tactic.clustering import stored_variance_dims
+from tactic_server.tactic.config import config_from_spec
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_LAYERS = 32, 8, 128, 32
 DTYPE = torch.bfloat16
@@ -504,6 +505,10 @@ def main() -> int:
     parser.add_argument("--centroids", choices=["kv", "fp8"], nargs="+", default=["kv"],
                         help="TacticConfig.centroids: the first is the cell's; each further one "
                         "is timed beside it on the same inputs (variant_<name> in the JSON)")
+    parser.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE,...",
+                        help="a TacticConfig spec over the cell's config (e.g. 'cluster_size=8,"
+                        "boundary_tokens=true,boundary_band=0.1'), timed beside it on the same "
+                        "inputs as --centroids' further ones; repeatable")  # fmt: skip
     parser.add_argument("--output", default=None, help="JSON path (default: by device name)")
     parser.add_argument("--launch-options", default="default",
                         help="select_rows launch options to time in each cell, the fastest taken: "
@@ -511,9 +516,6 @@ def main() -> int:
                         "'units_per_program=64;units_per_program=256,score_units_per_program=128')")
     args = parser.parse_args()
     launch_options = [parse_launch(spec) for spec in args.launch_options.split(";")]
-    cost_model = cost.for_device("cuda")
-
-    device_name = torch.cuda.get_device_name()
     config = TacticConfig()
     if args.exact_fraction is not None:
         config = dataclasses.replace(config, exact_fraction=args.exact_fraction[0])
@@ -526,6 +528,12 @@ def main() -> int:
                  for name in (args.variance or [])[1:]}  # fmt: skip
     variants |= {f"exact_fraction_{value:g}": dataclasses.replace(config, exact_fraction=value)
                  for value in (args.exact_fraction or [])[1:]}  # fmt: skip
+    try:
+        variants |= {spec: config_from_spec(spec, base=config) for spec in args.variant}
+    except ValueError as error:
+        parser.error(f"--variant: {error}")
+    cost_model = cost.for_device("cuda")
+    device_name = torch.cuda.get_device_name()
     log(f"{device_name}; torch {torch.__version__}, triton {triton.__version__}")
     copy_bytes_per_s = copy_bandwidth()
     flops_per_s = matmul_rate()

@@ -83,6 +83,7 @@ def _score_units_kernel(
     DOT_PRECISION: tl.constexpr,
     VARIANCE_DOT_DTYPE: tl.constexpr,
     STREAM_EVICTION: tl.constexpr,
+    STORE_LOG_MASS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """Program (row, unit block): the density bin (unit_bin, int16) of each unit's log mass for
@@ -97,7 +98,9 @@ def _score_units_kernel(
     (plane 0 of mass_hist), mass of the forced ones (plane 2). One atomic per (query head,
     unit): at large batches atomics bound this kernel as much as the centroids it reads.
     STREAM_EVICTION: the L2 eviction policy of the centroid and variance tiles, read once
-    ("evict_first": they do not push the histograms, whose atomics run in L2, out of it)."""
+    ("evict_first": they do not push the histograms, whose atomics run in L2, out of it).
+    STORE_LOG_MASS: every unit's log mass stored, not only the tail's (the boundary band
+    re-sums the units it leaves whole)."""
     pdl_start(USE_PDL)
     row = tl.program_id(0)
     request = row // num_kv_heads
@@ -243,7 +246,7 @@ def _score_units_kernel(
     stored = head_mask[:, None] & in_range[None, :]
     out = (row * GROUP + heads)[:, None] * max_units + units[None, :]
     # the later kernels compare density bins; only the tail's move between planes by value
-    tl.store(log_mass_ptr + out, log_mass, mask=stored & is_tail[None, :])
+    tl.store(log_mass_ptr + out, log_mass, mask=stored & (is_tail | STORE_LOG_MASS)[None, :])
     tl.store(unit_size_ptr + row * max_units + units, size, mask=in_range)
 
     # the always-attended positions: tail ones (the recent window always is: select_rows
@@ -445,6 +448,38 @@ def _cluster_span(
 
 
 @triton.jit
+def _member_scores(
+    q, k_ptr, member_slots_ptr, segment_row, first, member_mask, kv_head, num_kv_heads, scale,
+    HEAD_DIM: tl.constexpr, SEGMENT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Scaled scores [GROUP_PAD, BLOCK_E, BLOCK_M] of the group's queries q [BLOCK_H, BLOCK_D]
+    against BLOCK_M members of each of BLOCK_E clusters (member_mask [BLOCK_E, BLOCK_M]; the
+    members from `first` [BLOCK_E] on in their segment rows' member lists), -inf off the mask:
+    one [BLOCK_E * BLOCK_M, d] key tile, one dot."""
+    dims = tl.arange(0, BLOCK_D)
+    members = tl.arange(0, BLOCK_M)
+    slots = tl.load(
+        member_slots_ptr + segment_row[:, None] * SEGMENT + first[:, None] + members[None, :],
+        mask=member_mask,
+        other=0,
+    ).to(tl.int64)  # fmt: skip
+    rows_3d = (slots * num_kv_heads + kv_head)[:, :, None] * HEAD_DIM + dims[None, None, :]
+    keys = tl.load(
+        k_ptr + rows_3d, mask=member_mask[:, :, None] & (dims < HEAD_DIM)[None, None, :],
+        other=0.0,
+    ).to(DOT_DTYPE)  # fmt: skip
+    keys = tl.reshape(keys, (BLOCK_E * BLOCK_M, BLOCK_D))
+    scores = _leading_rows(
+        tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION),
+        GROUP_PAD, BLOCK_H, BLOCK_E * BLOCK_M,
+    ) * scale  # fmt: skip
+    scores = tl.reshape(scores, (GROUP_PAD, BLOCK_E, BLOCK_M))
+    return tl.where(member_mask[None, :, :], scores, float("-inf"))
+
+
+@triton.jit
 def _exact_units_kernel(
     q_ptr,
     k_ptr,
@@ -498,8 +533,6 @@ def _exact_units_kernel(
         hist_row = (row * GROUP + heads)[:, None]
         thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask,
                              other=BINS)  # fmt: skip
-        dims = tl.arange(0, BLOCK_D)
-        dim_mask = dims < HEAD_DIM
         q = load_group_queries(
             q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H,
             BLOCK_D,
@@ -521,26 +554,11 @@ def _exact_units_kernel(
             running_sum = tl.zeros([GROUP_PAD, BLOCK_E], dtype=tl.float32)
             for member_start in range(0, tl.max(members_count, axis=0), BLOCK_M):
                 member_mask = (member_start + members)[None, :] < members_count[:, None]
-                slots = tl.load(
-                    member_slots_ptr + segment_row[:, None] * SEGMENT + start[:, None]
-                    + member_start + members[None, :],
-                    mask=member_mask,
-                    other=0,
-                ).to(tl.int64)  # fmt: skip
-                rows_3d = (slots * num_kv_heads + kv_head)[:, :, None] * HEAD_DIM + dims[
-                    None, None, :
-                ]
-                keys = tl.load(
-                    k_ptr + rows_3d, mask=member_mask[:, :, None] & dim_mask[None, None, :],
-                    other=0.0,
-                ).to(DOT_DTYPE)  # fmt: skip
-                keys = tl.reshape(keys, (BLOCK_E * BLOCK_M, BLOCK_D))
-                scores = _leading_rows(
-                    tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION),
-                    GROUP_PAD, BLOCK_H, BLOCK_E * BLOCK_M,
-                ) * scale  # fmt: skip
-                scores = tl.reshape(scores, (GROUP_PAD, BLOCK_E, BLOCK_M))
-                scores = tl.where(member_mask[None, :, :], scores, float("-inf"))
+                scores = _member_scores(
+                    q, k_ptr, member_slots_ptr, segment_row, start + member_start, member_mask,
+                    kv_head, num_kv_heads, scale, HEAD_DIM, SEGMENT, BLOCK_H, BLOCK_D, BLOCK_E,
+                    BLOCK_M, GROUP_PAD, DOT_DTYPE, DOT_PRECISION,
+                )  # fmt: skip
                 new_max = tl.maximum(running_max, tl.max(scores, axis=2))
                 safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
                 running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
@@ -565,24 +583,31 @@ def _walk_threshold_kernel(
     req_pool_ptr,
     walk_threshold_ptr,
     estimated_mass_ptr,
+    band_hist_ptr,
     num_kv_heads,
     bin_width,
     GROUP: tl.constexpr,
     BINS: tl.constexpr,
     EXACT: tl.constexpr,
+    BAND: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """Program (row, query head): the lowest bin the walk takes, so that the forced mass plus
     the bins from the densest down to it reach the request's target share of the total (BINS:
     the forced units alone reach it); and the share of the estimated mass that covers.
     EXACT: some units were scored exactly (the exact plane replaces the estimates from the
-    exact threshold up; else the estimated plane is the walk's, and exact_threshold_ptr unread)."""
+    exact threshold up; else the estimated plane is the walk's, and exact_threshold_ptr unread).
+    BAND: the boundary band's second walk, over its two planes (band_hist_ptr: the units left
+    whole, the split units' tokens) and the forced plane."""
     pdl_start(USE_PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     bins = tl.arange(0, BINS)
     planes = mass_hist_ptr + (row * GROUP + head) * 3 * BINS + bins
-    if EXACT:
+    if BAND:
+        band_planes = band_hist_ptr + (row * GROUP + head) * 2 * BINS + bins
+        walk = tl.load(band_planes) + tl.load(band_planes + BINS)
+    elif EXACT:
         exact_threshold = tl.load(exact_threshold_ptr + row * GROUP + head)
         walk = tl.where(bins < exact_threshold, tl.load(planes), 0.0) + tl.load(planes + BINS)
     else:
@@ -608,6 +633,185 @@ def _walk_threshold_kernel(
 
 
 @triton.jit
+def _band_list_kernel(
+    log_mass_ptr,
+    unit_bin_ptr,
+    unit_size_ptr,
+    forced_ptr,
+    clustered_ptr,
+    seq_lens_ptr,
+    walk_threshold_ptr,
+    band_hist_ptr,
+    band_heads_ptr,
+    band_units_ptr,
+    band_count_ptr,
+    num_kv_heads,
+    max_units,
+    lowest_density,
+    bin_width,
+    BAND_BINS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SEGMENT: tl.constexpr,
+    CLUSTERS: tl.constexpr,
+    BINS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Program (row, unit block), after the first walk: the boundary band of each query head,
+    its candidate clusters whose bin lies within BAND_BINS of the bin where its walk stopped
+    (boundary_tokens, boundary_band). Each unit's heads that flag it as a bit mask
+    (band_heads [rows, max_units] int32), the flagged clusters appended to the row's list
+    (band_units, band_count), and the other candidates' mass summed afresh into the band's
+    plane 0 (the units the second walk takes whole; tail positions are never split: a single
+    token's bin is its unit's)."""
+    pdl_start(USE_PDL)
+    row = tl.program_id(0)
+    row_units = _row_units(seq_lens_ptr, clustered_ptr, row // num_kv_heads, SEGMENT, CLUSTERS)
+    if tl.program_id(1) * BLOCK_U >= row_units:
+        return
+    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    in_range = units < row_units
+    heads = tl.arange(0, BLOCK_H)
+    head_mask = heads < GROUP
+    hist_row = (row * GROUP + heads)[:, None]
+    num_cluster_units = tl.load(clustered_ptr + row // num_kv_heads) * CLUSTERS
+    thresholds = tl.load(walk_threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
+    size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
+    forced = tl.load(forced_ptr + row * max_units + units, mask=in_range, other=1) > 0
+    stored = head_mask[:, None] & in_range[None, :]
+    bins = tl.load(unit_bin_ptr + hist_row * max_units + units[None, :], mask=stored,
+                   other=0).to(tl.int32)  # fmt: skip
+    candidate = stored & ((size > 0) & ~forced)[None, :]
+    distance = tl.abs(bins - thresholds[:, None])
+    flagged = candidate & (units < num_cluster_units)[None, :] & (distance <= BAND_BINS)
+    whole = candidate & ~flagged
+    log_mass = tl.load(log_mass_ptr + hist_row * max_units + units[None, :], mask=whole,
+                       other=0.0)  # fmt: skip
+    tl.atomic_add(band_hist_ptr + hist_row * 2 * BINS + bins,
+                  _relative_mass(log_mass, bins, lowest_density, bin_width), mask=whole,
+                  sem="relaxed")  # fmt: skip
+    bits = tl.sum(flagged.to(tl.int32) << heads[:, None], axis=0)
+    tl.store(band_heads_ptr + row * max_units + units, bits, mask=in_range)
+    wanted = (bits != 0).to(tl.int32)
+    count = tl.sum(wanted, axis=0)
+    if count > 0:
+        first = tl.atomic_add(band_count_ptr + row, count, sem="relaxed")
+        slot = first + tl.cumsum(wanted, axis=0) - wanted
+        tl.store(band_units_ptr + row * max_units + slot, units, mask=wanted > 0)
+
+
+@triton.jit
+def _band_tokens_kernel(
+    q_ptr,
+    k_ptr,
+    member_slots_ptr,
+    offsets_ptr,
+    req_to_segment_ptr,
+    req_pool_ptr,
+    walk_threshold_ptr,
+    band_hist_ptr,
+    band_heads_ptr,
+    band_units_ptr,
+    band_count_ptr,
+    head_tokens_ptr,
+    band_taken_ptr,
+    token_taken_ptr,
+    stride_q_batch,
+    stride_q_head,
+    stride_req_segment,
+    num_kv_heads,
+    max_units,
+    max_seq_len,
+    scale,
+    lowest_density,
+    inverse_bin_width,
+    bin_width,
+    TAKE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SEGMENT: tl.constexpr,
+    CLUSTERS: tl.constexpr,
+    BINS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Program (row, p) of P per row, over the band's listed clusters as _exact_units_kernel
+    walks its list: each member scored exactly for the query heads that flagged its cluster.
+    TAKE off (before the second walk): each member's mass into the band's plane 1 by its own
+    density bin (as the reference's token_bins). TAKE on (after it, walk_threshold_ptr the
+    second walk's): a member is taken where its bin reaches a flagging head's threshold;
+    token_taken [rows, max_seq_len] int8 says so by its place in the row's segments (segment
+    index * SEGMENT + its place in the segment's member list), band_taken [rows, max_units]
+    counts each cluster's taken members, and each flagging head's own count goes into
+    head_tokens."""
+    pdl_start(USE_PDL)
+    row = tl.program_id(0)
+    programs = tl.num_programs(1)
+    count = tl.load(band_count_ptr + row)
+    if tl.program_id(1) * BLOCK_E < count:
+        request = row // num_kv_heads
+        kv_head = row % num_kv_heads
+        pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
+        heads = tl.arange(0, GROUP_PAD)
+        head_mask = heads < GROUP
+        hist_row = (row * GROUP + heads)[:, None, None]
+        thresholds = tl.load(walk_threshold_ptr + row * GROUP + heads, mask=head_mask,
+                             other=BINS)  # fmt: skip
+        q = load_group_queries(
+            q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H,
+            BLOCK_D,
+        ).to(DOT_DTYPE)  # fmt: skip
+        members = tl.arange(0, BLOCK_M)
+        for first in range(tl.program_id(1) * BLOCK_E, count, programs * BLOCK_E):
+            entries = first + tl.arange(0, BLOCK_E)
+            live = entries < count
+            unit = tl.load(band_units_ptr + row * max_units + entries, mask=live, other=0)
+            segment_row, start, members_count = _cluster_span(
+                req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, live,
+                stride_req_segment, num_kv_heads, CLUSTERS,
+            )  # fmt: skip
+            bits = tl.load(band_heads_ptr + row * max_units + unit, mask=live, other=0)
+            flagging = ((bits[None, :] >> heads[:, None]) & 1) > 0
+            flags = head_mask[:, None] & live[None, :] & flagging
+            place = (unit // CLUSTERS) * SEGMENT + start  # the cluster's first member's place
+            taken_count = tl.zeros([BLOCK_E], dtype=tl.int32)
+            head_count = tl.zeros([GROUP_PAD], dtype=tl.int32)
+            for member_start in range(0, tl.max(members_count, axis=0), BLOCK_M):
+                member_mask = (member_start + members)[None, :] < members_count[:, None]
+                scores = _member_scores(
+                    q, k_ptr, member_slots_ptr, segment_row, start + member_start, member_mask,
+                    kv_head, num_kv_heads, scale, HEAD_DIM, SEGMENT, BLOCK_H, BLOCK_D, BLOCK_E,
+                    BLOCK_M, GROUP_PAD, DOT_DTYPE, DOT_PRECISION,
+                )  # fmt: skip
+                # a token's own bin (its size is 1: its density is its score)
+                token_bins = tl.floor((scores - lowest_density) * inverse_bin_width)
+                token_bins = tl.minimum(tl.maximum(token_bins, 0.0), BINS - 1).to(tl.int32)
+                counted = flags[:, :, None] & member_mask[None, :, :]
+                if TAKE:
+                    by_head = counted & (token_bins >= thresholds[:, None, None])
+                    taken = tl.max(by_head.to(tl.int32), axis=0)  # [BLOCK_E, BLOCK_M]
+                    tl.store(token_taken_ptr + row * max_seq_len + place[:, None] + member_start
+                             + members[None, :], taken.to(tl.int8), mask=member_mask)  # fmt: skip
+                    taken_count += tl.sum(taken, axis=1)
+                    head_count += tl.sum(tl.sum(by_head.to(tl.int32), axis=2), axis=1)
+                else:
+                    tl.atomic_add(band_hist_ptr + (hist_row * 2 + 1) * BINS + token_bins,
+                                  _relative_mass(scores, token_bins, lowest_density, bin_width),
+                                  mask=counted, sem="relaxed")  # fmt: skip
+            if TAKE:
+                tl.store(band_taken_ptr + row * max_units + unit, taken_count, mask=live)
+                tl.atomic_add(head_tokens_ptr + row * GROUP + heads, head_count, mask=head_mask,
+                              sem="relaxed")  # fmt: skip
+
+
+@triton.jit
 def _mark_kernel(
     unit_bin_ptr,
     unit_size_ptr,
@@ -620,6 +824,8 @@ def _mark_kernel(
     block_tokens_ptr,
     row_tokens_ptr,
     head_tokens_ptr,
+    band_heads_ptr,
+    band_taken_ptr,
     num_kv_heads,
     max_units,
     num_blocks,
@@ -629,13 +835,17 @@ def _mark_kernel(
     BINS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_U: tl.constexpr,
+    BAND: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """Program (row, unit block): which units the row reads (forced, or at or above a query
     head's walk threshold), listed at the start of the block's stretch of picked [rows * blocks,
     2, BLOCK_U] (unit, then its tokens' offset in the block's part of the row, in unit order),
     their count (block_units), the block's and the row's token counts, and each query head's own
-    (a block beyond the row's units counts none and writes nothing else)."""
+    (a block beyond the row's units counts none and writes nothing else).
+    BAND: a query head that flagged a cluster (band_heads) takes it token by token, not whole;
+    a cluster no head takes whole but whose members some flagging head took (band_taken of
+    them) is listed as unit + max_units, for the writing kernel to copy only those."""
     pdl_start(USE_PDL)
     row = tl.program_id(0)
     block = tl.program_id(1)
@@ -658,11 +868,22 @@ def _mark_kernel(
         & (size > 0)[None, :]
         & (forced[None, :] | (bins >= thresholds[:, None]))
     )  # fmt: skip
+    listed = units
+    if BAND:
+        bits = tl.load(band_heads_ptr + row * max_units + units, mask=in_range, other=0)
+        by_head = by_head & (((bits[None, :] >> heads[:, None]) & 1) == 0)
     selected = tl.max(by_head.to(tl.int32), axis=0) > 0
-    picked = selected.to(tl.int32)
     taken = tl.where(selected, size, 0)
+    if BAND:
+        split = in_range & (bits != 0) & ~selected
+        split_taken = tl.load(band_taken_ptr + row * max_units + units, mask=split, other=0)
+        partial = split & (split_taken > 0)
+        taken = tl.where(partial, split_taken, taken)
+        listed = tl.where(partial, units + max_units, units)
+        selected = selected | partial
+    picked = selected.to(tl.int32)
     entry = picked_ptr + (row * num_blocks + block) * 2 * BLOCK_U + tl.cumsum(picked, axis=0) - 1
-    tl.store(entry, units, mask=selected)
+    tl.store(entry, listed, mask=selected)
     tl.store(entry + BLOCK_U, tl.cumsum(taken, axis=0) - taken, mask=selected)
     tl.store(block_units_ptr + row * num_blocks + block, tl.sum(picked, axis=0))
     tokens = tl.sum(taken, axis=0)
@@ -688,10 +909,12 @@ def _write_rows_kernel(
     row_tokens_ptr,
     indptr_ptr,
     indices_ptr,
+    token_taken_ptr,
     stride_req_segment,
     stride_req_token,
     num_kv_heads,
     max_units,
+    max_seq_len,
     num_blocks,
     SEGMENT: tl.constexpr,
     CLUSTERS: tl.constexpr,
@@ -700,12 +923,14 @@ def _write_rows_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    BAND: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """Program (row, unit block): the CSR offsets (rows before this one, blocks before this one),
     then the KV rows (slot * H_kv + kv_head) of the block's picked units (_mark_kernel's list,
     BLOCK_E units by BLOCK_M members a step: only units read are touched) at their places in
-    indices, in unit order; block 0 writes indptr[row + 1]."""
+    indices, in unit order; block 0 writes indptr[row + 1]. BAND: a unit listed as unit +
+    max_units (_mark_kernel) copies only its members that token_taken marks, in member order."""
     pdl_start(USE_PDL)
     row = tl.program_id(0)
     block = tl.program_id(1)
@@ -739,6 +964,10 @@ def _write_rows_kernel(
             units = tl.load(picked + first + entries, mask=live, other=0)
             destination = block_start + tl.load(picked + BLOCK_U + first + entries, mask=live,
                                                  other=0)  # fmt: skip
+            if BAND:
+                partial = units >= max_units
+                units = tl.where(partial, units - max_units, units)
+                written = tl.zeros([BLOCK_E], dtype=tl.int32)
             count = tl.load(unit_size_ptr + row * max_units + units, mask=live, other=0)
             is_cluster = live & (units < num_cluster_units)
             is_tail = live & (units >= num_cluster_units)
@@ -761,11 +990,25 @@ def _write_rows_kernel(
                     other=0,
                 )  # fmt: skip
                 slot = tl.where(is_cluster[:, None], member_slot, tail_slot[:, None])
-                tl.store(
-                    indices_ptr + destination[:, None] + member_start + members[None, :],
-                    slot * num_kv_heads + kv_head,
-                    mask=member_mask,
-                )
+                if BAND:  # a partly taken cluster's taken members, packed
+                    place = (units // CLUSTERS) * SEGMENT + start
+                    marked = tl.load(
+                        token_taken_ptr + row * max_seq_len + place[:, None] + member_start
+                        + members[None, :],
+                        mask=member_mask & partial[:, None],
+                        other=0,
+                    )  # fmt: skip
+                    keep = (member_mask & (~partial[:, None] | (marked > 0))).to(tl.int32)
+                    offset = written[:, None] + tl.cumsum(keep, axis=1) - keep
+                    written += tl.sum(keep, axis=1)
+                    tl.store(indices_ptr + destination[:, None] + offset,
+                             slot * num_kv_heads + kv_head, mask=keep > 0)  # fmt: skip
+                else:
+                    tl.store(
+                        indices_ptr + destination[:, None] + member_start + members[None, :],
+                        slot * num_kv_heads + kv_head,
+                        mask=member_mask,
+                    )
 
 
 EXACT_PROGRAMS_PER_BATCH = 2048
@@ -791,10 +1034,12 @@ class SelectedRows:
 
 def kernel_unsupported(config: TacticConfig) -> list[str]:
     """The fields of config these kernels do not compute (the torch reference,
-    tactic.selection, plans them): the inverse-fit estimator and units taken token by token."""
+    tactic.selection, plans them): the inverse-fit estimator, the exact top's units taken token
+    by token, and the boundary band beside an exact top (the band without one they compute)."""
+    band_beside_exact = config.boundary_tokens and config.exact_fraction > 0
     return [name for name, value in (("estimator", config.estimator != "lognormal"),
                                      ("exact_tokens", config.exact_tokens),
-                                     ("boundary_tokens", config.boundary_tokens))
+                                     ("boundary_tokens with exact_fraction", band_beside_exact))
             if value]  # fmt: skip
 
 
@@ -874,8 +1119,9 @@ def select_rows(
     exactly;] find the walk's threshold bin; mark the selected units; write the CSR rows."""
     config = config or TacticConfig()
     if unsupported := kernel_unsupported(config):
-        raise ValueError(f"the selection kernels compute the log-normal estimate with whole "
-                         f"units only: unsupported config {', '.join(unsupported)}")
+        raise ValueError(f"the selection kernels compute the log-normal estimate, whole units "
+                         f"and the boundary band without an exact top: unsupported config "
+                         f"{', '.join(unsupported)}")
     if config.segment_size != pool.segment_size:
         raise ValueError("config.segment_size must equal the cluster pool's segment_size")
     if (pool.variances.shape[-1], pool.profiles.shape[-1]) != stored_variance_dims(config,
@@ -915,15 +1161,21 @@ def select_rows(
     # bins] float32, then int32 counters: row tokens [rows], head tokens [rows, group], listed
     # exact clusters [rows]; and the segments each request selects by cluster [batch], which
     # the scoring kernel writes
+    # (with the boundary band: its histograms [rows, group, 2 planes (units left whole, split
+    # units' tokens), bins] and its listed clusters [rows] too)
+    band = config.boundary_tokens
     hist_len = 3 * rows * group * bins
-    workspace = torch.zeros(hist_len + rows * (group + 2) + batch, dtype=torch.int32,
+    band_len = 2 * rows * group * bins if band else 0
+    workspace = torch.zeros(hist_len + band_len + rows * (group + 3) + batch, dtype=torch.int32,
                             device=device)  # fmt: skip
     mass_hist = workspace[:hist_len].view(torch.float32)
-    row_tokens, head_tokens, exact_count, clustered = workspace[hist_len:].split(
-        [rows, rows * group, rows, batch]
-    )
+    band_hist = workspace[hist_len : hist_len + band_len].view(torch.float32)
+    row_tokens, head_tokens, exact_count, band_count, clustered = workspace[
+        hist_len + band_len :
+    ].split([rows, rows * group, rows, rows, batch])
 
-    log_mass = torch.empty(rows, group, max_units, device=device)  # written for the tail only
+    # written for the tail only, unless the band re-sums the units it leaves whole
+    log_mass = torch.empty(rows, group, max_units, device=device)
     unit_bin = torch.empty(rows, group, max_units, dtype=torch.int16, device=device)
     unit_size = torch.empty(rows, max_units, dtype=torch.int32, device=device)
     forced = torch.empty(rows, max_units, dtype=torch.int8, device=device)
@@ -946,7 +1198,8 @@ def select_rows(
         VARIANCE_DIMS=pool.variances.shape[-1], PROFILE=profile,
         GROUP_PAD=group_pad if real_rows else block_h,
         VARIANCE_DOT_DTYPE=dot_dtype(torch.float16),
-        STREAM_EVICTION="evict_first" if score_stream else "", num_warps=score_warps, **common,
+        STREAM_EVICTION="evict_first" if score_stream else "", STORE_LOG_MASS=band,
+        num_warps=score_warps, **common,
         **({"maxnreg": score_max_registers} if score_max_registers and q.is_cuda else {}),
         **dependent,
     )  # fmt: skip
@@ -984,11 +1237,47 @@ def select_rows(
 
     walk_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
     estimated_mass = torch.empty(rows, group, device=device)
+    walk = dict(GROUP=group, BINS=bins, **dependent)
     _walk_threshold_kernel[(rows, group)](
         mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold, estimated_mass,
-        num_kv_heads, config.density_bin_width, GROUP=group, BINS=bins,
-        EXACT=exact_top, **dependent,
+        band_hist, num_kv_heads, config.density_bin_width, EXACT=exact_top, BAND=False, **walk,
     )  # fmt: skip
+    # the boundary band: the clusters near each head's stopping bin split into their tokens,
+    # then the walk again and the split clusters' members taken against its thresholds
+    band_heads = band_taken = token_taken = walk_threshold  # unread without the band
+    if band:
+        band_heads = torch.empty(rows, max_units, dtype=torch.int32, device=device)
+        band_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
+        band_taken = torch.empty(rows, max_units, dtype=torch.int32, device=device)
+        token_taken = torch.empty(rows, max_seq_len, dtype=torch.int8, device=device)
+        _band_list_kernel[grid](
+            log_mass, unit_bin, unit_size, forced, clustered, seq_lens, walk_threshold,
+            band_hist, band_heads, band_units, band_count, num_kv_heads, max_units,
+            lowest_density=config.lowest_density, bin_width=config.density_bin_width,
+            BAND_BINS=round(config.boundary_band / config.density_bin_width), GROUP=group,
+            SEGMENT=size, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
+            **dependent,
+        )  # fmt: skip
+        band_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
+                                   EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
+        walk_threshold = torch.empty_like(walk_threshold)  # the second walk's
+        for take in (False, True):
+            if take:
+                _walk_threshold_kernel[(rows, group)](
+                    mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold,
+                    estimated_mass, band_hist, num_kv_heads, config.density_bin_width,
+                    EXACT=False, BAND=True, **walk,
+                )  # fmt: skip
+            _band_tokens_kernel[(rows, band_programs)](
+                q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment,
+                req_pool_indices, walk_threshold, band_hist, band_heads, band_units, band_count,
+                head_tokens, band_taken, token_taken, q.stride(0), q.stride(1),
+                req_to_segment.stride(0), num_kv_heads, max_units, max_seq_len, scale,
+                bin_width=config.density_bin_width, **binning, TAKE=take, BLOCK_H=block_h,
+                BLOCK_D=block_d, BLOCK_E=exact_units_per_program,
+                BLOCK_M=exact_members_per_step, GROUP_PAD=group_pad if real_rows else block_h,
+                **common, **dependent,
+            )  # fmt: skip
 
     # each block's picked units and their token offsets, listed from the start of its stretch
     picked = torch.empty(rows * num_blocks * 2 * units_per_program, dtype=torch.int32,
@@ -997,17 +1286,18 @@ def select_rows(
     block_tokens = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
     _mark_kernel[grid](
         unit_bin, unit_size, forced, walk_threshold, seq_lens, clustered, picked,
-        block_units, block_tokens, row_tokens, head_tokens, num_kv_heads, max_units, num_blocks,
-        GROUP=group, SEGMENT=size, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad,
-        **unit_block, **dependent,
+        block_units, block_tokens, row_tokens, head_tokens, band_heads, band_taken,
+        num_kv_heads, max_units, num_blocks, GROUP=group, SEGMENT=size, CLUSTERS=clusters,
+        BINS=bins, BLOCK_H=group_pad, BAND=band, **unit_block, **dependent,
     )  # fmt: skip
     indptr = torch.empty(rows + 1, dtype=torch.int32, device=device)
     indices = torch.empty(rows * max_seq_len, dtype=torch.int32, device=device)
     _write_rows_kernel[grid](
         pool.member_slots, pool.cluster_offsets, req_to_segment, req_to_token,
         req_pool_indices, clustered, unit_size, picked, block_units, block_tokens,
-        row_tokens, indptr, indices, req_to_segment.stride(0), req_to_token.stride(0),
-        num_kv_heads, max_units, num_blocks, SEGMENT=size, CLUSTERS=clusters,
+        row_tokens, indptr, indices, token_taken, req_to_segment.stride(0),
+        req_to_token.stride(0), num_kv_heads, max_units, max_seq_len, num_blocks,
+        SEGMENT=size, CLUSTERS=clusters, BAND=band,
         BLOCK_E=write_units_per_step, BLOCK_M=write_members_per_step,
         **(unit_block | ({"num_warps": write_warps} if write_warps else {})),
         BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=triton.next_power_of_2(num_blocks),

@@ -283,8 +283,8 @@ def _add_serve_parser(commands) -> None:
         metavar="FIELD=VALUE,...",
         help="TacticConfig fields changed from their defaults, e.g. 'cluster_size=8,"
         "boundary_tokens=true,boundary_band=0.1' (the README's 'What our Tactic does'); options "
-        "only the torch reference computes (boundary_tokens, exact_tokens, "
-        "estimator=inverse_fit) serve on the CPU engine only",
+        "only the torch reference computes (exact_tokens, estimator=inverse_fit, "
+        "boundary_tokens beside exact_fraction > 0) serve on the CPU engine only",
     )
     serve.add_argument(
         "--dense-fallback",

@@ -160,6 +160,29 @@ def test_dependent_launches_match_reference(config):
                             exact_units_per_program=4, pdl=True)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        # the stopping bin's clusters alone, then bands of 0.1 and 0.5 nats (2 and 10 bins)
+        TacticConfig(segment_size=64, cluster_size=8, boundary_tokens=True),
+        TacticConfig(segment_size=64, cluster_size=8, boundary_tokens=True, boundary_band=0.1,
+                     centroids="fp8"),  # fmt: skip
+        TacticConfig(segment_size=64, boundary_tokens=True, boundary_band=0.5),
+        TacticConfig(segment_size=32, cluster_size=4, boundary_tokens=True, boundary_band=0.25,
+                     tail_policy="attend", sink_tokens=3, recent_window=5),  # fmt: skip
+    ],
+)
+@pytest.mark.parametrize("group", [1, 4])
+def test_boundary_band_matches_reference(config, group):
+    """The boundary band (boundary_tokens, boundary_band): the clusters near each query head's
+    stopping bin scored token by token and walked again, partly taken clusters written member
+    by member; the same tokens, query head counts and estimated masses as the reference, with
+    members of 8 clusters scored in steps of 4 so that a cluster takes several."""
+    check_against_reference(config, group=group, score_units_per_program=16,
+                            units_per_program=32, exact_units_per_program=8,
+                            exact_members_per_step=4)  # fmt: skip
+
+
 def assert_rows_match_reference(selected, references, targets, config, num_kv_heads=2):
     """Each (request, KV head) CSR row of select_rows holds exactly the KV rows of the reference
     plan's positions (make_batch's references, the requests' targets in order); returns the
@@ -249,7 +272,7 @@ def test_selection_on_bfloat16_cache(head_dim, variance, centroids, options):
 
 
 @pytest.mark.parametrize("change", [dict(estimator="inverse_fit"), dict(exact_tokens=True),
-                                    dict(boundary_tokens=True)])  # fmt: skip
+                                    dict(boundary_tokens=True, exact_fraction=0.1)])  # fmt: skip
 def test_reference_only_options_are_refused(change):
     """Options only the torch reference plans are refused, not silently ignored."""
     config = TacticConfig(segment_size=64)

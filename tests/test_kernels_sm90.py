@@ -1,9 +1,10 @@
-"""The decode step's kernels compiled for Hopper (sm_90) without a GPU (Triton brings its own
-ptxas and cuobjdump): with pdl, each waits for the kernel before it (griddepcontrol.wait, SASS
-ACQBULK) and lets the next one launch (griddepcontrol.launch_dependents, PREEXIT) before its
-first load from global memory; without, neither instruction is there. This is what makes
-select_rows(pdl=True) and sparse_decode_balanced(pdl=True) safe to launch dependently; the
-equality of their results runs in the kernel tests (on CUDA where there is one)."""
+"""The decode step's kernels, the boundary band's paths among them, compiled for Hopper (sm_90)
+without a GPU (Triton brings its own ptxas and cuobjdump): with pdl, each waits for the kernel
+before it (griddepcontrol.wait, SASS ACQBULK) and lets the next one launch
+(griddepcontrol.launch_dependents, PREEXIT) before its first load from global memory; without,
+neither instruction is there. This is what makes select_rows(pdl=True) and
+sparse_decode_balanced(pdl=True) safe to launch dependently; the equality of their results
+runs in the kernel tests (on CUDA where there is one)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import pytest
 
 KERNELS = {
     "selection": ["_score_units_kernel", "_exact_threshold_kernel", "_exact_list_kernel",
-                  "_exact_units_kernel", "_walk_threshold_kernel", "_mark_kernel",
-                  "_write_rows_kernel"],
+                  "_exact_units_kernel", "_walk_threshold_kernel", "_band_list_kernel",
+                  "_band_tokens_kernel", "_mark_kernel", "_write_rows_kernel"],
     "decode_attention": ["_balanced_partial_kernel", "_balanced_merge_kernel"],
 }  # fmt: skip
 
@@ -34,6 +35,8 @@ def launched_constants(tl) -> dict:
         BLOCK_F=2, EXACT=True, ATTEND_TAIL=False, CLUSTERED_GIVEN=False, VARIANCE_DIMS=128,
         PROFILE=0, GROUP_PAD=4, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32",
         VARIANCE_DOT_DTYPE=tl.float16, STREAM_EVICTION="",
+        # the boundary band's paths (cluster_size=8,boundary_tokens=true,boundary_band=0.1)
+        BAND=True, BAND_BINS=2, TAKE=True, STORE_LOG_MASS=True,
     )  # fmt: skip
 
 
@@ -41,7 +44,8 @@ POINTERS = dict(
     q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", centroids_ptr="*fp8e4nv",
     variances_ptr="*fp8e5", profiles_ptr="*fp16", mass_hist_ptr="*fp32", targets_ptr="*fp32",
     estimated_mass_ptr="*fp32", log_mass_ptr="*fp32", partial_out_ptr="*fp32",
-    partial_lse_ptr="*fp32", unit_bin_ptr="*i16", forced_ptr="*i8",
+    partial_lse_ptr="*fp32", unit_bin_ptr="*i16", forced_ptr="*i8", band_hist_ptr="*fp32",
+    token_taken_ptr="*i8",
 )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ interpreter on the CPU) equals the torch reference, Tactic and dense rows in one
 backend decodes a hand-built ForwardBatch like SGLang's Triton backend (dense) and the reference
 (Tactic), also as two tensor-parallel ranks whose statistics are combined."""
 
+import dataclasses
 import math
 import os
 
@@ -37,13 +38,13 @@ def plugins():
     load_plugins()
 
 
-def make_pools(num_slots=1024, max_requests=4, max_context=512):
+def make_pools(num_slots=1024, max_requests=4, max_context=512, config=CONFIG):
     kv = MHATokenToKVPool(num_slots, page_size=1, dtype=torch.float32, head_num=KV_HEADS,
                           head_dim=DIM, layer_num=LAYERS, device=DEVICE,
                           enable_memory_saver=False)  # fmt: skip
     requests = ReqToTokenPool(max_requests, max_context, DEVICE, enable_memory_saver=False)
     allocator = TokenToKVPoolAllocator(num_slots, torch.float32, DEVICE, kv, need_sort=False)
-    side = ClusterSide(num_slots + 1, LAYERS, KV_HEADS, DIM, torch.float32, DEVICE, CONFIG,
+    side = ClusterSide(num_slots + 1, LAYERS, KV_HEADS, DIM, torch.float32, DEVICE, config,
                        max_requests)  # fmt: skip
     kv.tactic_side = side  # what the plugin's pool hook attaches
     return kv, requests, allocator, side
@@ -128,20 +129,23 @@ def test_request_start_and_invalidation_write_the_device_without_host_copies():
     assert clustered.tolist() == [1]
 
 
-def test_decode_step_equals_torch_reference():
+@pytest.mark.parametrize("config", [CONFIG, TacticConfig(segment_size=64, cluster_size=8,
+                                                          boundary_tokens=True,
+                                                          boundary_band=0.1)])  # fmt: skip
+def test_decode_step_equals_torch_reference(config):
     """Three requests (two Tactic targets and one dense) in one decode step over the real pools:
     each layer's output equals plan_tactic + sparse_attention (Tactic) and softmax attention
-    over every position (dense)."""
-    kv, requests, allocator, side = make_pools()
+    over every position (dense); by default and with the boundary band."""
+    kv, requests, allocator, side = make_pools(config=config)
     lengths, kinds, targets = [300, 190, 250], ["topics", "needles", "topics"], [0.9, 0.75, 1.0]
     queries = []
     for request, (length, kind) in enumerate(zip(lengths, kinds, strict=True)):
         slots = allocator.alloc(length)
         queries.append(fill(kv, requests, request, slots, kind, seed=request))
         side.start_request(request, targets[request])
-    work = [(r, 0, (n - 1) // CONFIG.segment_size) for r, n in enumerate(lengths)]
+    work = [(r, 0, (n - 1) // config.segment_size) for r, n in enumerate(lengths)]
     side.cluster(work, requests.req_to_token, kv.k_buffer)
-    decoder = TacticDecoder(side, CONFIG, KV_HEADS)
+    decoder = TacticDecoder(side, config, KV_HEADS)
     request_slots = torch.arange(3, device=DEVICE)
     seq_lens = torch.tensor(lengths, device=DEVICE)
     plan = decoder.plan(requests.req_to_token, request_slots, seq_lens, lengths, targets)
@@ -152,10 +156,10 @@ def test_decode_step_equals_torch_reference():
             slots = requests.req_to_token[request, :length].long()
             keys, values = kv.k_buffer[layer][slots], kv.v_buffer[layer][slots]
             if targets[request] < 1.0:
-                clustered = (length - 1) // CONFIG.segment_size * CONFIG.segment_size
-                index = build_cluster_index(keys[:clustered], CONFIG)
+                clustered = (length - 1) // config.segment_size * config.segment_size
+                index = build_cluster_index(keys[:clustered], config)
                 index = type(index)(**{**index.__dict__, "seq_len": length})
-                reference_plan = plan_tactic(q[request], keys, targets[request], index, CONFIG)
+                reference_plan = plan_tactic(q[request], keys, targets[request], index, config)
                 expected = sparse_attention(q[request], keys, values, reference_plan)
             else:
                 expanded = keys.repeat_interleave(HEADS // KV_HEADS, dim=1)
@@ -669,14 +673,30 @@ def test_query_weighting_from_the_environment(monkeypatch):
 
 
 def test_sglang_engine_refuses_options_its_kernels_do_not_compute(tmp_path):
-    """serve --engine sglang --tactic-config boundary_tokens=true: refused by name when the
+    """serve --engine sglang --tactic-config exact_tokens=true: refused by name when the
     engine is built, before SGLang starts, instead of failing the first decode step."""
     from tactic_server.engine.config import EngineConfig
     from tactic_server.sglang_plugin.engine import SGLangEngine
 
-    config = EngineConfig(model_dir=str(tmp_path), tactic=TacticConfig(boundary_tokens=True))
-    with pytest.raises(ValueError, match="boundary_tokens, which the selection kernels"):
+    config = EngineConfig(model_dir=str(tmp_path), tactic=TacticConfig(exact_tokens=True))
+    with pytest.raises(ValueError, match="exact_tokens, which the selection kernels"):
         SGLangEngine(config)
+
+
+def test_the_whole_tactic_config_travels_to_sglangs_processes(monkeypatch):
+    """Every TacticConfig field set on the server (--tactic-config) reaches the processes
+    SGLang spawns, through TACTIC_CONFIG; a bad one is refused by the variable's name."""
+    from tactic_server.sglang_plugin.settings import Settings
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # export writes this copy
+    for name in ("TACTIC_CONFIG", "TACTIC_SEGMENT_SIZE", "TACTIC_QUERY_WEIGHTED"):
+        os.environ.pop(name, None)
+    band = TacticConfig(cluster_size=8, boundary_tokens=True, boundary_band=0.1, sink_tokens=2)
+    dataclasses.replace(Settings.from_env(), config=band).export()
+    assert Settings.from_env().config == band
+    os.environ["TACTIC_CONFIG"] = "cluster_size=eight"
+    with pytest.raises(ValueError, match="TACTIC_CONFIG: cluster_size wants a int"):
+        Settings.from_env()
 
 
 def test_dependent_launches_from_the_environment(monkeypatch):

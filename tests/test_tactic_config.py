@@ -7,7 +7,7 @@ import sys
 import pytest
 from tactic_server.kernels.selection import kernel_unsupported
 
-from tactic_server.tactic.config import TacticConfig, config_from_spec
+from tactic_server.tactic.config import TacticConfig, config_from_spec, config_spec
 
 
 def test_a_spec_changes_the_named_fields_only():
@@ -39,8 +39,21 @@ def test_a_bad_spec_says_what_is_wrong(spec, message):
 def test_the_kernels_name_what_they_do_not_compute():
     assert kernel_unsupported(TacticConfig()) == []
     assert kernel_unsupported(config_from_spec("cluster_size=8,centroids=kv")) == []
-    assert kernel_unsupported(config_from_spec("boundary_tokens=true,estimator=inverse_fit")) == [
-        "estimator", "boundary_tokens"]  # fmt: skip
+    # the boundary band they compute, not beside an exact top
+    assert kernel_unsupported(config_from_spec("cluster_size=8,boundary_tokens=true,"
+                                               "boundary_band=0.1")) == []  # fmt: skip
+    assert kernel_unsupported(config_from_spec("boundary_tokens=true,estimator=inverse_fit,"
+                                               "exact_fraction=0.1")) == [
+        "estimator", "boundary_tokens with exact_fraction"]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", ["", "cluster_size=8,boundary_tokens=true,boundary_band=0.1",
+                                  "segment_size=none,centroids=kv,sink_tokens=0",
+                                  "exact_fraction=0.02,density_bin_width=0.125,query_weighted=1"])
+def test_config_spec_round_trips(spec):
+    config = config_from_spec(spec)
+    assert config_from_spec(config_spec(config)) == config
+    assert (config_spec(config) == "") == (config == TacticConfig())
 
 
 def test_serve_refuses_a_bad_tactic_config_before_loading_anything():

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tactic_server.tactic.config import TacticConfig
+from tactic_server.tactic.config import TacticConfig, config_from_spec, config_spec
 
 TARGET_ENV = "TACTIC_DEFAULT_TARGET"
 SEGMENT_ENV = "TACTIC_SEGMENT_SIZE"
@@ -30,6 +30,9 @@ DENSE_FALLBACK_ENV = "TACTIC_DENSE_FALLBACK"
 # Hopper and later: each kernel's launch overlaps the end of the one before); not yet timed,
 # so off by default
 PDL_ENV = "TACTIC_PDL"
+# the whole TacticConfig, as config_spec writes it (its fields changed from the defaults; the
+# segment size and query weighting have their own variables too, which win)
+CONFIG_ENV = "TACTIC_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,11 @@ class Settings:
         target = float(os.environ.get(TARGET_ENV, "0.9"))
         if not 0.0 < target <= 1.0:
             raise ValueError(f"{TARGET_ENV} must be in (0, 1], got {target}")
-        config = TacticConfig()
+        try:
+            config = config_from_spec(spec) if (spec := os.environ.get(CONFIG_ENV)) else \
+                TacticConfig()
+        except ValueError as error:
+            raise ValueError(f"{CONFIG_ENV}: {error}") from None
         if SEGMENT_ENV in os.environ:
             config = dataclasses.replace(config, segment_size=int(os.environ[SEGMENT_ENV]))
         weighted = os.environ.get(QUERY_WEIGHTED_ENV, "1" if config.query_weighted else "0")
@@ -85,6 +92,7 @@ class Settings:
         """Into this process's environment, for the processes SGLang spawns from it (the CUDA
         graph settings are read from the environment only)."""
         os.environ[TARGET_ENV] = repr(self.default_target)
+        os.environ[CONFIG_ENV] = config_spec(self.config)
         os.environ[SEGMENT_ENV] = str(self.config.segment_size)
         os.environ[QUERY_WEIGHTED_ENV] = "1" if self.config.query_weighted else "0"
         os.environ[DENSE_BACKEND_ENV] = self.dense_backend

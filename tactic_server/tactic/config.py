@@ -173,13 +173,14 @@ class TacticConfig:
 
 def config_from_spec(spec: str, base: TacticConfig | None = None) -> TacticConfig:
     """base (default TacticConfig()) with fields changed by "FIELD=VALUE,FIELD=VALUE", e.g.
-    "cluster_size=8,boundary_tokens=true,boundary_band=0.1"; booleans take true/false/1/0/yes/no.
+    "cluster_size=8,boundary_tokens=true,boundary_band=0.1" ("" changes nothing); booleans take
+    true/false/1/0/yes/no.
     Raises ValueError naming the bad item and the fields there are (and the config's own
     validation errors)."""
     base = base or TacticConfig()
     fields = {item.name: item for item in dataclasses.fields(TacticConfig)}
     changes: dict = {}
-    for item in spec.split(","):
+    for item in filter(str.strip, spec.split(",")):
         name, _, value = item.strip().partition("=")
         if name not in fields or not value:
             raise ValueError(f"{item.strip()!r} is not FIELD=VALUE of a TacticConfig field "
@@ -197,6 +198,20 @@ def config_from_spec(spec: str, base: TacticConfig | None = None) -> TacticConfi
             except ValueError:
                 raise ValueError(f"{name} wants a {kind.__name__}, got {value!r}") from None
     return dataclasses.replace(base, **changes)
+
+
+def config_spec(config: TacticConfig) -> str:
+    """The fields of config that differ from TacticConfig()'s, as config_from_spec reads them
+    ("" for the defaults): config_from_spec(config_spec(c)) == c."""
+    default = TacticConfig()
+    items = []
+    for item in dataclasses.fields(TacticConfig):
+        value = getattr(config, item.name)
+        if value != getattr(default, item.name):
+            text = "none" if value is None else str(value).lower() if isinstance(value, bool) \
+                else repr(value) if isinstance(value, float) else str(value)
+            items.append(f"{item.name}={text}")
+    return ",".join(items)
 
 
 WHOLE_CONTEXT = TacticConfig(segment_size=None)
