@@ -209,11 +209,16 @@ def test_refusals(llama_dir):
     asyncio.run(overflow())
 
 
-def test_triton_backend_equals_torch_backend(tmp_path):
+@pytest.mark.parametrize("tactic", [
+    TacticConfig(segment_size=64),
+    TacticConfig(segment_size=64, cluster_size=8, boundary_tokens=True, boundary_band=0.1),
+])  # fmt: skip
+def test_triton_backend_equals_torch_backend(tmp_path, tactic):
     """Decode through the kernels (select_rows + sparse_decode for Tactic, sparse_decode over
     every position for dense; under the interpreter on the CPU) gives the torch reference's
     tokens and statistics, with a Tactic and a dense request decoding in the same steps and a
-    segment completed while decoding (scored with the tail until it is clustered)."""
+    segment completed while decoding (scored with the tail until it is clustered); by default
+    and with the boundary band (8-token clusters, 0.1 nats)."""
     model_dir = make_tiny_model(tmp_path, "llama", seed=5, sparse_attention=True)
     sampling = dataclasses.replace(GREEDY, max_tokens=16)
     requests = [
@@ -224,8 +229,7 @@ def test_triton_backend_equals_torch_backend(tmp_path):
     for backend in ("torch", "triton"):
         # the kernels run on the GPU where there is one, else under the Triton interpreter
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        engine = make_engine(model_dir, tactic=TacticConfig(segment_size=64), device=device,
-                             attention_backend=backend)  # fmt: skip
+        engine = make_engine(model_dir, tactic=tactic, device=device, attention_backend=backend)
 
         async def both(engine=engine):
             return await asyncio.gather(*(collect(engine, r) for r in requests))
@@ -282,16 +286,15 @@ def test_prompt_queries_weight_the_clustering_of_its_segments(llama_dir):
 
 
 def test_reference_only_options_serve_on_the_cpu_and_the_kernels_refuse_them(llama_dir):
-    """boundary_tokens (the stopping bins' clusters taken token by token): the torch reference
-    the CPU engine decodes through computes it; an engine decoding through the kernels refuses
-    it when it is built, naming the option, not at its first decode step."""
-    band = TacticConfig(segment_size=SEGMENT, cluster_size=8, boundary_tokens=True,
-                        boundary_band=0.1)  # fmt: skip
-    engine = make_engine(llama_dir, tactic=band)
-    request = GenerationRequest("band", prompt_ids(300, seed=3), GREEDY, TacticParams(True, 0.9))
+    """exact_tokens (the exact top's clusters taken token by token): the torch reference the
+    CPU engine decodes through computes it; an engine decoding through the kernels refuses it
+    when it is built, naming the option, not at its first decode step."""
+    exact = TacticConfig(segment_size=SEGMENT, exact_fraction=0.1, exact_tokens=True)
+    engine = make_engine(llama_dir, tactic=exact)
+    request = GenerationRequest("exact", prompt_ids(300, seed=3), GREEDY, TacticParams(True, 0.9))
     tokens, _, last = run(engine, request)
     assert len(tokens) == GREEDY.max_tokens
     assert 0.0 < last.tactic.selected_ratio <= 1.0 and last.tactic.estimated_mass >= 0.9 - 1e-6
     assert engine.stats().kv_slots_in_use == 0
-    with pytest.raises(ValueError, match="boundary_tokens, which only the torch reference"):
-        make_engine(llama_dir, tactic=band, attention_backend="triton")
+    with pytest.raises(ValueError, match="exact_tokens, which only the torch reference"):
+        make_engine(llama_dir, tactic=exact, attention_backend="triton")
