@@ -369,6 +369,31 @@ def _exact_threshold_kernel(
 
 
 @triton.jit
+def _listed_block(
+    unit_bin_ptr, unit_size_ptr, forced_ptr, clustered_ptr, threshold_ptr, row, row_units,
+    num_kv_heads, max_units, GROUP: tl.constexpr, CLUSTERS: tl.constexpr, BINS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_U: tl.constexpr,
+):  # fmt: skip
+    """What the listing kernels (exact top, boundary band) read of a unit block: its units
+    (in_range: the row's), the query heads and their mask and histogram rows, the row's cluster
+    unit count, each head's threshold bin, each unit's size and forced flag (padding: forced)
+    and its bin for each head."""
+    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    in_range = units < row_units
+    heads = tl.arange(0, BLOCK_H)
+    head_mask = heads < GROUP
+    hist_row = (row * GROUP + heads)[:, None]
+    num_cluster_units = tl.load(clustered_ptr + row // num_kv_heads) * CLUSTERS
+    thresholds = tl.load(threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
+    size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
+    forced = tl.load(forced_ptr + row * max_units + units, mask=in_range, other=1) > 0
+    bins = tl.load(unit_bin_ptr + hist_row * max_units + units[None, :],
+                   mask=head_mask[:, None] & in_range[None, :], other=0).to(tl.int32)  # fmt: skip
+    return units, in_range, heads, head_mask, hist_row, num_cluster_units, thresholds, size, \
+        forced, bins
+
+
+@triton.jit
 def _exact_list_kernel(
     log_mass_ptr,
     unit_bin_ptr,
@@ -401,17 +426,10 @@ def _exact_list_kernel(
     row_units = _row_units(seq_lens_ptr, clustered_ptr, row // num_kv_heads, SEGMENT, CLUSTERS)
     if tl.program_id(1) * BLOCK_U >= row_units:
         return
-    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
-    in_range = units < row_units
-    heads = tl.arange(0, BLOCK_H)
-    head_mask = heads < GROUP
-    hist_row = (row * GROUP + heads)[:, None]
-    num_cluster_units = tl.load(clustered_ptr + row // num_kv_heads) * CLUSTERS
-    thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
-    size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
-    forced = tl.load(forced_ptr + row * max_units + units, mask=in_range, other=1) > 0
-    bins = tl.load(unit_bin_ptr + hist_row * max_units + units[None, :],
-                   mask=head_mask[:, None] & in_range[None, :], other=0).to(tl.int32)  # fmt: skip
+    units, in_range, heads, head_mask, hist_row, num_cluster_units, thresholds, size, forced, \
+        bins = _listed_block(unit_bin_ptr, unit_size_ptr, forced_ptr, clustered_ptr,
+                             exact_threshold_ptr, row, row_units, num_kv_heads, max_units,
+                             GROUP, CLUSTERS, BINS, BLOCK_H, BLOCK_U)  # fmt: skip
     flagged = (
         head_mask[:, None]
         & ((size > 0) & ~forced)[None, :]
@@ -445,6 +463,45 @@ def _cluster_span(
     local = segment_row * (CLUSTERS + 1) + unit % CLUSTERS
     start = tl.load(offsets_ptr + local, mask=mask, other=0)
     return segment_row, start, tl.load(offsets_ptr + local + 1, mask=mask, other=0) - start
+
+
+@triton.jit
+def _list_program(
+    q_ptr, req_pool_ptr, threshold_ptr, row, stride_q_batch, stride_q_head, num_kv_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BINS: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """What a program over a row's list of clusters (exact top, boundary band) needs first: the
+    row's KV head and request pool index, its query heads (GROUP_PAD: the dot's 16 rows, or the
+    group's alone, real_rows) and their mask, each head's threshold bin (BINS past the group)
+    and the group's queries as the dot's operand."""
+    request = row // num_kv_heads
+    kv_head = row % num_kv_heads
+    pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
+    heads = tl.arange(0, GROUP_PAD)
+    head_mask = heads < GROUP
+    thresholds = tl.load(threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
+    q = load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H, BLOCK_D,
+    ).to(DOT_DTYPE)  # fmt: skip
+    return kv_head, pool_index, heads, head_mask, thresholds, q
+
+
+@triton.jit
+def _listed_clusters(
+    list_ptr, row, first, count, max_units, req_to_segment_ptr, offsets_ptr, pool_index, kv_head,
+    stride_req_segment, num_kv_heads, BLOCK_E: tl.constexpr, CLUSTERS: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_E entries of a row's cluster list from `first` (live: within its count): the
+    clusters, and their segment rows, first members and member counts (_cluster_span)."""
+    entries = first + tl.arange(0, BLOCK_E)
+    live = entries < count
+    unit = tl.load(list_ptr + row * max_units + entries, mask=live, other=0)
+    segment_row, start, members_count = _cluster_span(
+        req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, live, stride_req_segment,
+        num_kv_heads, CLUSTERS,
+    )  # fmt: skip
+    return unit, live, segment_row, start, members_count
 
 
 @triton.jit
@@ -525,26 +582,16 @@ def _exact_units_kernel(
     programs = tl.num_programs(1)
     count = tl.load(exact_count_ptr + row)
     if tl.program_id(1) * BLOCK_E < count:
-        request = row // num_kv_heads
-        kv_head = row % num_kv_heads
-        pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-        heads = tl.arange(0, GROUP_PAD)  # the dot's 16 rows, or the group's alone (real_rows)
-        head_mask = heads < GROUP
+        kv_head, pool_index, heads, head_mask, thresholds, q = _list_program(
+            q_ptr, req_pool_ptr, exact_threshold_ptr, row, stride_q_batch, stride_q_head,
+            num_kv_heads, GROUP, HEAD_DIM, BINS, BLOCK_H, BLOCK_D, GROUP_PAD, DOT_DTYPE,
+        )  # fmt: skip
         hist_row = (row * GROUP + heads)[:, None]
-        thresholds = tl.load(exact_threshold_ptr + row * GROUP + heads, mask=head_mask,
-                             other=BINS)  # fmt: skip
-        q = load_group_queries(
-            q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H,
-            BLOCK_D,
-        ).to(DOT_DTYPE)  # fmt: skip
         members = tl.arange(0, BLOCK_M)
         for first in range(tl.program_id(1) * BLOCK_E, count, programs * BLOCK_E):
-            entries = first + tl.arange(0, BLOCK_E)
-            live = entries < count
-            unit = tl.load(exact_units_ptr + row * max_units + entries, mask=live, other=0)
-            segment_row, start, members_count = _cluster_span(
-                req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, live,
-                stride_req_segment, num_kv_heads, CLUSTERS,
+            unit, live, segment_row, start, members_count = _listed_clusters(
+                exact_units_ptr, row, first, count, max_units, req_to_segment_ptr, offsets_ptr,
+                pool_index, kv_head, stride_req_segment, num_kv_heads, BLOCK_E, CLUSTERS,
             )  # fmt: skip
             unit_size = tl.load(unit_size_ptr + row * max_units + unit, mask=live, other=0)
             unit_bins = tl.load(unit_bin_ptr + hist_row * max_units + unit[None, :],
@@ -670,18 +717,11 @@ def _band_list_kernel(
     row_units = _row_units(seq_lens_ptr, clustered_ptr, row // num_kv_heads, SEGMENT, CLUSTERS)
     if tl.program_id(1) * BLOCK_U >= row_units:
         return
-    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
-    in_range = units < row_units
-    heads = tl.arange(0, BLOCK_H)
-    head_mask = heads < GROUP
-    hist_row = (row * GROUP + heads)[:, None]
-    num_cluster_units = tl.load(clustered_ptr + row // num_kv_heads) * CLUSTERS
-    thresholds = tl.load(walk_threshold_ptr + row * GROUP + heads, mask=head_mask, other=BINS)
-    size = tl.load(unit_size_ptr + row * max_units + units, mask=in_range, other=0)
-    forced = tl.load(forced_ptr + row * max_units + units, mask=in_range, other=1) > 0
+    units, in_range, heads, head_mask, hist_row, num_cluster_units, thresholds, size, forced, \
+        bins = _listed_block(unit_bin_ptr, unit_size_ptr, forced_ptr, clustered_ptr,
+                             walk_threshold_ptr, row, row_units, num_kv_heads, max_units,
+                             GROUP, CLUSTERS, BINS, BLOCK_H, BLOCK_U)  # fmt: skip
     stored = head_mask[:, None] & in_range[None, :]
-    bins = tl.load(unit_bin_ptr + hist_row * max_units + units[None, :], mask=stored,
-                   other=0).to(tl.int32)  # fmt: skip
     candidate = stored & ((size > 0) & ~forced)[None, :]
     distance = tl.abs(bins - thresholds[:, None])
     flagged = candidate & (units < num_cluster_units)[None, :] & (distance <= BAND_BINS)
@@ -756,26 +796,16 @@ def _band_tokens_kernel(
     programs = tl.num_programs(1)
     count = tl.load(band_count_ptr + row)
     if tl.program_id(1) * BLOCK_E < count:
-        request = row // num_kv_heads
-        kv_head = row % num_kv_heads
-        pool_index = tl.load(req_pool_ptr + request).to(tl.int64)
-        heads = tl.arange(0, GROUP_PAD)
-        head_mask = heads < GROUP
+        kv_head, pool_index, heads, head_mask, thresholds, q = _list_program(
+            q_ptr, req_pool_ptr, walk_threshold_ptr, row, stride_q_batch, stride_q_head,
+            num_kv_heads, GROUP, HEAD_DIM, BINS, BLOCK_H, BLOCK_D, GROUP_PAD, DOT_DTYPE,
+        )  # fmt: skip
         hist_row = (row * GROUP + heads)[:, None, None]
-        thresholds = tl.load(walk_threshold_ptr + row * GROUP + heads, mask=head_mask,
-                             other=BINS)  # fmt: skip
-        q = load_group_queries(
-            q_ptr, request, kv_head, stride_q_batch, stride_q_head, GROUP, HEAD_DIM, BLOCK_H,
-            BLOCK_D,
-        ).to(DOT_DTYPE)  # fmt: skip
         members = tl.arange(0, BLOCK_M)
         for first in range(tl.program_id(1) * BLOCK_E, count, programs * BLOCK_E):
-            entries = first + tl.arange(0, BLOCK_E)
-            live = entries < count
-            unit = tl.load(band_units_ptr + row * max_units + entries, mask=live, other=0)
-            segment_row, start, members_count = _cluster_span(
-                req_to_segment_ptr, offsets_ptr, pool_index, kv_head, unit, live,
-                stride_req_segment, num_kv_heads, CLUSTERS,
+            unit, live, segment_row, start, members_count = _listed_clusters(
+                band_units_ptr, row, first, count, max_units, req_to_segment_ptr, offsets_ptr,
+                pool_index, kv_head, stride_req_segment, num_kv_heads, BLOCK_E, CLUSTERS,
             )  # fmt: skip
             bits = tl.load(band_heads_ptr + row * max_units + unit, mask=live, other=0)
             flagging = ((bits[None, :] >> heads[:, None]) & 1) > 0
