@@ -19,6 +19,7 @@ from tactic_server.kernels.decode_attention import sparse_decode_balanced  # noq
 from tactic_server.kernels.selection import select_rows  # noqa: E402
 
 from tactic_server.tactic import TacticConfig  # noqa: E402
+from tactic_server.tactic.config import config_from_spec  # noqa: E402
 
 
 def selection_inputs(context: int, batch: int, config: TacticConfig) -> tuple:
@@ -46,13 +47,20 @@ def main() -> int:
                         help="TacticConfig.centroids")  # fmt: skip
     parser.add_argument("--variance", choices=["diagonal", "isotropic", "profile"],
                         default="diagonal", help="TacticConfig.variance")  # fmt: skip
+    parser.add_argument("--config", default="", metavar="FIELD=VALUE,...",
+                        help="further TacticConfig fields, e.g. 'cluster_size=8,"
+                        "boundary_tokens=true,boundary_band=0.1' (the boundary band's step)")
     parser.add_argument("--launch", default="",
                         help="select_rows launch options: 'real_rows=0,score_max_registers=128' "
                              "('pdl=1': the attention launched dependently too)")
     args = parser.parse_args()
     options = parse_launch(args.launch)
     context, batch = args.context, args.batch
-    config = TacticConfig(centroids=args.centroids, variance=args.variance)
+    try:
+        config = config_from_spec(args.config, TacticConfig(centroids=args.centroids,
+                                                            variance=args.variance))
+    except ValueError as error:
+        parser.error(f"--config: {error}")
     inputs, values = selection_inputs(context, batch, config)
     q, keys = inputs[:2]
 

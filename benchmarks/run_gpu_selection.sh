@@ -24,9 +24,12 @@ for shape in ${PROFILE:-}; do
     for launch in ${PROFILE_LAUNCH:-default}; do
       [ "$launch" = default ] && launch=
       name=profile_selection_${shape%%:*}_b${shape##*:}_${centroids}_$variance
-      name=$name${launch:+_${launch//[=,]/_}}.txt
+      # PROFILE_CONFIG="cluster_size=8,boundary_tokens=true,boundary_band=0.1": more fields
+      config=${PROFILE_CONFIG:-}
+      name=$name${launch:+_${launch//[=,]/_}}${config:+_${config//[=,.]/_}}.txt
       python3 benchmarks/profile_selection.py --context "${shape%%:*}" --batch "${shape##*:}" \
-        --centroids "$centroids" --variance "$variance" --launch "$launch" >"$OUT/$name" 2>&1
+        --centroids "$centroids" --variance "$variance" --launch "$launch" --config "$config" \
+        >"$OUT/$name" 2>&1
       echo "$name"; grep -E "_score_units_kernel|_exact_units_kernel|^step" "$OUT/$name"
     done
   done
