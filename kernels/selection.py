@@ -1143,10 +1143,13 @@ def select_rows(
     16, benchmarks/results/decode_attention_8k_32k_pdl_19727f1_h100.json; ignored off CUDA and
     before Hopper).
 
-    Four launches (seven with an exact top, config.exact_fraction > 0), each a single pass in
-    parallel over (row, unit block) or (row, query head): score every unit into per-(row, head)
-    density histograms; [find the exact threshold bin; list the clusters above it; score them
-    exactly;] find the walk's threshold bin; mark the selected units; write the CSR rows."""
+    Four launches (seven with an exact top, config.exact_fraction > 0; eight with the boundary
+    band, config.boundary_tokens), each a single pass in parallel over (row, unit block),
+    (row, query head) or (row, listed clusters): score every unit into per-(row, head) density
+    histograms; [find the exact threshold bin; list the clusters above it; score them
+    exactly;] find the walk's threshold bin; [list the clusters within the band of it, score
+    their members into the band's planes, walk again, take their members;] mark the selected
+    units; write the CSR rows."""
     config = config or TacticConfig()
     if unsupported := kernel_unsupported(config):
         raise ValueError(f"the selection kernels compute the log-normal estimate, whole units "
