@@ -680,6 +680,20 @@ def _walk_threshold_kernel(
 
 
 @triton.jit
+def _flagging(bits, heads):
+    """[heads, units] whether each query head flagged each unit for the band (band_heads'
+    bit mask, bit h for query head h)."""
+    return ((bits[None, :] >> heads[:, None]) & 1) > 0
+
+
+@triton.jit
+def _member_place(unit, start, SEGMENT: tl.constexpr, CLUSTERS: tl.constexpr):
+    """Where a cluster's first member (`start` in its segment's member list) sits in a row's
+    token_taken: segment index * SEGMENT + its place in the list."""
+    return (unit // CLUSTERS) * SEGMENT + start
+
+
+@triton.jit
 def _band_list_kernel(
     log_mass_ptr,
     unit_bin_ptr,
@@ -808,9 +822,8 @@ def _band_tokens_kernel(
                 pool_index, kv_head, stride_req_segment, num_kv_heads, BLOCK_E, CLUSTERS,
             )  # fmt: skip
             bits = tl.load(band_heads_ptr + row * max_units + unit, mask=live, other=0)
-            flagging = ((bits[None, :] >> heads[:, None]) & 1) > 0
-            flags = head_mask[:, None] & live[None, :] & flagging
-            place = (unit // CLUSTERS) * SEGMENT + start  # the cluster's first member's place
+            flags = head_mask[:, None] & live[None, :] & _flagging(bits, heads)
+            place = _member_place(unit, start, SEGMENT, CLUSTERS)
             taken_count = tl.zeros([BLOCK_E], dtype=tl.int32)
             head_count = tl.zeros([GROUP_PAD], dtype=tl.int32)
             for member_start in range(0, tl.max(members_count, axis=0), BLOCK_M):
@@ -901,7 +914,7 @@ def _mark_kernel(
     listed = units
     if BAND:
         bits = tl.load(band_heads_ptr + row * max_units + units, mask=in_range, other=0)
-        by_head = by_head & (((bits[None, :] >> heads[:, None]) & 1) == 0)
+        by_head = by_head & ~_flagging(bits, heads)
     selected = tl.max(by_head.to(tl.int32), axis=0) > 0
     taken = tl.where(selected, size, 0)
     if BAND:
@@ -1021,7 +1034,7 @@ def _write_rows_kernel(
                 )  # fmt: skip
                 slot = tl.where(is_cluster[:, None], member_slot, tail_slot[:, None])
                 if BAND:  # a partly taken cluster's taken members, packed
-                    place = (units // CLUSTERS) * SEGMENT + start
+                    place = _member_place(units, start, SEGMENT, CLUSTERS)
                     marked = tl.load(
                         token_taken_ptr + row * max_seq_len + place[:, None] + member_start
                         + members[None, :],
@@ -1237,6 +1250,15 @@ def select_rows(
         **dependent,
     )  # fmt: skip
 
+    # the kernels that score a row's listed clusters member by member (exact top, band): a
+    # fixed number of programs per row, each taking every P-th group of listed clusters
+    list_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
+                               EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
+    list_tiles = dict(
+        bin_width=config.density_bin_width, **binning, BLOCK_H=block_h, BLOCK_D=block_d,
+        BLOCK_E=exact_units_per_program, BLOCK_M=exact_members_per_step,
+        GROUP_PAD=group_pad if real_rows else block_h, **common, **dependent,
+    )  # fmt: skip
     exact_top = config.exact_fraction > 0
     if exact_top:
         exact_threshold = torch.empty(rows, group, dtype=torch.int32, device=device)
@@ -1252,17 +1274,11 @@ def select_rows(
             GROUP=group, SEGMENT=size,
             CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block, **dependent,
         )  # fmt: skip
-        # a fixed number of programs per row, each taking every P-th group of listed clusters
-        exact_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
-                                    EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
-        _exact_units_kernel[(rows, exact_programs)](
+        _exact_units_kernel[(rows, list_programs)](
             q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment, req_pool_indices,
             unit_bin, unit_size, exact_threshold, mass_hist, exact_units, exact_count,
             q.stride(0), q.stride(1), req_to_segment.stride(0), num_kv_heads, max_units, scale,
-            bin_width=config.density_bin_width, **binning,
-            BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=exact_units_per_program,
-            BLOCK_M=exact_members_per_step, GROUP_PAD=group_pad if real_rows else block_h,
-            **common, **dependent,
+            **list_tiles,
         )  # fmt: skip
     else:  # nothing is scored exactly: the walk kernel (EXACT off) never reads this pointer,
         # so any tensor will do and no launch fills a threshold
@@ -1291,26 +1307,23 @@ def select_rows(
             SEGMENT=size, CLUSTERS=clusters, BINS=bins, BLOCK_H=group_pad, **unit_block,
             **dependent,
         )  # fmt: skip
-        band_programs = max(1, min(triton.cdiv(max_units, exact_units_per_program),
-                                   EXACT_PROGRAMS_PER_BATCH // rows))  # fmt: skip
-        walk_threshold = torch.empty_like(walk_threshold)  # the second walk's
-        for take in (False, True):
-            if take:
-                _walk_threshold_kernel[(rows, group)](
-                    mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold,
-                    estimated_mass, band_hist, num_kv_heads, config.density_bin_width,
-                    EXACT=False, BAND=True, **walk,
-                )  # fmt: skip
-            _band_tokens_kernel[(rows, band_programs)](
-                q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment,
-                req_pool_indices, walk_threshold, band_hist, band_heads, band_units, band_count,
-                head_tokens, band_taken, token_taken, q.stride(0), q.stride(1),
-                req_to_segment.stride(0), num_kv_heads, max_units, max_seq_len, scale,
-                bin_width=config.density_bin_width, **binning, TAKE=take, BLOCK_H=block_h,
-                BLOCK_D=block_d, BLOCK_E=exact_units_per_program,
-                BLOCK_M=exact_members_per_step, GROUP_PAD=group_pad if real_rows else block_h,
-                **common, **dependent,
-            )  # fmt: skip
+        second_walk = torch.empty_like(walk_threshold)
+        band_members = (
+            q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment,
+            req_pool_indices, second_walk, band_hist, band_heads, band_units, band_count,
+            head_tokens, band_taken, token_taken, q.stride(0), q.stride(1),
+            req_to_segment.stride(0), num_kv_heads, max_units, max_seq_len, scale,
+        )  # fmt: skip
+        # the members' masses into the band's token plane (second_walk not read yet) ...
+        _band_tokens_kernel[(rows, list_programs)](*band_members, TAKE=False, **list_tiles)
+        walk_threshold = second_walk
+        _walk_threshold_kernel[(rows, group)](
+            mass_hist, exact_threshold, targets, req_pool_indices, walk_threshold,
+            estimated_mass, band_hist, num_kv_heads, config.density_bin_width, EXACT=False,
+            BAND=True, **walk,
+        )  # fmt: skip
+        # ... and, after the second walk, the members it takes
+        _band_tokens_kernel[(rows, list_programs)](*band_members, TAKE=True, **list_tiles)
 
     # each block's picked units and their token offsets, listed from the start of its stretch
     picked = torch.empty(rows * num_blocks * 2 * units_per_program, dtype=torch.int32,
