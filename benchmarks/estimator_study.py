@@ -146,10 +146,43 @@ def segment_profile(variances: torch.Tensor, clusters: int) -> torch.Tensor:
     return rank_one_variances(segments).reshape(heads, count, dim)
 
 
+def low_rank_centroids(centroids: torch.Tensor, variances: torch.Tensor, keys: torch.Tensor,
+                       rank: int, segments: int, quantize: bool = True, own: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """What scoring would read if a cluster kept `rank` coordinates of its centroid instead of d
+    values: per (KV head, basis) the keys' mean mu and their top `rank` principal directions U
+    (one basis for the clustered keys of each of `segments` equal segments; 1: one for them
+    all), each centroid m replaced by mu + U round(U^T (m - mu)) (coordinates on float8 e4m3's
+    grid when quantize), and what the basis leaves out of the centroids, the mean over the
+    basis's clusters of each dimension's squared residual, added to every cluster's variances
+    (the estimate then counts it as spread of the scores, not as their mean); own: that mean
+    scaled, for each cluster, by its own squared residual over the mean one (a cluster far off
+    the basis, a needle's, keeps a wide spread and so a high estimate: one more value a cluster).
+    centroids, variances [H_kv, C, d] (C a multiple of segments), keys [n, H_kv, d] (n the
+    clustered positions, a multiple of segments) -> the new centroids and variances."""
+    heads, count, dim = centroids.shape
+    points = keys.float().transpose(0, 1).reshape(heads, segments, -1, dim)
+    means = centroids.reshape(heads, segments, count // segments, dim)
+    mu = points.mean(2, keepdim=True)
+    _, _, directions = torch.linalg.svd(points - mu, full_matrices=False)
+    basis = directions[..., :rank, :].transpose(-1, -2)  # [H_kv, segments, d, rank]
+    coordinates = (means - mu) @ basis
+    if quantize:
+        coordinates = coordinates.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    kept = mu + coordinates @ basis.transpose(-1, -2)
+    residual = (means - mu) - ((means - mu) @ basis) @ basis.transpose(-1, -2)
+    spread = residual.square().mean(2, keepdim=True).expand_as(residual)
+    if own:
+        energy = residual.square().sum(-1, keepdim=True)
+        spread = spread * energy / energy.mean(2, keepdim=True).clamp_min(1e-30)
+    return kept.reshape(heads, count, dim), variances + spread.reshape(heads, count, dim)
+
+
 def evaluate(workloads, target: float, variants: dict) -> tuple[dict, dict]:
     """Per (variant, group): heads meeting target, tokens selected and needed; and per group
     the variance diagnostics, averaged over its workloads. variants: name -> (TacticConfig,
-    variance weight[, dimensions a kept variance covers]), "diagonal (after)" among them."""
+    variance weight[, dimensions a kept variance covers[, (centroid rank, bases: 0 one per
+    segment, 1 one for the context)]]), "diagonal (after)" among them."""
     tallies, diagnostics = {}, {}
     for group, query, keys, moments in workloads:
         oracle = plan_oracle(query, keys, target).selected_counts
@@ -160,12 +193,20 @@ def evaluate(workloads, target: float, variants: dict) -> tuple[dict, dict]:
             index = indexes[config]
             if weight != 1.0:
                 index = dataclasses.replace(index, variances=index.variances * weight)
+            segment_clusters = config.segment_size // config.cluster_size
+            if len(groups) > 1 and index.clustered_len:  # centroids of `rank` coordinates
+                rank, bases, own = groups[1]
+                segments = bases or index.num_clusters // segment_clusters
+                centroids, variances = low_rank_centroids(
+                    index.centroids, index.variances, keys[: index.clustered_len], rank,
+                    segments, own=own)  # fmt: skip
+                index = dataclasses.replace(index, centroids=centroids, variances=variances)
             if groups and groups[0] > 0:  # variances per group of dimensions: their mean
                 index = dataclasses.replace(index, variances=group_means(index.variances,
                                                                          groups[0]))
             elif groups:  # one profile over the dimensions per segment, one scale per cluster
                 index = dataclasses.replace(index, variances=segment_profile(
-                    index.variances, config.segment_size // config.cluster_size))
+                    index.variances, segment_clusters))
             plan = plan_tactic(query, keys, target, index, config)
             recalled = recall(query, keys, plan)
             tally = tallies.setdefault((name, group), [0, 0, 0, 0, 0, 0])
@@ -264,6 +305,19 @@ def main() -> None:
                         help="also the default config with its variances kept per group of "
                         "this many consecutive dimensions (their mean); 0: one profile over the "
                         "dimensions per segment times one scale per cluster")  # fmt: skip
+    parser.add_argument("--centroid-ranks", type=int, nargs="*", default=[],
+                        help="also the default config with each centroid kept as this many "
+                        "coordinates in a basis of the keys' principal directions (float8), "
+                        "what the basis leaves out counted as variance, and the variances as "
+                        "a segment profile x scale (the compact form): scoring's bytes "
+                        "(low_rank_centroids)")  # fmt: skip
+    parser.add_argument("--rank-bases", choices=("segment", "context"), nargs="+",
+                        default=["segment", "context"],
+                        help="a basis per segment, or one for the whole clustered context")
+    parser.add_argument("--rank-residuals", choices=("mean", "own"), nargs="+",
+                        default=["mean"],
+                        help="what the basis leaves out, as variance: the mean over the "
+                        "clusters, or scaled by each cluster's own")  # fmt: skip
     parser.add_argument("--only-given", action="store_true",
                         help="of the built-in variants keep only 'diagonal (after)'")
     args = parser.parse_args()
@@ -275,6 +329,10 @@ def main() -> None:
         variants.update({spec: (variant(spec), 1.0) for spec in args.variant})
     variants.update({f"variances per {size} dimensions" if size else "segment profile x scale":
                      (TacticConfig(), 1.0, size) for size in args.variance_groups})  # fmt: skip
+    variants.update({f"rank {rank} ({basis} basis{', own residual' if own == 'own' else ''})":
+                     (TacticConfig(), 1.0, 0, (rank, int(basis == "context"), own == "own"))
+                     for rank in args.centroid_ranks for basis in args.rank_bases
+                     for own in args.rank_residuals})  # fmt: skip
     if args.capture_model:
         if len(args.capture_lengths) != len(args.captures):
             parser.error("--capture-lengths needs one length per --captures path")
@@ -283,7 +341,8 @@ def main() -> None:
     torch.set_num_threads(1)  # the recorded run shared a 2-core machine
     report = {"device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "target": args.target, "variants": {name: {"config": dataclasses.asdict(config),
-              "variance_weight": weight, "variance_group": (groups or [1])[0]}
+              "variance_weight": weight, "variance_group": (groups or [1])[0],
+              "centroid_rank": groups[1][0] if len(groups) > 1 else None}
               for name, (config, weight, *groups) in variants.items()},
               "tables": {}}  # fmt: skip
     sections = [(f"{path.name}, P={args.target}", capture_workloads(path, args.steps))

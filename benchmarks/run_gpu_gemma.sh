@@ -18,14 +18,7 @@
 # LENGTHS=1024 TRIALS=1 DEVICE=cpu.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ "${SKIP_GPU_ENV:-0}" != 1 ]; then
-  source scripts/gpu_env.sh || exit 1
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-fi
-export PYTHONUNBUFFERED=1
-python=${PYTHON:-python3}
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
+source benchmarks/gpu_runner_env.sh
 gguf=${GGUF:-${TACTIC_SITE:-/tmp/site}/gemma-3-270m-gguf/gemma-3-270m-q4_k_m.gguf}
 model=$("$python" -c "from tactic_server.models.pull import model_dir; print(model_dir('gemma-3-270m'))")
 case ${STAGE:-pull} in

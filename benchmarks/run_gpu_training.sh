@@ -13,16 +13,9 @@
 # the plan and the budgets count S seconds a step, not the clock: the same steps on any machine).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ "${SKIP_GPU_ENV:-0}" != 1 ]; then
-  source scripts/gpu_env.sh || exit 1
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-fi
-export PYTHONUNBUFFERED=1
-python=${PYTHON:-python3}
-out=${OUT:-/tmp/out}
+source benchmarks/gpu_runner_env.sh
 run=${RUN:-/tmp/run-code}
 stage=${STAGE:-train}
-mkdir -p "$out"
 case $stage in
   train|resume)
     resume=()

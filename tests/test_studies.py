@@ -1,5 +1,6 @@
 """The CPU studies' own arithmetic: benchmarks/estimator_study.py's variance forms (kept per group
-of dimensions, or as a per-segment profile times a per-cluster scale) and
+of dimensions, or as a per-segment profile times a per-cluster scale; centroids kept as a few
+coordinates in a basis of the keys' principal directions) and
 benchmarks/reuse_study.py's mass of a reused selection, on small hand-checked inputs, and the
 reuse study end to end on a capture file it reads as the recorded ones; the cuts of
 benchmarks/ablate_scoring.py still apply to the scoring kernel."""
@@ -45,6 +46,35 @@ def test_segment_profile_keeps_rank_one_variances_and_each_clusters_mean():
     per_segment = kept.reshape(2, 3, 4, 8)
     ratios = per_segment / per_segment[:, :, :1]  # every cluster a multiple of one profile
     torch.testing.assert_close(ratios, ratios[..., :1].expand_as(ratios))
+
+
+def test_low_rank_centroids_keep_what_the_basis_spans_and_count_the_rest_as_variance():
+    study = load("estimator_study")
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(64, 2, 8, generator=generator)  # [n, H_kv, d], two segments of 32
+    centroids = torch.randn(2, 6, 8, generator=generator)  # three clusters a segment
+    variances = torch.rand(2, 6, 8, generator=generator)
+    for segments in (1, 2):  # full rank, unquantized: nothing changes
+        kept, spread = study.low_rank_centroids(centroids, variances, keys, 8, segments,
+                                                quantize=False)  # fmt: skip
+        torch.testing.assert_close(kept, centroids)
+        torch.testing.assert_close(spread, variances)
+    # keys along one direction: a rank-1 basis is that direction; a centroid off it keeps its
+    # part along it, and the rest becomes variance, per dimension, the mean over the clusters
+    direction = torch.tensor([0.6, 0.8])
+    line = torch.linspace(-3, 3, 8)[:, None, None] * direction  # [8, 1, 2]
+    on_line = (2.0 * direction).reshape(1, 1, 2)
+    off_line = torch.tensor([[[1.0, 0.0]]])
+    kept, spread = study.low_rank_centroids(torch.cat([on_line, off_line], 1),
+                                            torch.zeros(1, 2, 2), line, 1, 1,
+                                            quantize=False)  # fmt: skip
+    torch.testing.assert_close(kept[0, 0], on_line[0, 0])
+    torch.testing.assert_close(kept[0, 1], 0.6 * direction)  # its projection on the line
+    residual = torch.tensor([1.0, 0.0]) - 0.6 * direction
+    torch.testing.assert_close(spread[0, 0], residual.square() / 2)  # the mean over 2 clusters
+    torch.testing.assert_close(spread[0, 1], residual.square() / 2)
+    quantized, _ = study.low_rank_centroids(centroids, variances, keys, 8, 1)  # float8 grid
+    assert 0 < (quantized - centroids).abs().max() < 0.2
 
 
 def test_covered_mass_counts_kept_and_added_positions():
