@@ -170,6 +170,9 @@ def test_dependent_launches_match_reference(config):
         TacticConfig(segment_size=64, boundary_tokens=True, boundary_band=0.5),
         TacticConfig(segment_size=32, cluster_size=4, boundary_tokens=True, boundary_band=0.25,
                      tail_policy="attend", sink_tokens=3, recent_window=5),  # fmt: skip
+        # large clusters, which the band makes worth their fewer units (README, 32-token)
+        TacticConfig(segment_size=128, cluster_size=32, boundary_tokens=True,
+                     boundary_band=0.25),  # fmt: skip
     ],
 )
 @pytest.mark.parametrize("group", [1, 4])
