@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -71,11 +70,10 @@ def test_a_pull_that_no_longer_matches_its_record_is_pulled_again(tmp_path):
 def test_a_second_pull_only_checks_the_hashes():
     weights = pulled_model_dir("gemma-3-270m") / "model.safetensors"
     modified = weights.stat().st_mtime_ns
-    started = time.monotonic()
     result = pull({})
     assert result.returncode == 0, result.stderr
     assert "gemma-3-270m is already pulled and matches its record" in result.stderr
-    assert time.monotonic() - started < 60
+    assert "[pull " not in result.stderr  # no step ran: nothing installed, converted, written
     assert weights.stat().st_mtime_ns == modified
 
 
