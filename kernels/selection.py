@@ -771,6 +771,7 @@ def _band_tokens_kernel(
     head_tokens_ptr,
     band_taken_ptr,
     token_taken_ptr,
+    member_bins_ptr,
     stride_q_batch,
     stride_q_head,
     stride_req_segment,
@@ -799,8 +800,10 @@ def _band_tokens_kernel(
     """Program (row, p) of P per row, over the band's listed clusters as _exact_units_kernel
     walks its list: each member scored exactly for the query heads that flagged its cluster.
     TAKE off (before the second walk): each member's mass into the band's plane 1 by its own
-    density bin (as the reference's token_bins). TAKE on (after it, walk_threshold_ptr the
-    second walk's): a member is taken where its bin reaches a flagging head's threshold;
+    density bin (as the reference's token_bins), and that bin kept for each flagging head in
+    member_bins [rows, GROUP, max_seq_len] int16 (by the member's place, as token_taken). TAKE
+    on (after it, walk_threshold_ptr the second walk's), reading those bins instead of the keys
+    again: a member is taken where its bin reaches a flagging head's threshold;
     token_taken [rows, max_seq_len] int8 says so by its place in the row's segments (segment
     index * SEGMENT + its place in the segment's member list), band_taken [rows, max_units]
     counts each cluster's taken members, and each flagging head's own count goes into
@@ -815,6 +818,7 @@ def _band_tokens_kernel(
             num_kv_heads, GROUP, HEAD_DIM, BINS, BLOCK_H, BLOCK_D, GROUP_PAD, DOT_DTYPE,
         )  # fmt: skip
         hist_row = (row * GROUP + heads)[:, None, None]
+        bins_row = member_bins_ptr + hist_row.to(tl.int64) * max_seq_len
         members = tl.arange(0, BLOCK_M)
         for first in range(tl.program_id(1) * BLOCK_E, count, programs * BLOCK_E):
             unit, live, segment_row, start, members_count = _listed_clusters(
@@ -828,16 +832,10 @@ def _band_tokens_kernel(
             head_count = tl.zeros([GROUP_PAD], dtype=tl.int32)
             for member_start in range(0, tl.max(members_count, axis=0), BLOCK_M):
                 member_mask = (member_start + members)[None, :] < members_count[:, None]
-                scores = _member_scores(
-                    q, k_ptr, member_slots_ptr, segment_row, start + member_start, member_mask,
-                    kv_head, num_kv_heads, scale, HEAD_DIM, SEGMENT, BLOCK_H, BLOCK_D, BLOCK_E,
-                    BLOCK_M, GROUP_PAD, DOT_DTYPE, DOT_PRECISION,
-                )  # fmt: skip
-                # a token's own bin (its size is 1: its density is its score)
-                token_bins = tl.floor((scores - lowest_density) * inverse_bin_width)
-                token_bins = tl.minimum(tl.maximum(token_bins, 0.0), BINS - 1).to(tl.int32)
                 counted = flags[:, :, None] & member_mask[None, :, :]
+                kept_bins = bins_row + (place[:, None] + member_start + members[None, :])[None]
                 if TAKE:
+                    token_bins = tl.load(kept_bins, mask=counted, other=0).to(tl.int32)
                     by_head = counted & (token_bins >= thresholds[:, None, None])
                     taken = tl.max(by_head.to(tl.int32), axis=0)  # [BLOCK_E, BLOCK_M]
                     tl.store(token_taken_ptr + row * max_seq_len + place[:, None] + member_start
@@ -845,6 +843,15 @@ def _band_tokens_kernel(
                     taken_count += tl.sum(taken, axis=1)
                     head_count += tl.sum(tl.sum(by_head.to(tl.int32), axis=2), axis=1)
                 else:
+                    scores = _member_scores(
+                        q, k_ptr, member_slots_ptr, segment_row, start + member_start,
+                        member_mask, kv_head, num_kv_heads, scale, HEAD_DIM, SEGMENT, BLOCK_H,
+                        BLOCK_D, BLOCK_E, BLOCK_M, GROUP_PAD, DOT_DTYPE, DOT_PRECISION,
+                    )  # fmt: skip
+                    # a token's own bin (its size is 1: its density is its score)
+                    token_bins = tl.floor((scores - lowest_density) * inverse_bin_width)
+                    token_bins = tl.minimum(tl.maximum(token_bins, 0.0), BINS - 1).to(tl.int32)
+                    tl.store(kept_bins, token_bins.to(tl.int16), mask=counted)
                     tl.atomic_add(band_hist_ptr + (hist_row * 2 + 1) * BINS + token_bins,
                                   _relative_mass(scores, token_bins, lowest_density, bin_width),
                                   mask=counted, sem="relaxed")  # fmt: skip
@@ -1299,6 +1306,9 @@ def select_rows(
         band_units = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         band_taken = torch.empty(rows, max_units, dtype=torch.int32, device=device)
         token_taken = torch.empty(rows, max_seq_len, dtype=torch.int8, device=device)
+        # each flagging head's bin of each band member, by its place as token_taken: the taking
+        # pass reads these instead of the members' keys (2 bytes a head, written sparsely)
+        member_bins = torch.empty(rows, group, max_seq_len, dtype=torch.int16, device=device)
         _band_list_kernel[grid](
             log_mass, unit_bin, unit_size, forced, clustered, seq_lens, walk_threshold,
             band_hist, band_heads, band_units, band_count, num_kv_heads, max_units,
@@ -1311,7 +1321,7 @@ def select_rows(
         band_members = (
             q, k_cache, pool.member_slots, pool.cluster_offsets, req_to_segment,
             req_pool_indices, second_walk, band_hist, band_heads, band_units, band_count,
-            head_tokens, band_taken, token_taken, q.stride(0), q.stride(1),
+            head_tokens, band_taken, token_taken, member_bins, q.stride(0), q.stride(1),
             req_to_segment.stride(0), num_kv_heads, max_units, max_seq_len, scale,
         )  # fmt: skip
         # the members' masses into the band's token plane (second_walk not read yet) ...

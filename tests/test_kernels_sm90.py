@@ -45,7 +45,7 @@ POINTERS = dict(
     variances_ptr="*fp8e5", profiles_ptr="*fp16", mass_hist_ptr="*fp32", targets_ptr="*fp32",
     estimated_mass_ptr="*fp32", log_mass_ptr="*fp32", partial_out_ptr="*fp32",
     partial_lse_ptr="*fp32", unit_bin_ptr="*i16", forced_ptr="*i8", band_hist_ptr="*fp32",
-    token_taken_ptr="*i8",
+    token_taken_ptr="*i8", member_bins_ptr="*i16",
 )  # fmt: skip
 
 
