@@ -3,7 +3,7 @@
 # the GPU; it has no PyPI, so the model travels as its GGUF). Staged here first:
 #   bash scripts/stage_hf_site.sh        # the converter's packages (transformers, gguf, accelerate)
 #   bash scripts/stage_gemma_gguf.sh     # the GGUF with its terms, about 240 MB
-#   python scripts/plan_device_calls.py --archives hf gemma --split   # ~10 calls of ~25 MB
+#   python scripts/plan_device_calls.py --archives hf gemma --split   # ~11 calls of ~25 MB
 # then the planned calls back to back (the machine keeps /tmp only while warm), each
 # `export OUT; source scripts/gpu_env.sh` (it keeps the parts and unpacks the GGUF once all are
 # there); the last part's call, or the next, runs the stages:
