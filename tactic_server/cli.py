@@ -170,34 +170,37 @@ def _default_model() -> str:
     return str(bundled)
 
 
-def _models_pull(args: argparse.Namespace) -> int:
-    from .models.pull import PullError, pull
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+
+def _model_command(command: str, action) -> int:
+    """Run `tactic-server models COMMAND`'s action(say); a PullError becomes one line, exit 1."""
+    from .models.pull import PullError
 
     try:
-        pull(args.name, say, ProgressBar, gguf=args.gguf)
+        action(_say)
     except PullError as error:
-        print(f"tactic-server models pull: error: {error}", file=sys.stderr)
+        print(f"tactic-server models {command}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _models_pull(args: argparse.Namespace) -> int:
+    from .models.pull import pull
+
+    return _model_command("pull", lambda say: pull(args.name, say, ProgressBar, gguf=args.gguf))
 
 
 def _models_download(args: argparse.Namespace) -> int:
-    from .models.pull import PullError, download
+    from .models.pull import download
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    try:
+    def action(say) -> None:
         gguf = download(args.name, args.folder, say, ProgressBar)
-    except PullError as error:
-        print(f"tactic-server models download: error: {error}", file=sys.stderr)
-        return 1
-    say(f"downloaded {gguf} with its terms; elsewhere: `tactic-server models pull {args.name} "
-        f"--gguf {gguf}` (the folder copied there)")  # fmt: skip
-    return 0
+        say(f"downloaded {gguf} with its terms; elsewhere: `tactic-server models pull "
+            f"{args.name} --gguf {gguf}` (the folder copied there)")  # fmt: skip
+
+    return _model_command("download", action)
 
 
 def _integer(low: int, high: int | None = None):
